@@ -1,0 +1,1 @@
+"""FedBiCross ClientApp (thin Flower glue over fedbicross_flwr.client)."""

@@ -1,0 +1,63 @@
+"""ClientApp: local training (``train``) and personalized distillation (``train.personalize``).
+
+The client keeps its own trained model f_i in ``context.state`` between the two messages. A
+reply carries model arrays, metrics and the partition-id, never data or labels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedbicross_flwr.client import run_local_training, run_personalization
+from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.model import build_resnet18
+from fedbicross_flwr.site import load_site
+from fedbicross_flwr.training import resolve_device
+
+app = ClientApp()
+OWN_MODEL = "own-model"
+
+
+def _setup(context: Context):
+    cfg = RunConfig.from_run_config(context.run_config)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    return cfg, load_site(cfg, context.node_config), resolve_device(cfg.device)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Phase 1: train f_i once and upload it."""
+    cfg, site, device = _setup(context)
+    model, metrics = run_local_training(cfg, site, device)
+    state = model.state_dict()
+    context.state[OWN_MODEL] = ArrayRecord(state)
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics),
+                          "config": ConfigRecord({"partition-id": site.partition_id})})
+    return Message(content, reply_to=msg)
+
+
+@app.train("personalize")
+def personalize(msg: Message, context: Context) -> Message:
+    """Phase 3: Eq. 9 from the received model; report accuracy before and after."""
+    cfg, site, device = _setup(context)
+    if OWN_MODEL not in context.state:
+        raise RuntimeError(f"partition {site.partition_id}: no local model in the node state "
+                           "(phase 1 did not run on this node in this run)")
+    own = build_resnet18(site.in_channels, site.num_classes)
+    own.load_state_dict(context.state[OWN_MODEL].to_torch_state_dict())
+    received = build_resnet18(site.in_channels, site.num_classes)
+    received.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    personal, metrics = run_personalization(cfg, site, own, received, device)
+    out_dir = str(context.node_config.get("output-dir", ""))
+    if out_dir:  # deployment: the site keeps its personalized model
+        path = Path(out_dir) / f"personalized-run{context.run_id}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(personal.state_dict(), path)
+    content = RecordDict({"metrics": MetricRecord(metrics),
+                          "config": ConfigRecord({"partition-id": site.partition_id})})
+    return Message(content, reply_to=msg)

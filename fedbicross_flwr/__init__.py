@@ -1,0 +1,3 @@
+"""fedbicross-flwr: FedBiCross (personalized, data-free, one-shot FL) as a Flower app."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,97 @@
+"""What a client does in each phase, free of Flower (the ClientApp and the direct runner call it).
+
+Phase 1 (``train``): train the local ResNet-18 f_i on the client's partition.
+Phase 3 (``train.personalize``): start from the model the server chose for this client
+(G_k for FedBiCross), fine-tune it with Eq. 9, report accuracy before and after in both
+evaluation views. Only metrics leave the client; data and labels never do.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+
+import torch
+from torch import nn
+
+from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.model import build_resnet18
+from fedbicross_flwr.site import SiteData
+from fedbicross_flwr.training import SGDSettings, accuracy, personalize, train_local
+
+
+def client_seed(cfg: RunConfig, partition_id: int) -> int:
+    """Seed of everything random at one client (model init, batch order)."""
+    return cfg.seed * 100_003 + partition_id
+
+
+def new_model(cfg: RunConfig, site: SiteData, seed: int) -> nn.Module:
+    """A freshly (seeded) initialised ResNet-18 for the site's data."""
+    torch.manual_seed(seed)
+    return build_resnet18(site.in_channels, site.num_classes)
+
+
+def evaluate_views(model: nn.Module, site: SiteData, device: torch.device) -> dict[str, float]:
+    """Accuracy on the official test split and on the label-following personal split."""
+    return {"test-acc": accuracy(model, site.x_test, site.y_test, device),
+            "test-acc-personal": accuracy(model, site.x_test_personal, site.y_test_personal,
+                                          device)}
+
+
+def run_local_training(cfg: RunConfig, site: SiteData,
+                       device: torch.device) -> tuple[nn.Module, dict[str, float]]:
+    """Phase 1: train f_i and return it with its metrics."""
+    if site.n_train < 2:
+        raise ValueError(f"partition {site.partition_id} has {site.n_train} training samples; "
+                         "at least 2 are needed")
+    seed = client_seed(cfg, site.partition_id)
+    model = new_model(cfg, site, seed)
+    opt = SGDSettings(cfg.local_epochs, cfg.local_lr, cfg.local_momentum,
+                      cfg.local_weight_decay, cfg.batch_size, seed)
+    start = time.perf_counter()
+    history = train_local(model, site.x_train, site.y_train, opt, device, cfg.precision,
+                          desc=f"[client {site.partition_id}]", progress=cfg.progress)
+    metrics = {
+        "num-examples": float(site.n_train),
+        "train-loss": history[-1] if history else float("nan"),
+        "val-acc": accuracy(model, site.x_val, site.y_val, device),
+        **evaluate_views(model, site, device),
+        "n-test": float(len(site.y_test)),
+        "n-test-personal": float(len(site.y_test_personal)),
+        "train-seconds": time.perf_counter() - start,
+    }
+    log(logging.INFO, "[client %d] trained on %d samples (classes %s): val %.3f, test %.3f, "
+        "personal test %.3f", site.partition_id, site.n_train, site.label_histogram(),
+        metrics["val-acc"], metrics["test-acc"], metrics["test-acc-personal"])
+    model.cpu()
+    return model, metrics
+
+
+def run_personalization(cfg: RunConfig, site: SiteData, own_model: nn.Module,
+                        received: nn.Module, device: torch.device
+                        ) -> tuple[nn.Module, dict[str, float]]:
+    """Phase 3: Eq. 9 from the received model; metrics before and after, both views."""
+    before = evaluate_views(received, site, device)
+    metrics = {"acc-before": before["test-acc"],
+               "acc-personal-before": before["test-acc-personal"],
+               "val-acc-before": accuracy(received, site.x_val, site.y_val, device)}
+    student = copy.deepcopy(received)
+    if cfg.pers_epochs > 0:
+        seed = client_seed(cfg, site.partition_id) + 7
+        opt = SGDSettings(cfg.pers_epochs, cfg.pers_lr, cfg.local_momentum,
+                          cfg.local_weight_decay, cfg.batch_size, seed)
+        personalize(student, received, own_model, site.x_train, site.y_train, opt,
+                    cfg.pers_gamma, cfg.pers_delta, device, cfg.precision,
+                    desc=f"[client {site.partition_id}]", progress=cfg.progress)
+    after = evaluate_views(student, site, device)
+    metrics.update({"acc-after": after["test-acc"],
+                    "acc-personal-after": after["test-acc-personal"],
+                    "val-acc-after": accuracy(student, site.x_val, site.y_val, device),
+                    "num-examples": float(site.n_train)})
+    log(logging.INFO, "[client %d] personalized: official test %.3f -> %.3f, personal test "
+        "%.3f -> %.3f", site.partition_id, metrics["acc-before"], metrics["acc-after"],
+        metrics["acc-personal-before"], metrics["acc-personal-after"])
+    student.cpu()
+    return student, metrics

@@ -1,0 +1,279 @@
+"""Run configuration: every tunable is a kebab-case key, parsed and validated once.
+
+The keys live in ``[tool.flwr.app.config]`` of ``pyproject.toml`` (Flower only accepts overrides
+of keys that exist there) and in the presets under ``conf/``. :class:`RunConfig` is the single
+typed view of them; each field's metadata holds its key, its allowed range and a one-line doc,
+so the README table and the pyproject defaults are checked against this file by the tests.
+
+An invalid value fails here, before any data is read or any model is trained, with a
+:class:`ConfigError` that names the key and what it accepts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range."""
+
+
+def _key(
+    key: str,
+    default: Any,
+    doc: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """A dataclass field carrying its run-config key, range and doc."""
+    meta = {"key": key, "doc": doc, "low": low, "high": high, "low_open": low_open,
+            "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+# Server methods are registered in fedbicross_flwr.methods; the names are repeated here so
+# that a typo fails at config time without importing torch.
+METHOD_NAMES = ("fedavg1", "local", "fedbicross")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Typed, validated run configuration (one field per run-config key)."""
+
+    # --- what to run ---------------------------------------------------------------------
+    method: str = _key("method", "fedavg1", "Server method (registry name).",
+                       choices=METHOD_NAMES)
+    dataset: str = _key("dataset", "retinamnist",
+                        "MedMNIST 2D flag (e.g. bloodmnist), `digits` (scikit-learn, built on "
+                        "the fly) or `custom` (an npz archive at data-path).")
+    data_dir: str = _key("data-dir", "",
+                         "Folder with official MedMNIST archives (<flag>.npz). Empty: "
+                         "$FEDBICROSS_DATA_DIR, else the archive embedded in the package.")
+    data_path: str = _key("data-path", "",
+                          "An npz archive in MedMNIST format (dataset=custom). In deployment "
+                          "each site sets it in its node config instead.")
+    allow_download: bool = _key("allow-download", False,
+                                "Let the medmnist package download a missing official archive.")
+    in_channels: int = _key("in-channels", 0,
+                            "Image channels; 0 = from the dataset's metadata (needed for "
+                            "custom).", low=0, high=3)
+    num_classes: int = _key("num-classes", 0,
+                            "Number of classes; 0 = from the dataset's metadata (needed for "
+                            "custom).", low=0, high=1000)
+    seed: int = _key("seed", 0, "Seed of the partition, the models and every sampler.", low=0)
+
+    # --- federation ----------------------------------------------------------------------
+    num_clients: int = _key("num-clients", 5,
+                            "Nodes the server waits for before phase 1.", low=1, high=10000)
+    min_clients: int = _key("min-clients", 0,
+                            "Fewest answering clients to go on with (0 = all of num-clients).",
+                            low=0, high=10000)
+    node_wait_timeout: float = _key("node-wait-timeout", 120.0,
+                                    "Seconds to wait for num-clients nodes to connect.", low=0.0)
+    round_timeout: float = _key("round-timeout", 0.0,
+                                "Seconds to wait for the replies of one phase (0 = no limit).",
+                                low=0.0)
+    alpha: float = _key("alpha", 0.1, "Dirichlet concentration of the label skew (lower = more "
+                        "non-IID).", low=0.0, low_open=True, high=1e6)
+    min_partition_size: int = _key("min-partition-size", 10,
+                                   "Smallest training partition the Dirichlet sampler accepts.",
+                                   low=1)
+    val_fraction: float = _key("val-fraction", 0.1,
+                               "Share of each client's partition held out as local validation.",
+                               low=0.0, high=0.5)
+
+    # --- client local training (paper Sec. IV-A) -------------------------------------------
+    local_epochs: int = _key("local-epochs", 100, "Local training epochs (paper: 100).", low=1)
+    local_lr: float = _key("local-lr", 1e-3, "Local SGD learning rate (paper: 1e-3).",
+                           low=0.0, low_open=True, high=10.0)
+    local_momentum: float = _key("local-momentum", 0.9, "Local SGD momentum.", low=0.0, high=0.999)
+    local_weight_decay: float = _key("local-weight-decay", 5e-4, "Local SGD weight decay.",
+                                     low=0.0, high=1.0)
+    batch_size: int = _key("batch-size", 128, "Client batch size (paper: 128).", low=1)
+
+    # --- personalization (Stage 3, Eq. 9) ---------------------------------------------------
+    pers_epochs: int = _key("pers-epochs", 10,
+                            "Personalized distillation epochs (paper: 10; 0 = none, w/o PKD).",
+                            low=0)
+    pers_lr: float = _key("pers-lr", 1e-3, "Personalization SGD learning rate.",
+                          low=0.0, low_open=True, high=10.0)
+    pers_gamma: float = _key("pers-gamma", 0.5, "Eq. 9 weight of KL to the received model.",
+                             low=0.0, high=100.0)
+    pers_delta: float = _key("pers-delta", 0.3, "Eq. 9 weight of KL to the client's own model.",
+                             low=0.0, high=100.0)
+
+    # --- execution -------------------------------------------------------------------------
+    device: str = _key("device", "auto", "auto (CUDA when present), cpu or cuda.",
+                       choices=("auto", "cpu", "cuda"))
+    precision: str = _key("precision", "fp32",
+                          "fp32, or bf16 autocast for training/synthesis forward passes.",
+                          choices=("fp32", "bf16"))
+    num_threads: int = _key("num-threads", 0, "torch CPU threads (0 = torch's default).", low=0)
+    output_dir: str = _key("output-dir", "",
+                           "Absolute folder for run folders. Empty: $FEDBICROSS_OUTPUT_DIR, "
+                           "else <project>/outputs.")
+    run_name: str = _key("run-name", "",
+                         "Name of the run folder (empty: <time>-<dataset>-<method>).")
+    progress: bool = _key("progress", True, "Show progress bars / periodic log lines.")
+
+    # --- FedBiCross server stage (Stages 1-2) ---------------------------------------------
+    num_clusters: int = _key("num-clusters", 2, "K, number of client clusters.", low=1)
+    noise_samples: int = _key("noise-samples", 256, "M, noise images for clustering.", low=1)
+    server_epochs: int = _key("server-epochs", 1,
+                              "Repeats of synthesis + bi-level with fresh noise.", low=1)
+    synth_steps: int = _key("synth-steps", 500, "T, DeepInversion iterations.", low=1)
+    synth_batch: int = _key("synth-batch", 256, "B, synthetic images per cluster.", low=2)
+    synth_lr: float = _key("synth-lr", 0.05, "Adam learning rate on the images (eta_s).",
+                           low=0.0, low_open=True)
+    tv_weight: float = _key("tv-weight", 2.5e-5, "alpha_TV of Eq. 2.", low=0.0)
+    bn_weight: float = _key("bn-weight", 10.0, "alpha_BN of Eq. 2.", low=0.0)
+    kd_temperature: float = _key("kd-temperature", 20.0, "tau of Eq. 5.",
+                                 low=0.0, low_open=True)
+    noise_momentum: float = _key("noise-momentum", 0.9, "beta of Eq. 3 (weight of the old value).",
+                                 low=0.0, high=1.0)
+
+    # ------------------------------------------------------------------------------------
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_value(f, getattr(self, f.name))
+        if self.min_clients > self.num_clients:
+            raise ConfigError(
+                f"min-clients={self.min_clients} exceeds num-clients={self.num_clients}"
+            )
+        if self.num_clusters > self.num_clients:
+            raise ConfigError(
+                f"num-clusters={self.num_clusters} must be <= num-clients={self.num_clients}"
+            )
+        if self.dataset == "custom" and not self.data_path:
+            raise ConfigError("dataset='custom' needs data-path (an npz archive)")
+        if self.output_dir and not Path(self.output_dir).is_absolute():
+            raise ConfigError(f"output-dir must be an absolute path, got {self.output_dir!r}")
+
+    # ------------------------------------------------------------------------------------
+    @property
+    def effective_min_clients(self) -> int:
+        """Fewest answering clients phase 1 accepts."""
+        return self.min_clients or self.num_clients
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Build from Flower's ``context.run_config`` (kebab-case keys).
+
+        Raises
+        ------
+        ConfigError
+            On an unknown key, a value of the wrong type, or a value out of range.
+        """
+        by_key = {f.metadata["key"]: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in run_config.items():
+            if key not in by_key:
+                raise ConfigError(f"unknown run-config key {key!r}; known keys: "
+                                  f"{', '.join(sorted(by_key))}")
+            f = by_key[key]
+            kwargs[f.name] = _coerce(key, value, type(f.default))
+        return cls(**kwargs)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The kebab-case mapping (inverse of :meth:`from_run_config`)."""
+        return {f.metadata["key"]: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **overrides: Any) -> "RunConfig":
+        """A copy with some fields (snake_case names) changed, validated again."""
+        return dataclasses.replace(self, **overrides)
+
+    def summary(self) -> str:
+        """One line per key, for the log."""
+        return "\n".join(f"  {k} = {v!r}" for k, v in self.to_run_config().items())
+
+
+def _coerce(key: str, value: Any, want: type) -> Any:
+    if want is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"run-config key {key!r} must be a boolean, got {value!r}")
+    if want is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"run-config key {key!r} must be an integer, got {value!r}")
+        return value
+    if want is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"run-config key {key!r} must be a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"run-config key {key!r} must be a string, got {value!r}")
+    return value
+
+
+def _check_value(f: dataclasses.Field, value: Any) -> None:
+    meta = f.metadata
+    key = meta["key"]
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ConfigError(f"run-config key {key!r} must be one of {list(meta['choices'])}, "
+                          f"got {value!r}")
+    low, high = meta["low"], meta["high"]
+    if low is None and high is None:
+        return
+    if value != value:  # NaN
+        raise ConfigError(f"run-config key {key!r} must be a number, got NaN")
+    bad_low = low is not None and (value <= low if meta["low_open"] else value < low)
+    bad_high = high is not None and value > high
+    if bad_low or bad_high:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        bracket = "(" if meta["low_open"] else "["
+        raise ConfigError(f"run-config key {key!r} must be in {bracket}{lo}, {hi}], "
+                          f"got {value!r}")
+
+
+def load_preset(path: str | Path) -> dict[str, Any]:
+    """Read a preset (a flat TOML file of run-config keys, as ``flwr run --run-config`` takes)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"preset {path} does not exist")
+    with path.open("rb") as fh:
+        return tomllib.load(fh)
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse ``"key=value key2='str'"`` exactly as ``flwr run --run-config`` does (TOML)."""
+    if not text.strip():
+        return {}
+    import shlex
+
+    toml_lines = "\n".join(shlex.split(text, posix=False))
+    try:
+        return tomllib.loads(toml_lines)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"cannot parse run-config overrides {text!r}: {err}") from err
+
+
+def markdown_table() -> str:
+    """The README's run-config table, generated from the dataclass."""
+    rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
+    for f in dataclasses.fields(RunConfig):
+        m = f.metadata
+        if m["choices"]:
+            allowed = ", ".join(m["choices"])
+        elif m["low"] is not None or m["high"] is not None:
+            lo = "" if m["low"] is None else f"{'>' if m['low_open'] else '>='} {m['low']:g}"
+            hi = "" if m["high"] is None else f"<= {m['high']:g}"
+            allowed = " and ".join(x for x in (lo, hi) if x)
+        else:
+            allowed = ""
+        rows.append(f"| `{m['key']}` | `{f.default!r}` | {allowed} | {m['doc']} |")
+    return "\n".join(rows)

@@ -1,0 +1,81 @@
+"""Run a whole experiment in one process, without Flower or Ray.
+
+The same client functions (:mod:`fedbicross_flwr.client`) and the same server protocol
+(:func:`fedbicross_flwr.server.run_server`) as the Flower app, with clients called one after
+the other. This is the path for quick CPU experiments (no Ray start-up) and for the lent GPU
+machine, which has no Flower installed. A client that raises is reported as a failure, like a
+Flower error reply, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+
+from torch import nn
+
+from fedbicross_flwr.client import run_local_training, run_personalization
+from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.data import load_dataset
+from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.methods import StateDict
+from fedbicross_flwr.model import build_resnet18
+from fedbicross_flwr.server import ClientFailure, ClientReply, PhaseResult, run_server
+from fedbicross_flwr.site import SiteData, site_from_partition
+from fedbicross_flwr.training import resolve_device
+
+
+class DirectTransport:
+    """Clients as in-process function calls over the run config's partition."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
+                          cfg.in_channels, cfg.num_classes)
+        self.sites: list[SiteData] = [site_from_partition(ds, cfg, pid, cfg.num_clients)
+                                      for pid in range(cfg.num_clients)]
+        self.own_models: dict[int, nn.Module] = {}
+        self.device = resolve_device(cfg.device)
+
+    def collect_models(self, cfg: RunConfig) -> PhaseResult:
+        result = PhaseResult()
+        for site in self.sites:
+            try:
+                model, metrics = run_local_training(cfg, site, self.device)
+            except Exception as err:  # noqa: BLE001 - a failing client must not stop the run
+                result.failures.append(ClientFailure(site.partition_id, "local", "train",
+                                                     _reason(err)))
+                continue
+            self.own_models[site.partition_id] = model
+            result.replies[site.partition_id] = ClientReply(
+                site.partition_id, {k: v.detach().clone() for k, v in
+                                    model.state_dict().items()}, metrics)
+        return result
+
+    def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
+        result = PhaseResult()
+        for site in self.sites:
+            pid = site.partition_id
+            if pid not in models:
+                continue
+            try:
+                received = build_resnet18(site.in_channels, site.num_classes)
+                received.load_state_dict(models[pid])
+                _, metrics = run_personalization(cfg, site, self.own_models[pid], received,
+                                                 self.device)
+            except Exception as err:  # noqa: BLE001
+                result.failures.append(ClientFailure(pid, "local", "personalize",
+                                                     _reason(err)))
+                continue
+            result.replies[pid] = metrics
+        return result
+
+
+def _reason(err: Exception) -> str:
+    log(logging.ERROR, "client failed:\n%s", traceback.format_exc())
+    return f"{type(err).__name__}: {err}"
+
+
+def run_direct(cfg: RunConfig) -> Path:
+    """Run ``cfg`` end to end in this process; returns the run folder."""
+    return run_server(cfg, DirectTransport(cfg))

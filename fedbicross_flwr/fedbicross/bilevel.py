@@ -1,0 +1,425 @@
+"""Stage 2, online bi-level cross-cluster optimisation (paper Sec. III-B, Eq. 4-8).
+
+For each target cluster k and trajectory step t:
+
+* inner step (Eq. 7): G' = G - eta_G * sum_j w_{k,j} * grad L_j(G), with L_j the KD loss (Eq. 5)
+  on source cluster j's TRAIN split of x_j^(t), labelled by cluster j's own teachers (F_j, F~_j);
+* outer step (Eq. 8): w_k <- Proj_simplex(w_k - eta_w * dL_val(G')/dw_k), with L_val the KD loss
+  on cluster k's own VALIDATION split of x_k^(t).
+
+The inner loss is linear in w, and the per-source gradients g_j = grad L_j(G) do not depend on
+w, so G'(w) is affine in w and the hypergradient is exact and first-order:
+
+    dL_val(G')/dw_j = <grad L_val(G'), dG'/dw_j> = -eta_G * <g_val, g_j>.
+
+This also holds with heavy-ball momentum and weight decay (neither term depends on the current
+w). No second-order autograd is needed. G' is the committed model G^(t) (Eq. 7-8), not a
+throw-away look-ahead.
+
+BatchNorm handling (the paper is silent). Every forward runs through
+``torch.func.functional_call`` with CLONED buffers, in train mode (batch statistics):
+- each source j is forwarded on its own, so L_j and g_j depend only on x_j (a zero-weight
+  source cannot leak in through shared batch statistics);
+- the validation forward at G' also uses batch statistics (a random-init student's running
+  statistics are meaningless early on) and its buffer updates are discarded;
+- the student's real running statistics are then set to the w-weighted mixture of the
+  per-source updates, sum_j w_j * ((1 - m) * old + m * stat_j) = (1 - m) * old + m * sum_j w_j
+  stat_j, i.e. they track the same weighted mixture that the inner loss trains on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from logging import INFO
+from typing import Sequence
+
+import numpy as np
+import torch
+from flwr.common.logger import log
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .losses import kd_loss, lambda_schedule
+from .settings import FedBiCrossSettings
+from .utils import autocast_context, cpu_generator, derive_seed
+
+
+def project_to_simplex(v: Tensor) -> Tensor:
+    """Exact Euclidean projection onto the probability simplex (Duchi et al., ICML 2008).
+
+    argmin_w ||w - v||_2  s.t.  w >= 0, sum(w) = 1. With u = v sorted in decreasing order,
+    rho = max{j : u_j - (sum_{r<=j} u_r - 1) / j > 0} and theta = (sum_{r<=rho} u_r - 1) / rho,
+    the projection is max(v - theta, 0). Shifting v by a constant does not change the result.
+
+    Parameters
+    ----------
+    v : Tensor
+        (K,) any real vector.
+
+    Returns
+    -------
+    Tensor
+        (K,) same dtype and device, on the simplex.
+    """
+    if v.ndim != 1 or v.numel() == 0:
+        raise ValueError(f"v must be a non-empty 1-D tensor, got shape {tuple(v.shape)}")
+    u, _ = torch.sort(v, descending=True)  # (K,)
+    css = torch.cumsum(u, dim=0) - 1.0  # (K,)
+    j = torch.arange(1, v.numel() + 1, device=v.device, dtype=v.dtype)  # (K,)
+    # The condition holds exactly for a prefix j = 1..rho, so rho = number of True.
+    rho = (u - css / j > 0).sum().clamp(min=1)
+    theta = css.gather(0, (rho - 1).view(1)) / rho.to(v.dtype)  # (1,)
+    return torch.clamp(v - theta, min=0.0)
+
+
+def outer_update(weights: Tensor, hypergradient: Tensor, lr: float, normalisation: str) -> Tensor:
+    """One outer step (Eq. 8) followed by the simplex projection.
+
+    Parameters
+    ----------
+    weights : Tensor
+        (K,) current w_k on the simplex.
+    hypergradient : Tensor
+        (K,) dL_val/dw_k.
+    lr : float
+        eta_w.
+    normalisation : str
+        'unit': centre the hypergradient (its (1,...,1) component does not change the projected
+        result) and scale it to unit L2 norm, so each step has length eta_w whatever the scale
+        of the raw hypergradient; a zero centred hypergradient (e.g. K = 1) gives no step.
+        'none': the raw hypergradient.
+
+    Returns
+    -------
+    Tensor
+        (K,) new w_k on the simplex.
+    """
+    h = hypergradient.to(weights.dtype)
+    if normalisation == "unit":
+        h = h - h.mean()
+        norm = h.norm()
+        # torch.where instead of an `if`: no device-to-host sync on CUDA.
+        h = torch.where(norm > 1e-12, h / norm.clamp(min=1e-12), torch.zeros_like(h))
+    elif normalisation != "none":
+        raise ValueError(f"normalisation must be 'unit' or 'none', got {normalisation!r}")
+    return project_to_simplex(weights - lr * h)
+
+
+def split_indices(batch_size: int, val_fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Fixed partition I^train, I^val of {0..B-1} (Sec. III-B-1), at least one index in each.
+
+    Returns
+    -------
+    tuple[Tensor, Tensor]
+        Sorted int64 CPU tensors (train indices, validation indices).
+    """
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 to split, got {batch_size}")
+    n_val = min(batch_size - 1, max(1, round(val_fraction * batch_size)))
+    perm = torch.randperm(batch_size, generator=cpu_generator(seed))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+@dataclass
+class InnerStepResult:
+    """Outcome of one inner step for one target cluster.
+
+    Attributes
+    ----------
+    hypergradient : Tensor or None
+        (K,) dL_val(G')/dw, in the dtype/device of ``weights``; None if not requested.
+    source_losses : Tensor
+        (K,) L_j(G) before the step (NaN for skipped zero-weight sources).
+    val_loss : Tensor
+        Scalar L_val(G') after the step.
+    """
+
+    hypergradient: Tensor | None
+    source_losses: Tensor
+    val_loss: Tensor
+
+
+def _trainable(model: nn.Module) -> dict[str, Tensor]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _cloned_buffers(model: nn.Module) -> dict[str, Tensor]:
+    return {name: b.clone() for name, b in model.named_buffers()}
+
+
+def inner_step_and_hypergradient(
+    model: nn.Module,
+    weights: Tensor,
+    source_inputs: Sequence[Tensor],
+    source_noise_probs: Sequence[Tensor],
+    source_teacher_probs: Sequence[Tensor],
+    val_inputs: Tensor,
+    val_noise_probs: Tensor,
+    val_teacher_probs: Tensor,
+    lam: float,
+    tau: float,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    momentum_buffers: dict[str, Tensor] | None = None,
+    compute_hypergradient: bool = True,
+    mixed_precision: str = "none",
+) -> InnerStepResult:
+    """Inner update (Eq. 7) of one cluster model, in place, and the exact hypergradient (Eq. 8).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Cluster model G_k; its parameters, running BN statistics and (if given) momentum
+        buffers are updated in place to G_k^(t).
+    weights : Tensor
+        (K,) w_k^(t-1) on the simplex.
+    source_inputs : Sequence[Tensor]
+        K tensors (n_train, C_in, H, W): x_j^(t, train).
+    source_noise_probs, source_teacher_probs : Sequence[Tensor]
+        K tensors (n_train, C): F~_j and F_j at temperature tau on x_j^(t, train).
+    val_inputs : Tensor
+        (n_val, C_in, H, W): x_k^(t, val).
+    val_noise_probs, val_teacher_probs : Tensor
+        (n_val, C): F~_k and F_k at temperature tau on x_k^(t, val).
+    lam : float
+        lambda^(t) of Eq. 5.
+    tau : float
+        Temperature.
+    lr : float
+        eta_G.
+    momentum : float
+        Heavy-ball momentum (PyTorch SGD convention: buf <- m * buf + d, first buf = d).
+    weight_decay : float
+        L2 decay added to the update direction (not to the L_j, so not to the hypergradient).
+    momentum_buffers : dict or None
+        Parameter name -> momentum buffer, created/updated in place (needed if momentum > 0).
+    compute_hypergradient : bool
+        False for fixed-weight ablations: no per-source gradients are kept for the outer step,
+        zero-weight sources are skipped and the validation loss is evaluated without autograd.
+    mixed_precision : str
+        'bf16' to run forwards under autocast.
+
+    Returns
+    -------
+    InnerStepResult
+    """
+    num_sources = len(source_inputs)
+    if weights.shape != (num_sources,):
+        raise ValueError(f"weights must have shape ({num_sources},), got {tuple(weights.shape)}")
+    device = val_inputs.device
+    params = _trainable(model)
+    names = list(params)
+    model.train()  # BN uses batch statistics in every functional forward below
+
+    # --- per-source losses L_j and gradients g_j at G ------------------------------------------
+    active = range(num_sources)
+    if not compute_hypergradient:
+        active = [j for j, w in enumerate(weights.tolist()) if w > 0.0]
+    source_losses = torch.full((num_sources,), float("nan"), dtype=weights.dtype, device=weights.device)
+    grads: dict[int, tuple[Tensor, ...]] = {}
+    source_buffers: dict[int, dict[str, Tensor]] = {}
+    for j in active:
+        buffers_j = _cloned_buffers(model)  # this source's BN running-stat update lands here
+        with autocast_context(device, mixed_precision):
+            logits = functional_call(model, (params, buffers_j), (source_inputs[j],))  # (n, C)
+        loss_j = kd_loss(logits.float() if logits.dtype == torch.bfloat16 else logits,
+                         source_noise_probs[j], source_teacher_probs[j], lam, tau)
+        grads[j] = torch.autograd.grad(loss_j, [params[n] for n in names])
+        source_buffers[j] = buffers_j
+        source_losses[j] = loss_j.detach().to(weights.dtype)
+
+    # --- inner update G' = G - eta_G * (momentum-filtered) sum_j w_j g_j (Eq. 7) --------------
+    new_params: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for index, name in enumerate(names):
+            p = params[name]
+            w = weights.to(device=p.device, dtype=p.dtype)  # (K,)
+            direction = sum(w[j] * grads[j][index] for j in grads)
+            if weight_decay:
+                direction = direction + weight_decay * p
+            if momentum:
+                if momentum_buffers is None:
+                    raise ValueError("momentum > 0 needs a momentum_buffers dict")
+                buf = momentum_buffers.get(name)
+                buf = direction.clone() if buf is None else buf.mul_(momentum).add_(direction)
+                momentum_buffers[name] = buf
+                direction = buf
+            new_params[name] = (p - lr * direction).requires_grad_(compute_hypergradient)
+
+    # --- validation loss at G' and hypergradient (Eq. 8) ----------------------------------------
+    buffers_val = _cloned_buffers(model)  # batch-stat forward; its buffer updates are discarded
+    with torch.set_grad_enabled(compute_hypergradient), autocast_context(device, mixed_precision):
+        logits_val = functional_call(model, (new_params, buffers_val), (val_inputs,))  # (n_val, C)
+    logits_val = logits_val.float() if logits_val.dtype == torch.bfloat16 else logits_val
+    with torch.set_grad_enabled(compute_hypergradient):
+        val_loss = kd_loss(logits_val, val_noise_probs, val_teacher_probs, lam, tau)
+    hypergradient = None
+    if compute_hypergradient:
+        g_val = torch.autograd.grad(val_loss, [new_params[n] for n in names])
+        dots = torch.stack([
+            sum((gv * gj).sum() for gv, gj in zip(g_val, grads[j])) for j in range(num_sources)
+        ])  # (K,) <g_val, g_j>
+        hypergradient = (-lr * dots).to(weights.dtype)
+
+    # --- commit G^(t) = G' and the w-weighted BN running statistics ------------------------------
+    with torch.no_grad():
+        for name in names:
+            params[name].copy_(new_params[name])
+        for name, buffer in model.named_buffers():
+            if not source_buffers:
+                break
+            if buffer.is_floating_point():
+                w = weights.to(device=buffer.device, dtype=buffer.dtype)
+                buffer.copy_(sum(w[j] * source_buffers[j][name] for j in source_buffers))
+            else:  # num_batches_tracked: identical in every source copy
+                buffer.copy_(next(iter(source_buffers.values()))[name])
+    return InnerStepResult(hypergradient, source_losses, val_loss.detach())
+
+
+def fixed_weights(mode: str, num_clusters: int, similarity: np.ndarray | None = None) -> np.ndarray:
+    """Initial (or, for ablations, fixed) cross-cluster weights, (K, K), rows on the simplex.
+
+    'bilevel' and 'uniform': 1/K (Algorithm 1, line 12); 'intra': identity (own cluster only);
+    'similarity': the given row-normalised centroid similarity.
+    """
+    if mode in ("bilevel", "uniform"):
+        return np.full((num_clusters, num_clusters), 1.0 / num_clusters)
+    if mode == "intra":
+        return np.eye(num_clusters)
+    if mode == "similarity":
+        if similarity is None or similarity.shape != (num_clusters, num_clusters):
+            raise ValueError("weights_mode 'similarity' needs a (K, K) similarity matrix")
+        return np.asarray(similarity, dtype=np.float64)
+    raise ValueError(f"unknown weights mode {mode!r}")
+
+
+class OnlineBilevelTrainer:
+    """Runs Eq. 6-8 online over a trajectory for all K cluster models; state carries over epochs.
+
+    Parameters
+    ----------
+    students : list[nn.Module]
+        Cluster models G_1..G_K, on ``device``, trained in place.
+    settings : FedBiCrossSettings
+        Uses tau, student_lr, student_momentum, student_weight_decay, weight_lr,
+        hypergrad_normalisation, weights_mode, val_fraction, seed, mixed_precision.
+    initial_weights : np.ndarray
+        (K, K) w^(0), rows on the simplex (see :func:`fixed_weights`).
+    device : torch.device or str
+        Device of the students and trajectories.
+    """
+
+    def __init__(
+        self,
+        students: list[nn.Module],
+        settings: FedBiCrossSettings,
+        initial_weights: np.ndarray,
+        device: torch.device | str,
+    ) -> None:
+        self.students = students
+        self.settings = settings
+        self.device = torch.device(device)
+        self.num_clusters = len(students)
+        if initial_weights.shape != (self.num_clusters, self.num_clusters):
+            raise ValueError(f"initial_weights must be (K, K) with K={self.num_clusters}")
+        self.weights = torch.as_tensor(initial_weights, dtype=torch.float64, device=self.device)
+        # With one cluster the only point of the simplex is w = [1]: nothing to learn.
+        self.learn_weights = settings.weights_mode == "bilevel" and self.num_clusters > 1
+        self.momentum_buffers: list[dict[str, Tensor]] = [{} for _ in students]
+        self._split: tuple[Tensor, Tensor] | None = None
+
+    def split(self, batch_size: int) -> tuple[Tensor, Tensor]:
+        """The fixed train/val index split (same for every step, cluster and epoch)."""
+        if self._split is None or self._split[0].numel() + self._split[1].numel() != batch_size:
+            self._split = split_indices(
+                batch_size, self.settings.val_fraction, derive_seed(self.settings.seed, 2)
+            )
+        return self._split
+
+    def run_epoch(
+        self,
+        trajectories: Sequence[Tensor],
+        teacher_probs: Sequence[Tensor],
+        noise_probs: Sequence[Tensor],
+        progress: bool = True,
+        tag: str = "",
+    ) -> dict[str, np.ndarray]:
+        """One pass t = 1..T over the K trajectories.
+
+        Parameters
+        ----------
+        trajectories : Sequence[Tensor]
+            K tensors (T, B, C_in, H, W), x_j^(1..T).
+        teacher_probs, noise_probs : Sequence[Tensor]
+            K tensors (T, B, C): F_j and F~_j at temperature tau on x_j^(1..T).
+        progress : bool
+            Log every ~10% of the steps.
+        tag : str
+            Log prefix.
+
+        Returns
+        -------
+        dict[str, np.ndarray]
+            'weights': (T, K, K) w after each step (row k = target k); 'val_loss': (T, K);
+            'source_loss': (T, K, K) L_j(G_k) before each step.
+        """
+        s = self.settings
+        K = self.num_clusters
+        if not (len(trajectories) == len(teacher_probs) == len(noise_probs) == K):
+            raise ValueError(f"need K={K} trajectories and soft labels")
+        steps, batch = trajectories[0].shape[:2]
+        train_idx, val_idx = (i.to(self.device) for i in self.split(batch))
+        history = torch.empty((steps, K, K), dtype=torch.float64, device=self.device)
+        val_losses = torch.empty((steps, K), dtype=torch.float64, device=self.device)
+        source_losses = torch.empty((steps, K, K), dtype=torch.float64, device=self.device)
+        log_every = max(1, steps // 10)
+        start = time.perf_counter()
+
+        for t in range(1, steps + 1):
+            lam = lambda_schedule(t, steps)
+            x_train = [traj[t - 1, train_idx] for traj in trajectories]  # K x (n_tr, C_in, H, W)
+            f_train = [p[t - 1, train_idx] for p in teacher_probs]  # K x (n_tr, C)
+            fn_train = [p[t - 1, train_idx] for p in noise_probs]  # K x (n_tr, C)
+            new_weights = self.weights.clone()
+            for k in range(K):
+                result = inner_step_and_hypergradient(
+                    self.students[k],
+                    self.weights[k],
+                    x_train,
+                    fn_train,
+                    f_train,
+                    trajectories[k][t - 1, val_idx],
+                    noise_probs[k][t - 1, val_idx],
+                    teacher_probs[k][t - 1, val_idx],
+                    lam=lam,
+                    tau=s.tau,
+                    lr=s.student_lr,
+                    momentum=s.student_momentum,
+                    weight_decay=s.student_weight_decay,
+                    momentum_buffers=self.momentum_buffers[k],
+                    compute_hypergradient=self.learn_weights,
+                    mixed_precision=s.mixed_precision,
+                )
+                if self.learn_weights:
+                    new_weights[k] = outer_update(
+                        self.weights[k], result.hypergradient, s.weight_lr, s.hypergrad_normalisation
+                    )
+                val_losses[t - 1, k] = result.val_loss.to(torch.float64)
+                source_losses[t - 1, k] = result.source_losses.to(torch.float64)
+            self.weights = new_weights  # targets are independent: update all rows together
+            history[t - 1] = self.weights
+            if progress and (t % log_every == 0 or t == steps):
+                log(
+                    INFO,
+                    "%sbi-level step %s/%s (%.0f s): val KD loss per cluster %s, weights %s",
+                    f"{tag}: " if tag else "", t, steps, time.perf_counter() - start,
+                    np.round(val_losses[t - 1].cpu().numpy(), 4).tolist(),
+                    np.round(self.weights.cpu().numpy(), 3).tolist(),
+                )
+        return {
+            "weights": history.cpu().numpy(),
+            "val_loss": val_losses.cpu().numpy(),
+            "source_loss": source_losses.cpu().numpy(),
+        }

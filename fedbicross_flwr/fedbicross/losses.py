@@ -1,0 +1,249 @@
+"""Losses of FedBiCross: KD (Eq. 5), DeepInversion priors (Eq. 2) and personalization (Eq. 9).
+
+Shared by the server (Stages 1-2) and the client (Stage 3).
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def lambda_schedule(t: int, T: int) -> float:
+    """Weight of the noise-adapted teacher at trajectory step ``t`` (Eq. 5).
+
+    lambda^(t) = 1 - t / T, so early (noisy) images rely on the noise-adapted teacher F~ and
+    late (realistic) images on the original teacher F.
+
+    Parameters
+    ----------
+    t : int
+        Step index in 1..T (x^(t) is the image after the t-th synthesis update).
+    T : int
+        Trajectory length.
+
+    Returns
+    -------
+    float
+        1 - t/T, in [0, 1).
+    """
+    if T < 1 or not 0 <= t <= T:
+        raise ValueError(f"need 0 <= t <= T and T >= 1, got t={t}, T={T}")
+    return 1.0 - t / T
+
+
+def kd_kl(student_logits: Tensor, teacher_probs: Tensor, tau: float) -> Tensor:
+    """Temperature-scaled KL divergence used for distillation.
+
+    tau^2 * (1/B) * sum_b KL(p_b || softmax(s_b / tau)), with p the teacher's probabilities
+    already computed at temperature tau. The tau^2 factor keeps gradient magnitudes comparable
+    across temperatures (Hinton et al., 2015).
+
+    Parameters
+    ----------
+    student_logits : Tensor
+        (B, C) raw logits s of the student.
+    teacher_probs : Tensor
+        (B, C) teacher probabilities p (rows sum to 1), constants for the student.
+    tau : float
+        Temperature.
+
+    Returns
+    -------
+    Tensor
+        Scalar, batch mean.
+    """
+    log_q = F.log_softmax(student_logits / tau, dim=1)  # (B, C)
+    # kl_div uses xlogy, so classes with p = 0 contribute exactly 0.
+    return F.kl_div(log_q, teacher_probs.to(log_q.dtype), reduction="batchmean") * tau**2
+
+
+def kd_loss(
+    student_logits: Tensor,
+    noise_teacher_probs: Tensor,
+    teacher_probs: Tensor,
+    lam: float,
+    tau: float,
+) -> Tensor:
+    """Trajectory KD loss of Eq. 5.
+
+    L_KD^(t) = lambda^(t) * KL(F~(x) || G(x)) + (1 - lambda^(t)) * KL(F(x) || G(x)),
+    each KL at temperature tau and scaled by tau^2 (see :func:`kd_kl`).
+
+    Parameters
+    ----------
+    student_logits : Tensor
+        (B, C) logits of the cluster model G.
+    noise_teacher_probs : Tensor
+        (B, C) probabilities of the noise-adapted teacher F~ at temperature tau.
+    teacher_probs : Tensor
+        (B, C) probabilities of the original ensemble teacher F at temperature tau.
+    lam : float
+        lambda^(t) from :func:`lambda_schedule`.
+    tau : float
+        Temperature.
+
+    Returns
+    -------
+    Tensor
+        Scalar.
+    """
+    return lam * kd_kl(student_logits, noise_teacher_probs, tau) + (1.0 - lam) * kd_kl(
+        student_logits, teacher_probs, tau
+    )
+
+
+def tv_loss(x: Tensor) -> Tensor:
+    """Total-variation prior R_TV of Eq. 2, DeepInversion's (CIFAR code, also FedISCA) L2 form.
+
+    R_TV(x) = ||d_h||_2 + ||d_v||_2 + ||d_d1||_2 + ||d_d2||_2, the Frobenius norms over the whole
+    batch of the horizontal, vertical and both diagonal neighbour differences (not squared, not
+    averaged). ``tv_weight = 2.5e-5`` was tuned for exactly this form.
+
+    Parameters
+    ----------
+    x : Tensor
+        (B, C, H, W) images.
+
+    Returns
+    -------
+    Tensor
+        Scalar.
+    """
+    d_h = x[:, :, :, :-1] - x[:, :, :, 1:]  # (B, C, H, W-1)
+    d_v = x[:, :, :-1, :] - x[:, :, 1:, :]  # (B, C, H-1, W)
+    d_d1 = x[:, :, 1:, :-1] - x[:, :, :-1, 1:]  # (B, C, H-1, W-1)
+    d_d2 = x[:, :, :-1, :-1] - x[:, :, 1:, 1:]  # (B, C, H-1, W-1)
+    return d_h.norm() + d_v.norm() + d_d1.norm() + d_d2.norm()
+
+
+class BNStatsHook:
+    """Context manager computing the BN feature-statistics prior R_BN of Eq. 2 (DeepInversion).
+
+    Registers a forward hook on every ``nn.BatchNorm2d`` of every model. For each layer l, the
+    hook computes from the layer's INPUT a (B, C_l, H, W):
+
+        r_l = ||mean_{b,h,w}(a) - running_mean_l||_2 + ||var_{b,h,w}(a) - running_var_l||_2
+
+    with the biased variance (as BN itself normalises). Per model, R_BN = sum_l r_l; the models
+    are then combined by ``loss(reduction)``. The hooks are removed on exit, also on exceptions.
+
+    Parameters
+    ----------
+    models : Sequence[nn.Module]
+        Ensemble members (normally in eval mode, so their running statistics stay fixed).
+
+    Examples
+    --------
+    >>> with BNStatsHook(members) as bn:
+    ...     logits = [m(x) for m in members]
+    ...     r_bn = bn.loss("mean")
+    """
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        self.models = list(models)
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        # One list of per-layer terms r_l per model, filled by the hooks.
+        self._terms: list[list[Tensor]] = [[] for _ in self.models]
+
+    def _make_hook(self, model_index: int):
+        def hook(module: nn.BatchNorm2d, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            a = inputs[0]  # (B, C_l, H, W)
+            if a.dtype in (torch.float16, torch.bfloat16):
+                a = a.float()  # statistics of autocast activations in full precision
+            mean = a.mean(dim=(0, 2, 3))  # (C_l,)
+            var = a.var(dim=(0, 2, 3), unbiased=False)  # (C_l,)
+            r = (mean - module.running_mean.to(a.dtype)).norm() + (
+                var - module.running_var.to(a.dtype)
+            ).norm()
+            self._terms[model_index].append(r)
+
+        return hook
+
+    def __enter__(self) -> BNStatsHook:
+        for index, model in enumerate(self.models):
+            for module in model.modules():
+                # Layers without running statistics carry no prior to match.
+                if isinstance(module, nn.BatchNorm2d) and module.running_mean is not None:
+                    self._handles.append(module.register_forward_hook(self._make_hook(index)))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove all hooks (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def reset(self) -> None:
+        """Forget the terms collected so far (call before each forward pass)."""
+        self._terms = [[] for _ in self.models]
+
+    def per_model(self) -> Tensor:
+        """(n_models,) sum over BN layers of r_l, for each model."""
+        totals = []
+        for terms in self._terms:
+            if not terms:
+                raise RuntimeError("no BatchNorm2d statistics collected for a model")
+            totals.append(torch.stack(terms).sum())
+        return torch.stack(totals)
+
+    def loss(self, reduction: str = "mean") -> Tensor:
+        """R_BN combined over models: 'mean' or 'sum' (FedISCA)."""
+        per_model = self.per_model()  # (n_models,)
+        if reduction == "mean":
+            return per_model.mean()
+        if reduction == "sum":
+            return per_model.sum()
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
+def personalization_loss(
+    logits: Tensor,
+    labels: Tensor,
+    cluster_logits: Tensor,
+    own_logits: Tensor,
+    gamma: float,
+    delta: float,
+) -> Tensor:
+    """Personalized distillation loss of Eq. 9 (Stage 3, run by the client).
+
+    L_pers = CE(f_pers(x), y) + gamma * KL(G_k(x) || f_pers(x)) + delta * KL(f_i(x) || f_pers(x)),
+    all at temperature 1 (the paper gives no temperature for Eq. 9), KL batch-mean. G_k (the
+    cluster model) and f_i (the client's own uploaded model) are frozen teachers: their logits
+    are detached here.
+
+    Parameters
+    ----------
+    logits : Tensor
+        (B, C) logits of f_pers.
+    labels : Tensor
+        (B,) int64 class labels.
+    cluster_logits : Tensor
+        (B, C) logits of G_k^(T).
+    own_logits : Tensor
+        (B, C) logits of the client's own model f_i.
+    gamma, delta : float
+        Weights (paper: 0.5 and 0.3).
+
+    Returns
+    -------
+    Tensor
+        Scalar.
+    """
+    log_q = F.log_softmax(logits, dim=1)  # (B, C)
+    ce = F.nll_loss(log_q, labels)
+    kl_cluster = F.kl_div(log_q, F.softmax(cluster_logits.detach(), dim=1), reduction="batchmean")
+    kl_own = F.kl_div(log_q, F.softmax(own_logits.detach(), dim=1), reduction="batchmean")
+    return ce + gamma * kl_cluster + delta * kl_own

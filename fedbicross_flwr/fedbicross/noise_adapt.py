@@ -1,0 +1,124 @@
+"""Stage 1, noise-adapted teachers (Eq. 3) and the frozen teachers' soft labels.
+
+The members' BN running statistics describe real images; early trajectory images are nearly
+noise, on which those statistics give unreliable predictions. The noise-adapted copy F~_k
+re-estimates them by forwarding the trajectory in reverse order (realistic x^(T) first, pure
+noise x^(1) last), so the statistics drift from "real" towards "noise".
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .synthesis import EnsembleTeacher
+from .utils import autocast_context, frozen_buffers
+
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+@torch.no_grad()
+def noise_adapted_copy(
+    members: Sequence[nn.Module],
+    trajectory: Tensor,
+    momentum: float = 0.1,
+    mode: str = "eval",
+    mixed_precision: str = "none",
+) -> list[nn.Module]:
+    """Deep copies of the members with BN statistics adapted to the trajectory (Eq. 3).
+
+    For t = 1..T, each BN layer of each copy is updated with the batch statistics of
+    x^(T-t+1) (reverse order), starting from the original running statistics:
+
+        mu~ <- beta * mu~ + (1 - beta) * mu(x^(T-t+1)),  sigma~^2 likewise,
+
+    which is PyTorch's train-mode BN update with ``momentum = 1 - beta`` (note that PyTorch
+    stores the UNBIASED batch variance in running_var, as it does for the real statistics).
+
+    Parameters
+    ----------
+    members : Sequence[nn.Module]
+        Original client models; they are not modified.
+    trajectory : Tensor
+        (T, B, C_in, H, W) stored synthesis trajectory x^(1..T).
+    momentum : float
+        PyTorch BN momentum = 1 - beta (paper beta = 0.9 -> 0.1).
+    mode : str
+        'eval' (paper): the copies are returned in eval mode, i.e. they predict with the adapted
+        running statistics. 'train' (FedISCA's code): BN layers are left in train mode, so the
+        copies predict with per-batch statistics.
+    mixed_precision : str
+        'bf16' to run the adaptation forwards under autocast.
+
+    Returns
+    -------
+    list[nn.Module]
+        Frozen copies (``requires_grad`` False), one per member, in the requested mode.
+    """
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    copies = []
+    for member in members:
+        adapted = copy.deepcopy(member)
+        adapted.requires_grad_(False)
+        adapted.eval()
+        bn_layers = [m for m in adapted.modules() if isinstance(m, _BatchNorm)]
+        for bn in bn_layers:
+            bn.momentum = momentum  # also replaces a cumulative-average (None) momentum
+            bn.train()  # only BN layers update statistics; nothing else changes behaviour
+        for t in range(trajectory.shape[0] - 1, -1, -1):  # x^(T), ..., x^(1)
+            with autocast_context(trajectory.device, mixed_precision):
+                adapted(trajectory[t])  # (B, C_in, H, W); output unused, BN buffers updated
+        if mode == "eval":
+            adapted.eval()
+        copies.append(adapted)
+    return copies
+
+
+@torch.no_grad()
+def teacher_soft_labels(
+    teacher: EnsembleTeacher,
+    trajectory: Tensor,
+    tau: float,
+    chunk: int = 8,
+    mixed_precision: str = "none",
+) -> Tensor:
+    """Probabilities of a frozen teacher at temperature tau for every trajectory step, once.
+
+    Teachers never change during Stage 2, so their soft labels are computed a single time
+    instead of at every KD step.
+
+    Parameters
+    ----------
+    teacher : EnsembleTeacher
+        F_k or F~_k. With ``bn_mode == 'train'`` every step is forwarded on its own, so the
+        per-batch BN statistics are those of that step's B images.
+    trajectory : Tensor
+        (T, B, C_in, H, W).
+    tau : float
+        Temperature.
+    chunk : int
+        Trajectory steps forwarded together in eval mode (memory vs. speed).
+    mixed_precision : str
+        'bf16' to run the forwards under autocast.
+
+    Returns
+    -------
+    Tensor
+        (T, B, C) probabilities, float32 (float64 if the trajectory is float64), on the
+        trajectory's device.
+    """
+    steps, batch = trajectory.shape[:2]
+    if teacher.bn_mode == "train":
+        chunk = 1
+    out = []
+    with frozen_buffers(teacher.members):  # train-mode BN must not drift while predicting
+        for start in range(0, steps, chunk):
+            x = trajectory[start : start + chunk].flatten(0, 1)  # (c*B, C_in, H, W)
+            with autocast_context(trajectory.device, mixed_precision):
+                p = teacher.probs(x, tau)  # (c*B, C)
+            out.append(p.to(torch.float64 if trajectory.dtype == torch.float64 else torch.float32))
+    return torch.cat(out).reshape(steps, batch, -1)

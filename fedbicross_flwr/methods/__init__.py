@@ -1,0 +1,34 @@
+"""Registry of server methods: ``name -> function(MethodInput) -> MethodOutput``.
+
+Every method receives the same client uploads and returns one model per client, which then
+goes through the same personalization round and the same evaluation.
+"""
+
+from __future__ import annotations
+
+from fedbicross_flwr.methods.base import (ClientUpload, MethodInput, MethodOutput, ServerMethod,
+                                          StateDict)
+from fedbicross_flwr.methods.simple import fedavg1, local
+
+REGISTRY: dict[str, ServerMethod] = {
+    "fedavg1": fedavg1,
+    "local": local,
+}
+
+
+def register(name: str, fn: ServerMethod) -> None:
+    """Add a method (names are unique)."""
+    if name in REGISTRY:
+        raise ValueError(f"method {name!r} is already registered")
+    REGISTRY[name] = fn
+
+
+def get_method(name: str) -> ServerMethod:
+    """Look a method up by name, with the known names in the error."""
+    if name not in REGISTRY:
+        raise KeyError(f"unknown method {name!r}; registered: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+__all__ = ["REGISTRY", "ClientUpload", "MethodInput", "MethodOutput", "ServerMethod",
+           "StateDict", "get_method", "register"]

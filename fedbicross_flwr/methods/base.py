@@ -1,0 +1,46 @@
+"""The contract between the one-shot protocol and a server method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fedbicross_flwr.config import RunConfig
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientUpload:
+    """One client's single upload (phase 1)."""
+
+    partition_id: int  # stable client id (never the random Flower node id)
+    state: StateDict  # the trained local model f_i (parameters and BN buffers, on the CPU)
+    num_examples: int  # local training-set size (FedAvg weight)
+
+
+@dataclass(frozen=True)
+class MethodInput:
+    """Everything a server method may use: models and public metadata, never client data."""
+
+    uploads: list[ClientUpload]  # sorted by partition_id
+    cfg: RunConfig
+    in_channels: int
+    num_classes: int
+    device: torch.device  # where the server-side computation runs
+    run_dir: Path  # the run folder, for the method's own artefacts (plots, CSVs)
+
+
+@dataclass
+class MethodOutput:
+    """One model per client (+ what the method wants to report)."""
+
+    models: dict[int, StateDict]  # partition_id -> model to send for personalization
+    clusters: dict[int, int] = field(default_factory=dict)  # partition_id -> cluster id
+    diagnostics: dict[str, Any] = field(default_factory=dict)  # JSON-serialisable
+
+
+ServerMethod = Callable[[MethodInput], MethodOutput]

@@ -1,0 +1,49 @@
+"""ResNet-18 in its CIFAR form for 28x28 MedMNIST images (paper Sec. IV-A).
+
+torchvision's ``resnet18`` with the ImageNet stem (7x7 stride-2 conv + max-pool) replaced by a
+3x3 stride-1 conv and no pooling, so a 28x28 input keeps its resolution in the first stage:
+28 -> 28 -> 14 -> 7 -> 4 (then global average pooling).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models import resnet18
+
+
+def build_resnet18(in_channels: int, num_classes: int) -> nn.Module:
+    """Return a CIFAR-style ResNet-18.
+
+    Parameters
+    ----------
+    in_channels : int
+        1 for grey-scale datasets (e.g. BreastMNIST), 3 for RGB (e.g. RetinaMNIST).
+    num_classes : int
+        Size of the output layer.
+
+    Returns
+    -------
+    torch.nn.Module
+        Maps (B, in_channels, 28, 28) images normalised with mean 0.5 / std 0.5 to
+        (B, num_classes) logits.
+    """
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    model = resnet18(weights=None, num_classes=num_classes)
+    model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    model.maxpool = nn.Identity()
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@torch.no_grad()
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter."""
+    return next(model.parameters()).device

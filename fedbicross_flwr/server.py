@@ -1,0 +1,192 @@
+"""The one-shot protocol on the server, independent of how messages travel.
+
+Phase 1 collects every client's single upload, phase 2 runs the configured server method
+(registry), phase 3 sends each client its own model for ``train.personalize`` and collects the
+metrics; then the run folder is written. A :class:`Transport` carries the two client phases:
+Flower's Grid in ``server_app`` (simulation or deployment), or plain function calls in
+:mod:`fedbicross_flwr.direct` (one process, no Flower, e.g. on the GPU machine).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.data import DataError, load_dataset
+from fedbicross_flwr.logging_utils import add_file_handler, log, remove_handler
+from fedbicross_flwr.methods import ClientUpload, MethodInput, StateDict, get_method
+from fedbicross_flwr.model import build_resnet18
+from fedbicross_flwr.results import (create_run_dir, summarize, write_clients_csv, write_json,
+                                     write_summary_md)
+from fedbicross_flwr.training import resolve_device
+
+
+@dataclass
+class ClientReply:
+    """A client's phase-1 answer: its model and metrics."""
+
+    partition_id: int
+    state: StateDict
+    metrics: dict[str, float]
+
+
+@dataclass
+class ClientFailure:
+    """A client that did not answer, answered with an error, or sent a bad model."""
+
+    partition_id: int | None  # None when the client never said who it is
+    node: str  # the transport's address of the client (Flower node id, or "local")
+    phase: str  # "train" or "personalize"
+    reason: str
+
+
+@dataclass
+class PhaseResult:
+    """What one phase brought back."""
+
+    replies: dict[int, Any] = field(default_factory=dict)  # partition-id -> reply
+    failures: list[ClientFailure] = field(default_factory=list)
+
+
+class Transport(Protocol):
+    """How the server reaches the clients."""
+
+    def collect_models(self, cfg: RunConfig) -> PhaseResult:
+        """Phase 1: every client trains once; replies are :class:`ClientReply`."""
+
+    def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
+        """Phase 3: send each partition its model; replies are metric dicts."""
+
+
+def validate_upload(state: StateDict, reference: StateDict) -> str | None:
+    """Why an uploaded state dict is unusable, or None if it matches the reference model."""
+    missing = sorted(set(reference) - set(state))
+    extra = sorted(set(state) - set(reference))
+    if missing or extra:
+        return f"state dict keys differ from ResNet-18: missing {missing[:5]}, extra {extra[:5]}"
+    for key, ref in reference.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            return f"{key} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+        if got.dtype != ref.dtype:
+            return f"{key} has dtype {got.dtype}, expected {ref.dtype}"
+        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
+            return f"{key} contains NaN or Inf values"
+    return None
+
+
+def dataset_shape(cfg: RunConfig) -> tuple[int, int, float | None]:
+    """(in_channels, num_classes, majority-class rate of the official test split or None)."""
+    try:
+        ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
+                          cfg.in_channels, cfg.num_classes)
+        return ds.in_channels, ds.num_classes, ds.majority_rate("test")
+    except DataError as err:
+        if cfg.in_channels and cfg.num_classes:
+            log(logging.WARNING, "server cannot read the dataset (%s); using in-channels=%d, "
+                "num-classes=%d from the run config", err, cfg.in_channels, cfg.num_classes)
+            return cfg.in_channels, cfg.num_classes, None
+        raise
+
+
+def run_server(cfg: RunConfig, transport: Transport) -> Path:
+    """Run the three phases and write the run folder; returns its path."""
+    run_dir = create_run_dir(cfg)
+    handler = add_file_handler(run_dir / "log.txt")
+    try:
+        return _run(cfg, transport, run_dir)
+    finally:
+        remove_handler(handler)
+
+
+def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
+    times: dict[str, float] = {}
+    write_json(run_dir / "run_config.json", cfg.to_run_config())
+    log(logging.INFO, "run folder %s; settings:\n%s", run_dir, cfg.summary())
+    in_channels, num_classes, majority = dataset_shape(cfg)
+    torch.manual_seed(0)
+    reference = build_resnet18(in_channels, num_classes).state_dict()
+
+    # Phase 1: one upload per client -------------------------------------------------------
+    t0 = time.perf_counter()
+    log(logging.INFO, "phase 1/3: local training on the clients")
+    phase1 = transport.collect_models(cfg)
+    times["phase1-local-training"] = time.perf_counter() - t0
+    failures = list(phase1.failures)
+    uploads, local_metrics = [], {}
+    for pid in sorted(phase1.replies):
+        reply: ClientReply = phase1.replies[pid]
+        problem = validate_upload(reply.state, reference)
+        if problem is None and not math.isfinite(reply.metrics.get("num-examples", float("nan"))):
+            problem = "metric num-examples missing or not finite"
+        if problem is not None:
+            failures.append(ClientFailure(pid, "-", "train", f"rejected upload: {problem}"))
+            log(logging.WARNING, "partition %d: rejected upload: %s", pid, problem)
+            continue
+        uploads.append(ClientUpload(pid, reply.state, int(reply.metrics["num-examples"])))
+        local_metrics[pid] = reply.metrics
+    for f in phase1.failures:
+        log(logging.WARNING, "client %s (node %s) left out in phase 1: %s", f.partition_id,
+            f.node, f.reason)
+    if len(uploads) < cfg.effective_min_clients:
+        write_json(run_dir / "failures.json", [f.__dict__ for f in failures])
+        raise RuntimeError(f"only {len(uploads)} usable client models, min-clients is "
+                           f"{cfg.effective_min_clients}; see {run_dir / 'failures.json'}")
+
+    # Phase 2: the server method ---------------------------------------------------------------
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    log(logging.INFO, "phase 2/3: server method %r on %d client models (device %s)",
+        cfg.method, len(uploads), device)
+    method = get_method(cfg.method)
+    out = method(MethodInput(uploads, cfg, in_channels, num_classes, device, run_dir))
+    times["phase2-server-method"] = time.perf_counter() - t0
+    missing = sorted({u.partition_id for u in uploads} - set(out.models))
+    if missing:
+        raise RuntimeError(f"method {cfg.method!r} returned no model for partitions {missing}")
+
+    # Phase 3: personalization ----------------------------------------------------------------
+    t0 = time.perf_counter()
+    log(logging.INFO, "phase 3/3: personalized distillation on the clients")
+    phase3 = transport.personalize(cfg, out.models)
+    times["phase3-personalization"] = time.perf_counter() - t0
+    failures.extend(phase3.failures)
+    for f in phase3.failures:
+        log(logging.WARNING, "client %s (node %s) missing in phase 3: %s", f.partition_id,
+            f.node, f.reason)
+
+    # Results ----------------------------------------------------------------------------------
+    rows = []
+    for pid in sorted(set(local_metrics) | {f.partition_id for f in failures
+                                          if f.partition_id is not None}):
+        lm, pm = local_metrics.get(pid, {}), phase3.replies.get(pid)
+        rows.append({
+            "partition-id": pid, "cluster": out.clusters.get(pid),
+            "n-train": lm.get("num-examples"), "n-test": lm.get("n-test"),
+            "n-test-personal": lm.get("n-test-personal"), "local-val-acc": lm.get("val-acc"),
+            "local-test-acc": lm.get("test-acc"),
+            "local-test-acc-personal": lm.get("test-acc-personal"),
+            **({k: pm.get(k) for k in ("acc-before", "acc-after", "acc-personal-before",
+                                        "acc-personal-after")} if pm else {}),
+            "status": "ok" if pm else "missing",
+        })
+    write_clients_csv(run_dir / "clients.csv", rows)
+    summary = summarize(rows, cfg, {"majority-rate": majority, "wall-times-s": times,
+                                    "failures": [f.__dict__ for f in failures],
+                                    "method-diagnostics": out.diagnostics})
+    write_json(run_dir / "summary.json", summary)
+    write_summary_md(run_dir / "summary.md", summary)
+    log(logging.INFO, "done: paper metric (official test, mean over clients, after "
+        "personalization) %s; results in %s", _pct(summary["acc-after-mean"]), run_dir)
+    return run_dir
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"

@@ -1,0 +1,143 @@
+"""Client-side training: local training, evaluation and personalized distillation (Eq. 9).
+
+Data stay as in-memory tensors and are moved to the device once per call, so the loop does
+no per-batch host work beyond indexing (MedMNIST 28x28 sets fit easily in device memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedbicross_flwr.logging_utils import log
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast when asked for, a no-op otherwise."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@dataclass(frozen=True)
+class SGDSettings:
+    """Optimiser settings of one client-side training loop."""
+
+    epochs: int  # passes over the local training data
+    lr: float  # SGD learning rate
+    momentum: float  # SGD momentum
+    weight_decay: float  # L2 penalty
+    batch_size: int  # mini-batch size
+    seed: int  # seeds the batch order
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    order = torch.randperm(n, generator=gen)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: SGDSettings,
+                device: torch.device, precision: str = "fp32", desc: str = "",
+                progress: bool = True) -> list[float]:
+    """Train ``model`` with cross-entropy on (x, y); returns the mean loss of every epoch."""
+    model.to(device).train()
+    x, y = x.to(device), y.to(device)
+    sgd = torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum,
+                          weight_decay=opt.weight_decay)
+    gen = torch.Generator().manual_seed(opt.seed)
+    history = []
+    start = time.perf_counter()
+    for epoch in range(opt.epochs):
+        total, seen = 0.0, 0
+        for idx in _batches(len(y), opt.batch_size, gen):
+            if len(idx) < 2:  # BatchNorm cannot train on a single sample
+                continue
+            idx = idx.to(device)
+            with autocast(device, precision):
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+            sgd.zero_grad(set_to_none=True)
+            loss.backward()
+            sgd.step()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        history.append(total / max(seen, 1))
+        if progress and (epoch + 1) % max(1, opt.epochs // 5) == 0:
+            log(logging.INFO, "%s epoch %d/%d loss %.4f (%.1fs)", desc, epoch + 1,
+                opt.epochs, history[-1], time.perf_counter() - start)
+    return history
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device,
+                   batch_size: int = 64) -> torch.Tensor:
+    """Eval-mode logits (N, C) on the CPU, in fp32."""
+    model.to(device).eval()
+    out = [model(x[i:i + batch_size].to(device)).float().cpu()
+           for i in range(0, len(x), batch_size)]
+    if not out:
+        return torch.zeros(0, 0)
+    return torch.cat(out)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
+    """Top-1 accuracy; NaN on an empty set (reported as missing, never as 0)."""
+    if len(y) == 0:
+        return float("nan")
+    return float((predict_logits(model, x, device).argmax(1) == y).float().mean())
+
+
+def personalize(student: nn.Module, cluster_model: nn.Module, own_model: nn.Module,
+                x: torch.Tensor, y: torch.Tensor, opt: SGDSettings, gamma: float,
+                delta: float, device: torch.device, precision: str = "fp32",
+                desc: str = "", progress: bool = True) -> list[float]:
+    """Personalized distillation, Eq. 9, on the client's own data.
+
+    ``student`` starts as a copy of the received model G_k (the caller copies it); the loss is
+    CE(f_pers(x), y) + gamma * KL(G_k(x) || f_pers(x)) + delta * KL(f_i(x) || f_pers(x)).
+    The two teachers are frozen: their outputs on the whole local set are computed once.
+    """
+    from fedbicross_flwr.fedbicross.losses import personalization_loss
+
+    cluster_logits = predict_logits(cluster_model, x, device).to(device)  # (n, C)
+    own_logits = predict_logits(own_model, x, device).to(device)  # (n, C)
+    student.to(device).train()
+    x, y = x.to(device), y.to(device)
+    sgd = torch.optim.SGD(student.parameters(), lr=opt.lr, momentum=opt.momentum,
+                          weight_decay=opt.weight_decay)
+    gen = torch.Generator().manual_seed(opt.seed)
+    history = []
+    for epoch in range(opt.epochs):
+        total, seen = 0.0, 0
+        for idx in _batches(len(y), opt.batch_size, gen):
+            if len(idx) < 2:
+                continue
+            idx = idx.to(device)
+            with autocast(device, precision):
+                logits = student(x[idx])
+            loss = personalization_loss(logits.float(), y[idx], cluster_logits[idx],
+                                        own_logits[idx], gamma, delta)
+            sgd.zero_grad(set_to_none=True)
+            loss.backward()
+            sgd.step()
+            total += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        history.append(total / max(seen, 1))
+        if progress and (epoch + 1) % max(1, opt.epochs // 2) == 0:
+            log(logging.INFO, "%s personalize epoch %d/%d loss %.4f", desc, epoch + 1,
+                opt.epochs, history[-1])
+    return history

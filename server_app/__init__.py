@@ -1,0 +1,1 @@
+"""FedBiCross ServerApp (thin Flower glue over fedbicross_flwr.server)."""

@@ -1,0 +1,209 @@
+"""Stage 2: simplex projection, exact hypergradient (Eq. 8), inner step (Eq. 7), ablations."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny
+
+from fedbicross_flwr.fedbicross.bilevel import (
+    OnlineBilevelTrainer,
+    fixed_weights,
+    inner_step_and_hypergradient,
+    outer_update,
+    project_to_simplex,
+)
+from fedbicross_flwr.fedbicross.losses import kd_loss
+from fedbicross_flwr.fedbicross.settings import FedBiCrossSettings
+
+
+@pytest.mark.parametrize(
+    "v, expected",
+    [
+        ([0.5, 0.5], [0.5, 0.5]),
+        ([1.0, 0.2], [0.9, 0.1]),
+        ([-1.0, 2.0], [0.0, 1.0]),
+        ([0.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]),
+        ([2.0, 2.0, -5.0], [0.5, 0.5, 0.0]),
+    ],
+)
+def test_projection_hand_computed(v, expected):
+    result = project_to_simplex(torch.tensor(v, dtype=torch.float64))
+    assert result.tolist() == pytest.approx(expected)
+
+
+def test_projection_properties_on_random_vectors():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        # Prepare
+        v = torch.randn(5, generator=generator, dtype=torch.float64) * 3
+        # Execute
+        p = project_to_simplex(v)
+        # Assert: on the simplex, idempotent, and optimal (KKT: v - p is constant on the support
+        # and not larger off it).
+        assert (p >= 0).all() and p.sum().item() == pytest.approx(1.0)
+        assert torch.allclose(project_to_simplex(p), p)
+        support = p > 0
+        theta = (v - p)[support]
+        assert torch.allclose(theta, theta[0].expand_as(theta))
+        assert ((v - p)[~support] <= theta[0] + 1e-12).all()
+
+
+def test_outer_update_unit_normalisation_has_length_lr_and_ignores_common_shift():
+    # Prepare
+    w = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    # Execute: hypergradient favours source 0 (negative = increasing w_0 lowers L_val)
+    small = outer_update(w, torch.tensor([-1e-6, 1e-6], dtype=torch.float64), 0.1, "unit")
+    shifted = outer_update(w, torch.tensor([100 - 1e-6, 100 + 1e-6], dtype=torch.float64), 0.1, "unit")
+    raw = outer_update(w, torch.tensor([-1e-6, 1e-6], dtype=torch.float64), 0.1, "none")
+    # Assert: unit step of length 0.1 along (1, -1)/sqrt2
+    step = 0.1 / np.sqrt(2)
+    assert small.tolist() == pytest.approx([0.5 + step, 0.5 - step])
+    assert shifted.tolist() == pytest.approx(small.tolist())
+    assert raw.tolist() == pytest.approx([0.5 + 1e-7, 0.5 - 1e-7])
+    # K = 1: centred hypergradient is zero, the weight stays [1].
+    assert outer_update(torch.ones(1, dtype=torch.float64), torch.tensor([5.0]), 0.1, "unit").tolist() == [1.0]
+
+
+def _problem(num_sources: int = 3, n_train: int = 6, n_val: int = 4, classes: int = 3):
+    """Random float64 inputs and soft labels for one target cluster."""
+    generator = torch.Generator().manual_seed(1)
+
+    def probs(n):
+        return torch.softmax(torch.randn(n, classes, generator=generator, dtype=torch.float64) * 2, 1)
+
+    def images(n):
+        return torch.randn(n, 1, 5, 5, generator=generator, dtype=torch.float64)
+
+    sources = [images(n_train) for _ in range(num_sources)]
+    return dict(
+        source_inputs=sources,
+        source_noise_probs=[probs(n_train) for _ in range(num_sources)],
+        source_teacher_probs=[probs(n_train) for _ in range(num_sources)],
+        val_inputs=images(n_val),
+        val_noise_probs=probs(n_val),
+        val_teacher_probs=probs(n_val),
+    )
+
+
+def _initial_momentum(model, seed=2):
+    generator = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=generator, dtype=p.dtype) * 0.1 for n, p in model.named_parameters()}
+
+
+STEP = dict(lam=0.4, tau=2.0, lr=0.05, momentum=0.9, weight_decay=1e-3)
+
+
+def _run(model, weights, problem):
+    model = copy.deepcopy(model)
+    buffers = _initial_momentum(model)
+    result = inner_step_and_hypergradient(model, weights, **problem, **STEP, momentum_buffers=buffers)
+    return model, result
+
+
+def test_hypergradient_matches_central_finite_differences():
+    # Prepare: tiny CNN with one BN layer, float64, three sources, momentum + weight decay.
+    model = make_tiny(0, dtype=torch.float64)
+    problem = _problem()
+    w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    # Execute
+    _, result = _run(model, w, problem)
+    eps = 1e-6
+    finite_differences = []
+    for j in range(3):
+        e = torch.zeros(3, dtype=torch.float64)
+        e[j] = eps
+        loss_plus = _run(model, w + e, problem)[1].val_loss.item()
+        loss_minus = _run(model, w - e, problem)[1].val_loss.item()
+        finite_differences.append((loss_plus - loss_minus) / (2 * eps))
+    # Assert: exact first-order formula -eta_G <g_val, g_j> equals dL_val(G'(w))/dw_j
+    analytic = result.hypergradient.tolist()
+    assert analytic == pytest.approx(finite_differences, rel=1e-6, abs=1e-10)
+    assert max(abs(a) for a in analytic) > 1e-6  # not the (wrong) identically-zero DARTS answer
+
+
+def test_inner_step_is_eq7_with_momentum_and_bn_stats_are_weight_mixed():
+    # Prepare
+    model = make_tiny(0, dtype=torch.float64)
+    problem = _problem()
+    w = torch.tensor([0.6, 0.4, 0.0], dtype=torch.float64)
+    reference = copy.deepcopy(model).train()
+    buf = _initial_momentum(reference)
+    names = [n for n, _ in reference.named_parameters()]
+    params = [p for _, p in reference.named_parameters()]
+    total = sum(
+        w[j] * kd_loss(reference(problem["source_inputs"][j]),
+                       problem["source_noise_probs"][j], problem["source_teacher_probs"][j],
+                       STEP["lam"], STEP["tau"])
+        for j in range(3)
+    )
+    grads = torch.autograd.grad(total, params)
+    expected = {
+        n: p.detach() - STEP["lr"] * (STEP["momentum"] * buf[n] + g + STEP["weight_decay"] * p.detach())
+        for n, p, g in zip(names, params, grads)
+    }
+    # BN input = conv output; running stats move towards the w-weighted batch statistics.
+    with torch.no_grad():
+        stats = [reference.conv(x) for x in problem["source_inputs"]]
+        mean_mix = sum(w[j] * s.mean(dim=(0, 2, 3)) for j, s in enumerate(stats))
+        var_mix = sum(w[j] * s.var(dim=(0, 2, 3), unbiased=True) for j, s in enumerate(stats))
+    expected_mean = 0.9 * model.bn.running_mean + 0.1 * mean_mix
+    expected_var = 0.9 * model.bn.running_var + 0.1 * var_mix
+    # Execute
+    updated, _ = _run(model, w, problem)
+    # Assert
+    for name, p in updated.named_parameters():
+        assert torch.allclose(p, expected[name], atol=1e-12), name
+    assert torch.allclose(updated.bn.running_mean, expected_mean, atol=1e-12)
+    assert torch.allclose(updated.bn.running_var, expected_var, atol=1e-12)
+
+
+def _random_epoch(num_clusters: int, steps: int = 4, batch: int = 10, classes: int = 3, seed: int = 5):
+    generator = torch.Generator().manual_seed(seed)
+    trajectories = [torch.randn(steps, batch, 1, 6, 6, generator=generator) for _ in range(num_clusters)]
+    teacher = [torch.softmax(torch.randn(steps, batch, classes, generator=generator) * 3, -1) for _ in range(num_clusters)]
+    noise = [torch.softmax(torch.randn(steps, batch, classes, generator=generator), -1) for _ in range(num_clusters)]
+    return trajectories, teacher, noise
+
+
+def _train(settings, num_clusters, data, init_seeds):
+    students = [make_tiny(s).train() for s in init_seeds]
+    trainer = OnlineBilevelTrainer(students, settings, fixed_weights(settings.weights_mode, num_clusters), "cpu")
+    history = trainer.run_epoch(*data, progress=False)
+    return students, history
+
+
+def test_intra_weights_stay_one_hot_and_equal_training_each_cluster_alone():
+    # Prepare
+    settings = FedBiCrossSettings(weights_mode="intra", student_lr=0.05, val_fraction=0.2)
+    data = _random_epoch(2)
+    # Execute: intra ablation with K = 2, and K = 1 on cluster 1's data only, same init
+    students, history = _train(settings, 2, data, init_seeds=[10, 11])
+    single = FedBiCrossSettings(num_clusters=1, student_lr=0.05, val_fraction=0.2)
+    alone, alone_history = _train(single, 1, tuple([x[1]] for x in data), init_seeds=[11])
+    # Assert
+    assert np.array_equal(history["weights"], np.broadcast_to(np.eye(2), (4, 2, 2)))
+    assert np.array_equal(alone_history["weights"], np.ones((4, 1, 1)))
+    for (name, a), b in zip(students[1].state_dict().items(), alone[0].state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), name
+
+
+def test_bilevel_weights_move_and_stay_on_simplex_uniform_stays_fixed():
+    # Prepare
+    data = _random_epoch(2)
+    bilevel = FedBiCrossSettings(weights_mode="bilevel", weight_lr=0.1, student_lr=0.05)
+    uniform = bilevel.with_overrides(weights_mode="uniform")
+    # Execute
+    _, learned = _train(bilevel, 2, data, init_seeds=[1, 2])
+    _, fixed = _train(uniform, 2, data, init_seeds=[1, 2])
+    # Assert
+    w = learned["weights"]
+    assert w.shape == (4, 2, 2)
+    assert (w >= 0).all() and np.allclose(w.sum(axis=2), 1.0)
+    # Unit-normalised outer steps: every step moves each row by exactly 0.1 along +-(1, -1)/sqrt2
+    # (no row reaches a vertex of the simplex in 4 steps, so the projection never clips).
+    steps = np.diff(np.concatenate([np.full((1, 2, 2), 0.5), w]), axis=0)
+    assert np.allclose(np.abs(steps), 0.1 / np.sqrt(2))
+    assert np.allclose(fixed["weights"], 0.5)
+    assert np.isfinite(learned["val_loss"]).all()

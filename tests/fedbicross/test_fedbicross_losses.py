@@ -1,0 +1,126 @@
+"""Losses: Eq. 5 (KD, lambda_t), Eq. 2 priors (TV, BN statistics), Eq. 9 (personalization)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fedbicross_flwr.fedbicross.losses import (
+    BNStatsHook,
+    kd_kl,
+    kd_loss,
+    lambda_schedule,
+    personalization_loss,
+    tv_loss,
+)
+
+LN2 = math.log(2.0)
+
+
+def test_lambda_schedule_is_one_minus_t_over_T():
+    assert lambda_schedule(1, 4) == pytest.approx(0.75)
+    assert lambda_schedule(2, 4) == pytest.approx(0.5)
+    assert lambda_schedule(4, 4) == 0.0
+    with pytest.raises(ValueError):
+        lambda_schedule(5, 4)
+
+
+def test_kd_kl_hand_computed():
+    # Prepare: uniform student; teacher rows one-hot (KL = ln 2) and uniform (KL = 0).
+    student = torch.zeros(2, 2)
+    teacher = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    # Execute
+    value = kd_kl(student, teacher, tau=2.0)
+    # Assert: tau^2 * batch mean = 4 * (ln2 + 0) / 2
+    assert value.item() == pytest.approx(4 * LN2 / 2)
+
+
+def test_kd_loss_eq5_mixes_the_two_teachers_with_lambda():
+    # Prepare
+    student = torch.zeros(1, 2)
+    noise_teacher = torch.tensor([[1.0, 0.0]])  # KL = ln 2
+    teacher = torch.tensor([[0.5, 0.5]])  # KL = 0
+    # Execute
+    value = kd_loss(student, noise_teacher, teacher, lam=0.25, tau=3.0)
+    # Assert: 0.25 * 9 * ln2 + 0.75 * 0
+    assert value.item() == pytest.approx(0.25 * 9 * LN2)
+    swapped = kd_loss(student, teacher, noise_teacher, lam=0.25, tau=3.0)
+    assert swapped.item() == pytest.approx(0.75 * 9 * LN2)
+
+
+def test_tv_loss_hand_computed():
+    # Prepare: x = [[0, 1], [2, 3]]
+    x = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])
+    # Execute
+    value = tv_loss(x)
+    # Assert: horizontal |(-1,-1)| = sqrt2, vertical |(-2,-2)| = 2 sqrt2, diagonals |2-1| = 1 and |0-3| = 3
+    assert value.item() == pytest.approx(3 * math.sqrt(2) + 4)
+
+
+def _bn(mean, var) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(len(mean))
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor(mean))
+        bn.running_var.copy_(torch.tensor(var))
+    return bn.eval()
+
+
+def test_bn_stats_hook_hand_computed_and_hooks_removed():
+    # Prepare: input with channel 0 values {0, 2, 4, 6} (mean 3, biased var 5), channel 1 zeros.
+    x = torch.zeros(2, 2, 1, 2)
+    x[0, 0, 0] = torch.tensor([0.0, 2.0])
+    x[1, 0, 0] = torch.tensor([4.0, 6.0])
+    model_a = nn.Sequential(_bn([1.0, 0.0], [2.0, 1.0]))
+    # Two BN layers; the first is an identity (running var 1 - eps), so both see x.
+    eps = 1e-5
+    model_b = nn.Sequential(_bn([0.0, 0.0], [1.0 - eps, 1.0 - eps]), _bn([0.0, 0.0], [1.0, 1.0]))
+    # model_a: ||(3-1, 0-0)|| + ||(5-2, 0-1)|| = 2 + sqrt(10)
+    r_a = 2 + math.sqrt(10)
+    # model_b, per layer: ||(3, 0)|| + ||(5-1, 0-1)|| = 3 + sqrt(17), twice (layers summed)
+    r_b = 2 * (3 + math.sqrt(17))
+    # Execute
+    with BNStatsHook([model_a, model_b]) as hook:
+        model_a(x)
+        model_b(x)
+        per_model = hook.per_model()
+        mean_loss, sum_loss = hook.loss("mean"), hook.loss("sum")
+    # Assert
+    assert per_model.tolist() == pytest.approx([r_a, r_b], rel=1e-4)
+    assert mean_loss.item() == pytest.approx((r_a + r_b) / 2, rel=1e-4)
+    assert sum_loss.item() == pytest.approx(r_a + r_b, rel=1e-4)
+    for module in [*model_a.modules(), *model_b.modules()]:
+        assert len(module._forward_hooks) == 0
+
+
+def test_bn_stats_hook_removed_on_exception():
+    # Prepare
+    model = nn.Sequential(_bn([0.0], [1.0]))
+    # Execute
+    with pytest.raises(RuntimeError, match="boom"):
+        with BNStatsHook([model]):
+            assert len(model[0]._forward_hooks) == 1
+            raise RuntimeError("boom")
+    # Assert
+    assert len(model[0]._forward_hooks) == 0
+
+
+def test_personalization_loss_eq9_golden_value():
+    # Prepare: f_pers uniform, label 0; G_k -> (3/4, 1/4); f_i -> (1/4, 3/4).
+    logits = torch.zeros(1, 2)
+    labels = torch.tensor([0])
+    cluster_logits = torch.tensor([[math.log(3.0), 0.0]])
+    own_logits = torch.tensor([[0.0, math.log(3.0)]])
+    kl = 0.75 * math.log(1.5) + 0.25 * math.log(0.5)  # KL((3/4,1/4) || (1/2,1/2)), same for the mirror
+    # Execute
+    value = personalization_loss(logits, labels, cluster_logits, own_logits, gamma=0.5, delta=0.3)
+    # Assert: CE = ln 2, plus 0.5 KL + 0.3 KL
+    assert value.item() == pytest.approx(LN2 + 0.8 * kl)
+    assert value.item() == pytest.approx(0.797797, abs=1e-6)
+
+
+def test_personalization_loss_does_not_backprop_into_teachers():
+    logits = torch.zeros(1, 2, requires_grad=True)
+    teacher = torch.zeros(1, 2, requires_grad=True)
+    personalization_loss(logits, torch.tensor([1]), teacher, teacher, 0.5, 0.3).backward()
+    assert teacher.grad is None and logits.grad is not None

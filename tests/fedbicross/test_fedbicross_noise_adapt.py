@@ -1,0 +1,73 @@
+"""Eq. 3: noise-adapted teachers (reverse-order BN update) and precomputed soft labels."""
+
+import pytest
+import torch
+from conftest import ConstantLogits, make_tiny
+from torch import nn
+
+from fedbicross_flwr.fedbicross.noise_adapt import noise_adapted_copy, teacher_soft_labels
+from fedbicross_flwr.fedbicross.synthesis import EnsembleTeacher
+
+
+def _trajectory() -> torch.Tensor:
+    # T=3, B=2, one channel, 1x1 images: x^(1) = {0, 2}, x^(2) = {1, 3}, x^(3) = {4, 4}
+    return torch.tensor([[0.0, 2.0], [1.0, 3.0], [4.0, 4.0]]).view(3, 2, 1, 1, 1)
+
+
+def test_reverse_order_bn_update_hand_computed():
+    # Prepare: one BN layer, running stats (0, 1), cumulative momentum (None) to be overridden.
+    member = nn.Sequential(nn.BatchNorm2d(1, momentum=None)).eval()
+    # By hand, beta = 0.9, batch (mean, unbiased var), visiting x^(3), x^(2), x^(1):
+    #   x^(3): (4, 0) -> mean 0.9*0 + 0.1*4 = 0.4,        var 0.9*1    + 0.1*0 = 0.9
+    #   x^(2): (2, 2) -> mean 0.9*0.4 + 0.1*2 = 0.56,     var 0.9*0.9  + 0.1*2 = 1.01
+    #   x^(1): (1, 2) -> mean 0.9*0.56 + 0.1*1 = 0.604,   var 0.9*1.01 + 0.1*2 = 1.109
+    # (forward order would give 0.661 and 1.071)
+    # Execute
+    (adapted,) = noise_adapted_copy([member], _trajectory(), momentum=0.1, mode="eval")
+    # Assert
+    bn = adapted[0]
+    assert bn.running_mean.item() == pytest.approx(0.604)
+    assert bn.running_var.item() == pytest.approx(1.109)
+    assert not adapted.training and not bn.training
+    # The original member is untouched.
+    assert member[0].running_mean.item() == 0.0 and member[0].running_var.item() == 1.0
+    assert member[0].momentum is None
+
+
+def test_train_mode_variant_keeps_bn_in_train_mode_and_uses_batch_statistics():
+    # Prepare
+    member = make_tiny(0)
+    trajectory = torch.randn(4, 6, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+    # Execute
+    (paper,) = noise_adapted_copy([member], trajectory, 0.1, "eval")
+    (fedisca,) = noise_adapted_copy([member], trajectory, 0.1, "train")
+    p_paper = teacher_soft_labels(EnsembleTeacher([paper], bn_mode="eval"), trajectory, tau=1.0)
+    p_fedisca = teacher_soft_labels(EnsembleTeacher([fedisca], bn_mode="train"), trajectory, tau=1.0)
+    # Assert: same adapted statistics, different predictions (batch vs running statistics)
+    assert torch.equal(paper.bn.running_mean, fedisca.bn.running_mean)
+    assert fedisca.bn.training and not paper.bn.training
+    assert p_paper.shape == p_fedisca.shape == (4, 6, 3)
+    assert not torch.allclose(p_paper, p_fedisca)
+    # Batch statistics: step t's labels equal a train-mode forward of x^(t) alone.
+    fedisca.train()
+    with torch.no_grad():
+        expected = torch.softmax(fedisca(trajectory[2]), dim=1)
+    assert torch.allclose(p_fedisca[2], expected, atol=1e-6)
+    assert all(not p.requires_grad for p in paper.parameters())
+
+
+def test_soft_labels_hand_computed_for_both_ensembles_and_temperature():
+    # Prepare: members with constant logits (0, ln 3) -> (1/4, 3/4) and (0, 0) -> (1/2, 1/2)
+    members = [ConstantLogits([0.0, float(torch.log(torch.tensor(3.0)))]), ConstantLogits([0.0, 0.0])]
+    trajectory = torch.zeros(5, 2, 1, 4, 4)
+    sqrt3 = 3**0.5
+    # Execute
+    p_prob = teacher_soft_labels(EnsembleTeacher(members, "prob"), trajectory, tau=1.0, chunk=2)
+    p_logit = teacher_soft_labels(EnsembleTeacher(members, "logit"), trajectory, tau=1.0)
+    p_tau = teacher_soft_labels(EnsembleTeacher(members[:1], "prob"), trajectory, tau=2.0)
+    # Assert
+    assert p_prob.shape == (5, 2, 2)
+    assert p_prob[3, 1].tolist() == pytest.approx([0.375, 0.625])  # mean of probabilities
+    assert p_logit[0, 0].tolist() == pytest.approx([1 / (1 + sqrt3), sqrt3 / (1 + sqrt3)])
+    # tau = 2 on logits (0, ln 3): softmax(0, ln sqrt3)
+    assert p_tau[4, 0].tolist() == pytest.approx([1 / (1 + sqrt3), sqrt3 / (1 + sqrt3)])
