@@ -46,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--engine", choices=("direct", "grid"), default="direct",
                      help="direct: library calls (no Flower needed); grid: the real ServerApp "
                           "and ClientApp over an in-process Flower Grid")
+    sim = sub.add_parser("simulate", help="a real `flwr run` simulation (SuperLink + Ray) that "
+                         "waits for the result, fails loudly, and cleans up its processes")
+    sim.add_argument("--preset", help="a TOML file of run-config keys (conf/*.toml)")
+    sim.add_argument("--run-config", default="", help="overrides, as for `flwr run`")
+    sim.add_argument("--num-supernodes", type=int, default=0,
+                     help="simulated clients (default: num-clients of the config)")
+    sim.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds")
     sub.add_parser("config-table", help="print the run-config keys as a Markdown table")
     args = parser.parse_args(argv)
 
@@ -67,6 +74,22 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(cfg.num_threads)
     start = time.perf_counter()
+    if args.command == "simulate":
+        from fedbicross_flwr.simulation import simulate
+
+        overrides = {**(load_preset(args.preset) if args.preset else {}),
+                     **parse_overrides(args.run_config)}
+        n = args.num_supernodes or cfg.num_clients
+        overrides["num-clients"] = n
+        result = simulate(root or Path.cwd(), overrides, n, timeout=args.timeout)
+        log(logging.INFO, "flwr run %s: %s %s (%.1f s)", result.run_id, result.status,
+            result.details, time.perf_counter() - start)
+        if not result.ok or result.run_dir is None:
+            print(f"simulation failed: {result.status} {result.details}", file=sys.stderr)
+            return 1
+        print((result.run_dir / "summary.md").read_text())
+        print(f"results: {result.run_dir}")
+        return 0
     if args.engine == "direct":
         from fedbicross_flwr.direct import run_direct
 

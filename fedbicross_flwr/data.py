@@ -75,7 +75,8 @@ def project_root() -> Path | None:
     ``direct_url.json`` (pip writes it for ``pip install -e .``).
     """
     here = Path(__file__).resolve().parent.parent
-    if (here / "pyproject.toml").is_file() and (here / "fedbicross_flwr" / "assets").is_dir():
+    # The FAB copy has pyproject.toml and assets/README.md but never the npz: test the npz.
+    if (here / "pyproject.toml").is_file() and (EMBEDDED_DIR / "retinamnist.npz").is_file():
         return here
     try:
         dist = importlib_metadata.distribution("fedbicross-flwr")
@@ -87,7 +88,7 @@ def project_root() -> Path | None:
     url = json.loads(raw).get("url", "")
     if url.startswith("file://"):
         root = Path(url[len("file://"):])
-        if (root / "pyproject.toml").is_file():
+        if (root / "fedbicross_flwr" / "assets" / "retinamnist.npz").is_file():
             return root
     return None
 

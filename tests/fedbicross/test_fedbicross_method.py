@@ -1,0 +1,97 @@
+"""run_fedbicross end to end on tiny settings, plus the result plots."""
+
+import copy
+import csv
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny
+
+from fedbicross_flwr.fedbicross.method import run_fedbicross
+from fedbicross_flwr.fedbicross.plots import (
+    plot_weight_history,
+    save_synthetic_grid,
+    save_weight_history_csv,
+)
+from fedbicross_flwr.fedbicross.settings import FedBiCrossSettings
+from fedbicross_flwr.model import build_resnet18
+
+TINY = dict(noise_samples=8, synth_steps=3, synth_batch=8, synth_lr=0.1, bn_weight=0.1,
+            num_examples=4, kmeans_n_init=2)
+
+
+def test_end_to_end_with_tiny_resnet18_clients(tmp_path):
+    # Prepare: three untrained CIFAR ResNet-18s (different seeds), K = 2
+    clients = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        clients.append(build_resnet18(1, 3))
+    before = copy.deepcopy(clients[0].state_dict())
+    settings = FedBiCrossSettings(num_clusters=2, **TINY)
+    # Execute
+    result = run_fedbicross(clients, in_channels=1, num_classes=3, settings=settings, device="cpu",
+                            progress=False)
+    # Assert: K ResNet-18 state dicts, assignment of length N, weights on the simplex
+    reference = build_resnet18(1, 3).state_dict()
+    assert len(result.cluster_models) == 2
+    for state in result.cluster_models:
+        assert state.keys() == reference.keys()
+        assert all(state[k].shape == reference[k].shape and state[k].device.type == "cpu" for k in state)
+    assert result.assignment.shape == (3,) and set(result.assignment.tolist()) == {0, 1}
+    assert result.weight_history.shape == (3, 2, 2)
+    assert (result.weight_history >= 0).all() and np.allclose(result.weight_history.sum(axis=2), 1)
+    assert [x.shape for x in result.synthetic_examples] == [(4, 1, 28, 28)] * 2
+    assert set(result.diagnostics["stage_times_s"]) >= {"clustering", "synthesis", "bilevel"}
+    # The cluster models were trained (not the seeded init any more); clients untouched.
+    assert not torch.equal(result.cluster_models[0]["conv1.weight"],
+                           result.cluster_models[1]["conv1.weight"])
+    for name, value in clients[0].state_dict().items():
+        assert torch.equal(value, before[name])
+    assert clients[0].training
+    # Plots of the result
+    csv_path = save_weight_history_csv(result.weight_history, tmp_path / "w.csv")
+    rows = list(csv.reader(csv_path.open()))
+    assert rows[0] == ["step", "target_cluster", "source_cluster", "weight"] and len(rows) == 1 + 3 * 4
+    assert plot_weight_history(result.weight_history, tmp_path / "w.png", steps_per_epoch=3).stat().st_size > 0
+    grid = save_synthetic_grid(result.synthetic_examples, tmp_path / "grid.png", result.synthetic_labels)
+    assert grid.stat().st_size > 0
+
+
+def _tiny_run(**overrides):
+    clients = [make_tiny(seed) for seed in range(4)]
+    settings = FedBiCrossSettings(**{**TINY, "server_epochs": 2, **overrides})
+    return run_fedbicross(clients, 1, 3, settings, "cpu", progress=False, image_size=6,
+                          student_factory=lambda: make_tiny(99).train())
+
+
+def test_k1_is_the_without_clustering_ablation():
+    result = _tiny_run(num_clusters=1)
+    assert result.assignment.tolist() == [0, 0, 0, 0]
+    assert np.array_equal(result.weight_history, np.ones((6, 1, 1)))  # 2 epochs x T=3
+    assert len(result.cluster_models) == 1
+
+
+@pytest.mark.parametrize("mode, expected", [("intra", np.eye(2)), ("uniform", np.full((2, 2), 0.5))])
+def test_fixed_weight_ablations_keep_their_weights(mode, expected):
+    result = _tiny_run(num_clusters=2, weights_mode=mode)
+    assert np.array_equal(result.weight_history, np.broadcast_to(expected, (6, 2, 2)))
+
+
+def test_similarity_ablation_rows_on_simplex_and_fixed():
+    result = _tiny_run(num_clusters=2, weights_mode="similarity")
+    w = result.weight_history
+    assert np.allclose(w.sum(axis=2), 1) and np.allclose(w, w[0])
+    assert np.all(np.diag(w[0]) >= w[0].max(axis=1) - 1e-12)  # own cluster most similar
+
+
+def test_too_many_clusters_raises():
+    with pytest.raises(ValueError, match="num_clusters"):
+        _tiny_run(num_clusters=5)
+
+
+def test_bf16_autocast_and_train_mode_noise_teacher_run():
+    result = _tiny_run(num_clusters=2, mixed_precision="bf16", noise_teacher_mode="train",
+                       ensemble="logit", server_epochs=1)
+    assert all(torch.isfinite(v.float()).all() for v in result.cluster_models[0].values())
+    assert np.isfinite(result.diagnostics["val_loss"]).all()

@@ -1,0 +1,86 @@
+"""Dataset loading: official archives through medmnist, digits, custom archives, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import medmnist
+import numpy as np
+import pytest
+
+from fedbicross_flwr.data import (DataError, embedded_dir, load_dataset, load_digits_dataset,
+                                  load_medmnist, load_npz_archive, md5sum)
+from tests.conftest import make_archive
+
+
+def test_embedded_retinamnist_is_the_official_file() -> None:
+    path = embedded_dir() / "retinamnist.npz"
+    assert md5sum(path) == medmnist.INFO["retinamnist"]["MD5"]
+    ds = load_dataset("retinamnist")
+    assert (ds.in_channels, ds.num_classes) == (3, 5)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (1080, 120, 400)
+    assert ds.train.images.shape[1:] == (28, 28, 3) and ds.train.images.dtype == np.uint8
+    assert abs(ds.majority_rate("test") - 0.435) < 1e-9  # known: class 0 is 174/400
+
+
+def test_one_channel_official_archive_through_medmnist(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a small archive named like BreastMNIST, registered with its md5
+    path = make_archive(tmp_path / "breastmnist.npz", in_channels=1, num_classes=2)
+    monkeypatch.setitem(medmnist.INFO["breastmnist"], "MD5", md5sum(path))
+    # Execute
+    ds = load_medmnist("breastmnist", tmp_path)
+    # Assert
+    assert (ds.in_channels, ds.num_classes) == (1, 2)
+    assert ds.train.images.shape == (60, 28, 28)
+    assert set(np.unique(ds.train.labels)) == {0, 1}
+
+
+def test_missing_archive_names_file_md5_and_source(tmp_path: Path) -> None:
+    with pytest.raises(DataError) as err:
+        load_medmnist("bloodmnist", tmp_path)
+    msg = str(err.value)
+    assert str(tmp_path / "bloodmnist.npz") in msg
+    assert medmnist.INFO["bloodmnist"]["MD5"] in msg
+    assert "zenodo" in msg and "allow-download" in msg
+
+
+def test_corrupt_archive_is_detected_by_md5(tmp_path: Path) -> None:
+    (tmp_path / "dermamnist.npz").write_bytes(b"not a zip file")
+    with pytest.raises(DataError, match="corrupt or not the official file"):
+        load_medmnist("dermamnist", tmp_path)
+
+
+def test_unsupported_flags_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not a 2D single-label"):
+        load_medmnist("chestmnist", tmp_path)
+    with pytest.raises(DataError, match="unknown dataset"):
+        load_medmnist("notamnist", tmp_path)
+
+
+def test_digits_is_a_28x28_medmnist_style_dataset() -> None:
+    ds = load_digits_dataset()
+    assert (ds.in_channels, ds.num_classes) == (1, 10)
+    assert len(ds.train) + len(ds.val) + len(ds.test) == 1797
+    assert ds.test.images.shape[1:] == (28, 28) and ds.test.images.max() > 200
+    assert 0.09 < ds.majority_rate("test") < 0.12  # ten near-balanced classes
+
+
+def test_custom_archive_checked_against_config(tmp_path: Path) -> None:
+    path = make_archive(tmp_path / "site.npz", in_channels=3, num_classes=4)
+    ds = load_npz_archive(path, in_channels=3, num_classes=4)
+    assert ds.train.images.shape[1:] == (28, 28, 3)
+    with pytest.raises(DataError, match="expected \\(28, 28\\) for in-channels=1"):
+        load_npz_archive(path, in_channels=1, num_classes=4)
+    with pytest.raises(DataError, match="labels out of range \\[0, 3\\)"):
+        load_npz_archive(path, in_channels=3, num_classes=3)
+    with pytest.raises(DataError, match="not found"):
+        load_npz_archive(tmp_path / "nope.npz", 3, 4)
+    (tmp_path / "bad.npz").write_bytes(b"garbage")
+    with pytest.raises(DataError, match="cannot read"):
+        load_npz_archive(tmp_path / "bad.npz", 3, 4)
+
+
+def test_config_shape_mismatch_is_an_error() -> None:
+    with pytest.raises(DataError, match="num-classes=3 in the run config"):
+        load_dataset("retinamnist", num_classes=3)
