@@ -143,6 +143,36 @@ class RunConfig:
                                  low=0.0, low_open=True)
     noise_momentum: float = _key("noise-momentum", 0.9, "beta of Eq. 3 (weight of the old value).",
                                  low=0.0, high=1.0)
+    noise_teacher_mode: str = _key("noise-teacher-mode", "eval",
+                                   "Noise-adapted teacher used with its adapted statistics "
+                                   "(eval, paper) or per-batch statistics (train, FedISCA code).",
+                                   choices=("eval", "train"))
+    ensemble: str = _key("ensemble", "prob", "Ensemble teacher: mean of member probabilities "
+                         "(prob, paper's F_k) or of logits (logit, FedISCA code).",
+                         choices=("prob", "logit"))
+    bn_reduction: str = _key("bn-reduction", "mean", "R_BN over cluster members: mean (does not "
+                             "grow with cluster size) or sum (FedISCA code).",
+                             choices=("mean", "sum"))
+    jitter: int = _key("jitter", 2, "Random roll of synthetic images, pixels.", low=0, high=8)
+    kmeans_n_init: int = _key("kmeans-n-init", 10, "K-means restarts.", low=1)
+    bilevel_val_fraction: float = _key("bilevel-val-fraction", 0.2,
+                                       "Share of each synthetic batch used as I^val (paper: 0.2).",
+                                       low=0.0, low_open=True, high=0.9)
+    student_lr: float = _key("student-lr", 0.01, "eta_G, SGD rate of the cluster models (Eq. 7).",
+                             low=0.0, low_open=True)
+    student_momentum: float = _key("student-momentum", 0.9, "Momentum of the inner SGD step.",
+                                   low=0.0, high=0.999)
+    student_weight_decay: float = _key("student-weight-decay", 5e-4,
+                                       "Weight decay of the inner SGD step.", low=0.0)
+    weight_lr: float = _key("weight-lr", 0.01, "eta_w, step of the cross-cluster weights (Eq. 8).",
+                            low=0.0)
+    hypergrad_norm: str = _key("hypergrad-norm", "unit",
+                               "Hypergradient centred and scaled to unit norm each step (unit) "
+                               "or raw (none, Eq. 8 literally).", choices=("unit", "none"))
+    weights_mode: str = _key("weights-mode", "bilevel",
+                             "Cross-cluster weights: learnt (bilevel, paper) or fixed ablations "
+                             "intra (one-hot), uniform (1/K), similarity (centroid cosine).",
+                             choices=("bilevel", "intra", "uniform", "similarity"))
 
     # ------------------------------------------------------------------------------------
     def __post_init__(self) -> None:

@@ -129,3 +129,7 @@ def save_synthetic_grid(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+# Name symmetric with save_weight_history_csv.
+save_weight_history_plot = plot_weight_history

@@ -10,9 +10,17 @@ from fedbicross_flwr.methods.base import (ClientUpload, MethodInput, MethodOutpu
                                           StateDict)
 from fedbicross_flwr.methods.simple import fedavg1, local
 
+def _fedbicross(inp: MethodInput) -> MethodOutput:
+    # imported lazily: the FedBiCross stack (sklearn, matplotlib) is not needed by the others
+    from fedbicross_flwr.methods.fedbicross import fedbicross
+
+    return fedbicross(inp)
+
+
 REGISTRY: dict[str, ServerMethod] = {
     "fedavg1": fedavg1,
     "local": local,
+    "fedbicross": _fedbicross,
 }
 
 

@@ -5,7 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny
+from fbc_models import make_tiny
 
 from fedbicross_flwr.fedbicross.bilevel import (
     OnlineBilevelTrainer,

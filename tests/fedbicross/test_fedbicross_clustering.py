@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny
+from fbc_models import make_tiny
 
 from fedbicross_flwr.fedbicross.clustering import (
     cluster_centroids,

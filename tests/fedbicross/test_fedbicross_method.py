@@ -6,7 +6,7 @@ import csv
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny
+from fbc_models import make_tiny
 
 from fedbicross_flwr.fedbicross.method import run_fedbicross
 from fedbicross_flwr.fedbicross.plots import (

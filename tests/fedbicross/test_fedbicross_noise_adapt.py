@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import ConstantLogits, make_tiny
+from fbc_models import ConstantLogits, make_tiny
 from torch import nn
 
 from fedbicross_flwr.fedbicross.noise_adapt import noise_adapted_copy, teacher_soft_labels

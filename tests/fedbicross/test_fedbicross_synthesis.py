@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny
+from fbc_models import make_tiny
 from torch import nn
 
 from fedbicross_flwr.fedbicross.settings import FedBiCrossSettings

@@ -1,8 +1,10 @@
-"""Shared tiny models for the FedBiCross server tests (CPU, a few ms per forward pass)."""
+"""Shared tiny models for the FedBiCross server tests (CPU, a few ms per forward pass).
+
+A plain module (not a conftest.py) so its name cannot clash with tests/conftest.py.
+"""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import Tensor, nn
 
@@ -41,7 +43,3 @@ def make_tiny(seed: int, in_channels: int = 1, num_classes: int = 3, dtype=torch
         model.bn.running_var.uniform_(0.5, 1.5)
     return model.eval()
 
-
-@pytest.fixture
-def tiny_factory():
-    return make_tiny
