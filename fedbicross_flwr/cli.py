@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--engine", choices=("direct", "grid"), default="direct",
                      help="direct: library calls (no Flower needed); grid: the real ServerApp "
                           "and ClientApp over an in-process Flower Grid")
+    run.add_argument("--methods", default="",
+                     help="comma-separated server methods run on the SAME trained clients "
+                          "(direct engine), e.g. fedavg1,local,fedbicross")
     sim = sub.add_parser("simulate", help="a real `flwr run` simulation (SuperLink + Ray) that "
                          "waits for the result, fails loudly, and cleans up its processes")
     sim.add_argument("--preset", help="a TOML file of run-config keys (conf/*.toml)")
@@ -89,6 +92,22 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print((result.run_dir / "summary.md").read_text())
         print(f"results: {result.run_dir}")
+        return 0
+    if args.engine == "direct" and args.methods:
+        from fedbicross_flwr.direct import run_direct_methods
+
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        try:
+            for m in methods:
+                cfg.replace(method=m)  # validates every name before any training
+        except ConfigError as err:
+            print(f"configuration error: {err}", file=sys.stderr)
+            return 2
+        run_dirs = run_direct_methods(cfg, methods)
+        log(logging.INFO, "wall time %.1f s", time.perf_counter() - start)
+        for m, run_dir in run_dirs.items():
+            print((run_dir / "summary.md").read_text())
+            print(f"results: {run_dir}\n")
         return 0
     if args.engine == "direct":
         from fedbicross_flwr.direct import run_direct

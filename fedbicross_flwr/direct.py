@@ -10,6 +10,7 @@ Flower error reply, and the run goes on.
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from pathlib import Path
 
@@ -36,8 +37,14 @@ class DirectTransport:
                                       for pid in range(cfg.num_clients)]
         self.own_models: dict[int, nn.Module] = {}
         self.device = resolve_device(cfg.device)
+        self._phase1: PhaseResult | None = None
 
     def collect_models(self, cfg: RunConfig) -> PhaseResult:
+        """Train every client once; later calls (other methods) reuse the same uploads."""
+        if self._phase1 is not None:
+            log(logging.INFO, "phase 1: reusing the %d client models trained for the first "
+                "method", len(self._phase1.replies))
+            return self._phase1
         result = PhaseResult()
         for site in self.sites:
             try:
@@ -50,6 +57,7 @@ class DirectTransport:
             result.replies[site.partition_id] = ClientReply(
                 site.partition_id, {k: v.detach().clone() for k, v in
                                     model.state_dict().items()}, metrics)
+        self._phase1 = result
         return result
 
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
@@ -79,3 +87,15 @@ def _reason(err: Exception) -> str:
 def run_direct(cfg: RunConfig) -> Path:
     """Run ``cfg`` end to end in this process; returns the run folder."""
     return run_server(cfg, DirectTransport(cfg))
+
+
+def run_direct_methods(cfg: RunConfig, methods: list[str]) -> dict[str, Path]:
+    """Several server methods on the SAME client models (trained once) and partition.
+
+    Each method gets its own run folder ``<run-name>-<method>``; phase 1 runs only once, so
+    every method starts from identical uploads and a table row is a fair comparison.
+    """
+    transport = DirectTransport(cfg)
+    base = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.dataset}"
+    return {m: run_server(cfg.replace(method=m, run_name=f"{base}-{m}"), transport)
+            for m in methods}
