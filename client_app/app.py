@@ -33,7 +33,8 @@ def _setup(context: Context):
 def train(msg: Message, context: Context) -> Message:
     """Phase 1: train f_i once and upload it."""
     cfg, site, device = _setup(context)
-    model, metrics = run_local_training(cfg, site, device)
+    init = (msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None)
+    model, metrics = run_local_training(cfg, site, device, init)
     state = model.state_dict()
     context.state[OWN_MODEL] = ArrayRecord(state)
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics),

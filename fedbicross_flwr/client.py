@@ -27,10 +27,15 @@ def client_seed(cfg: RunConfig, partition_id: int) -> int:
     return cfg.seed * 100_003 + partition_id
 
 
-def new_model(cfg: RunConfig, site: SiteData, seed: int) -> nn.Module:
-    """A freshly (seeded) initialised ResNet-18 for the site's data."""
-    torch.manual_seed(seed)
-    return build_resnet18(site.in_channels, site.num_classes)
+def initial_state(cfg: RunConfig, in_channels: int, num_classes: int) -> dict[str, torch.Tensor]:
+    """The common initial model w^(0) the server sends with ``train`` (seeded by ``seed``).
+
+    As in FedAvg, every client starts from the same initialisation; one-shot parameter
+    averaging of independently initialised networks would be meaningless.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build_resnet18(in_channels, num_classes).state_dict()
 
 
 def evaluate_views(model: nn.Module, site: SiteData, device: torch.device) -> dict[str, float]:
@@ -40,14 +45,17 @@ def evaluate_views(model: nn.Module, site: SiteData, device: torch.device) -> di
                                           device)}
 
 
-def run_local_training(cfg: RunConfig, site: SiteData,
-                       device: torch.device) -> tuple[nn.Module, dict[str, float]]:
-    """Phase 1: train f_i and return it with its metrics."""
+def run_local_training(cfg: RunConfig, site: SiteData, device: torch.device,
+                       init: dict[str, torch.Tensor] | None = None
+                       ) -> tuple[nn.Module, dict[str, float]]:
+    """Phase 1: train f_i from the server's initial model ``init`` (or a seeded one)."""
     if site.n_train < 2:
         raise ValueError(f"partition {site.partition_id} has {site.n_train} training samples; "
                          "at least 2 are needed")
     seed = client_seed(cfg, site.partition_id)
-    model = new_model(cfg, site, seed)
+    model = build_resnet18(site.in_channels, site.num_classes)
+    model.load_state_dict(init if init is not None else
+                          initial_state(cfg, site.in_channels, site.num_classes))
     opt = SGDSettings(cfg.local_epochs, cfg.local_lr, cfg.local_momentum,
                       cfg.local_weight_decay, cfg.batch_size, seed)
     start = time.perf_counter()

@@ -39,7 +39,7 @@ class DirectTransport:
         self.device = resolve_device(cfg.device)
         self._phase1: PhaseResult | None = None
 
-    def collect_models(self, cfg: RunConfig) -> PhaseResult:
+    def collect_models(self, cfg: RunConfig, init: StateDict) -> PhaseResult:
         """Train every client once; later calls (other methods) reuse the same uploads."""
         if self._phase1 is not None:
             log(logging.INFO, "phase 1: reusing the %d client models trained for the first "
@@ -48,7 +48,7 @@ class DirectTransport:
         result = PhaseResult()
         for site in self.sites:
             try:
-                model, metrics = run_local_training(cfg, site, self.device)
+                model, metrics = run_local_training(cfg, site, self.device, init)
             except Exception as err:  # noqa: BLE001 - a failing client must not stop the run
                 result.failures.append(ClientFailure(site.partition_id, "local", "train",
                                                      _reason(err)))

@@ -18,11 +18,11 @@ from typing import Any, Protocol
 
 import torch
 
+from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import DataError, load_dataset
 from fedbicross_flwr.logging_utils import add_file_handler, log, remove_handler
 from fedbicross_flwr.methods import ClientUpload, MethodInput, StateDict, get_method
-from fedbicross_flwr.model import build_resnet18
 from fedbicross_flwr.results import (create_run_dir, summarize, write_clients_csv, write_json,
                                      write_summary_md)
 from fedbicross_flwr.training import resolve_device
@@ -58,8 +58,8 @@ class PhaseResult:
 class Transport(Protocol):
     """How the server reaches the clients."""
 
-    def collect_models(self, cfg: RunConfig) -> PhaseResult:
-        """Phase 1: every client trains once; replies are :class:`ClientReply`."""
+    def collect_models(self, cfg: RunConfig, init: StateDict) -> PhaseResult:
+        """Phase 1: every client trains once from ``init``; replies are :class:`ClientReply`."""
 
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
         """Phase 3: send each partition its model; replies are metric dicts."""
@@ -111,19 +111,18 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     write_json(run_dir / "run_config.json", cfg.to_run_config())
     log(logging.INFO, "run folder %s; settings:\n%s", run_dir, cfg.summary())
     in_channels, num_classes, majority = dataset_shape(cfg)
-    torch.manual_seed(0)
-    reference = build_resnet18(in_channels, num_classes).state_dict()
+    init = initial_state(cfg, in_channels, num_classes)  # w^(0), also the upload reference
 
     # Phase 1: one upload per client -------------------------------------------------------
     t0 = time.perf_counter()
     log(logging.INFO, "phase 1/3: local training on the clients")
-    phase1 = transport.collect_models(cfg)
+    phase1 = transport.collect_models(cfg, init)
     times["phase1-local-training"] = time.perf_counter() - t0
     failures = list(phase1.failures)
     uploads, local_metrics = [], {}
     for pid in sorted(phase1.replies):
         reply: ClientReply = phase1.replies[pid]
-        problem = validate_upload(reply.state, reference)
+        problem = validate_upload(reply.state, init)
         if problem is None and not math.isfinite(reply.metrics.get("num-examples", float("nan"))):
             problem = "metric num-examples missing or not finite"
         if problem is not None:

@@ -47,10 +47,11 @@ class GridTransport:
         timeout = cfg.round_timeout or None
         return list(self.grid.send_and_receive(messages, timeout=timeout))
 
-    def collect_models(self, cfg: RunConfig) -> PhaseResult:
+    def collect_models(self, cfg: RunConfig, init: StateDict) -> PhaseResult:
         nodes = self._wait_for_nodes(cfg)
-        messages = [Message(RecordDict({"config": ConfigRecord({"phase": "train"})}),
-                            dst_node_id=nid, message_type="train") for nid in nodes]
+        content = RecordDict({"arrays": ArrayRecord(init),
+                              "config": ConfigRecord({"phase": "train"})})
+        messages = [Message(content, dst_node_id=nid, message_type="train") for nid in nodes]
         replies = self._send(messages, cfg)
         result = PhaseResult()
         answered = set()

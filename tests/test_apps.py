@@ -88,6 +88,10 @@ def test_server_main_end_to_end_in_process(tiny_run_config, method: str) -> None
     # Assert: protocol: one train + one personalize message per node
     types = [m.metadata.message_type for m in grid.sent]
     assert types.count("train") == 3 and types.count("train.personalize") == 3
+    # Assert: every client starts from the same initial model w^(0), sent with `train`
+    inits = [m.content["arrays"].to_torch_state_dict()["conv1.weight"]
+             for m in grid.sent if m.metadata.message_type == "train"]
+    assert all(torch.equal(inits[0], w) for w in inits[1:])
     # Assert: fedavg1 sends the same model everywhere, local sends each its own
     sent = [m.content["arrays"].to_torch_state_dict()["fc.weight"]
             for m in grid.sent if m.metadata.message_type == "train.personalize"]
