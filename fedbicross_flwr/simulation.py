@@ -39,6 +39,8 @@ class SimulationResult:
 def flwr_env(flwr_home: Path) -> dict[str, str]:
     """Environment for an offline, isolated Flower."""
     env = dict(os.environ)
+    # `flwr run` launches `flower-superlink` from PATH: use this interpreter's environment.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update({
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
