@@ -10,6 +10,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,10 +52,14 @@ def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
-def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: SGDSettings,
-                device: torch.device, precision: str = "fp32", desc: str = "",
-                progress: bool = True) -> list[float]:
-    """Train ``model`` with cross-entropy on (x, y); returns the mean loss of every epoch."""
+def sgd_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: SGDSettings,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               device: torch.device, precision: str = "fp32", desc: str = "",
+               progress: bool = True) -> list[float]:
+    """Mini-batch SGD on (x, y) with ``loss_fn(logits, batch_indices)``; mean loss per epoch.
+
+    x and y move to the device once; batches are index slices (no per-batch host copies).
+    """
     model.to(device).train()
     x, y = x.to(device), y.to(device)
     sgd = torch.optim.SGD(model.parameters(), lr=opt.lr, momentum=opt.momentum,
@@ -69,7 +74,8 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: SGDSett
                 continue
             idx = idx.to(device)
             with autocast(device, precision):
-                loss = F.cross_entropy(model(x[idx]), y[idx])
+                logits = model(x[idx])  # (b, C)
+            loss = loss_fn(logits.float(), idx)
             sgd.zero_grad(set_to_none=True)
             loss.backward()
             sgd.step()
@@ -80,6 +86,15 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: SGDSett
             log(logging.INFO, "%s epoch %d/%d loss %.4f (%.1fs)", desc, epoch + 1,
                 opt.epochs, history[-1], time.perf_counter() - start)
     return history
+
+
+def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: SGDSettings,
+                device: torch.device, precision: str = "fp32", desc: str = "",
+                progress: bool = True) -> list[float]:
+    """Train ``model`` with cross-entropy on (x, y); returns the mean loss of every epoch."""
+    y_dev = y.to(device)
+    return sgd_epochs(model, x, y, opt, lambda logits, idx: F.cross_entropy(logits, y_dev[idx]),
+                      device, precision, desc, progress)
 
 
 @torch.no_grad()
@@ -115,29 +130,11 @@ def personalize(student: nn.Module, cluster_model: nn.Module, own_model: nn.Modu
 
     cluster_logits = predict_logits(cluster_model, x, device).to(device)  # (n, C)
     own_logits = predict_logits(own_model, x, device).to(device)  # (n, C)
-    student.to(device).train()
-    x, y = x.to(device), y.to(device)
-    sgd = torch.optim.SGD(student.parameters(), lr=opt.lr, momentum=opt.momentum,
-                          weight_decay=opt.weight_decay)
-    gen = torch.Generator().manual_seed(opt.seed)
-    history = []
-    for epoch in range(opt.epochs):
-        total, seen = 0.0, 0
-        for idx in _batches(len(y), opt.batch_size, gen):
-            if len(idx) < 2:
-                continue
-            idx = idx.to(device)
-            with autocast(device, precision):
-                logits = student(x[idx])
-            loss = personalization_loss(logits.float(), y[idx], cluster_logits[idx],
-                                        own_logits[idx], gamma, delta)
-            sgd.zero_grad(set_to_none=True)
-            loss.backward()
-            sgd.step()
-            total += float(loss.detach()) * len(idx)
-            seen += len(idx)
-        history.append(total / max(seen, 1))
-        if progress and (epoch + 1) % max(1, opt.epochs // 2) == 0:
-            log(logging.INFO, "%s personalize epoch %d/%d loss %.4f", desc, epoch + 1,
-                opt.epochs, history[-1])
-    return history
+    y_dev = y.to(device)
+
+    def loss_fn(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return personalization_loss(logits, y_dev[idx], cluster_logits[idx], own_logits[idx],
+                                    gamma, delta)
+
+    return sgd_epochs(student, x, y, opt, loss_fn, device, precision,
+                      f"{desc} personalize", progress)
