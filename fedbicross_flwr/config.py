@@ -169,6 +169,10 @@ class RunConfig:
     hypergrad_norm: str = _key("hypergrad-norm", "unit",
                                "Hypergradient centred and scaled to unit norm each step (unit) "
                                "or raw (none, Eq. 8 literally).", choices=("unit", "none"))
+    student_init: str = _key("student-init", "random",
+                             "G_k^(0): random (Algorithm 1) or cluster-average (data-size "
+                             "weighted average of the cluster's client models).",
+                             choices=("random", "cluster-average"))
     weights_mode: str = _key("weights-mode", "bilevel",
                              "Cross-cluster weights: learnt (bilevel, paper) or fixed ablations "
                              "intra (one-hot), uniform (1/K), similarity (centroid cosine).",

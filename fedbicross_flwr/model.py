@@ -47,3 +47,21 @@ def count_parameters(model: nn.Module) -> int:
 def model_device(model: nn.Module) -> torch.device:
     """Device of the model's first parameter."""
     return next(model.parameters()).device
+
+
+def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """Parameter-wise weighted mean of state dicts, BatchNorm buffers included.
+
+    Floating-point tensors are averaged in float64 and cast back; integer buffers
+    (``num_batches_tracked``) get the weighted mean rounded to the nearest integer.
+    """
+    if not states:
+        raise ValueError("cannot average zero models")
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError(f"weights must sum to a positive number, got {weights}")
+    out: dict[str, torch.Tensor] = {}
+    for key, ref in states[0].items():
+        acc = sum(s[key].double() * (w / total) for s, w in zip(states, weights))
+        out[key] = acc.round().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)
+    return out

@@ -15,7 +15,7 @@ import torch
 from flwr.common.logger import log
 from torch import Tensor, nn
 
-from ..model import build_resnet18
+from ..model import build_resnet18, weighted_average
 from .bilevel import OnlineBilevelTrainer, fixed_weights
 from .clustering import (
     cluster_centroids,
@@ -28,6 +28,7 @@ from .noise_adapt import noise_adapted_copy, teacher_soft_labels
 from .settings import FedBiCrossSettings
 from .synthesis import EnsembleTeacher, synthesize_trajectory
 from .utils import derive_seed
+
 
 
 @dataclass
@@ -82,6 +83,7 @@ def run_fedbicross(
     progress: bool = True,
     student_factory: Callable[[], nn.Module] | None = None,
     image_size: int = 28,
+    client_weights: Sequence[float] | None = None,
 ) -> FedBiCrossResult:
     """Run Stages 1-2 of FedBiCross on the uploaded client models.
 
@@ -105,6 +107,8 @@ def run_fedbicross(
         Builds one cluster model; default ``build_resnet18(in_channels, num_classes)``.
     image_size : int
         Height = width of the images.
+    client_weights : Sequence[float], optional
+        Data sizes of the clients, for ``student_init='cluster-average'`` (default: equal).
 
     Returns
     -------
@@ -135,6 +139,12 @@ def run_fedbicross(
     # --- Stage 2 set-up: G_k^(0) random, w_k^(0) (Algorithm 1, lines 11-12) --------------------
     factory = student_factory or (lambda: build_resnet18(in_channels, num_classes))
     students = init_cluster_models(factory, s.num_clusters, s.seed, device)
+    if s.student_init == "cluster-average":
+        sizes = np.ones(num_clients) if client_weights is None else np.asarray(client_weights)
+        for k, student in enumerate(students):
+            idx = np.flatnonzero(assignment == k)
+            student.load_state_dict(weighted_average([clients[i].state_dict() for i in idx],
+                                                   sizes[idx].tolist()))
     initial_weights = fixed_weights(
         s.weights_mode, s.num_clusters, similarity_weights(centroids) if s.weights_mode == "similarity" else None
     )

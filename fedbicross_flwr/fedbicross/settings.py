@@ -14,6 +14,7 @@ _ENSEMBLES = ("prob", "logit")
 _NOISE_TEACHER_MODES = ("eval", "train")
 _HYPERGRAD_NORMALISATIONS = ("unit", "none")
 _WEIGHTS_MODES = ("bilevel", "intra", "uniform", "similarity")
+_STUDENT_INITS = ("random", "cluster-average")
 _MIXED_PRECISION = ("none", "bf16")
 
 
@@ -116,6 +117,11 @@ class FedBiCrossSettings:
     # or fixed ablations: 'intra' (one-hot own cluster), 'uniform' (1/K), 'similarity'
     # (row-normalised cosine similarity of the clustering centroids).
     weights_mode: str = "bilevel"
+    # G_k^(0): 'random' (Algorithm 1, line 11) or 'cluster-average', the data-size weighted
+    # parameter average of the cluster's members (they share the initial model w^(0), as in
+    # FedAvg). A deviation for small server budgets: with a few hundred inner steps a randomly
+    # initialised ResNet-18 is still far from its teachers.
+    student_init: str = "random"
     # Server epochs: synthesis + noise adaptation + bi-level KD repeated with fresh noise;
     # cluster models, momentum buffers and weights carry over (FedISCA uses 100; paper: silent).
     server_epochs: int = 1
@@ -156,6 +162,7 @@ class FedBiCrossSettings:
             "hypergrad_normalisation", self.hypergrad_normalisation, _HYPERGRAD_NORMALISATIONS
         )
         _check_choice("weights_mode", self.weights_mode, _WEIGHTS_MODES)
+        _check_choice("student_init", self.student_init, _STUDENT_INITS)
         _check_int("server_epochs", self.server_epochs, 1)
         _check_int("seed", self.seed, 0)
         _check_choice("mixed_precision", self.mixed_precision, _MIXED_PRECISION)

@@ -53,6 +53,7 @@ def settings_from_config(cfg: RunConfig, num_clusters: int | None = None) -> Fed
         weight_lr=cfg.weight_lr,
         hypergrad_normalisation=cfg.hypergrad_norm,
         weights_mode=cfg.weights_mode,
+        student_init=cfg.student_init,
         server_epochs=cfg.server_epochs,
         seed=cfg.seed,
         mixed_precision="bf16" if cfg.precision == "bf16" else "none",
@@ -73,7 +74,8 @@ def fedbicross(inp: MethodInput) -> MethodOutput:
         model.load_state_dict(upload.state)
         models.append(model)
     result = run_fedbicross(models, inp.in_channels, inp.num_classes, settings, inp.device,
-                            progress=cfg.progress)
+                            progress=cfg.progress,
+                            client_weights=[u.num_examples for u in inp.uploads])
     pids = [u.partition_id for u in inp.uploads]
     clusters = {pid: int(c) for pid, c in zip(pids, result.assignment)}
 

@@ -4,28 +4,9 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.methods.base import MethodInput, MethodOutput, StateDict
-
-
-def weighted_average(states: list[StateDict], weights: list[float]) -> StateDict:
-    """Parameter-wise weighted mean of state dicts, BatchNorm buffers included.
-
-    Floating-point tensors are averaged in float64 and cast back; integer buffers
-    (``num_batches_tracked``) get the weighted mean rounded to the nearest integer.
-    """
-    if not states:
-        raise ValueError("cannot average zero models")
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError(f"weights must sum to a positive number, got {weights}")
-    out: StateDict = {}
-    for key, ref in states[0].items():
-        acc = sum(s[key].double() * (w / total) for s, w in zip(states, weights))
-        out[key] = acc.round().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)
-    return out
+from fedbicross_flwr.methods.base import MethodInput, MethodOutput
+from fedbicross_flwr.model import weighted_average
 
 
 def fedavg1(inp: MethodInput) -> MethodOutput:
