@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--methods", default="",
                      help="comma-separated server methods run on the SAME trained clients "
                           "(direct engine), e.g. fedavg1,local,fedbicross")
+    run.add_argument("--client-cache", default="",
+                     help="folder of the trained-client cache (direct engine): clients are "
+                          "trained once per dataset/partition/local settings and reused")
     sim = sub.add_parser("simulate", help="a real `flwr run` simulation (SuperLink + Ray) that "
                          "waits for the result, fails loudly, and cleans up its processes")
     sim.add_argument("--preset", help="a TOML file of run-config keys (conf/*.toml)")
@@ -93,17 +96,18 @@ def main(argv: list[str] | None = None) -> int:
         print((result.run_dir / "summary.md").read_text())
         print(f"results: {result.run_dir}")
         return 0
-    if args.engine == "direct" and args.methods:
+    if args.engine == "direct" and (args.methods or args.client_cache):
         from fedbicross_flwr.direct import run_direct_methods
 
-        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        methods = [m.strip() for m in (args.methods or cfg.method).split(",") if m.strip()]
         try:
             for m in methods:
                 cfg.replace(method=m)  # validates every name before any training
         except ConfigError as err:
             print(f"configuration error: {err}", file=sys.stderr)
             return 2
-        run_dirs = run_direct_methods(cfg, methods)
+        run_dirs = run_direct_methods(cfg, methods, Path(args.client_cache).resolve()
+                                      if args.client_cache else None)
         log(logging.INFO, "wall time %.1f s", time.perf_counter() - start)
         for m, run_dir in run_dirs.items():
             print((run_dir / "summary.md").read_text())

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
+from fedbicross_flwr import client_cache
 from fedbicross_flwr.client import run_local_training, run_personalization
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import load_dataset
@@ -30,7 +31,7 @@ from fedbicross_flwr.training import resolve_device
 class DirectTransport:
     """Clients as in-process function calls over the run config's partition."""
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, cache_dir: Path | None = None) -> None:
         ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
                           cfg.in_channels, cfg.num_classes)
         self.sites: list[SiteData] = [site_from_partition(ds, cfg, pid, cfg.num_clients)
@@ -38,6 +39,7 @@ class DirectTransport:
         self.own_models: dict[int, nn.Module] = {}
         self.device = resolve_device(cfg.device)
         self._phase1: PhaseResult | None = None
+        self.cache_dir = cache_dir
 
     def collect_models(self, cfg: RunConfig, init: StateDict) -> PhaseResult:
         """Train every client once; later calls (other methods) reuse the same uploads."""
@@ -45,6 +47,16 @@ class DirectTransport:
             log(logging.INFO, "phase 1: reusing the %d client models trained for the first "
                 "method", len(self._phase1.replies))
             return self._phase1
+        if self.cache_dir is not None:
+            cached = client_cache.load(self.cache_dir, cfg)
+            if cached is not None:
+                self._phase1 = cached["phase1"]
+                for pid, state in cached["own"].items():
+                    model = build_resnet18(self.sites[pid].in_channels,
+                                           self.sites[pid].num_classes)
+                    model.load_state_dict(state)
+                    self.own_models[pid] = model
+                return self._phase1
         result = PhaseResult()
         for site in self.sites:
             try:
@@ -58,6 +70,10 @@ class DirectTransport:
                 site.partition_id, {k: v.detach().clone() for k, v in
                                     model.state_dict().items()}, metrics)
         self._phase1 = result
+        if self.cache_dir is not None:
+            client_cache.save(self.cache_dir, cfg, {
+                "phase1": result,
+                "own": {pid: m.state_dict() for pid, m in self.own_models.items()}})
         return result
 
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
@@ -89,13 +105,14 @@ def run_direct(cfg: RunConfig) -> Path:
     return run_server(cfg, DirectTransport(cfg))
 
 
-def run_direct_methods(cfg: RunConfig, methods: list[str]) -> dict[str, Path]:
+def run_direct_methods(cfg: RunConfig, methods: list[str],
+                       cache_dir: Path | None = None) -> dict[str, Path]:
     """Several server methods on the SAME client models (trained once) and partition.
 
     Each method gets its own run folder ``<run-name>-<method>``; phase 1 runs only once, so
     every method starts from identical uploads and a table row is a fair comparison.
     """
-    transport = DirectTransport(cfg)
+    transport = DirectTransport(cfg, cache_dir)
     base = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.dataset}"
     return {m: run_server(cfg.replace(method=m, run_name=f"{base}-{m}"), transport)
             for m in methods}

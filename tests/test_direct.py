@@ -29,3 +29,32 @@ def test_methods_share_the_same_client_models(tiny_run_config) -> None:
         # `local` sends each client its own model: "before" is the local model's accuracy
         assert float(local[pid]["acc-before"]) == pytest.approx(
             float(local[pid]["local-test-acc"]))
+
+
+def test_client_cache_is_reused_and_a_tampered_entry_is_rejected(tiny_run_config, tmp_path,
+                                                                  monkeypatch) -> None:
+    import fedbicross_flwr.direct as direct
+    from fedbicross_flwr import client_cache
+
+    cfg = RunConfig.from_run_config({**tiny_run_config, "run-name": "cache"})
+    cache = tmp_path / "cache"
+    calls = []
+    real = direct.run_local_training
+    monkeypatch.setattr(direct, "run_local_training",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    # First run trains the 3 clients and fills the cache
+    first = run_direct_methods(cfg, ["local"], cache)
+    assert len(calls) == 3
+    entry = cache / client_cache.cache_key(cfg)
+    assert (entry / "clients.pt").is_file() and (entry / "meta.json").is_file()
+    # Second run: no training, identical local models
+    second = run_direct_methods(cfg.replace(run_name="cache2"), ["local"], cache)
+    assert len(calls) == 3
+    assert _rows(first["local"])[0]["local-test-acc"] == _rows(second["local"])[0]["local-test-acc"]
+    # Tampered entry: detected by the checksum and retrained
+    with (entry / "clients.pt").open("ab") as fh:
+        fh.write(b"tamper")
+    run_direct_methods(cfg.replace(run_name="cache3"), ["local"], cache)
+    assert len(calls) == 6
+    # Other local-training settings: another key, never the old entry
+    assert client_cache.cache_key(cfg.replace(local_epochs=2)) != client_cache.cache_key(cfg)

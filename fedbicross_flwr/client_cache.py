@@ -1,0 +1,79 @@
+"""Cache of trained client models for one-process experiments (simulation only).
+
+Clients are trained once per (dataset, partition, local-training settings) and reused by every
+method and every later run. An entry is a folder ``<cache-dir>/<key>/`` with ``clients.pt``
+(the phase-1 replies) and ``meta.json`` (what produced them and the file's sha256); a stale or
+corrupt entry is detected, logged and retrained, never silently used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fedbicross_flwr import __version__
+from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.logging_utils import log
+
+# Keys that change what phase 1 produces.
+PRODUCER_KEYS = ("dataset", "data-dir", "data-path", "in-channels", "num-classes", "seed",
+                 "num-clients", "alpha", "min-partition-size", "val-fraction", "local-epochs",
+                 "local-lr", "local-momentum", "local-weight-decay", "batch-size", "precision")
+
+
+def producer(cfg: RunConfig) -> dict[str, Any]:
+    """What produced the client models (also written to meta.json)."""
+    values = cfg.to_run_config()
+    return {"version": __version__, "torch": torch.__version__,
+            **{k: values[k] for k in PRODUCER_KEYS}}
+
+
+def cache_key(cfg: RunConfig) -> str:
+    blob = json.dumps(producer(cfg), sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load(cache_dir: Path, cfg: RunConfig) -> Any | None:
+    """The cached payload, or None when absent, stale or corrupt (logged)."""
+    entry = cache_dir / cache_key(cfg)
+    data, meta_path = entry / "clients.pt", entry / "meta.json"
+    if not data.is_file() or not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        log(logging.WARNING, "client cache %s: unreadable meta.json; retraining", entry)
+        return None
+    if meta.get("producer") != producer(cfg):
+        log(logging.WARNING, "client cache %s: produced by other settings; retraining", entry)
+        return None
+    if meta.get("sha256") != _sha256(data):
+        log(logging.WARNING, "client cache %s: checksum mismatch (corrupt or tampered); "
+            "retraining", entry)
+        return None
+    log(logging.INFO, "client cache hit: %s", entry)
+    return torch.load(data, weights_only=False)
+
+
+def save(cache_dir: Path, cfg: RunConfig, payload: Any) -> Path:
+    """Store ``payload`` with its checksum; returns the entry folder."""
+    entry = cache_dir / cache_key(cfg)
+    entry.mkdir(parents=True, exist_ok=True)
+    data = entry / "clients.pt"
+    torch.save(payload, data)
+    (entry / "meta.json").write_text(json.dumps(
+        {"producer": producer(cfg), "sha256": _sha256(data)}, indent=2))
+    return entry
