@@ -18,6 +18,7 @@ import torch
 
 from fedbicross_flwr import __version__
 from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.data import file_digest
 from fedbicross_flwr.logging_utils import log
 
 # Keys that change what phase 1 produces.
@@ -38,14 +39,6 @@ def cache_key(cfg: RunConfig) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def load(cache_dir: Path, cfg: RunConfig) -> Any | None:
     """The cached payload, or None when absent, stale or corrupt (logged)."""
     entry = cache_dir / cache_key(cfg)
@@ -60,7 +53,7 @@ def load(cache_dir: Path, cfg: RunConfig) -> Any | None:
     if meta.get("producer") != producer(cfg):
         log(logging.WARNING, "client cache %s: produced by other settings; retraining", entry)
         return None
-    if meta.get("sha256") != _sha256(data):
+    if meta.get("sha256") != file_digest(data, "sha256"):
         log(logging.WARNING, "client cache %s: checksum mismatch (corrupt or tampered); "
             "retraining", entry)
         return None
@@ -75,5 +68,5 @@ def save(cache_dir: Path, cfg: RunConfig, payload: Any) -> Path:
     data = entry / "clients.pt"
     torch.save(payload, data)
     (entry / "meta.json").write_text(json.dumps(
-        {"producer": producer(cfg), "sha256": _sha256(data)}, indent=2))
+        {"producer": producer(cfg), "sha256": file_digest(data, "sha256")}, indent=2))
     return entry

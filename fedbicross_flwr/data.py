@@ -121,13 +121,18 @@ def resolve_data_dir(data_dir: str) -> Path:
     return embedded_dir()
 
 
-def md5sum(path: Path) -> str:
-    """Hex md5 of a file (read in 1 MiB chunks)."""
-    digest = hashlib.md5()
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+    """Hex digest of a file (read in 1 MiB chunks)."""
+    digest = hashlib.new(algorithm)
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def md5sum(path: Path) -> str:
+    """Hex md5 of a file (MedMNIST records md5s)."""
+    return file_digest(path, "md5")
 
 
 # ---------------------------------------------------------------------------------------------
