@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from flwr.common.logger import log
+from ..logging_utils import log
 from torch import Tensor, nn
 from torch.func import functional_call
 

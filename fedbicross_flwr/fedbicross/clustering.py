@@ -13,7 +13,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from flwr.common.logger import log
+from ..logging_utils import log
 from sklearn.cluster import KMeans
 from torch import nn
 

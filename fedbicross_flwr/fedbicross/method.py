@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from flwr.common.logger import log
+from ..logging_utils import log
 from torch import Tensor, nn
 
 from ..model import build_resnet18, weighted_average

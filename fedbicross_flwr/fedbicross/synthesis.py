@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from flwr.common.logger import log
+from ..logging_utils import log
 from torch import Tensor, nn
 
 from .losses import BNStatsHook, tv_loss
