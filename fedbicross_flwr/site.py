@@ -90,15 +90,15 @@ def site_from_partition(ds: DatasetArrays, cfg: RunConfig, pid: int, n: int) -> 
                     x_pt, y_pt)
 
 
-_TEST_CACHE: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+# The official test tensors are the same for every client of a process: build them once.
+# The dataset object itself is kept, so an identity check cannot match a different dataset.
+_TEST_CACHE: list[tuple[DatasetArrays, tuple[torch.Tensor, torch.Tensor]]] = []
 
 
 def _official_test(ds: DatasetArrays) -> tuple[torch.Tensor, torch.Tensor]:
-    key = id(ds)
-    if key not in _TEST_CACHE:
-        _TEST_CACHE.clear()
-        _TEST_CACHE[key] = to_tensors(ds.test.images, ds.test.labels)
-    return _TEST_CACHE[key]
+    if not _TEST_CACHE or _TEST_CACHE[0][0] is not ds:
+        _TEST_CACHE[:] = [(ds, to_tensors(ds.test.images, ds.test.labels))]
+    return _TEST_CACHE[0][1]
 
 
 def _deployment_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
