@@ -127,6 +127,12 @@ class RunConfig:
     run_name: str = _key("run-name", "",
                          "Name of the run folder (empty: <time>-<dataset>-<method>).")
     progress: bool = _key("progress", True, "Show progress bars / periodic log lines.")
+    resume: bool = _key("resume", False,
+                        "Continue the run folder named run-name from its checkpoints (finished "
+                        "server stages are not redone); needs run-name.")
+    keep_checkpoints: bool = _key("keep-checkpoints", False,
+                                  "Keep the run folder's checkpoints/ (uploads, server stages) "
+                                  "after a successful run (default: deleted to save disk).")
 
     # --- FedBiCross server stage (Stages 1-2) ---------------------------------------------
     num_clusters: int = _key("num-clusters", 2, "K, number of client clusters.", low=1)
@@ -210,6 +216,8 @@ class RunConfig:
         ConfigError
             On an unknown key, a value of the wrong type, or a value out of range.
         """
+        if self.resume and not self.run_name:
+            raise ConfigError("resume=true needs run-name (the run folder to continue)")
         by_key = {f.metadata["key"]: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in run_config.items():

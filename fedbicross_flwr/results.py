@@ -41,10 +41,19 @@ def default_output_dir() -> Path:
 
 
 def create_run_dir(cfg: RunConfig) -> Path:
-    """Make a NEW run folder; an existing one is never overwritten (a suffix is added)."""
+    """Make a NEW run folder; an existing one is never overwritten (a suffix is added).
+
+    With ``resume=true`` the folder ``run-name`` is reused when it exists (its checkpoints are
+    continued); a finished run (``summary.json`` present) is refused rather than overwritten.
+    """
     base = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
     name = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.dataset}-{cfg.method}"
     path = base / name
+    if cfg.resume and path.is_dir():
+        if (path / "summary.json").exists():
+            raise FileExistsError(f"run {path} already finished (summary.json exists); nothing "
+                                  "to resume. Use another run-name to run again.")
+        return path
     suffix = 1
     while path.exists():
         path = base / f"{name}-{suffix}"

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,6 +144,8 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     # Phase 2: the server method ---------------------------------------------------------------
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
+    uploads = _checkpointed_uploads(run_dir, uploads, cfg.resume)
+
     log(logging.INFO, "phase 2/3: server method %r on %d client models (device %s)",
         cfg.method, len(uploads), device)
     method = get_method(cfg.method)
@@ -185,7 +189,40 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     log(logging.INFO, "done: paper metric (official test, mean over clients, after "
         "personalization) %s; results in %s", _pct(summary["acc-after-mean"]), run_dir)
     return run_dir
+    if not cfg.keep_checkpoints:  # the run is finished: they could only be used to resume it
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
 def _pct(v: float | None) -> str:
     return "n/a" if v is None else f"{100 * v:.2f}%"
+def _checkpointed_uploads(run_dir: Path, uploads: list[ClientUpload],
+                          resume: bool) -> list[ClientUpload]:
+    """Keep the phase-1 uploads in ``checkpoints/uploads.pt``; a resumed run reuses them.
+
+    The server stage's checkpoints belong to exactly these client models, so a resumed run
+    gives its method the uploads of the interrupted run even if the clients' retraining in
+    phase 1 (needed: each client must hold its own f_i again for Eq. 9) is not bit-identical.
+    """
+    path = run_dir / "checkpoints" / "uploads.pt"
+    if resume and path.is_file():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001 - a damaged file is recomputed, not fatal
+            log(logging.WARNING, "checkpointed uploads %s unreadable (%s); using the new ones",
+                path, err)
+        else:
+            fresh = {u.partition_id: u for u in uploads}
+            same = fresh.keys() == {u.partition_id for u in saved} and all(
+                all(torch.equal(u.state[k], fresh[u.partition_id].state[k]) for k in u.state)
+                for u in saved)
+            log(logging.INFO if same else logging.WARNING,
+                "resume: using the %d checkpointed uploads of %s (the new uploads are %s)",
+                len(saved), path, "identical" if same else "DIFFERENT")
+            return saved
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(uploads, tmp)
+    os.replace(tmp, path)
+    return uploads
+
+

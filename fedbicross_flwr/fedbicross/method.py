@@ -6,17 +6,20 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from logging import INFO
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from ..logging_utils import log
 from torch import Tensor, nn
 
+from ..logging_utils import log
 from ..model import build_resnet18, weighted_average
 from .bilevel import OnlineBilevelTrainer, fixed_weights
+from .checkpoint import StageCheckpoints, fingerprint
 from .clustering import (
     cluster_centroids,
     cluster_clients,
@@ -28,7 +31,6 @@ from .noise_adapt import noise_adapted_copy, teacher_soft_labels
 from .settings import FedBiCrossSettings
 from .synthesis import EnsembleTeacher, synthesize_trajectory
 from .utils import derive_seed
-
 
 
 @dataclass
@@ -84,6 +86,7 @@ def run_fedbicross(
     student_factory: Callable[[], nn.Module] | None = None,
     image_size: int = 28,
     client_weights: Sequence[float] | None = None,
+    checkpoint_dir: Path | None = None,
 ) -> FedBiCrossResult:
     """Run Stages 1-2 of FedBiCross on the uploaded client models.
 
@@ -109,6 +112,11 @@ def run_fedbicross(
         Height = width of the images.
     client_weights : Sequence[float], optional
         Data sizes of the clients, for ``student_init='cluster-average'`` (default: equal).
+    checkpoint_dir : Path, optional
+        Keep resumable checkpoints there (see :mod:`.checkpoint`): after clustering, after each
+        cluster's synthesis and after each server epoch. Finished stages found there are
+        restored instead of recomputed; a folder made for other inputs raises
+        :class:`~.checkpoint.CheckpointMismatch`.
 
     Returns
     -------
@@ -125,13 +133,24 @@ def run_fedbicross(
     }
     # Frozen working copies: callers' models keep their device, mode and requires_grad flags.
     clients = [copy.deepcopy(m).to(device).eval().requires_grad_(False) for m in client_models]
+    ckpt = StageCheckpoints(checkpoint_dir, fingerprint(
+        asdict(s), client_models,
+        {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size,
+         "client_weights": None if client_weights is None else list(map(float, client_weights)),
+         "student": None if student_factory is None else repr(student_factory())}))
 
     # --- Stage 1a: clustering by output similarity on noise (Algorithm 1, lines 1-3) ----------
     start = time.perf_counter()
-    preds = noise_predictions(clients, s.noise_samples, in_channels, derive_seed(s.seed, 0), device,
-                              image_size=image_size)  # (N, M * C)
-    assignment = cluster_clients(preds, s.num_clusters, s.seed, n_init=s.kmeans_n_init)
-    degenerate = log_clustering(assignment, preds, num_classes)
+    saved = ckpt.load("clustering")
+    if saved is None:
+        preds = noise_predictions(clients, s.noise_samples, in_channels, derive_seed(s.seed, 0),
+                                  device, image_size=image_size)  # (N, M * C)
+        assignment = cluster_clients(preds, s.num_clusters, s.seed, n_init=s.kmeans_n_init)
+        degenerate = log_clustering(assignment, preds, num_classes)
+        ckpt.save("clustering", {"preds": preds, "assignment": assignment, "degenerate": degenerate})
+    else:
+        preds, assignment, degenerate = saved["preds"], saved["assignment"], saved["degenerate"]
+        log(INFO, "clustering restored from checkpoint: %s", assignment.tolist())
     centroids = cluster_centroids(preds, assignment, s.num_clusters)  # (K, M * C)
     members = [[clients[i] for i in np.flatnonzero(assignment == k)] for k in range(s.num_clusters)]
     times["clustering"] = time.perf_counter() - start
@@ -155,38 +174,72 @@ def run_fedbicross(
     synthesis_diagnostics: list[list[dict[str, Any]]] = []
     examples: list[Tensor] = []
     example_labels: list[Tensor] = []
-    for epoch in range(s.server_epochs):
+    first_epoch = 0
+    for epoch in reversed(range(s.server_epochs)):  # the latest finished server epoch, if any
+        state = ckpt.load(f"epoch{epoch}-bilevel")
+        if state is not None:
+            for student, weights in zip(students, state["students"]):
+                student.load_state_dict(weights)
+            trainer.weights = state["weights"].to(device)
+            trainer.momentum_buffers = [{name: b.to(device) for name, b in buffers.items()}
+                                        for buffers in state["momentum_buffers"]]
+            histories, synthesis_diagnostics = state["histories"], state["synthesis"]
+            examples, example_labels = state["examples"], state["example_labels"]
+            times.update(state["times"])
+            first_epoch = epoch + 1
+            log(INFO, "server epochs 1..%d restored from checkpoint", first_epoch)
+            break
+
+    for epoch in range(first_epoch, s.server_epochs):
         trajectories, teacher_probs, noise_probs, epoch_diag = [], [], [], []
         examples, example_labels = [], []
         for k in range(s.num_clusters):
             tag = f"epoch {epoch + 1}/{s.server_epochs} cluster {k}"
-            # --- Stage 1b: trajectory synthesis with fresh noise (lines 4-8) ---------------------
-            start = time.perf_counter()
-            trajectory, labels, diag = synthesize_trajectory(
-                members[k], num_classes, in_channels, s, derive_seed(s.seed, 3, epoch, k), device,
-                image_size=image_size, progress=progress, tag=tag,
-            )  # (T, B, C_in, H, W), (B,)
-            times["synthesis"] += time.perf_counter() - start
+            saved = ckpt.load(f"epoch{epoch}-cluster{k}")
+            if saved is not None:
+                log(INFO, "%s: synthesis and soft labels restored from checkpoint", tag)
+                trajectory, labels, diag = (saved["trajectory"].to(device),
+                                            saved["labels"].to(device), saved["diag"])
+                probs_f, probs_fn = saved["teacher_probs"].to(device), saved["noise_probs"].to(device)
+                for stage in ("synthesis", "noise_adaptation", "soft_labels"):
+                    times[stage] += saved["times"][stage]
+            else:
+                stage_times = {}
+                # --- Stage 1b: trajectory synthesis with fresh noise (lines 4-8) -----------------
+                start = time.perf_counter()
+                trajectory, labels, diag = synthesize_trajectory(
+                    members[k], num_classes, in_channels, s, derive_seed(s.seed, 3, epoch, k),
+                    device, image_size=image_size, progress=progress, tag=tag,
+                )  # (T, B, C_in, H, W), (B,)
+                stage_times["synthesis"] = time.perf_counter() - start
+
+                # --- Stage 1c: noise-adapted teacher (line 9) -------------------------------------
+                start = time.perf_counter()
+                adapted = noise_adapted_copy(members[k], trajectory, s.noise_momentum,
+                                             s.noise_teacher_mode, s.mixed_precision)
+                stage_times["noise_adaptation"] = time.perf_counter() - start
+
+                # Teachers are frozen: soft labels at temperature tau for every step, computed once.
+                start = time.perf_counter()
+                teacher = EnsembleTeacher(members[k], s.ensemble, "eval")
+                noise_teacher = EnsembleTeacher(adapted, s.ensemble, s.noise_teacher_mode)
+                probs_f = teacher_soft_labels(teacher, trajectory, s.tau, s.label_chunk,
+                                              s.mixed_precision)  # (T, B, C)
+                probs_fn = teacher_soft_labels(noise_teacher, trajectory, s.tau, s.label_chunk,
+                                               s.mixed_precision)  # (T, B, C)
+                del adapted, noise_teacher
+                stage_times["soft_labels"] = time.perf_counter() - start
+                for stage, seconds in stage_times.items():
+                    times[stage] += seconds
+                ckpt.save(f"epoch{epoch}-cluster{k}", {
+                    "trajectory": trajectory.detach().cpu(), "labels": labels.cpu(), "diag": diag,
+                    "teacher_probs": probs_f.cpu(), "noise_probs": probs_fn.cpu(),
+                    "times": stage_times})
             epoch_diag.append(diag)
             examples.append(trajectory[-1, : s.num_examples].detach().cpu())
             example_labels.append(labels[: s.num_examples].cpu())
-
-            # --- Stage 1c: noise-adapted teacher (line 9) -----------------------------------------
-            start = time.perf_counter()
-            adapted = noise_adapted_copy(members[k], trajectory, s.noise_momentum,
-                                         s.noise_teacher_mode, s.mixed_precision)
-            times["noise_adaptation"] += time.perf_counter() - start
-
-            # Teachers are frozen: soft labels at temperature tau for every step, computed once.
-            start = time.perf_counter()
-            teacher = EnsembleTeacher(members[k], s.ensemble, "eval")
-            noise_teacher = EnsembleTeacher(adapted, s.ensemble, s.noise_teacher_mode)
-            teacher_probs.append(teacher_soft_labels(teacher, trajectory, s.tau, s.label_chunk,
-                                                     s.mixed_precision))  # (T, B, C)
-            noise_probs.append(teacher_soft_labels(noise_teacher, trajectory, s.tau, s.label_chunk,
-                                                   s.mixed_precision))  # (T, B, C)
-            del adapted, noise_teacher
-            times["soft_labels"] += time.perf_counter() - start
+            teacher_probs.append(probs_f)
+            noise_probs.append(probs_fn)
             trajectories.append(trajectory)
         synthesis_diagnostics.append(epoch_diag)
 
@@ -196,6 +249,18 @@ def run_fedbicross(
                                            progress=progress, tag=f"epoch {epoch + 1}/{s.server_epochs}"))
         times["bilevel"] += time.perf_counter() - start
         del trajectories, teacher_probs, noise_probs  # free the device before the next epoch
+        if ckpt.enabled:
+            ckpt.save(f"epoch{epoch}-bilevel", {
+                "students": [{n: v.detach().cpu().clone() for n, v in st.state_dict().items()}
+                             for st in students],
+                "weights": trainer.weights.cpu(),
+                "momentum_buffers": [{n: b.cpu() for n, b in buffers.items()}
+                                     for buffers in trainer.momentum_buffers],
+                "histories": histories, "synthesis": synthesis_diagnostics,
+                "examples": examples, "example_labels": example_labels, "times": dict(times)})
+            # The epoch's synthesis and the previous epoch's state are superseded.
+            ckpt.drop([f"epoch{epoch}-cluster{k}" for k in range(s.num_clusters)]
+                      + ([f"epoch{epoch - 1}-bilevel"] if epoch else []))
 
     weight_history = np.concatenate([h["weights"] for h in histories])  # (E * T, K, K)
     diagnostics: dict[str, Any] = {

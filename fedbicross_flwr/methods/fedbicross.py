@@ -75,7 +75,8 @@ def fedbicross(inp: MethodInput) -> MethodOutput:
         models.append(model)
     result = run_fedbicross(models, inp.in_channels, inp.num_classes, settings, inp.device,
                             progress=cfg.progress,
-                            client_weights=[u.num_examples for u in inp.uploads])
+                            client_weights=[u.num_examples for u in inp.uploads],
+                            checkpoint_dir=inp.run_dir / "checkpoints")
     pids = [u.partition_id for u in inp.uploads]
     clusters = {pid: int(c) for pid, c in zip(pids, result.assignment)}
 

@@ -1,0 +1,162 @@
+"""Resumable server stages: checkpoints of FedBiCross's Stages 1-2 in a folder.
+
+The server stage is where the hours go (trajectory synthesis and bi-level KD), so it is saved
+at three points and a rerun continues from the last one instead of starting over:
+
+``clustering.pt``               after Stage 1a (noise predictions, assignment, centroids)
+``epoch<e>-cluster<k>.pt``      after cluster k's synthesis in server epoch e: the trajectory,
+                                its labels, diagnostics and the frozen teachers' soft labels
+                                (so neither synthesis nor noise adaptation is redone)
+``epoch<e>-bilevel.pt``         after server epoch e's bi-level stage: the cluster models, the
+                                cross-cluster weights, the momentum buffers and the histories;
+                                the epoch's synthesis checkpoints are deleted then (not needed)
+
+Every file is written atomically (temporary file + rename) so a crash during a save never
+leaves a half-written checkpoint, and ``manifest.json`` records a fingerprint of what the
+checkpoints belong to (settings, client models, shapes) plus each file's sha256. A checkpoint
+made for other inputs raises :class:`CheckpointMismatch` instead of being used silently; a
+corrupt file (checksum mismatch) is reported and ignored, so that stage is recomputed.
+Every stage is seeded from the settings (no global RNG state), which is why a resumed run gives
+the same numbers as an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..logging_utils import log
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointMismatch(RuntimeError):
+    """The checkpoint folder belongs to another configuration or other client models."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(settings: dict[str, Any], client_models: Sequence[nn.Module],
+                extra: dict[str, Any]) -> str:
+    """sha256 over the settings, the extra inputs and every client tensor (bit-exact).
+
+    Parameters
+    ----------
+    settings : dict
+        The algorithm settings (JSON-serialisable), e.g. ``dataclasses.asdict(settings)``.
+    client_models : Sequence[nn.Module]
+        The uploaded models f_i, in client order.
+    extra : dict
+        Other inputs that change the result (channels, classes, image size, client weights).
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"settings": settings, "extra": extra}, sort_keys=True,
+                             default=str).encode())
+    for model in client_models:
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode())
+            flat = tensor.detach().cpu().contiguous().reshape(-1)  # 0-d buffers too
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+class StageCheckpoints:
+    """A folder of named stage checkpoints that belong to one fingerprint.
+
+    Parameters
+    ----------
+    directory : Path or None
+        Where to keep them; None disables checkpointing (every method is then a no-op).
+    fingerprint : str
+        What the checkpoints belong to (see :func:`fingerprint`).
+    """
+
+    def __init__(self, directory: Path | None, fingerprint: str) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self.fingerprint = fingerprint
+        self.files: dict[str, str] = {}  # checkpoint name -> sha256
+        if self.directory is None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        manifest = self.directory / MANIFEST
+        if manifest.is_file():
+            try:
+                data = json.loads(manifest.read_text())
+            except json.JSONDecodeError as err:
+                raise CheckpointMismatch(f"unreadable checkpoint manifest {manifest}: {err}; "
+                                         "remove the folder to start over") from err
+            if data.get("fingerprint") != fingerprint:
+                raise CheckpointMismatch(
+                    f"the checkpoints in {self.directory} were made with other settings or other "
+                    "client models; use another run name, or remove that folder to start over")
+            self.files = dict(data.get("files", {}))
+            if self.files:
+                log(INFO, "resuming from checkpoints in %s: %s", self.directory,
+                    sorted(self.files))
+        self._write_manifest()
+
+    @property
+    def enabled(self) -> bool:
+        return self.directory is not None
+
+    def _write_manifest(self) -> None:
+        assert self.directory is not None
+        tmp = self.directory / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "files": self.files},
+                                  indent=1, sort_keys=True))
+        os.replace(tmp, self.directory / MANIFEST)
+
+    def has(self, name: str) -> bool:
+        return self.enabled and name in self.files
+
+    def load(self, name: str) -> Any | None:
+        """The payload saved under ``name``, or None (absent, or corrupt: then logged)."""
+        if not self.has(name):
+            return None
+        assert self.directory is not None
+        path = self.directory / f"{name}.pt"
+        if not path.is_file() or _sha256(path) != self.files[name]:
+            log(WARNING, "checkpoint %s is missing or corrupt (checksum mismatch); recomputing "
+                "that stage", path)
+            self.files.pop(name, None)
+            self._write_manifest()
+            return None
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+    def save(self, name: str, payload: Any) -> None:
+        """Write ``payload`` atomically and record it in the manifest."""
+        if not self.enabled:
+            return
+        assert self.directory is not None
+        path = self.directory / f"{name}.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+        self.files[name] = _sha256(path)
+        self._write_manifest()
+        log(INFO, "checkpoint saved: %s", path)
+
+    def drop(self, names: Sequence[str]) -> None:
+        """Delete checkpoints that a later one makes unnecessary (frees disk)."""
+        if not self.enabled:
+            return
+        assert self.directory is not None
+        for name in names:
+            self.files.pop(name, None)
+        self._write_manifest()
+        for name in names:
+            (self.directory / f"{name}.pt").unlink(missing_ok=True)

@@ -1,0 +1,65 @@
+"""A whole run interrupted in the server stage resumes in its folder and gives the same result."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+import fedbicross_flwr.fedbicross.method as method_module
+from fedbicross_flwr.config import ConfigError, RunConfig
+from fedbicross_flwr.direct import run_direct
+from fedbicross_flwr.fedbicross.bilevel import OnlineBilevelTrainer
+from fedbicross_flwr.results import create_run_dir
+
+TINY_SERVER = {"method": "fedbicross", "num-clusters": 2, "noise-samples": 8,
+               "synth-steps": 3, "synth-batch": 8, "server-epochs": 2}
+
+
+def _after(run_dir) -> dict[int, str]:
+    with (run_dir / "clients.csv").open() as fh:
+        return {int(r["partition-id"]): r["acc-after"] for r in csv.DictReader(fh)}
+
+
+def test_interrupted_run_resumes_in_place_with_the_same_numbers(tiny_run_config, monkeypatch):
+    # Prepare: a clean run, then the same config under another name crashing in server epoch 2
+    base = {**tiny_run_config, **TINY_SERVER}
+    clean = run_direct(RunConfig.from_run_config({**base, "run-name": "clean"}))
+    original = OnlineBilevelTrainer.run_epoch
+    calls = []
+
+    def crash_in_epoch_two(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("server stopped")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(OnlineBilevelTrainer, "run_epoch", crash_in_epoch_two)
+    crashed_cfg = RunConfig.from_run_config({**base, "run-name": "crashed"})
+    with pytest.raises(KeyboardInterrupt):
+        run_direct(crashed_cfg)
+    monkeypatch.setattr(OnlineBilevelTrainer, "run_epoch", original)
+    folder = clean.parent / "crashed"
+    assert (folder / "checkpoints" / "uploads.pt").is_file()
+    assert not (folder / "summary.json").exists()
+    # Execute: resume; count syntheses
+    synth = []
+    real_synth = method_module.synthesize_trajectory
+    monkeypatch.setattr(method_module, "synthesize_trajectory",
+                        lambda *a, **k: synth.append(1) or real_synth(*a, **k))
+    resumed = run_direct(crashed_cfg.replace(resume=True))
+    # Assert: same folder, no synthesis redone, same per-client results, checkpoints cleaned up
+    assert resumed == folder
+    assert synth == []
+    assert _after(resumed) == _after(clean)
+    assert not (resumed / "checkpoints").exists()
+    # A finished run is never overwritten by a resume
+    with pytest.raises(FileExistsError, match="already finished"):
+        run_direct(crashed_cfg.replace(resume=True))
+    # Without resume the same name gives a NEW folder
+    assert create_run_dir(crashed_cfg).name == "crashed-1"
+
+
+def test_resume_needs_a_run_name(tiny_run_config):
+    with pytest.raises(ConfigError, match="run-name"):
+        RunConfig.from_run_config({**tiny_run_config, "run-name": "", "resume": True})
