@@ -139,6 +139,10 @@ class RunConfig:
     noise_samples: int = _key("noise-samples", 256, "M, noise images for clustering.", low=1)
     server_epochs: int = _key("server-epochs", 1,
                               "Repeats of synthesis + bi-level with fresh noise.", low=1)
+    kd_passes: int = _key("kd-passes", 1,
+                          "Passes of the online bi-level KD stage over each server epoch's "
+                          "trajectory (paper: 1; more trains G_k longer without new synthesis).",
+                          low=1, high=1000)
     synth_steps: int = _key("synth-steps", 500, "T, DeepInversion iterations.", low=1)
     synth_batch: int = _key("synth-batch", 256, "B, synthetic images per cluster.", low=2)
     synth_lr: float = _key("synth-lr", 0.05, "Adam learning rate on the images (eta_s).",

@@ -44,7 +44,8 @@ class FedBiCrossResult:
     assignment : np.ndarray
         (N,) int64 cluster index of each client (clusters numbered by smallest client index).
     weight_history : np.ndarray
-        (server_epochs * T, K, K) cross-cluster weights after each step; row k = target k.
+        (server_epochs * kd_passes * T, K, K) cross-cluster weights after each step; row k =
+        target k.
     synthetic_examples : list[Tensor]
         K tensors (n, C_in, H, W), a few final images x^(T) of the last epoch, on CPU,
         normalised (mean 0.5, std 0.5).
@@ -245,8 +246,11 @@ def run_fedbicross(
 
         # --- Stage 2: online bi-level cross-cluster KD (lines 13-15) ----------------------------
         start = time.perf_counter()
-        histories.append(trainer.run_epoch(trajectories, teacher_probs, noise_probs,
-                                           progress=progress, tag=f"epoch {epoch + 1}/{s.server_epochs}"))
+        for kd_pass in range(s.kd_passes):
+            tag = f"epoch {epoch + 1}/{s.server_epochs}" + (
+                f" pass {kd_pass + 1}/{s.kd_passes}" if s.kd_passes > 1 else "")
+            histories.append(trainer.run_epoch(trajectories, teacher_probs, noise_probs,
+                                               progress=progress, tag=tag))
         times["bilevel"] += time.perf_counter() - start
         del trajectories, teacher_probs, noise_probs  # free the device before the next epoch
         if ckpt.enabled:

@@ -125,6 +125,10 @@ class FedBiCrossSettings:
     # Server epochs: synthesis + noise adaptation + bi-level KD repeated with fresh noise;
     # cluster models, momentum buffers and weights carry over (FedISCA uses 100; paper: silent).
     server_epochs: int = 1
+    # Passes of the online bi-level stage (Eq. 7-8, t = 1..T) over each server epoch's
+    # trajectory and soft labels (paper: 1). Replaying the stored trajectory trains G_k longer
+    # at the cost of KD steps only (no new synthesis): a deviation for small budgets.
+    kd_passes: int = 1
 
     # --- Engineering ----------------------------------------------------------------------------
     # Master seed: noise images, K-means, labels, jitter, split, cluster-model initialisation.
@@ -164,6 +168,7 @@ class FedBiCrossSettings:
         _check_choice("weights_mode", self.weights_mode, _WEIGHTS_MODES)
         _check_choice("student_init", self.student_init, _STUDENT_INITS)
         _check_int("server_epochs", self.server_epochs, 1)
+        _check_int("kd_passes", self.kd_passes, 1)
         _check_int("seed", self.seed, 0)
         _check_choice("mixed_precision", self.mixed_precision, _MIXED_PRECISION)
         _check_int("num_examples", self.num_examples, 0)

@@ -55,6 +55,7 @@ def settings_from_config(cfg: RunConfig, num_clusters: int | None = None) -> Fed
         weights_mode=cfg.weights_mode,
         student_init=cfg.student_init,
         server_epochs=cfg.server_epochs,
+        kd_passes=cfg.kd_passes,
         seed=cfg.seed,
         mixed_precision="bf16" if cfg.precision == "bf16" else "none",
     )
@@ -87,7 +88,7 @@ def fedbicross(inp: MethodInput) -> MethodOutput:
         writer.writerows(sorted(clusters.items()))
     save_weight_history_csv(result.weight_history, inp.run_dir / "weights.csv")
     plot_weight_history(result.weight_history, inp.run_dir / "weights.png",
-                        steps_per_epoch=settings.synth_steps)
+                        steps_per_epoch=settings.synth_steps * settings.kd_passes)
     if result.synthetic_examples:
         save_synthetic_grid(result.synthetic_examples, inp.run_dir / "synthetic.png",
                             labels_per_cluster=result.synthetic_labels)

@@ -95,3 +95,14 @@ def test_bf16_autocast_and_train_mode_noise_teacher_run():
                        ensemble="logit", server_epochs=1)
     assert all(torch.isfinite(v.float()).all() for v in result.cluster_models[0].values())
     assert np.isfinite(result.diagnostics["val_loss"]).all()
+
+
+def test_kd_passes_replay_the_trajectory():
+    # Prepare / Execute: one server epoch with one and with two KD passes over its trajectory
+    once = _tiny_run(num_clusters=2, server_epochs=1)
+    twice = _tiny_run(num_clusters=2, server_epochs=1, kd_passes=2)
+    # Assert: 2 x T weight rows; the first pass is exactly the single-pass run (same
+    # synthesis, same start); the second pass trains the cluster models further.
+    assert twice.weight_history.shape == (6, 2, 2)
+    assert np.array_equal(twice.weight_history[:3], once.weight_history)
+    assert not torch.equal(twice.cluster_models[0]["fc.weight"], once.cluster_models[0]["fc.weight"])
