@@ -1,11 +1,15 @@
 """ClientApp: local training (``train``) and personalized distillation (``train.personalize``).
 
 The client keeps its own trained model f_i in ``context.state`` between the two messages. A
-reply carries model arrays, metrics and the partition-id, never data or labels.
+reply carries model arrays, metrics and the partition-id, never data or labels. A site whose
+data cannot be used (missing path, unreadable archive, labels out of range, wrong image size)
+replies with a ``config`` record holding its partition-id and an ``error`` naming the problem,
+so the server logs it by partition and goes on with the other sites.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -14,8 +18,10 @@ from flwr.clientapp import ClientApp
 
 from fedbicross_flwr.client import run_local_training, run_personalization
 from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.data import DataError
+from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import build_resnet18
-from fedbicross_flwr.site import load_site
+from fedbicross_flwr.site import load_site, site_partition_id
 from fedbicross_flwr.training import resolve_device
 
 app = ClientApp()
@@ -29,10 +35,24 @@ def _setup(context: Context):
     return cfg, load_site(cfg, context.node_config), resolve_device(cfg.device)
 
 
+def error_reply(msg: Message, context: Context, err: Exception) -> Message:
+    """A reply naming why this site cannot take part (no crash, no data, no model)."""
+    pid = site_partition_id(context.node_config)
+    reason = f"{type(err).__name__}: {err}"
+    log(logging.ERROR, "[client %s] cannot take part in %s: %s", pid,
+        msg.metadata.message_type, reason)
+    config = ConfigRecord({"error": reason} if pid is None else
+                          {"partition-id": pid, "error": reason})
+    return Message(RecordDict({"config": config}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Phase 1: train f_i once and upload it."""
-    cfg, site, device = _setup(context)
+    try:
+        cfg, site, device = _setup(context)
+    except DataError as err:
+        return error_reply(msg, context, err)
     init = (msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None)
     model, metrics = run_local_training(cfg, site, device, init)
     state = model.state_dict()
@@ -45,7 +65,10 @@ def train(msg: Message, context: Context) -> Message:
 @app.train("personalize")
 def personalize(msg: Message, context: Context) -> Message:
     """Phase 3: Eq. 9 from the received model; report accuracy before and after."""
-    cfg, site, device = _setup(context)
+    try:
+        cfg, site, device = _setup(context)
+    except DataError as err:
+        return error_reply(msg, context, err)
     if OWN_MODEL not in context.state:
         raise RuntimeError(f"partition {site.partition_id}: no local model in the node state "
                            "(phase 1 did not run on this node in this run)")

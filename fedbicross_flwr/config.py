@@ -200,8 +200,11 @@ class RunConfig:
             raise ConfigError(
                 f"num-clusters={self.num_clusters} must be <= num-clients={self.num_clients}"
             )
-        if self.dataset == "custom" and not self.data_path:
-            raise ConfigError("dataset='custom' needs data-path (an npz archive)")
+        if self.dataset == "custom" and not self.data_path and not (self.in_channels
+                                                                  and self.num_classes):
+            raise ConfigError("dataset='custom' needs data-path (an npz archive), or "
+                              "in-channels and num-classes when every site sets data-path in "
+                              "its node config (deployment)")
         if self.output_dir and not Path(self.output_dir).is_absolute():
             raise ConfigError(f"output-dir must be an absolute path, got {self.output_dir!r}")
 

@@ -73,6 +73,12 @@ def validate_upload(state: StateDict, reference: StateDict) -> str | None:
     extra = sorted(set(state) - set(reference))
     if missing or extra:
         return f"state dict keys differ from ResNet-18: missing {missing[:5]}, extra {extra[:5]}"
+    head = [k for k, v in reference.items() if v.ndim == 2][-1:]  # the classifier's weight
+    for key in head:
+        got, want = tuple(state[key].shape), tuple(reference[key].shape)
+        if got != want and len(got) == 2 and got[1:] == want[1:]:
+            return (f"different number of classes: {key} has shape {got}, expected {want} "
+                    f"({got[0]} classes instead of {want[0]})")
     for key, ref in reference.items():
         got = state[key]
         if tuple(got.shape) != tuple(ref.shape):

@@ -55,6 +55,20 @@ class SiteData:
         return torch.bincount(self.y_train, minlength=self.num_classes).tolist()
 
 
+def site_partition_id(node_config: Mapping[str, Any]) -> int | None:
+    """The partition-id a node reports, read from its node config alone (no data loaded).
+
+    Deployment nodes without one are site 0 (as in :func:`load_site`); a node config with
+    neither ``partition-id`` nor ``data-path``, or an unparsable id, gives None.
+    """
+    deployment = bool(str(node_config.get("data-path", "")))
+    raw = node_config.get("partition-id", 0 if deployment else None)
+    try:
+        return None if raw is None else int(raw)
+    except (TypeError, ValueError):
+        return None
+
+
 def load_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
     """Build a client's :class:`SiteData` from the run config and its node config.
 
@@ -103,7 +117,10 @@ def _official_test(ds: DatasetArrays) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _deployment_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
     path = Path(str(node_config["data-path"])).expanduser()
-    pid = int(node_config.get("partition-id", 0))
+    pid = site_partition_id(node_config)
+    if pid is None:
+        raise DataError(f"node config partition-id {node_config.get('partition-id')!r} is not "
+                        "an integer")
     ds = _load_site_archive(cfg, path)
     rng = np.random.default_rng(cfg.seed + 1000 + pid)
     idx = np.arange(len(ds.train))
@@ -112,6 +129,9 @@ def _deployment_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData
     else:
         tr_idx, va_idx = split_validation(idx, ds.train.labels, cfg.val_fraction, rng)
         x_va, y_va = to_tensors(ds.train.images[va_idx], ds.train.labels[va_idx])
+    if len(tr_idx) < 2 or len(ds.test) == 0:
+        raise DataError(f"site data archive {path} has {len(tr_idx)} training and "
+                        f"{len(ds.test)} test images; at least 2 and 1 are needed")
     x_tr, y_tr = to_tensors(ds.train.images[tr_idx], ds.train.labels[tr_idx])
     x_te, y_te = to_tensors(ds.test.images, ds.test.labels)
     return SiteData(pid, ds.in_channels, ds.num_classes, x_tr, y_tr, x_va, y_va, x_te, y_te,

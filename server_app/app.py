@@ -22,6 +22,17 @@ from fedbicross_flwr.server import ClientFailure, ClientReply, PhaseResult, run_
 app = ServerApp()
 
 
+def client_error(reply: Message, phase: str, pid: int | None = None) -> ClientFailure | None:
+    """The failure a client reported in its ``config`` record (e.g. unusable site data)."""
+    config = reply.content["config"] if "config" in reply.content else {}
+    if "error" not in config:
+        return None
+    if "partition-id" in config:
+        pid = int(config["partition-id"])
+    return ClientFailure(pid, str(reply.metadata.src_node_id), phase,
+                         f"client error: {config['error']}")
+
+
 class GridTransport:
     """Phase 1 and phase 3 as Flower messages."""
 
@@ -62,6 +73,9 @@ class GridTransport:
                 result.failures.append(ClientFailure(None, str(nid), "train",
                                                      f"error reply: {reply.error.reason}"))
                 continue
+            if (failure := client_error(reply, "train")) is not None:
+                result.failures.append(failure)
+                continue
             try:
                 pid = int(reply.content["config"]["partition-id"])
                 state = reply.content["arrays"].to_torch_state_dict()
@@ -96,6 +110,9 @@ class GridTransport:
             if reply.has_error():
                 result.failures.append(ClientFailure(pid, str(nid), "personalize",
                                                      f"error reply: {reply.error.reason}"))
+                continue
+            if (failure := client_error(reply, "personalize", pid)) is not None:
+                result.failures.append(failure)
                 continue
             result.replies[pid] = {k: float(v) for k, v in reply.content["metrics"].items()}
         for nid, pid in pid_of.items():
