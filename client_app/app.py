@@ -54,7 +54,14 @@ def train(msg: Message, context: Context) -> Message:
     except DataError as err:
         return error_reply(msg, context, err)
     init = (msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None)
-    model, metrics = run_local_training(cfg, site, device, init)
+    # Multi-round references: the round's epochs, FedProx's mu and the round number come in
+    # the message's config (Flower's FedProx strategy sends proximal-mu); one-shot sends none.
+    config = msg.content["config"] if "config" in msg.content else {}
+    model, metrics = run_local_training(
+        cfg, site, device, init,
+        epochs=int(config["local-epochs"]) if "local-epochs" in config else None,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        server_round=int(config.get("server-round", 0)))
     state = model.state_dict()
     context.state[OWN_MODEL] = ArrayRecord(state)
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics),

@@ -46,21 +46,28 @@ def evaluate_views(model: nn.Module, site: SiteData, device: torch.device) -> di
 
 
 def run_local_training(cfg: RunConfig, site: SiteData, device: torch.device,
-                       init: dict[str, torch.Tensor] | None = None
-                       ) -> tuple[nn.Module, dict[str, float]]:
-    """Phase 1: train f_i from the server's initial model ``init`` (or a seeded one)."""
+                       init: dict[str, torch.Tensor] | None = None,
+                       epochs: int | None = None, proximal_mu: float = 0.0,
+                       server_round: int = 0) -> tuple[nn.Module, dict[str, float]]:
+    """Phase 1: train f_i from the server's initial model ``init`` (or a seeded one).
+
+    The multi-round references (fedavg-r, fedprox-r) call it once per round with the round's
+    ``epochs``, FedProx's ``proximal_mu`` and the ``server_round`` (which varies the batch
+    order from round to round); the one-shot protocol uses the defaults.
+    """
     if site.n_train < 2:
         raise ValueError(f"partition {site.partition_id} has {site.n_train} training samples; "
                          "at least 2 are needed")
-    seed = client_seed(cfg, site.partition_id)
+    seed = client_seed(cfg, site.partition_id) + 7919 * server_round
     model = build_resnet18(site.in_channels, site.num_classes)
     model.load_state_dict(init if init is not None else
                           initial_state(cfg, site.in_channels, site.num_classes))
-    opt = SGDSettings(cfg.local_epochs, cfg.local_lr, cfg.local_momentum,
-                      cfg.local_weight_decay, cfg.batch_size, seed)
+    opt = SGDSettings(cfg.local_epochs if epochs is None else epochs, cfg.local_lr,
+                      cfg.local_momentum, cfg.local_weight_decay, cfg.batch_size, seed)
     start = time.perf_counter()
     history = train_local(model, site.x_train, site.y_train, opt, device, cfg.precision,
-                          desc=f"[client {site.partition_id}]", progress=cfg.progress)
+                          desc=f"[client {site.partition_id}]", progress=cfg.progress,
+                          proximal_mu=proximal_mu)
     metrics = {
         "num-examples": float(site.n_train),
         "train-loss": history[-1] if history else float("nan"),

@@ -45,7 +45,7 @@ def _key(
 
 # Server methods are registered in fedbicross_flwr.methods; the names are repeated here so
 # that a typo fails at config time without importing torch.
-METHOD_NAMES = ("fedavg1", "local", "fedbicross")
+METHOD_NAMES = ("fedavg1", "local", "fedbicross", "fedavg-r", "fedprox-r", "central")
 
 
 @dataclass(frozen=True)
@@ -188,6 +188,19 @@ class RunConfig:
                              "intra (one-hot), uniform (1/K), similarity (centroid cosine).",
                              choices=("bilevel", "intra", "uniform", "similarity"))
 
+    # --- multi-round references (fedavg-r, fedprox-r; Flower's FedAvg / FedProx) -----------
+    rounds: int = _key("rounds", 10, "R, communication rounds of fedavg-r / fedprox-r.",
+                       low=1, high=10000)
+    round_epochs: int = _key("round-epochs", 0,
+                             "Local epochs per round of fedavg-r / fedprox-r (0 = "
+                             "ceil(local-epochs / rounds): the clients' total compute matches "
+                             "the one-shot phase 1).", low=0)
+    proximal_mu: float = _key("proximal-mu", 0.01,
+                              "FedProx mu: clients add mu/2 times the squared L2 distance to the "
+                              "global model to their loss "
+                              "(fedprox-r; sent by the server as proximal-mu).",
+                              low=0.0, high=1e4)
+
     # ------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -207,6 +220,8 @@ class RunConfig:
                               "its node config (deployment)")
         if self.output_dir and not Path(self.output_dir).is_absolute():
             raise ConfigError(f"output-dir must be an absolute path, got {self.output_dir!r}")
+        if self.resume and not self.run_name:
+            raise ConfigError("resume=true needs run-name (the run folder to continue)")
 
     # ------------------------------------------------------------------------------------
     @property
@@ -223,8 +238,6 @@ class RunConfig:
         ConfigError
             On an unknown key, a value of the wrong type, or a value out of range.
         """
-        if self.resume and not self.run_name:
-            raise ConfigError("resume=true needs run-name (the run folder to continue)")
         by_key = {f.metadata["key"]: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in run_config.items():

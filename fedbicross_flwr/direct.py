@@ -37,12 +37,16 @@ class DirectTransport:
         self.sites: list[SiteData] = [site_from_partition(ds, cfg, pid, cfg.num_clients)
                                       for pid in range(cfg.num_clients)]
         self.own_models: dict[int, nn.Module] = {}
+        # f_i used by personalization: the phase-1 models, or the last round's models of a
+        # multi-round method (kept apart, so a later one-shot method still gets phase 1's)
+        self.active_own: dict[int, nn.Module] = self.own_models
         self.device = resolve_device(cfg.device)
         self._phase1: PhaseResult | None = None
         self.cache_dir = cache_dir
 
     def collect_models(self, cfg: RunConfig, init: StateDict) -> PhaseResult:
         """Train every client once; later calls (other methods) reuse the same uploads."""
+        self.active_own = self.own_models
         if self._phase1 is not None:
             log(logging.INFO, "phase 1: reusing the %d client models trained for the first "
                 "method", len(self._phase1.replies))
@@ -76,6 +80,28 @@ class DirectTransport:
                 "own": {pid: m.state_dict() for pid, m in self.own_models.items()}})
         return result
 
+    def train_round(self, cfg: RunConfig, state: StateDict, server_round: int) -> PhaseResult:
+        """One round of fedavg-r / fedprox-r: every client trains from the global ``state``."""
+        from fedbicross_flwr.multiround import round_config
+
+        config = round_config(cfg, server_round)
+        result, round_own = PhaseResult(), {}
+        for site in self.sites:
+            try:
+                model, metrics = run_local_training(
+                    cfg, site, self.device, state, epochs=config["local-epochs"],
+                    proximal_mu=config["proximal-mu"], server_round=server_round)
+            except Exception as err:  # noqa: BLE001
+                result.failures.append(ClientFailure(site.partition_id, "local", "train",
+                                                     _reason(err)))
+                continue
+            round_own[site.partition_id] = model
+            result.replies[site.partition_id] = ClientReply(
+                site.partition_id, {k: v.detach().clone() for k, v in
+                                    model.state_dict().items()}, metrics)
+        self.active_own = round_own
+        return result
+
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
         result = PhaseResult()
         for site in self.sites:
@@ -85,7 +111,7 @@ class DirectTransport:
             try:
                 received = build_resnet18(site.in_channels, site.num_classes)
                 received.load_state_dict(models[pid])
-                _, metrics = run_personalization(cfg, site, self.own_models[pid], received,
+                _, metrics = run_personalization(cfg, site, self.active_own[pid], received,
                                                  self.device)
             except Exception as err:  # noqa: BLE001
                 result.failures.append(ClientFailure(pid, "local", "personalize",

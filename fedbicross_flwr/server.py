@@ -124,7 +124,10 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     # Phase 1: one upload per client -------------------------------------------------------
     t0 = time.perf_counter()
     log(logging.INFO, "phase 1/3: local training on the clients")
-    phase1 = transport.collect_models(cfg, init)
+    from fedbicross_flwr.multiround import is_multiround, run_rounds  # imports this module
+
+    phase1 = (run_rounds(cfg, transport, init, run_dir) if is_multiround(cfg.method)
+              else transport.collect_models(cfg, init))  # fedavg-r/fedprox-r: R rounds
     times["phase1-local-training"] = time.perf_counter() - t0
     failures = list(phase1.failures)
     uploads, local_metrics = [], {}

@@ -90,11 +90,31 @@ def sgd_epochs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: SGDSetti
 
 def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: SGDSettings,
                 device: torch.device, precision: str = "fp32", desc: str = "",
-                progress: bool = True) -> list[float]:
-    """Train ``model`` with cross-entropy on (x, y); returns the mean loss of every epoch."""
+                progress: bool = True, proximal_mu: float = 0.0) -> list[float]:
+    """Train ``model`` with cross-entropy on (x, y); returns the mean loss of every epoch.
+
+    With ``proximal_mu`` > 0 the loss gets FedProx's proximal term
+    (mu / 2) * ||w - w_start||^2 over the trainable parameters, w_start being the weights the
+    model had when this call began (the global model a client received).
+    """
     y_dev = y.to(device)
-    return sgd_epochs(model, x, y, opt, lambda logits, idx: F.cross_entropy(logits, y_dev[idx]),
-                      device, precision, desc, progress)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in params] if proximal_mu > 0 else []  # w^t
+
+    def loss_fn(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        loss = F.cross_entropy(logits, y_dev[idx])
+        if proximal_mu > 0:
+            loss = loss + proximal_term(params, anchor, proximal_mu)
+        return loss
+
+    return sgd_epochs(model, x, y, opt, loss_fn, device, precision, desc, progress)
+
+
+def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor],
+                  mu: float) -> torch.Tensor:
+    """FedProx (Li et al. 2020, Eq. 2): (mu / 2) * sum over tensors of ||w - w^t||_2^2."""
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
 
 
 @torch.no_grad()

@@ -63,7 +63,29 @@ class GridTransport:
         content = RecordDict({"arrays": ArrayRecord(init),
                               "config": ConfigRecord({"phase": "train"})})
         messages = [Message(content, dst_node_id=nid, message_type="train") for nid in nodes]
-        replies = self._send(messages, cfg)
+        return self._train_replies(nodes, self._send(messages, cfg), cfg)
+
+    def train_round(self, cfg: RunConfig, state: StateDict, server_round: int) -> PhaseResult:
+        """One round of fedavg-r / fedprox-r, configured by Flower's built-in FedAvg / FedProx.
+
+        The strategy's ``configure_train`` samples every connected node and puts
+        ``server-round`` (and FedProx's ``proximal-mu``) into the message config; the
+        round's local epochs are added here. Aggregation happens in
+        :mod:`fedbicross_flwr.multiround` (the same function in both engines).
+        """
+        from fedbicross_flwr.multiround import flower_strategy, round_config
+
+        nodes = self._wait_for_nodes(cfg)
+        strategy = flower_strategy(cfg, len(nodes))
+        config = ConfigRecord({"local-epochs": round_config(cfg, server_round)["local-epochs"]})
+        messages = list(strategy.configure_train(server_round, ArrayRecord(state), config,
+                                                 self.grid))
+        sampled = sorted(m.metadata.dst_node_id for m in messages)
+        return self._train_replies(sampled, self._send(messages, cfg), cfg)
+
+    def _train_replies(self, nodes: list[int], replies: list[Message],
+                       cfg: RunConfig) -> PhaseResult:
+        """Phase-1 style replies (model, metrics, partition-id) keyed by partition-id."""
         result = PhaseResult()
         answered = set()
         for reply in replies:

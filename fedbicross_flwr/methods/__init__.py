@@ -17,10 +17,26 @@ def _fedbicross(inp: MethodInput) -> MethodOutput:
     return fedbicross(inp)
 
 
+def _fedavg_r(inp: MethodInput) -> MethodOutput:
+    # fedavg-r / fedprox-r: phase 1 is R rounds (fedbicross_flwr.multiround); this averages R
+    from fedbicross_flwr.multiround import fedavg_r
+
+    return fedavg_r(inp)
+
+
+def _central(inp: MethodInput) -> MethodOutput:
+    from fedbicross_flwr.central import central
+
+    return central(inp)
+
+
 REGISTRY: dict[str, ServerMethod] = {
     "fedavg1": fedavg1,
     "local": local,
     "fedbicross": _fedbicross,
+    "fedavg-r": _fedavg_r,
+    "fedprox-r": _fedavg_r,
+    "central": _central,
 }
 
 
