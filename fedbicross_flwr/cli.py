@@ -5,6 +5,7 @@ Examples
 fedbicross run --preset conf/cpu.toml --run-config "dataset='digits' method='fedbicross'"
 fedbicross run --engine grid --run-config "local-epochs=2"      # through the real apps
 fedbicross config-table                                           # README's key table
+fedbicross bench --clients 5 --clusters 2 --batch 64 --steps 4    # server-stage benchmark
 """
 
 from __future__ import annotations
@@ -60,11 +61,18 @@ def main(argv: list[str] | None = None) -> int:
                      help="simulated clients (default: num-clients of the config)")
     sim.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds")
     sub.add_parser("config-table", help="print the run-config keys as a Markdown table")
+    bench = sub.add_parser("bench", help="time the FedBiCross server stage against a "
+                           "reference-style implementation on the same inputs (docs/BENCHMARKS.md)")
+    from fedbicross_flwr.benchmark.cli import add_arguments, run_command
+
+    add_arguments(bench)
     args = parser.parse_args(argv)
 
     if args.command == "config-table":
         print(markdown_table())
         return 0
+    if args.command == "bench":
+        return run_command(args)
 
     from fedbicross_flwr.data import project_root
 

@@ -42,7 +42,7 @@ from torch.func import functional_call
 
 from .losses import kd_loss, lambda_schedule
 from .settings import FedBiCrossSettings
-from .utils import autocast_context, cpu_generator, derive_seed
+from .utils import autocast_context, cpu_generator, derive_seed, to_channels_last, to_contiguous
 
 
 def project_to_simplex(v: Tensor) -> Tensor:
@@ -365,7 +365,6 @@ class OnlineBilevelTrainer:
             'weights': (T, K, K) w after each step (row k = target k); 'val_loss': (T, K);
             'source_loss': (T, K, K) L_j(G_k) before each step.
         """
-        s = self.settings
         K = self.num_clusters
         if not (len(trajectories) == len(teacher_probs) == len(noise_probs) == K):
             raise ValueError(f"need K={K} trajectories and soft labels")
@@ -376,39 +375,45 @@ class OnlineBilevelTrainer:
         source_losses = torch.empty((steps, K, K), dtype=torch.float64, device=self.device)
         log_every = max(1, steps // 10)
         start = time.perf_counter()
+        # Channels-last weights select the fast convolution kernels; the students go back to
+        # plain NCHW storage at the end, so their state dicts leave in the usual layout.
+        to_channels_last(self.students)
+        try:
+            self._steps(trajectories, teacher_probs, noise_probs, train_idx, val_idx, history,
+                        val_losses, source_losses, progress, tag, log_every, start)
+        finally:
+            to_contiguous(self.students)
+        return {
+            "weights": history.cpu().numpy(),
+            "val_loss": val_losses.cpu().numpy(),
+            "source_loss": source_losses.cpu().numpy(),
+        }
 
+    def _steps(
+        self,
+        trajectories: Sequence[Tensor],
+        teacher_probs: Sequence[Tensor],
+        noise_probs: Sequence[Tensor],
+        train_idx: Tensor,
+        val_idx: Tensor,
+        history: Tensor,
+        val_losses: Tensor,
+        source_losses: Tensor,
+        progress: bool,
+        tag: str,
+        log_every: int,
+        start: float,
+    ) -> None:
+        """The loop t = 1..T of :meth:`run_epoch`, filling the (T, ...) history tensors in place."""
+        steps = trajectories[0].shape[0]
         for t in range(1, steps + 1):
-            lam = lambda_schedule(t, steps)
-            x_train = [traj[t - 1, train_idx] for traj in trajectories]  # K x (n_tr, C_in, H, W)
-            f_train = [p[t - 1, train_idx] for p in teacher_probs]  # K x (n_tr, C)
-            fn_train = [p[t - 1, train_idx] for p in noise_probs]  # K x (n_tr, C)
-            new_weights = self.weights.clone()
-            for k in range(K):
-                result = inner_step_and_hypergradient(
-                    self.students[k],
-                    self.weights[k],
-                    x_train,
-                    fn_train,
-                    f_train,
-                    trajectories[k][t - 1, val_idx],
-                    noise_probs[k][t - 1, val_idx],
-                    teacher_probs[k][t - 1, val_idx],
-                    lam=lam,
-                    tau=s.tau,
-                    lr=s.student_lr,
-                    momentum=s.student_momentum,
-                    weight_decay=s.student_weight_decay,
-                    momentum_buffers=self.momentum_buffers[k],
-                    compute_hypergradient=self.learn_weights,
-                    mixed_precision=s.mixed_precision,
-                )
-                if self.learn_weights:
-                    new_weights[k] = outer_update(
-                        self.weights[k], result.hypergradient, s.weight_lr, s.hypergrad_normalisation
-                    )
-                val_losses[t - 1, k] = result.val_loss.to(torch.float64)
-                source_losses[t - 1, k] = result.source_losses.to(torch.float64)
-            self.weights = new_weights  # targets are independent: update all rows together
+            val_losses[t - 1], source_losses[t - 1] = self.step(
+                t, steps,
+                [traj[t - 1] for traj in trajectories],
+                [p[t - 1] for p in teacher_probs],
+                [p[t - 1] for p in noise_probs],
+                train_idx, val_idx,
+            )
             history[t - 1] = self.weights
             if progress and (t % log_every == 0 or t == steps):
                 log(
@@ -418,8 +423,70 @@ class OnlineBilevelTrainer:
                     np.round(val_losses[t - 1].cpu().numpy(), 4).tolist(),
                     np.round(self.weights.cpu().numpy(), 3).tolist(),
                 )
-        return {
-            "weights": history.cpu().numpy(),
-            "val_loss": val_losses.cpu().numpy(),
-            "source_loss": source_losses.cpu().numpy(),
-        }
+
+    def step(
+        self,
+        t: int,
+        steps: int,
+        images: Sequence[Tensor],
+        teacher_probs: Sequence[Tensor],
+        noise_probs: Sequence[Tensor],
+        train_idx: Tensor,
+        val_idx: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Bi-level step t of T for every target cluster (Eq. 7-8), in place.
+
+        Parameters
+        ----------
+        t, steps : int
+            Step index in 1..T and T (they set lambda^(t) of Eq. 5).
+        images : Sequence[Tensor]
+            K tensors (B, C_in, H, W), x_j^(t).
+        teacher_probs, noise_probs : Sequence[Tensor]
+            K tensors (B, C): F_j and F~_j at temperature tau on x_j^(t).
+        train_idx, val_idx : Tensor
+            The fixed split (see :meth:`split`), on the device.
+
+        Returns
+        -------
+        val_losses : Tensor
+            (K,) float64 L_val(G_k^(t)).
+        source_losses : Tensor
+            (K, K) float64 L_j(G_k^(t-1)), row k = target k.
+        """
+        s = self.settings
+        K = self.num_clusters
+        lam = lambda_schedule(t, steps)
+        x_train = [x[train_idx] for x in images]  # K x (n_tr, C_in, H, W)
+        f_train = [p[train_idx] for p in teacher_probs]  # K x (n_tr, C)
+        fn_train = [p[train_idx] for p in noise_probs]  # K x (n_tr, C)
+        val_losses = torch.empty((K,), dtype=torch.float64, device=self.device)
+        source_losses = torch.empty((K, K), dtype=torch.float64, device=self.device)
+        new_weights = self.weights.clone()
+        for k in range(K):
+            result = inner_step_and_hypergradient(
+                self.students[k],
+                self.weights[k],
+                x_train,
+                fn_train,
+                f_train,
+                images[k][val_idx],
+                noise_probs[k][val_idx],
+                teacher_probs[k][val_idx],
+                lam=lam,
+                tau=s.tau,
+                lr=s.student_lr,
+                momentum=s.student_momentum,
+                weight_decay=s.student_weight_decay,
+                momentum_buffers=self.momentum_buffers[k],
+                compute_hypergradient=self.learn_weights,
+                mixed_precision=s.mixed_precision,
+            )
+            if self.learn_weights:
+                new_weights[k] = outer_update(
+                    self.weights[k], result.hypergradient, s.weight_lr, s.hypergrad_normalisation
+                )
+            val_losses[k] = result.val_loss.to(torch.float64)
+            source_losses[k] = result.source_losses.to(torch.float64)
+        self.weights = new_weights  # targets are independent: update all rows together
+        return val_losses, source_losses

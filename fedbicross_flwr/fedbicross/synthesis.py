@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from .losses import BNStatsHook, tv_loss
 from .settings import FedBiCrossSettings
-from .utils import autocast_context, cpu_generator, model_dtype, preserved_modes
+from .utils import (autocast_context, cpu_generator, model_dtype, preserved_modes,
+                    to_channels_last)
 
 
 def _full_precision(t: Tensor) -> Tensor:
@@ -100,6 +101,71 @@ def balanced_labels(batch_size: int, num_classes: int, generator: torch.Generato
     return labels[torch.randperm(batch_size, generator=generator)]
 
 
+def initial_state(
+    num_classes: int,
+    in_channels: int,
+    settings: FedBiCrossSettings,
+    seed: int,
+    image_size: int = 28,
+) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
+    """Seeded start of a synthesis run, drawn on CPU so it is the same on every device.
+
+    Returns
+    -------
+    labels : Tensor
+        (B,) int64 balanced target labels y.
+    x0 : Tensor
+        (B, C_in, H, W) float32 N(0, 1) images x^(0).
+    offsets : list[tuple[int, int]]
+        T roll offsets (dy, dx), uniform in [-jitter, jitter].
+    """
+    generator = cpu_generator(seed)
+    labels = balanced_labels(settings.synth_batch, num_classes, generator)  # (B,)
+    x0 = torch.randn((settings.synth_batch, in_channels, image_size, image_size), generator=generator)
+    offsets = torch.randint(-settings.jitter, settings.jitter + 1, (settings.synth_steps, 2),
+                            generator=generator)  # (T, 2)
+    return labels, x0, [(int(dy), int(dx)) for dy, dx in offsets.tolist()]
+
+
+def deepinversion_loss(
+    teacher: EnsembleTeacher,
+    bn_hook: BNStatsHook,
+    x_jit: Tensor,
+    labels: Tensor,
+    settings: FedBiCrossSettings,
+) -> tuple[Tensor, Tensor]:
+    """L_DI of Eq. 2 on jittered images: one forward pass of every member of the ensemble.
+
+    Parameters
+    ----------
+    teacher : EnsembleTeacher
+        F_k in eval mode; its members carry the hooks of ``bn_hook``.
+    bn_hook : BNStatsHook
+        Registered on the members; reset here.
+    x_jit : Tensor
+        (B, C_in, H, W) jittered images (requires grad).
+    labels : Tensor
+        (B,) target labels y.
+    settings : FedBiCrossSettings
+        Uses tv_weight, bn_weight, bn_reduction, mixed_precision.
+
+    Returns
+    -------
+    loss : Tensor
+        Scalar L_DI (differentiable w.r.t. the images).
+    terms : Tensor
+        (3,) detached unweighted CE, R_BN, R_TV.
+    """
+    bn_hook.reset()
+    with autocast_context(x_jit.device, settings.mixed_precision):
+        log_p = teacher.log_probs(x_jit)  # (B, C)
+    ce = F.nll_loss(log_p, labels)
+    r_bn = bn_hook.loss(settings.bn_reduction)
+    r_tv = tv_loss(x_jit)
+    loss = ce + settings.tv_weight * r_tv + settings.bn_weight * r_bn
+    return loss, torch.stack([ce.detach(), r_bn.detach(), r_tv.detach()])
+
+
 def synthesize_trajectory(
     members: Sequence[nn.Module],
     num_classes: int,
@@ -156,13 +222,13 @@ def synthesize_trajectory(
     """
     device = torch.device(device)
     dtype = model_dtype(members[0])
-    steps, batch = settings.synth_steps, settings.synth_batch
-    generator = cpu_generator(seed)
-    labels = balanced_labels(batch, num_classes, generator).to(device)  # (B,)
-    x = torch.randn((batch, in_channels, image_size, image_size), generator=generator)
-    x = x.to(device, dtype).requires_grad_(True)  # x^(0), (B, C_in, H, W)
-    # All jitter offsets drawn up front from the CPU generator: identical on every device.
-    offsets = torch.randint(-settings.jitter, settings.jitter + 1, (steps, 2), generator=generator)
+    steps = settings.synth_steps
+    # All random draws (labels, x^(0), jitter offsets) up front on CPU: identical on every device.
+    labels, x, offsets = initial_state(num_classes, in_channels, settings, seed, image_size)
+    labels = labels.to(device)  # (B,)
+    # Channels-last images and weights select the fast convolution kernels (values unchanged).
+    to_channels_last(members)
+    x = x.to(device, dtype).contiguous(memory_format=torch.channels_last).requires_grad_(True)
 
     optimizer = torch.optim.Adam([x], lr=settings.synth_lr)
     trajectory = torch.empty((steps, *x.shape), device=device, dtype=dtype)  # (T, B, C_in, H, W)
@@ -173,22 +239,15 @@ def synthesize_trajectory(
 
     with preserved_modes(members), BNStatsHook(members) as bn_hook:
         for t in range(1, steps + 1):
-            dy, dx = (int(v) for v in offsets[t - 1])
-            x_jit = torch.roll(x, shifts=(dy, dx), dims=(2, 3))  # (B, C_in, H, W)
-            bn_hook.reset()
-            with autocast_context(device, settings.mixed_precision):
-                log_p = teacher.log_probs(x_jit)  # (B, C)
-            ce = F.nll_loss(log_p, labels)
-            r_bn = bn_hook.loss(settings.bn_reduction)
-            r_tv = tv_loss(x_jit)
-            loss = ce + settings.tv_weight * r_tv + settings.bn_weight * r_bn
+            x_jit = torch.roll(x, shifts=offsets[t - 1], dims=(2, 3))  # (B, C_in, H, W)
+            loss, step_terms = deepinversion_loss(teacher, bn_hook, x_jit, labels, settings)
             optimizer.zero_grad(set_to_none=True)
             # Only the images are optimised: members' parameter gradients are never formed.
             loss.backward(inputs=[x])
             optimizer.step()
-            with torch.no_grad():
+            with torch.no_grad():  # device-side copies, no host sync
                 trajectory[t - 1] = x
-                terms[t - 1] = torch.stack([ce.detach(), r_bn.detach(), r_tv.detach()]).double()
+                terms[t - 1] = step_terms
             if progress and (t % log_every == 0 or t == steps):
                 ce_v, bn_v, tv_v = terms[t - 1].tolist()
                 log(
@@ -209,7 +268,7 @@ def synthesize_trajectory(
         "teacher_accuracy": accuracy,
         "teacher_entropy": entropy,
         "max_entropy": math.log(num_classes),
-        "chance_accuracy": torch.bincount(labels.cpu(), minlength=num_classes).max().item() / batch,
+        "chance_accuracy": torch.bincount(labels.cpu(), minlength=num_classes).max().item() / settings.synth_batch,
         "wall_time_s": time.perf_counter() - start,
     }
     if progress:

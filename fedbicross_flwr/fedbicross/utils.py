@@ -80,3 +80,19 @@ def frozen_buffers(models: Sequence[nn.Module]) -> Iterator[None]:
             for pairs in saved:
                 for buffer, value in pairs:
                     buffer.copy_(value)
+
+
+def to_channels_last(models: Sequence[nn.Module]) -> None:
+    """Store every 4-D parameter and buffer channels-last (NHWC), in place; values unchanged.
+
+    oneDNN (CPU) and cuDNN (GPU) pick their fast convolution kernels when the weights are
+    channels-last; the convolution output then follows that layout. Idempotent.
+    """
+    for model in models:
+        model.to(memory_format=torch.channels_last)
+
+
+def to_contiguous(models: Sequence[nn.Module]) -> None:
+    """Undo :func:`to_channels_last` (plain NCHW storage, e.g. before state dicts leave)."""
+    for model in models:
+        model.to(memory_format=torch.contiguous_format)
