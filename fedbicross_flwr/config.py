@@ -45,7 +45,8 @@ def _key(
 
 # Server methods are registered in fedbicross_flwr.methods; the names are repeated here so
 # that a typo fails at config time without importing torch.
-METHOD_NAMES = ("fedavg1", "local", "fedbicross", "fedavg-r", "fedprox-r", "central")
+METHOD_NAMES = ("fedavg1", "local", "fedbicross", "fedavg-r", "fedprox-r", "central",
+                "fedisca", "dense", "coboosting", "dafl")
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,12 @@ class RunConfig:
                              choices=("mean", "sum"))
     jitter: int = _key("jitter", 2, "Random roll of synthetic images, pixels.", low=0, high=8)
     kmeans_n_init: int = _key("kmeans-n-init", 10, "K-means restarts.", low=1)
+    cluster_on: str = _key("cluster-on", "predictions",
+                           "What clusters the clients: predictions (paper: K-means on the "
+                           "softmax outputs on noise), parameters (K-means on the flattened "
+                           "model parameters) or hierarchical (CFL: complete-linkage clustering "
+                           "of the cosine similarity of the updates w_i - w^(0)).",
+                           choices=("predictions", "parameters", "hierarchical"))
     bilevel_val_fraction: float = _key("bilevel-val-fraction", 0.2,
                                        "Share of each synthetic batch used as I^val (paper: 0.2).",
                                        low=0.0, low_open=True, high=0.9)
@@ -200,6 +207,83 @@ class RunConfig:
                               "global model to their loss "
                               "(fedprox-r; sent by the server as proximal-mu).",
                               low=0.0, high=1e4)
+
+    # --- baselines (fedbicross_flwr/baselines): FedISCA, DENSE, Co-Boosting, DAFL ----------
+    # Defaults are the reference codes' values (see each method's docstring); conf/cpu.toml
+    # holds CPU-scale values. All four distil into ONE global model from a random start (or
+    # from the clients' average with student-init='cluster-average').
+    fedisca_epochs: int = _key("fedisca-epochs", 100,
+                               "FedISCA server epochs: synthesis over ALL clients with fresh "
+                               "noise, noise adaptation, one KD step per trajectory step "
+                               "(reference: 100). Synthesis uses synth-*, tv-weight, bn-weight, "
+                               "bn-reduction, ensemble, jitter and noise-teacher-mode.", low=1)
+    fedisca_lr: float = _key("fedisca-lr", 1e-3,
+                             "FedISCA student SGD rate (momentum 0.9, weight decay 5e-4, x0.1 "
+                             "at 50% and 75% of the epochs; reference: 1e-3).",
+                             low=0.0, low_open=True, high=10.0)
+    gen_epochs: int = _key("gen-epochs", 200,
+                           "DENSE / Co-Boosting epochs: one generator round adds a batch to the "
+                           "synthetic pool, then one KD pass over the pool (reference: 200).",
+                           low=1)
+    gen_steps: int = _key("gen-steps", 30, "DENSE / Co-Boosting generator Adam steps per epoch "
+                          "(reference g_steps: 30).", low=1)
+    gen_batch: int = _key("gen-batch", 256, "DENSE / Co-Boosting synthetic images per "
+                          "generator round, and the KD batch size (reference: 256).", low=2)
+    gen_lr: float = _key("gen-lr", 1e-3, "DENSE / Co-Boosting generator (and latent) Adam rate "
+                         "(reference: 1e-3, betas 0.5/0.999).", low=0.0, low_open=True, high=10.0)
+    gen_latent: int = _key("gen-latent", 256, "DENSE / Co-Boosting latent size nz "
+                           "(reference: 256).", low=1)
+    gen_bn_weight: float = _key("gen-bn-weight", 1.0,
+                                "DENSE weight of the BN-statistics loss (sum over the BN layers "
+                                "of all clients; reference: 1). Co-Boosting uses none "
+                                "(its reference default bn=0).", low=0.0)
+    gen_ce_weight: float = _key("gen-ce-weight", 1.0, "DENSE / Co-Boosting weight of the "
+                                "generator's CE (Co-Boosting: hard-sample CE) (reference: 1).",
+                                low=0.0)
+    gen_adv_weight: float = _key("gen-adv-weight", 1.0, "DENSE / Co-Boosting weight of the "
+                                 "adversarial (negative student-ensemble KL) term (reference: 1).",
+                                 low=0.0)
+    gen_kd_lr: float = _key("gen-kd-lr", 0.01, "DENSE / Co-Boosting student SGD rate "
+                            "(momentum 0.9; reference: 0.01).", low=0.0, low_open=True, high=10.0)
+    dense_kd_temperature: float = _key("dense-kd-temperature", 20.0,
+                                       "DENSE KD temperature (reference: 20).",
+                                       low=0.0, low_open=True)
+    coboosting_kd_temperature: float = _key("coboosting-kd-temperature", 4.0,
+                                            "Co-Boosting KD temperature (reference: 4).",
+                                            low=0.0, low_open=True)
+    coboosting_weight_lr: float = _key("coboosting-weight-lr", 0.01,
+                                       "Co-Boosting sign-gradient step mu of the per-client "
+                                       "ensemble weights (reference: 0.01).", low=0.0)
+    coboosting_weight_decay: float = _key("coboosting-weight-decay", 0.99,
+                                          "Co-Boosting step decay: the weight step at epoch e is "
+                                          "mu * decay^e (reference wdc: 0.99).",
+                                          low=0.0, high=1.0)
+    coboosting_ods_eta: float = _key("coboosting-ods-eta", 8 / 255,
+                                     "Co-Boosting ODS perturbation size on the (normalised) KD "
+                                     "inputs; 0 = no ODS (reference: 8/255).", low=0.0, high=1.0)
+    coboosting_hard_power: float = _key("coboosting-hard-power", 1.0,
+                                        "Co-Boosting hard-sample CE exponent: (1 - p_y)^power * "
+                                        "CE (reference hs: 1).", low=0.0, high=10.0)
+    dafl_epochs: int = _key("dafl-epochs", 2000, "DAFL epochs (reference, CIFAR-10 recipe for "
+                            "a ResNet-18 student: 2000).", low=1)
+    dafl_iterations: int = _key("dafl-iterations", 120, "DAFL generator+student steps per epoch "
+                                "(reference: 120).", low=1)
+    dafl_batch: int = _key("dafl-batch", 1024, "DAFL generated images per step "
+                           "(reference, CIFAR-10: 1024).", low=2)
+    dafl_gen_lr: float = _key("dafl-gen-lr", 0.02, "DAFL generator Adam rate "
+                              "(reference, CIFAR-10: 0.02).", low=0.0, low_open=True, high=10.0)
+    dafl_student_lr: float = _key("dafl-student-lr", 0.1,
+                                  "DAFL student SGD rate (momentum 0.9, weight decay 5e-4, x0.1 "
+                                  "at 40% and 80% of the epochs; reference, CIFAR-10: 0.1).",
+                                  low=0.0, low_open=True, high=10.0)
+    dafl_latent: int = _key("dafl-latent", 1000, "DAFL latent size (reference, CIFAR-10: 1000).",
+                            low=1)
+    dafl_ce_weight: float = _key("dafl-ce-weight", 0.05, "DAFL one-hot loss weight "
+                                 "(reference, CIFAR-10: 0.05).", low=0.0)
+    dafl_ie_weight: float = _key("dafl-ie-weight", 5.0, "DAFL information-entropy (class "
+                                 "balance) loss weight (reference: 5).", low=0.0)
+    dafl_act_weight: float = _key("dafl-act-weight", 0.01, "DAFL activation loss weight "
+                                  "(reference, CIFAR-10: 0.01).", low=0.0)
 
     # ------------------------------------------------------------------------------------
     def __post_init__(self) -> None:

@@ -20,6 +20,7 @@ from ..logging_utils import log
 from ..model import build_resnet18, weighted_average
 from .bilevel import OnlineBilevelTrainer, fixed_weights
 from .checkpoint import StageCheckpoints, fingerprint
+from .clustering_alternatives import assign_clusters
 from .clustering import (
     cluster_centroids,
     cluster_clients,
@@ -146,7 +147,8 @@ def run_fedbicross(
     if saved is None:
         preds = noise_predictions(clients, s.noise_samples, in_channels, derive_seed(s.seed, 0),
                                   device, image_size=image_size)  # (N, M * C)
-        assignment = cluster_clients(preds, s.num_clusters, s.seed, n_init=s.kmeans_n_init)
+        assignment = assign_clusters(s.cluster_on, clients, preds, s.num_clusters, s.seed, s.kmeans_n_init,
+                                     student_factory or (lambda: build_resnet18(in_channels, num_classes)))
         degenerate = log_clustering(assignment, preds, num_classes)
         ckpt.save("clustering", {"preds": preds, "assignment": assignment, "degenerate": degenerate})
     else:

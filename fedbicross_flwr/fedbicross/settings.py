@@ -16,6 +16,7 @@ _HYPERGRAD_NORMALISATIONS = ("unit", "none")
 _WEIGHTS_MODES = ("bilevel", "intra", "uniform", "similarity")
 _STUDENT_INITS = ("random", "cluster-average")
 _MIXED_PRECISION = ("none", "bf16")
+_CLUSTER_ON = ("predictions", "parameters", "hierarchical")
 
 
 def _check_int(name: str, value: int, minimum: int) -> None:
@@ -55,6 +56,11 @@ class FedBiCrossSettings:
     noise_samples: int = 256
     # K-means restarts (scikit-learn ``n_init``); the best inertia is kept.
     kmeans_n_init: int = 10
+    # What the clients are clustered on (see clustering_alternatives.py): 'predictions' (paper,
+    # K-means on the noise prediction matrices), 'parameters' (ablation: K-means on the
+    # flattened model parameters) or 'hierarchical' (ablation, CFL-style: complete-linkage
+    # clustering of the cosine similarity of the updates w_i - w^(0)).
+    cluster_on: str = "predictions"
 
     # --- Stage 1: trajectory synthesis, DeepInversion (Eq. 1-2) --------------------------------
     # T, synthesis iterations = length of the stored trajectory x^(1..T).
@@ -145,6 +151,7 @@ class FedBiCrossSettings:
         _check_int("num_clusters", self.num_clusters, 1)
         _check_int("noise_samples", self.noise_samples, 1)
         _check_int("kmeans_n_init", self.kmeans_n_init, 1)
+        _check_choice("cluster_on", self.cluster_on, _CLUSTER_ON)
         _check_int("synth_steps", self.synth_steps, 1)
         # At least one training and one validation image per batch.
         _check_int("synth_batch", self.synth_batch, 2)

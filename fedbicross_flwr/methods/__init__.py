@@ -30,6 +30,18 @@ def _central(inp: MethodInput) -> MethodOutput:
     return central(inp)
 
 
+def _baseline(module: str, name: str) -> ServerMethod:
+    """A registry entry that imports fedbicross_flwr.baselines.<module> only when called."""
+
+    def run(inp: MethodInput) -> MethodOutput:
+        from importlib import import_module
+
+        return getattr(import_module(f"fedbicross_flwr.baselines.{module}"), name)(inp)
+
+    run.__name__ = name
+    return run
+
+
 REGISTRY: dict[str, ServerMethod] = {
     "fedavg1": fedavg1,
     "local": local,
@@ -37,6 +49,10 @@ REGISTRY: dict[str, ServerMethod] = {
     "fedavg-r": _fedavg_r,
     "fedprox-r": _fedavg_r,
     "central": _central,
+    "fedisca": _baseline("fedisca", "fedisca"),
+    "dense": _baseline("dense", "dense"),
+    "coboosting": _baseline("coboosting", "coboosting"),
+    "dafl": _baseline("dafl", "dafl"),
 }
 
 

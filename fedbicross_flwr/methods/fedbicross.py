@@ -34,6 +34,7 @@ def settings_from_config(cfg: RunConfig, num_clusters: int | None = None) -> Fed
         num_clusters=num_clusters or cfg.num_clusters,
         noise_samples=cfg.noise_samples,
         kmeans_n_init=cfg.kmeans_n_init,
+        cluster_on=cfg.cluster_on,
         synth_steps=cfg.synth_steps,
         synth_batch=cfg.synth_batch,
         synth_lr=cfg.synth_lr,
