@@ -28,6 +28,17 @@ app = ClientApp()
 OWN_MODEL = "own-model"
 
 
+def own_model_path(context: Context) -> Path | None:
+    """Where a deployed site also keeps its own model f_i (its node config's output-dir).
+
+    A SuperNode passes the node state from one ClientApp process to the next, but under load
+    the state saved after ``train`` was seen to be missing at ``train.personalize`` (flwr
+    1.42, loopback test); the copy on the site's disk makes phase 3 independent of that.
+    """
+    out_dir = str(context.node_config.get("output-dir", ""))
+    return Path(out_dir) / f"own-model-run{context.run_id}.pt" if out_dir else None
+
+
 def _setup(context: Context):
     cfg = RunConfig.from_run_config(context.run_config)
     if cfg.num_threads:
@@ -64,6 +75,9 @@ def train(msg: Message, context: Context) -> Message:
         server_round=int(config.get("server-round", 0)))
     state = model.state_dict()
     context.state[OWN_MODEL] = ArrayRecord(state)
+    if (path := own_model_path(context)) is not None:  # stays at the site
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, path)
     content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics),
                           "config": ConfigRecord({"partition-id": site.partition_id})})
     return Message(content, reply_to=msg)
@@ -76,11 +90,18 @@ def personalize(msg: Message, context: Context) -> Message:
         cfg, site, device = _setup(context)
     except DataError as err:
         return error_reply(msg, context, err)
-    if OWN_MODEL not in context.state:
+    path = own_model_path(context)
+    if OWN_MODEL in context.state:
+        own_state = context.state[OWN_MODEL].to_torch_state_dict()
+    elif path is not None and path.is_file():
+        log(logging.WARNING, "[client %d] node state has no local model; reading %s",
+            site.partition_id, path)
+        own_state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
         raise RuntimeError(f"partition {site.partition_id}: no local model in the node state "
                            "(phase 1 did not run on this node in this run)")
     own = build_resnet18(site.in_channels, site.num_classes)
-    own.load_state_dict(context.state[OWN_MODEL].to_torch_state_dict())
+    own.load_state_dict(own_state)
     received = build_resnet18(site.in_channels, site.num_classes)
     received.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     personal, metrics = run_personalization(cfg, site, own, received, device)

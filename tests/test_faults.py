@@ -165,3 +165,36 @@ def test_too_few_usable_clients_stop_the_run_with_the_reasons(tiny_run_config,
         run_in_process(cfg, num_nodes=3, node_configs=node_configs)
     failures = json.loads((Path(cfg["output-dir"]) / "test" / "failures.json").read_text())
     assert sorted(f["partition_id"] for f in failures) == [1, 2]
+
+
+def test_site_personalizes_from_its_disk_copy_when_the_node_state_is_lost(tiny_run_config,
+                                                                           tmp_path) -> None:
+    # Prepare: a deployed site (data-path, output-dir) trains in phase 1
+    from flwr.app import ArrayRecord
+
+    from client_app.app import OWN_MODEL
+    from fedbicross_flwr.model import build_resnet18
+
+    node_config = {"data-path": str(make_archive(tmp_path / "site.npz")), "partition-id": 2,
+                   "output-dir": str(tmp_path / "site-out")}
+    ctx = Context(run_id=5, node_id=7, state=RecordDict(), run_config=tiny_run_config,
+                  node_config=node_config)
+    train = Message(RecordDict({"config": ConfigRecord({"phase": "train"})}), dst_node_id=7,
+                    message_type="train")
+    uploaded = client_app(train, ctx).content["arrays"].to_torch_state_dict()
+    received = build_resnet18(1, 3).state_dict()
+    msg = Message(RecordDict({"arrays": ArrayRecord(received)}), dst_node_id=7,
+                  message_type="train.personalize")
+    # Execute: phase 3 arrives with an EMPTY node state (what a SuperNode sometimes passes)
+    fresh = Context(run_id=5, node_id=7, state=RecordDict(), run_config=tiny_run_config,
+                    node_config=node_config)
+    reply = client_app(msg, fresh)
+    with_state = client_app(msg, ctx)
+    # Assert: the site's disk copy is its uploaded model, and phase 3 gives the same result
+    import torch
+
+    on_disk = torch.load(tmp_path / "site-out" / "own-model-run5.pt", weights_only=True)
+    assert all(torch.equal(on_disk[k], uploaded[k]) for k in uploaded)
+    assert OWN_MODEL not in fresh.state and not reply.has_error()
+    assert dict(reply.content["metrics"]) == dict(with_state.content["metrics"])
+    assert (tmp_path / "site-out" / "personalized-run5.pt").is_file()
