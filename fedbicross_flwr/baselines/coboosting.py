@@ -117,6 +117,11 @@ def coboosting(inp: MethodInput) -> MethodOutput:
     history: list[dict] = []
     weight_history = [weights.cpu().tolist()]
     log_every = max(1, cfg.gen_epochs // 10)
+
+    def _member_logits(x: Tensor) -> Tensor:
+        with autocast_context(inp.device, cfg.precision):
+            return member_logits(members, x)  # (N, B, C) float32
+
     for epoch in range(cfg.gen_epochs):
         images, targets, gen_diag = train_generator_round(
             generator, members, student, settings, derive_seed(cfg.seed, 302, epoch), weights)
@@ -124,14 +129,14 @@ def coboosting(inp: MethodInput) -> MethodOutput:
             step = cfg.coboosting_weight_lr * cfg.coboosting_weight_decay**epoch
             batches = [(x, y) for x, y, _ in pool.batches(cfg.gen_batch,
                                                           derive_seed(cfg.seed, 303, epoch))]
-            weights = update_ensemble_weights(members, batches, weights, step)
+            weights = update_ensemble_weights(members, batches, weights, step,
+                                              logits_fn=_member_logits)
         weight_history.append(weights.cpu().tolist())
         pool.add(images, targets)
         current = weights.clone()
 
         def teacher(x: Tensor, w: Tensor = current) -> Tensor:
-            with autocast_context(inp.device, cfg.precision):
-                return ensemble_logits(member_logits(members, x), w)
+            return ensemble_logits(_member_logits(x), w)
 
         ods_rng = cpu_generator(derive_seed(cfg.seed, 304, epoch))
         kd_diag = kd_pass(student, optimizer, pool, cfg.gen_batch, tau,

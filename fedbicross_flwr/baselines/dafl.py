@@ -29,7 +29,7 @@ from ..fedbicross.utils import autocast_context, cpu_generator, derive_seed
 from ..logging_utils import log
 from ..methods.base import MethodInput, MethodOutput
 from .common import client_models, finish, initial_student, step_schedule
-from .generator import (Generator, PenultimateHook, _f32, ensemble_logits,
+from .generator import (Generator, PenultimateHook, full_precision, ensemble_logits,
                         information_entropy_loss, member_logits)
 
 
@@ -60,7 +60,7 @@ def dafl(inp: MethodInput) -> MethodOutput:
                 with autocast_context(inp.device, cfg.precision):
                     x = generator(z)  # (B, C_in, H, W)
                     t_logits = ensemble_logits(member_logits(members, x))  # (B, C)
-                    s_logits = _f32(student(x.detach()))
+                    s_logits = full_precision(student(x.detach()))
                 act = features.activation_loss()
                 ce = F.cross_entropy(t_logits, t_logits.argmax(dim=1))
                 ie = information_entropy_loss(t_logits)

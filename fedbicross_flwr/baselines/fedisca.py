@@ -38,7 +38,7 @@ from ..logging_utils import log
 from ..methods.base import MethodInput, MethodOutput
 from ..methods.fedbicross import settings_from_config
 from .common import client_models, finish, initial_student, step_schedule
-from .generator import _f32
+from .generator import full_precision
 
 
 def fedisca(inp: MethodInput) -> MethodOutput:
@@ -78,7 +78,7 @@ def fedisca(inp: MethodInput) -> MethodOutput:
         for t in range(steps):
             alpha = t / steps  # weight of the original teacher, 0 -> 1 (reference)
             with autocast_context(inp.device, s.mixed_precision):
-                logits = _f32(student(trajectory[t]))
+                logits = full_precision(student(trajectory[t]))
             loss = kd_loss(logits, probs_fn[t], probs_f[t], 1.0 - alpha, s.tau)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

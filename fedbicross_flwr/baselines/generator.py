@@ -29,7 +29,8 @@ from ..fedbicross.losses import BNStatsHook, kd_kl
 from ..fedbicross.utils import autocast_context, cpu_generator
 
 
-def _f32(t: Tensor) -> Tensor:
+def full_precision(t: Tensor) -> Tensor:
+    """Upcast autocast (bf16/fp16) outputs to float32; other dtypes unchanged."""
     return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
@@ -103,7 +104,7 @@ class Generator(nn.Module):
 # --- ensemble teacher ---------------------------------------------------------------------------
 def member_logits(members: Sequence[nn.Module], x: Tensor) -> Tensor:
     """(N, B, C) float32 logits of every member (gradients flow to ``x`` if it needs them)."""
-    return torch.stack([_f32(m(x)) for m in members])
+    return torch.stack([full_precision(m(x)) for m in members])
 
 
 def ensemble_logits(logits: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -168,7 +169,7 @@ class PenultimateHook:
     def __enter__(self) -> PenultimateHook:
         for layer in self.layers:
             self._handles.append(layer.register_forward_hook(
-                lambda _m, inputs, _o: self.features.append(_f32(inputs[0]))))
+                lambda _m, inputs, _o: self.features.append(full_precision(inputs[0]))))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -274,8 +275,8 @@ def train_generator_round(
                 with autocast_context(device, settings.precision):
                     x = generator(z)  # (B, C_in, H, W)
                     t_logits = ensemble_logits(member_logits(members, x), member_weights)
-                    s_logits = _f32(student(x))
-                x = _f32(x)
+                    s_logits = full_precision(student(x))
+                x = full_precision(x)
                 r_bn = bn_hook.loss(settings.bn_reduction) if use_bn else x.new_zeros(())
                 if settings.hard_power is None:
                     ce = F.cross_entropy(t_logits, targets)
@@ -393,7 +394,7 @@ def kd_pass(
         else:
             t_logits = cached
         with autocast_context(device, precision):
-            s_logits = _f32(student(images))
+            s_logits = full_precision(student(images))
         loss = kd_kl(s_logits, F.softmax(t_logits / tau, dim=1), tau)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
