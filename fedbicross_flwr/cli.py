@@ -6,6 +6,7 @@ fedbicross run --preset conf/cpu.toml --run-config "dataset='digits' method='fed
 fedbicross run --engine grid --run-config "local-epochs=2"      # through the real apps
 fedbicross config-table                                           # README's key table
 fedbicross bench --clients 5 --clusters 2 --batch 64 --steps 4    # server-stage benchmark
+fedbicross grid --preset conf/grid-cpu.toml                       # experiment grid + tables
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     from fedbicross_flwr.benchmark.cli import add_arguments, run_command
 
     add_arguments(bench)
+    grid = sub.add_parser("grid", help="run (or resume) an experiment grid from a preset "
+                          "(conf/grid-*.toml) and write its CSV, tables and figures")
+    from fedbicross_flwr.harness import cli as grid_cli
+
+    grid_cli.add_arguments(grid)
     args = parser.parse_args(argv)
 
     if args.command == "config-table":
@@ -73,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "bench":
         return run_command(args)
+    if args.command == "grid":
+        return grid_cli.run_command(args)
 
     from fedbicross_flwr.data import project_root
 

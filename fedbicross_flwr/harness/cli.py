@@ -1,0 +1,70 @@
+"""``fedbicross grid``: arguments and entry point.
+
+Examples
+--------
+fedbicross grid --preset conf/grid-cpu.toml                 # run (or resume), then report
+fedbicross grid --preset conf/grid-cpu.toml --dry-run       # list the cells and stop
+fedbicross grid --preset conf/grid-cpu.toml --report-only   # tables/plots from what exists
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``fedbicross grid``."""
+    parser.add_argument("--preset", required=True, help="grid preset (conf/grid-*.toml)")
+    parser.add_argument("--out", default="",
+                        help="output folder (default: <output-dir>/grid-<preset name>); "
+                             "running again resumes there")
+    parser.add_argument("--client-cache", default="",
+                        help="trained-client cache folder (default: <out>/client-cache)")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only rebuild cells.csv, tables.md and the figures")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the grid (unfinished cells only) and write its report; 2 on a preset error."""
+    from fedbicross_flwr.config import ConfigError
+    from fedbicross_flwr.harness.spec import load_grid_preset
+
+    try:
+        spec = load_grid_preset(args.preset)
+    except ConfigError as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        return 2
+    from fedbicross_flwr.harness.report import write_report
+    from fedbicross_flwr.harness.runner import direct_transports, is_finished, run_grid
+    from fedbicross_flwr.results import default_output_dir
+
+    out = Path(args.out).resolve() if args.out else default_output_dir() / f"grid-{spec.name}"
+    cells = spec.cells()
+    if args.dry_run:
+        for cell in cells:
+            print(f"{'done' if is_finished(out, cell) else 'todo'}  {cell.describe()}")
+        print(f"{len(cells)} cells, {sum(is_finished(out, c) for c in cells)} finished; "
+              f"output {out}")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    if spec.base.get("num-threads"):
+        import torch
+
+        torch.set_num_threads(int(spec.base["num-threads"]))
+    if not args.report_only:
+        from fedbicross_flwr.logging_utils import add_file_handler, remove_handler
+
+        cache = Path(args.client_cache).resolve() if args.client_cache else out / "client-cache"
+        handler = add_file_handler(out / "grid-log.txt")
+        try:
+            progress = run_grid(spec, out, direct_transports(cache))
+        finally:
+            remove_handler(handler)
+        print(f"ran {len(progress.ran)} cells, {len(progress.failed)} failed, "
+              f"{progress.skipped} finished before")
+    report = write_report(spec, out)
+    print(f"report: {report}")
+    return 0

@@ -1,0 +1,97 @@
+"""Markdown tables in the layout of the paper's Tables I-III.
+
+One table per number of clients N (the paper: Table I N=5, II N=10, III N=20); methods as
+rows, grouped as in the paper (baselines, FedBiCross per K, ablations) plus this project's
+references (``local``, multi-round FedAvg/FedProx, ``central`` and the majority-class rate of
+the official test split); dataset x alpha as columns. A cell is the mean over seeds, in %,
+with the sample standard deviation over seeds (``mean ± std``; a single seed shows the mean
+and ``(1 seed)``); a missing cell is ``-``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+BASELINES = ("fedavg1", "dafl", "dense", "fedisca", "coboosting")
+REFERENCES = ("local", "fedavg-r", "fedprox-r", "central")
+MAJORITY = "majority class"
+VIEWS = {
+    "official-after": "official test split, after personalization (the paper's metric)",
+    "official-before": "official test split, the received model before personalization "
+                       "(w/o PKD)",
+    "personal-after": "label-following test split, after personalization",
+}
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """``fedbicross (K=2)`` for rows run per K, else the row name."""
+    k = row.get("num-clusters")
+    return row["row"] if k in (None, "") else f"{row['row']} (K={int(k)})"
+
+
+def row_group(row: dict[str, Any]) -> str:
+    """baseline / ours / ablation / reference, as in the paper's tables."""
+    if row["row"] in BASELINES:
+        return "baseline"
+    if row["row"] == "fedbicross":
+        return "ours"
+    if row.get("method") == "fedbicross":
+        return "ablation"
+    return "reference"
+
+
+def _order(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(group, label) in table order: groups as in the paper, rows in first-seen order."""
+    rank = {"baseline": 0, "ours": 1, "ablation": 2, "reference": 3}
+    fixed = {name: i for i, name in enumerate(BASELINES + REFERENCES)}
+    seen: dict[tuple[str, str], tuple] = {}
+    for i, r in enumerate(rows):
+        key = (row_group(r), row_label(r))
+        if key not in seen:
+            seen[key] = (rank[key[0]], fixed.get(r["row"], len(fixed)), i)
+    return sorted(seen, key=lambda k: seen[k])
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = 100 * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.2f} (1 seed)"
+    return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def paper_table(rows: list[dict[str, Any]], num_clients: int,
+                metric: str = "official-after") -> str:
+    """One Markdown table (methods x (dataset, alpha)) for ``num_clients``."""
+    rows = [r for r in rows if r["num-clients"] == num_clients]
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    columns = [(d, a) for d in datasets
+               for a in sorted({r["alpha"] for r in rows if r["dataset"] == d})]
+    lines = [f"| group | method | {' | '.join(f'{d} α={a:g}' for d, a in columns)} |",
+             "|---|---|" + "---|" * len(columns)]
+    for group, label in _order(rows):
+        cells = []
+        for d, a in columns:
+            vals = [r[metric] for r in rows if row_label(r) == label and r["dataset"] == d
+                    and r["alpha"] == a and r.get(metric) is not None]
+            cells.append(_fmt(vals))
+        lines.append(f"| {group} | {label} | {' | '.join(cells)} |")
+    majority = []
+    for d, a in columns:
+        rates = [r["majority-rate"] for r in rows if r["dataset"] == d and r["alpha"] == a
+                 and r.get("majority-rate") is not None]
+        majority.append(f"{100 * rates[0]:.2f}" if rates else "-")
+    lines.append(f"| reference | {MAJORITY} | {' | '.join(majority)} |")
+    return "\n".join(lines)
+
+
+def paper_tables(rows: list[dict[str, Any]], views: tuple[str, ...] = tuple(VIEWS)) -> str:
+    """Every N, every view: the Markdown of ``tables.md`` (without its preamble)."""
+    parts = []
+    for n in sorted({r["num-clients"] for r in rows}):
+        for view in views:
+            parts.append(f"### N = {n}: {VIEWS[view]}, accuracy %\n\n"
+                         f"{paper_table(rows, n, view)}\n")
+    return "\n".join(parts)

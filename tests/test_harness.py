@@ -1,0 +1,192 @@
+"""Experiment harness: presets, resuming, the CSV, the paper-layout tables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import fedbicross_flwr.direct as direct
+from fedbicross_flwr.config import ConfigError
+from fedbicross_flwr.harness.collect import read_cells_csv
+from fedbicross_flwr.harness.report import write_report
+from fedbicross_flwr.harness.runner import (default_cell_runner, direct_transports, is_finished,
+                                            run_dir_of, run_grid)
+from fedbicross_flwr.harness.spec import load_grid_preset
+from fedbicross_flwr.harness.tables import paper_table
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _preset(tmp_path: Path, archive: Path, body: str) -> Path:
+    path = tmp_path / "grid-test.toml"
+    path.write_text(body + f"""
+[run-config]
+data-path = "{archive}"
+in-channels = 1
+num-classes = 3
+min-partition-size = 5
+local-epochs = 1
+pers-epochs = 1
+batch-size = 16
+local-lr = 0.01
+progress = false
+node-wait-timeout = 0.0
+""")
+    return path
+
+
+FAKE_GRID = """
+[grid]
+datasets = ["custom"]
+alphas = [0.5, 1.0]
+num-clients = [3]
+num-clusters = [2, 3]
+seeds = [0]
+methods = ["local", "fedavg1", "fedbicross"]
+k-rows = ["fedbicross"]
+"""
+
+
+def _fake_summary(run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "summary.json").write_text(json.dumps({"acc-after-mean": 0.5}))
+
+
+def test_grid_resumes_without_rerunning_finished_cells(tiny_archive, tmp_path) -> None:
+    # Prepare: 2 alphas x (local, fedavg1, fedbicross at K=2 and K=3) = 8 cells
+    spec = load_grid_preset(_preset(tmp_path, tiny_archive, FAKE_GRID))
+    cells = spec.cells()
+    assert len(cells) == 8
+    out = tmp_path / "grid"
+    calls, transports = [], []
+
+    def make_transport(cfg):
+        transports.append(cfg.alpha)
+        return object()
+
+    def crashing(cell, cfg, transport):  # the first invocation stops after 3 cells
+        if len(calls) >= 3:
+            raise RuntimeError("machine went away")
+        calls.append(cell)
+        _fake_summary(Path(cfg.output_dir) / cfg.run_name)
+        return Path(cfg.output_dir) / cfg.run_name
+
+    # Execute 1: 3 cells finish, 5 fail
+    first = run_grid(spec, out, make_transport, crashing)
+    assert len(first.ran) == 3 and len(first.failed) == 5
+    assert [is_finished(out, c) for c in cells] == [True] * 3 + [False] * 5
+    assert (out / "failed_cells.txt").read_text().count("machine went away") == 5
+    # Execute 2: only the 5 unfinished cells run, each once; one transport per alpha
+    calls.clear()
+    transports.clear()
+
+    def counting(cell, cfg, transport):
+        calls.append(cell)
+        _fake_summary(Path(cfg.output_dir) / cfg.run_name)
+        return Path(cfg.output_dir) / cfg.run_name
+
+    second = run_grid(spec, out, make_transport, counting)
+    assert calls == cells[3:] and second.skipped == 3
+    assert transports == [0.5, 1.0]
+    # Execute 3: nothing left
+    calls.clear()
+    third = run_grid(spec, out, make_transport, counting)
+    assert calls == [] and third.skipped == 8 and not third.ran
+
+
+def test_one_real_cell_runs_once_and_is_reported(tiny_archive, tmp_path, monkeypatch) -> None:
+    # Prepare: a grid of one real cell (3 clients, `local`)
+    spec = load_grid_preset(_preset(tmp_path, tiny_archive, """
+[grid]
+datasets = ["custom"]
+alphas = [1.0]
+num-clients = [3]
+seeds = [0]
+methods = ["local"]
+"""))
+    out = tmp_path / "grid"
+    trained, ran = [], []
+    real_train = direct.run_local_training
+    monkeypatch.setattr(direct, "run_local_training",
+                        lambda *a, **k: trained.append(1) or real_train(*a, **k))
+
+    def counting(cell, cfg, transport):
+        ran.append(cell)
+        return default_cell_runner(cell, cfg, transport)
+
+    # Execute: twice
+    run_grid(spec, out, direct_transports(tmp_path / "cache"), counting)
+    run_grid(spec, out, direct_transports(tmp_path / "cache"), counting)
+    report = write_report(spec, out)
+    # Assert: the cell ran once, its 3 clients were trained once
+    assert len(ran) == 1 and len(trained) == 3
+    cell = spec.cells()[0]
+    summary = json.loads((run_dir_of(out, cell) / "summary.json").read_text())
+    rows = read_cells_csv(out / "cells.csv")
+    assert len(rows) == 1
+    assert rows[0]["row"] == "local" and rows[0]["seed"] == 0 and rows[0]["alpha"] == 1.0
+    assert rows[0]["official-after"] == pytest.approx(summary["acc-after-mean"])
+    assert rows[0]["run-dir"] == "runs/custom/a1-n3-s0/local"
+    assert "| reference | local |" in report.read_text()
+
+
+GOLDEN_CSV = """\
+dataset,alpha,num-clients,num-clusters,row,method,seed,official-local,official-before,official-after,personal-local,personal-before,personal-after,majority-rate,clients-completed,wall-s,run-dir
+digits,0.1,5,,fedavg1,fedavg1,0,0.4,0.3,0.5,0.9,0.3,0.9,0.1019,5,10.0,a
+digits,0.1,5,,fedavg1,fedavg1,1,0.4,0.3,0.6,0.9,0.3,0.9,0.1019,5,10.0,b
+digits,0.1,5,2,fedbicross,fedbicross,0,0.4,0.3,0.7,0.9,0.3,0.9,0.1019,5,10.0,c
+digits,0.1,5,2,fedbicross,fedbicross,1,0.4,0.3,0.8,0.9,0.3,0.9,0.1019,5,10.0,d
+digits,0.1,5,,intra-cluster,fedbicross,0,0.4,0.3,0.65,0.9,0.3,0.9,0.1019,5,10.0,e
+digits,0.5,5,,fedavg1,fedavg1,0,0.4,0.3,0.9,0.9,0.3,0.9,0.1019,5,10.0,f
+digits,0.5,5,,fedavg1,fedavg1,1,0.4,0.3,0.9,0.9,0.3,0.9,0.1019,5,10.0,g
+digits,0.1,5,,central,central,0,0.4,0.3,0.95,0.9,0.3,0.9,0.1019,5,10.0,h
+digits,0.1,5,,central,central,1,0.4,0.3,0.97,0.9,0.3,0.9,0.1019,5,10.0,i
+digits,0.5,5,,central,central,0,0.4,0.3,0.98,0.9,0.3,0.9,0.1019,5,10.0,j
+digits,0.5,5,,central,central,1,0.4,0.3,0.98,0.9,0.3,0.9,0.1019,5,10.0,k
+retinamnist,0.1,5,,fedavg1,fedavg1,0,0.4,0.3,0.435,0.9,0.3,0.9,0.435,5,10.0,l
+digits,0.1,10,,fedavg1,fedavg1,0,0.4,0.3,0.1,0.9,0.3,0.9,0.1019,5,10.0,m
+"""
+
+GOLDEN_TABLE = """\
+| group | method | digits α=0.1 | digits α=0.5 | retinamnist α=0.1 |
+|---|---|---|---|---|
+| baseline | fedavg1 | 55.00 ± 7.07 | 90.00 ± 0.00 | 43.50 (1 seed) |
+| ours | fedbicross (K=2) | 75.00 ± 7.07 | - | - |
+| ablation | intra-cluster | 65.00 (1 seed) | - | - |
+| reference | central | 96.00 ± 1.41 | 98.00 ± 0.00 | - |
+| reference | majority class | 10.19 | 10.19 | 43.50 |"""
+
+
+def test_table_writer_produces_the_paper_layout(tmp_path) -> None:
+    # Prepare: a hand-written CSV (rows deliberately out of order; an N=10 row to leave out)
+    path = tmp_path / "cells.csv"
+    path.write_text(GOLDEN_CSV)
+    # Execute
+    table = paper_table(read_cells_csv(path), num_clients=5)
+    # Assert: methods as rows in the paper's groups, dataset x alpha as columns, mean ± std
+    assert table == GOLDEN_TABLE
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "conf").glob("grid-*.toml")),
+                         ids=lambda p: p.stem)
+def test_grid_presets_are_valid(preset: Path) -> None:
+    spec = load_grid_preset(preset)  # validates every cell's run config
+    assert spec.cells()
+    assert {"local", "fedavg1", "fedbicross", "fedavg-r", "central"} <= {r.name for r in spec.rows}
+
+
+def test_bad_grid_preset_names_the_key_and_the_cell(tiny_archive, tmp_path) -> None:
+    bad_key = _preset(tmp_path, tiny_archive, FAKE_GRID.replace("seeds", "seedz"))
+    with pytest.raises(ConfigError, match="seedz"):
+        load_grid_preset(bad_key)
+    bad_value = _preset(tmp_path, tiny_archive, FAKE_GRID + """
+[[rows]]
+name = "bad"
+method = "fedbicross"
+run-config = { weights-mode = "nonsense" }
+""")
+    with pytest.raises(ConfigError, match=r"cell custom alpha=0\.5 N=3 bad seed=0: "
+                                          r"run-config key 'weights-mode'"):
+        load_grid_preset(bad_value)
