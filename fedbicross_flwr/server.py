@@ -150,11 +150,11 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
         raise RuntimeError(f"only {len(uploads)} usable client models, min-clients is "
                            f"{cfg.effective_min_clients}; see {run_dir / 'failures.json'}")
 
+    uploads = _checkpointed_uploads(run_dir, uploads, cfg.resume)
+
     # Phase 2: the server method ---------------------------------------------------------------
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    uploads = _checkpointed_uploads(run_dir, uploads, cfg.resume)
-
     log(logging.INFO, "phase 2/3: server method %r on %d client models (device %s)",
         cfg.method, len(uploads), device)
     method = get_method(cfg.method)
@@ -195,15 +195,13 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
                                     "method-diagnostics": out.diagnostics})
     write_json(run_dir / "summary.json", summary)
     write_summary_md(run_dir / "summary.md", summary)
+    if not cfg.keep_checkpoints:  # the run is finished: they could only be used to resume it
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     log(logging.INFO, "done: paper metric (official test, mean over clients, after "
         "personalization) %s; results in %s", _pct(summary["acc-after-mean"]), run_dir)
     return run_dir
-    if not cfg.keep_checkpoints:  # the run is finished: they could only be used to resume it
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
 def _checkpointed_uploads(run_dir: Path, uploads: list[ClientUpload],
                           resume: bool) -> list[ClientUpload]:
     """Keep the phase-1 uploads in ``checkpoints/uploads.pt``; a resumed run reuses them.
@@ -235,3 +233,5 @@ def _checkpointed_uploads(run_dir: Path, uploads: list[ClientUpload],
     return uploads
 
 
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
