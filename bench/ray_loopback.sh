@@ -44,6 +44,11 @@ stop_cluster() {
   echo "== left after stop: $(cluster_pids | wc -l) processes"
   rm -rf "$RAY_DIR"
 }
+# `flwr run` with a fresh FLWR_HOME talks to the local SuperLink at 127.0.0.1:39091 and starts
+# one only if none listens there: a SuperLink of someone else would receive this run instead.
+if ! "$VENV_BIN/python" -c "import socket, sys; sys.exit(socket.socket().connect_ex(('127.0.0.1', 39091)) == 0)"; then
+  echo "a SuperLink already listens on 127.0.0.1:39091 (another run): try again later"; exit 1
+fi
 trap stop_cluster EXIT
 
 echo "== head node"
@@ -56,11 +61,15 @@ sleep 2
 "$VENV_BIN/ray" status --address="$ADDR"
 
 ( sleep "${STATUS_AFTER:-45}"; echo "== ray status during the run"; \
-  "$VENV_BIN/ray" status --address="$ADDR" ) &
+  "$VENV_BIN/ray" status --address="$ADDR"; \
+  echo "== ClientApp actors and the raylet (node) that started each (PID PARENT COMMAND)"; \
+  for pid in $(cluster_pids); do \
+    ps -o pid=,ppid=,args= -p "$pid" | grep -E "raylet/raylet|ClientAppActor" | cut -c1-80; \
+  done ) &
 WATCH=$!
 echo "== flwr run (fedbicross simulate) against RAY_ADDRESS=$ADDR"
 RAY_ADDRESS="$ADDR" "$VENV_BIN/fedbicross" simulate --preset conf/smoke.toml --num-supernodes 2 \
-  --run-config "num-clients=2 method='fedavg1' progress=false run-name='ray-loopback' ${1:-}" --timeout 900
+  --run-config "num-clients=2 method='fedavg1' progress=false run-name='ray-loopback' ${1:-}" --timeout "${TIMEOUT:-1800}"
 RC=$?
 kill "$WATCH" 2>/dev/null
 echo "== simulate exit code $RC"
