@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from logging import INFO
 from pathlib import Path
 from typing import Any
 
+from ..logging_utils import log
 from .server_stage import BenchConfig, run_benchmark
 
 _AXES = {"clients": "num_clients", "clusters": "num_clusters", "batch": "batch"}
@@ -33,6 +35,8 @@ def run_sweep(cfg: BenchConfig, axis: str, values: list[int]) -> list[dict[str, 
         row.update({f"{stage}_gflop": report["flops"][stage] / 1e9 for stage in _STAGES})
         row["images_per_s"] = report["images_per_s"]
         row["peak_mib"] = report["memory"]["peak_mib"]
+        log(INFO, "scaling %s=%s: %.0f ms per step (synthesis %.0f, bi-level %.0f)", axis, value,
+            row["total_ms"], row["synthesis_ms"], row["bilevel_ms"])
         rows.append(row)
     return rows
 
