@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,9 +37,35 @@ class SimulationResult:
         return self.status == "finished:completed"
 
 
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def local_superlink_ports(flwr_home: Path) -> dict[str, str]:
+    """Free ports for this FLWR_HOME's auto-started local SuperLink, chosen once and kept.
+
+    ``flwr run`` starts its local SuperLink on fixed default ports (39091/39093); a second
+    simulation on the same machine (another user, another test) would then talk to the FIRST
+    SuperLink and its FLWR_HOME. Flower reads the ports from these environment variables.
+    """
+    path = flwr_home / "local-superlink-ports.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    ports = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
+             "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port())}
+    while ports["FLWR_LOCAL_CONTROL_API_PORT"] == ports["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]:
+        ports["FLWR_LOCAL_CONTROL_API_PORT"] = str(_free_port())
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ports))
+    return ports
+
+
 def flwr_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for an offline, isolated Flower."""
+    """Environment for an offline, isolated Flower (with its own local SuperLink ports)."""
     env = dict(os.environ)
+    env.update(local_superlink_ports(flwr_home))
     # `flwr run` launches `flower-superlink` from PATH: use this interpreter's environment.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update({

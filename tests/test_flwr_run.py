@@ -33,3 +33,19 @@ def test_flwr_run_simulation_completes_and_writes_results(tiny_run_config, tmp_p
     finally:
         # Assert: nothing left running under this FLWR_HOME (SuperLink, SuperExec, Ray)
         assert processes_of(flwr_home) == []
+
+
+def test_each_flwr_home_gets_its_own_local_superlink_ports(tmp_path) -> None:
+    # Prepare / Execute
+    from fedbicross_flwr.simulation import flwr_env, local_superlink_ports
+
+    first = local_superlink_ports(tmp_path / "a")
+    again = local_superlink_ports(tmp_path / "a")
+    env = flwr_env(tmp_path / "a")
+    # Assert: chosen once and kept (every flwr call of a run must reach the same SuperLink),
+    # two distinct non-default ports, and exported to the flwr processes
+    assert first == again
+    ports = {int(first["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]),
+             int(first["FLWR_LOCAL_CONTROL_API_PORT"])}
+    assert len(ports) == 2 and all(1024 < p < 65536 for p in ports)
+    assert env["FLWR_LOCAL_CONTROL_API_PORT"] == first["FLWR_LOCAL_CONTROL_API_PORT"]
