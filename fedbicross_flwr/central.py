@@ -22,7 +22,6 @@ import logging
 import time
 
 import numpy as np
-import torch
 
 from fedbicross_flwr.client import client_seed, initial_state
 from fedbicross_flwr.config import RunConfig

@@ -40,7 +40,7 @@ from ..fedbicross.utils import derive_seed, preserved_modes, to_channels_last
 from ..model import build_resnet18
 from .hardware import (count_flops, estimate_peak_flops, peak_memory_mib, reset_peak_memory,
                        timed)
-from .reference import ReferenceBilevel, reference_soft_labels, reference_synthesis_loss, \
+from .reference import ReferenceBilevel, reference_synthesis_loss, \
     reference_synthesis_step
 
 TIGHT_RTOL = 5e-3

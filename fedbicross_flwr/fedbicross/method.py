@@ -23,7 +23,6 @@ from .checkpoint import StageCheckpoints, fingerprint
 from .clustering_alternatives import assign_clusters
 from .clustering import (
     cluster_centroids,
-    cluster_clients,
     log_clustering,
     noise_predictions,
     similarity_weights,
