@@ -190,6 +190,11 @@ class RunConfig:
                              "G_k^(0): random (Algorithm 1) or cluster-average (data-size "
                              "weighted average of the cluster's client models).",
                              choices=("random", "cluster-average"))
+    student_bn: str = _key("student-bn", "train",
+                           "BatchNorm of G_k during server KD: train (batch statistics, running "
+                           "statistics follow the synthetic images; FedISCA code) or eval "
+                           "(running statistics, frozen; pair with cluster-average).",
+                           choices=("train", "eval"))
     weights_mode: str = _key("weights-mode", "bilevel",
                              "Cross-cluster weights: learnt (bilevel, paper) or fixed ablations "
                              "intra (one-hot), uniform (1/K), similarity (centroid cosine).",

@@ -165,6 +165,7 @@ def inner_step_and_hypergradient(
     momentum_buffers: dict[str, Tensor] | None = None,
     compute_hypergradient: bool = True,
     mixed_precision: str = "none",
+    bn_mode: str = "train",
 ) -> InnerStepResult:
     """Inner update (Eq. 7) of one cluster model, in place, and the exact hypergradient (Eq. 8).
 
@@ -200,6 +201,10 @@ def inner_step_and_hypergradient(
         zero-weight sources are skipped and the validation loss is evaluated without autograd.
     mixed_precision : str
         'bf16' to run forwards under autocast.
+    bn_mode : str
+        'train': BN uses batch statistics and the running statistics become the w-weighted
+        mixture of the per-source updates (module docstring). 'eval': BN uses the running
+        statistics in every forward and they are left unchanged.
 
     Returns
     -------
@@ -211,7 +216,11 @@ def inner_step_and_hypergradient(
     device = val_inputs.device
     params = _trainable(model)
     names = list(params)
-    model.train()  # BN uses batch statistics in every functional forward below
+    if bn_mode not in ("train", "eval"):
+        raise ValueError(f"bn_mode must be 'train' or 'eval', got {bn_mode!r}")
+    # 'train': BN uses batch statistics in every functional forward below; 'eval': the
+    # running statistics, which then stay as they are (no buffer is committed below).
+    model.train(bn_mode == "train")
 
     # --- per-source losses L_j and gradients g_j at G ------------------------------------------
     active = range(num_sources)
@@ -268,7 +277,7 @@ def inner_step_and_hypergradient(
         for name in names:
             params[name].copy_(new_params[name])
         for name, buffer in model.named_buffers():
-            if not source_buffers:
+            if not source_buffers or bn_mode == "eval":
                 break
             if buffer.is_floating_point():
                 w = weights.to(device=buffer.device, dtype=buffer.dtype)
@@ -481,6 +490,7 @@ class OnlineBilevelTrainer:
                 momentum_buffers=self.momentum_buffers[k],
                 compute_hypergradient=self.learn_weights,
                 mixed_precision=s.mixed_precision,
+                bn_mode=s.student_bn,
             )
             if self.learn_weights:
                 new_weights[k] = outer_update(

@@ -15,6 +15,7 @@ _NOISE_TEACHER_MODES = ("eval", "train")
 _HYPERGRAD_NORMALISATIONS = ("unit", "none")
 _WEIGHTS_MODES = ("bilevel", "intra", "uniform", "similarity")
 _STUDENT_INITS = ("random", "cluster-average")
+_STUDENT_BN_MODES = ("train", "eval")
 _MIXED_PRECISION = ("none", "bf16")
 _CLUSTER_ON = ("predictions", "parameters", "hierarchical")
 
@@ -128,6 +129,12 @@ class FedBiCrossSettings:
     # FedAvg). A deviation for small server budgets: with a few hundred inner steps a randomly
     # initialised ResNet-18 is still far from its teachers.
     student_init: str = "random"
+    # BatchNorm of G_k during server KD: 'train' normalises with the synthetic batch's
+    # statistics and moves G_k's running statistics towards the synthetic images (FedISCA's
+    # code; the paper is silent); 'eval' normalises with G_k's running statistics and never
+    # changes them, so G_k is trained as it is evaluated on real images. With
+    # student_init='cluster-average' those are the members' averaged real-data statistics.
+    student_bn: str = "train"
     # Server epochs: synthesis + noise adaptation + bi-level KD repeated with fresh noise;
     # cluster models, momentum buffers and weights carry over (FedISCA uses 100; paper: silent).
     server_epochs: int = 1
@@ -174,6 +181,7 @@ class FedBiCrossSettings:
         )
         _check_choice("weights_mode", self.weights_mode, _WEIGHTS_MODES)
         _check_choice("student_init", self.student_init, _STUDENT_INITS)
+        _check_choice("student_bn", self.student_bn, _STUDENT_BN_MODES)
         _check_int("server_epochs", self.server_epochs, 1)
         _check_int("kd_passes", self.kd_passes, 1)
         _check_int("seed", self.seed, 0)

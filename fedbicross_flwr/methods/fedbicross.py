@@ -55,6 +55,7 @@ def settings_from_config(cfg: RunConfig, num_clusters: int | None = None) -> Fed
         hypergrad_normalisation=cfg.hypergrad_norm,
         weights_mode=cfg.weights_mode,
         student_init=cfg.student_init,
+        student_bn=cfg.student_bn,
         server_epochs=cfg.server_epochs,
         kd_passes=cfg.kd_passes,
         seed=cfg.seed,

@@ -95,10 +95,11 @@ def _initial_momentum(model, seed=2):
 STEP = dict(lam=0.4, tau=2.0, lr=0.05, momentum=0.9, weight_decay=1e-3)
 
 
-def _run(model, weights, problem):
+def _run(model, weights, problem, bn_mode="train"):
     model = copy.deepcopy(model)
     buffers = _initial_momentum(model)
-    result = inner_step_and_hypergradient(model, weights, **problem, **STEP, momentum_buffers=buffers)
+    result = inner_step_and_hypergradient(model, weights, **problem, **STEP, momentum_buffers=buffers,
+                                          bn_mode=bn_mode)
     return model, result
 
 
@@ -157,6 +158,68 @@ def test_inner_step_is_eq7_with_momentum_and_bn_stats_are_weight_mixed():
         assert torch.allclose(p, expected[name], atol=1e-12), name
     assert torch.allclose(updated.bn.running_mean, expected_mean, atol=1e-12)
     assert torch.allclose(updated.bn.running_var, expected_var, atol=1e-12)
+
+
+def _model_with_real_running_stats():
+    # Running statistics far from the (0, 1) defaults, as after averaging trained clients.
+    model = make_tiny(0, dtype=torch.float64)
+    with torch.no_grad():
+        model.bn.running_mean.copy_(torch.linspace(-1.0, 1.0, model.bn.num_features))
+        model.bn.running_var.copy_(torch.linspace(0.5, 2.0, model.bn.num_features))
+    return model
+
+
+def test_eval_bn_hypergradient_matches_finite_differences():
+    # Prepare: student-bn='eval' (forwards with the running statistics)
+    model = _model_with_real_running_stats()
+    problem = _problem()
+    w = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    # Execute
+    _, result = _run(model, w, problem, bn_mode="eval")
+    eps = 1e-6
+    finite_differences = []
+    for j in range(3):
+        e = torch.zeros(3, dtype=torch.float64)
+        e[j] = eps
+        plus = _run(model, w + e, problem, bn_mode="eval")[1].val_loss.item()
+        minus = _run(model, w - e, problem, bn_mode="eval")[1].val_loss.item()
+        finite_differences.append((plus - minus) / (2 * eps))
+    # Assert
+    assert result.hypergradient.tolist() == pytest.approx(finite_differences, rel=1e-6, abs=1e-10)
+    assert max(abs(a) for a in result.hypergradient.tolist()) > 1e-6
+
+
+def test_eval_bn_uses_running_stats_and_leaves_them_unchanged():
+    # Prepare: the expected update is plain SGD on the eval-mode (running-statistics) model.
+    model = _model_with_real_running_stats()
+    problem = _problem()
+    w = torch.tensor([0.6, 0.4, 0.0], dtype=torch.float64)
+    reference = copy.deepcopy(model).eval()
+    buf = _initial_momentum(reference)
+    names = [n for n, _ in reference.named_parameters()]
+    params = [p for _, p in reference.named_parameters()]
+    total = sum(
+        w[j] * kd_loss(reference(problem["source_inputs"][j]),
+                       problem["source_noise_probs"][j], problem["source_teacher_probs"][j],
+                       STEP["lam"], STEP["tau"])
+        for j in range(3)
+    )
+    grads = torch.autograd.grad(total, params)
+    expected = {
+        n: p.detach() - STEP["lr"] * (STEP["momentum"] * buf[n] + g + STEP["weight_decay"] * p.detach())
+        for n, p, g in zip(names, params, grads)
+    }
+    # Execute
+    updated, _ = _run(model, w, problem, bn_mode="eval")
+    train_updated, _ = _run(model, w, problem, bn_mode="train")
+    # Assert: Eq. 7 with running-statistics forwards; statistics untouched (unlike 'train')
+    for name, p in updated.named_parameters():
+        assert torch.allclose(p, expected[name], atol=1e-12), name
+    assert torch.equal(updated.bn.running_mean, model.bn.running_mean)
+    assert torch.equal(updated.bn.running_var, model.bn.running_var)
+    assert not torch.allclose(train_updated.bn.running_mean, model.bn.running_mean)
+    with pytest.raises(ValueError, match="bn_mode"):
+        _run(model, w, problem, bn_mode="frozen")
 
 
 def _random_epoch(num_clusters: int, steps: int = 4, batch: int = 10, classes: int = 3, seed: int = 5):
