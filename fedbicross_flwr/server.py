@@ -163,6 +163,7 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     missing = sorted({u.partition_id for u in uploads} - set(out.models))
     if missing:
         raise RuntimeError(f"method {cfg.method!r} returned no model for partitions {missing}")
+    check_finite_models(cfg.method, out.models, run_dir)
 
     # Phase 3: personalization ----------------------------------------------------------------
     t0 = time.perf_counter()
@@ -200,6 +201,28 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     log(logging.INFO, "done: paper metric (official test, mean over clients, after "
         "personalization) %s; results in %s", _pct(summary["acc-after-mean"]), run_dir)
     return run_dir
+
+
+def check_finite_models(method: str, models: dict[int, StateDict], run_dir: Path) -> None:
+    """Refuse to send a non-finite model to a client (a diverged server stage).
+
+    Raises
+    ------
+    FloatingPointError
+        Naming the partitions and the first non-finite tensor of each; nothing is sent and the
+        run folder (with its checkpoints) is kept.
+    """
+    bad = {}
+    for pid, state in sorted(models.items()):
+        for name, tensor in state.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad[pid] = name
+                break
+    if bad:
+        raise FloatingPointError(
+            f"method {method!r} produced non-finite models (NaN/Inf) for partitions "
+            f"{sorted(bad)} (first bad tensor per partition: {bad}); nothing was sent to the "
+            f"clients. The run folder {run_dir} and its checkpoints are kept.")
 
 
 def _checkpointed_uploads(run_dir: Path, uploads: list[ClientUpload],

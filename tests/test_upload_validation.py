@@ -43,3 +43,15 @@ def test_weighted_average_by_hand() -> None:
     # Assert: (1*1 + 3*5)/4 = 4, (1*3 + 3*7)/4 = 6, counter (10 + 60)/4 = 17.5 -> 18
     assert torch.allclose(avg["w"], torch.tensor([4.0, 6.0]))
     assert avg["n"].dtype == torch.int64 and int(avg["n"]) == 18
+
+
+def test_non_finite_server_models_are_never_sent(tmp_path):
+    # Prepare: one finite and one diverged outgoing model
+    from fedbicross_flwr.server import check_finite_models
+
+    good = {"w": torch.ones(2), "n": torch.tensor(3)}
+    bad = {"w": torch.tensor([1.0, float("nan")]), "n": torch.tensor(3)}
+    # Execute / Assert
+    check_finite_models("fedbicross", {0: good, 1: good}, tmp_path)  # no error
+    with pytest.raises(FloatingPointError, match=r"partitions \[2\].*'w'"):
+        check_finite_models("fedbicross", {0: good, 2: bad}, tmp_path)

@@ -424,6 +424,16 @@ class OnlineBilevelTrainer:
                 train_idx, val_idx,
             )
             history[t - 1] = self.weights
+            if t % log_every == 0 or t == steps:  # one host sync per ~10% of the steps
+                bad = (~torch.isfinite(val_losses[:t])).any(dim=0).nonzero().flatten().tolist()
+                if bad:
+                    raise FloatingPointError(
+                        f"{tag + ': ' if tag else ''}bi-level step {t}/{steps}: the validation "
+                        f"KD loss of cluster(s) {bad} is not finite: G_k diverged (its "
+                        "parameters are NaN/Inf). Lower student-lr, or keep student-bn='train'; "
+                        "the checkpoints taken so far are kept, so the run resumes from the "
+                        "last finished stage with resume=true."
+                    )
             if progress and (t % log_every == 0 or t == steps):
                 log(
                     INFO,

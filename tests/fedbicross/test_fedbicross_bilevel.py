@@ -270,3 +270,12 @@ def test_bilevel_weights_move_and_stay_on_simplex_uniform_stays_fixed():
     assert np.allclose(np.abs(steps), 0.1 / np.sqrt(2))
     assert np.allclose(fixed["weights"], 0.5)
     assert np.isfinite(learned["val_loss"]).all()
+
+
+def test_diverged_student_stops_with_a_clear_error():
+    # Prepare: a step size that blows the tiny students up within the epoch
+    data = _random_epoch(2, steps=6)
+    settings = FedBiCrossSettings(weights_mode="uniform", student_lr=1e12, val_fraction=0.2)
+    # Execute / Assert
+    with pytest.raises(FloatingPointError, match=r"not finite: G_k diverged"):
+        _train(settings, 2, data, init_seeds=[10, 11])
