@@ -92,6 +92,13 @@ def validate_upload(state: StateDict, reference: StateDict) -> str | None:
 
 def dataset_shape(cfg: RunConfig) -> tuple[int, int, float | None]:
     """(in_channels, num_classes, majority-class rate of the official test split or None)."""
+    if cfg.dataset == "custom" and not cfg.data_path and cfg.in_channels and cfg.num_classes:
+        # A deployment: every site reads its own archive (node config data-path); the server
+        # holds no data, so there is no shared test split and no majority-class rate.
+        log(logging.INFO, "dataset='custom' without a server-side data-path: the sites read "
+            "their own archives; using in-channels=%d, num-classes=%d from the run config",
+            cfg.in_channels, cfg.num_classes)
+        return cfg.in_channels, cfg.num_classes, None
     try:
         ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
                           cfg.in_channels, cfg.num_classes)

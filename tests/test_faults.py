@@ -198,3 +198,18 @@ def test_site_personalizes_from_its_disk_copy_when_the_node_state_is_lost(tiny_r
     assert OWN_MODEL not in fresh.state and not reply.has_error()
     assert dict(reply.content["metrics"]) == dict(with_state.content["metrics"])
     assert (tmp_path / "site-out" / "personalized-run5.pt").is_file()
+
+
+def test_deployment_server_needs_no_data_for_custom_sites(monkeypatch):
+    # Prepare: a deployment run config (sites hold the data; the server has no data-path)
+    from fedbicross_flwr import server
+    from fedbicross_flwr.config import RunConfig
+
+    cfg = RunConfig.from_run_config({"dataset": "custom", "in-channels": 3, "num-classes": 8})
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the server must not try to read a dataset here")
+
+    monkeypatch.setattr(server, "load_dataset", no_load)
+    # Execute / Assert
+    assert server.dataset_shape(cfg) == (3, 8, None)
