@@ -1,0 +1,102 @@
+"""Diagnostic: does KD on a cluster's synthetic trajectory help or hurt its average model?
+
+For each value of one synthesis setting (e.g. ``bn-weight``), synthesize ONE cluster's
+trajectory from cached client models, distil the cluster's data-size weighted average model on
+it for T plain KD steps (Eq. 5 with lambda = 0: the original teachers only; SGD with the
+preset's student lr and momentum, train-mode BN as in the real path), and print the model's
+official-test accuracy before and after (with the running BN statistics the KD steps left, and
+with the average's own statistics put back), with the teachers' agreement and the last R_BN.
+Test accuracy is only printed, never used by the method: a tool for choosing budgets by hand.
+
+    python scripts/synthesis_probe.py --preset conf/cpu.toml --client-cache outputs/.client-cache \
+        --run-config "dataset='digits' seed=1" --cluster 0,2,3,4 --key bn-weight --values 0.01,0.1,1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from pathlib import Path
+
+import torch
+
+from fedbicross_flwr import client_cache
+from fedbicross_flwr.config import RunConfig, load_preset, parse_overrides
+from fedbicross_flwr.data import load_dataset
+from fedbicross_flwr.fedbicross.losses import kd_kl
+from fedbicross_flwr.fedbicross.noise_adapt import teacher_soft_labels
+from fedbicross_flwr.fedbicross.synthesis import EnsembleTeacher, synthesize_trajectory
+from fedbicross_flwr.methods.fedbicross import settings_from_config
+from fedbicross_flwr.model import build_resnet18, weighted_average
+from fedbicross_flwr.site import to_tensors
+from fedbicross_flwr.training import predict_logits
+
+
+def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return 100.0 * (predict_logits(model, x, torch.device("cpu")).argmax(1) == y).float().mean().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", type=Path, required=True)
+    parser.add_argument("--client-cache", type=Path, required=True)
+    parser.add_argument("--run-config", default="")
+    parser.add_argument("--cluster", required=True, help="comma-separated partition ids")
+    parser.add_argument("--key", default="bn-weight", help="run-config key to vary")
+    parser.add_argument("--values", required=True, help="comma-separated values of --key")
+    args = parser.parse_args()
+    base = {**load_preset(args.preset), **parse_overrides(args.run_config)}
+    cfg = RunConfig.from_run_config(base)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    cached = client_cache.load(args.client_cache, cfg)
+    if cached is None:
+        raise SystemExit("no valid client-cache entry for this config: run the preset once first")
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download)
+    x_test, y_test = to_tensors(ds.test.images, ds.test.labels)
+    replies = cached["phase1"].replies
+    pids = [int(p) for p in args.cluster.split(",")]
+    members = []
+    for pid in pids:
+        model = build_resnet18(ds.in_channels, ds.num_classes)
+        model.load_state_dict(replies[pid].state)
+        members.append(model.eval())
+    average = build_resnet18(ds.in_channels, ds.num_classes)
+    average.load_state_dict(weighted_average([replies[p].state for p in pids],
+                                             [replies[p].metrics["num-examples"] for p in pids]))
+    print(f"cluster {pids}: average model {accuracy(average, x_test, y_test):.2f} % official test; "
+          f"members {[round(accuracy(m, x_test, y_test), 2) for m in members]}", flush=True)
+    for raw in args.values.split(","):
+        value = parse_overrides(f"{args.key}={raw}")[args.key]
+        settings = settings_from_config(RunConfig.from_run_config({**base, args.key: value}))
+        start = time.perf_counter()
+        trajectory, _, diag = synthesize_trajectory(
+            members, ds.num_classes, ds.in_channels, settings, settings.seed, "cpu", progress=False)
+        probs = teacher_soft_labels(EnsembleTeacher(members, settings.ensemble, "eval"), trajectory,
+                                    settings.tau, settings.label_chunk, settings.mixed_precision)
+        student = copy.deepcopy(average).train()
+        optimizer = torch.optim.SGD(student.parameters(), lr=settings.student_lr,
+                                    momentum=settings.student_momentum)
+        for t in range(trajectory.shape[0]):  # (B, C_in, H, W) per step, as the online stage
+            loss = kd_kl(student(trajectory[t].float()), probs[t], settings.tau)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        after = accuracy(student, x_test, y_test)
+        with torch.no_grad():  # the same weights with the average's (real-data) BN statistics
+            for (name, buf), ref in zip(student.named_buffers(), average.buffers()):
+                if "running_" in name:
+                    buf.copy_(ref)
+        kept = accuracy(student, x_test, y_test)
+        print(f"{args.key}={value}: teachers agree {100 * diag['teacher_accuracy']:.1f} %, "
+              f"last CE {diag['ce'][-1]:.3f} R_BN {diag['bn'][-1]:.1f}; after {trajectory.shape[0]} "
+              f"KD steps the average model scores {after:.2f} % with the BN statistics KD left, "
+              f"{kept:.2f} % with the average's own ({time.perf_counter() - start:.0f} s)",
+              flush=True)
+        for m in members:
+            m.eval()
+
+
+if __name__ == "__main__":
+    main()
