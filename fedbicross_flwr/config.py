@@ -192,9 +192,11 @@ class RunConfig:
                              choices=("random", "cluster-average"))
     student_bn: str = _key("student-bn", "train",
                            "BatchNorm of G_k during server KD: train (batch statistics, running "
-                           "statistics follow the synthetic images; FedISCA code) or eval "
-                           "(running statistics, frozen; pair with cluster-average).",
-                           choices=("train", "eval"))
+                           "statistics follow the synthetic images; FedISCA code), keep (batch "
+                           "statistics, running statistics left as they were) or eval (running "
+                           "statistics in the forwards, frozen); keep/eval pair with "
+                           "cluster-average.",
+                           choices=("train", "keep", "eval"))
     weights_mode: str = _key("weights-mode", "bilevel",
                              "Cross-cluster weights: learnt (bilevel, paper) or fixed ablations "
                              "intra (one-hot), uniform (1/K), similarity (centroid cosine).",

@@ -203,7 +203,8 @@ def inner_step_and_hypergradient(
         'bf16' to run forwards under autocast.
     bn_mode : str
         'train': BN uses batch statistics and the running statistics become the w-weighted
-        mixture of the per-source updates (module docstring). 'eval': BN uses the running
+        mixture of the per-source updates (module docstring). 'keep': BN uses batch
+        statistics, the running statistics are left unchanged. 'eval': BN uses the running
         statistics in every forward and they are left unchanged.
 
     Returns
@@ -216,11 +217,11 @@ def inner_step_and_hypergradient(
     device = val_inputs.device
     params = _trainable(model)
     names = list(params)
-    if bn_mode not in ("train", "eval"):
-        raise ValueError(f"bn_mode must be 'train' or 'eval', got {bn_mode!r}")
-    # 'train': BN uses batch statistics in every functional forward below; 'eval': the
-    # running statistics, which then stay as they are (no buffer is committed below).
-    model.train(bn_mode == "train")
+    if bn_mode not in ("train", "keep", "eval"):
+        raise ValueError(f"bn_mode must be 'train', 'keep' or 'eval', got {bn_mode!r}")
+    # 'train' and 'keep': BN uses batch statistics in every functional forward below; 'eval':
+    # the running statistics. Only 'train' commits the running-statistics update below.
+    model.train(bn_mode != "eval")
 
     # --- per-source losses L_j and gradients g_j at G ------------------------------------------
     active = range(num_sources)
@@ -277,7 +278,7 @@ def inner_step_and_hypergradient(
         for name in names:
             params[name].copy_(new_params[name])
         for name, buffer in model.named_buffers():
-            if not source_buffers or bn_mode == "eval":
+            if not source_buffers or bn_mode != "train":
                 break
             if buffer.is_floating_point():
                 w = weights.to(device=buffer.device, dtype=buffer.dtype)

@@ -15,7 +15,7 @@ _NOISE_TEACHER_MODES = ("eval", "train")
 _HYPERGRAD_NORMALISATIONS = ("unit", "none")
 _WEIGHTS_MODES = ("bilevel", "intra", "uniform", "similarity")
 _STUDENT_INITS = ("random", "cluster-average")
-_STUDENT_BN_MODES = ("train", "eval")
+_STUDENT_BN_MODES = ("train", "keep", "eval")
 _MIXED_PRECISION = ("none", "bf16")
 _CLUSTER_ON = ("predictions", "parameters", "hierarchical")
 
@@ -132,7 +132,8 @@ class FedBiCrossSettings:
     # BatchNorm of G_k during server KD: 'train' normalises with the synthetic batch's
     # statistics and moves G_k's running statistics towards the synthetic images (FedISCA's
     # code; the paper is silent); 'eval' normalises with G_k's running statistics and never
-    # changes them, so G_k is trained as it is evaluated on real images. With
+    # changes them, so G_k is trained as it is evaluated on real images; 'keep' normalises
+    # with batch statistics like 'train' but leaves the running statistics as they were. With
     # student_init='cluster-average' those are the members' averaged real-data statistics.
     student_bn: str = "train"
     # Server epochs: synthesis + noise adaptation + bi-level KD repeated with fresh noise;

@@ -222,6 +222,24 @@ def test_eval_bn_uses_running_stats_and_leaves_them_unchanged():
         _run(model, w, problem, bn_mode="frozen")
 
 
+def test_keep_bn_trains_like_train_mode_but_leaves_running_stats():
+    # Prepare
+    model = _model_with_real_running_stats()
+    problem = _problem()
+    w = torch.tensor([0.6, 0.4, 0.0], dtype=torch.float64)
+    # Execute
+    kept, kept_result = _run(model, w, problem, bn_mode="keep")
+    trained, trained_result = _run(model, w, problem, bn_mode="train")
+    # Assert: identical parameter update and losses (batch statistics in both), but 'keep'
+    # leaves the running statistics exactly as they were
+    for (name, a), b in zip(kept.named_parameters(), trained.parameters()):
+        assert torch.equal(a, b), name
+    assert torch.equal(kept_result.hypergradient, trained_result.hypergradient)
+    assert torch.equal(kept.bn.running_mean, model.bn.running_mean)
+    assert torch.equal(kept.bn.running_var, model.bn.running_var)
+    assert not torch.equal(trained.bn.running_mean, model.bn.running_mean)
+
+
 def _random_epoch(num_clusters: int, steps: int = 4, batch: int = 10, classes: int = 3, seed: int = 5):
     generator = torch.Generator().manual_seed(seed)
     trajectories = [torch.randn(steps, batch, 1, 6, 6, generator=generator) for _ in range(num_clusters)]
