@@ -18,15 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedbicross_flwr import client_cache
-from fedbicross_flwr.config import RunConfig, load_preset, parse_overrides
-from fedbicross_flwr.data import load_dataset
+from cached_clients import load_cached_clients
 from fedbicross_flwr.fedbicross.bilevel import OnlineBilevelTrainer
 from fedbicross_flwr.fedbicross.method import run_fedbicross
 from fedbicross_flwr.methods.fedbicross import settings_from_config
-from fedbicross_flwr.model import build_resnet18
-from fedbicross_flwr.site import to_tensors
-from fedbicross_flwr.training import predict_logits
 
 
 def main() -> None:
@@ -36,25 +31,13 @@ def main() -> None:
     parser.add_argument("--run-config", default="")
     parser.add_argument("--passes", type=int, default=3)
     args = parser.parse_args()
-    cfg = RunConfig.from_run_config({**load_preset(args.preset), **parse_overrides(args.run_config)})
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    cached = client_cache.load(args.client_cache, cfg)
-    if cached is None:
-        raise SystemExit("no valid client-cache entry for this config: run the preset once first")
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download)
-    x, y = to_tensors(ds.test.images, ds.test.labels)
-    replies = cached["phase1"].replies
+    clients = load_cached_clients(args.preset, args.client_cache, args.run_config)
+    cfg, ds, replies = clients.cfg, clients.dataset, clients.replies
     pids = sorted(replies)
-    models = []
-    for pid in pids:
-        model = build_resnet18(ds.in_channels, ds.num_classes)
-        model.load_state_dict(replies[pid].state)
-        models.append(model)
+    models = [clients.model(pid) for pid in pids]
 
     def report(trainer: OnlineBilevelTrainer, label: str) -> None:
-        accs = [100.0 * (predict_logits(s, x, torch.device("cpu")).argmax(1) == y).float().mean().item()
-                for s in trainer.students]
+        accs = [clients.accuracy(s) for s in trainer.students]
         for s in trainer.students:
             s.train()
         print(f"{label}: G_k official-test accuracy {np.round(accs, 2).tolist()}, "

@@ -21,20 +21,13 @@ from pathlib import Path
 
 import torch
 
-from fedbicross_flwr import client_cache
-from fedbicross_flwr.config import RunConfig, load_preset, parse_overrides
-from fedbicross_flwr.data import load_dataset
+from cached_clients import load_cached_clients
+from fedbicross_flwr.config import RunConfig, parse_overrides
 from fedbicross_flwr.fedbicross.losses import kd_kl
 from fedbicross_flwr.fedbicross.noise_adapt import teacher_soft_labels
 from fedbicross_flwr.fedbicross.synthesis import EnsembleTeacher, synthesize_trajectory
 from fedbicross_flwr.methods.fedbicross import settings_from_config
 from fedbicross_flwr.model import build_resnet18, weighted_average
-from fedbicross_flwr.site import to_tensors
-from fedbicross_flwr.training import predict_logits
-
-
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return 100.0 * (predict_logits(model, x, torch.device("cpu")).argmax(1) == y).float().mean().item()
 
 
 def main() -> None:
@@ -46,27 +39,15 @@ def main() -> None:
     parser.add_argument("--key", default="bn-weight", help="run-config key to vary")
     parser.add_argument("--values", required=True, help="comma-separated values of --key")
     args = parser.parse_args()
-    base = {**load_preset(args.preset), **parse_overrides(args.run_config)}
-    cfg = RunConfig.from_run_config(base)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    cached = client_cache.load(args.client_cache, cfg)
-    if cached is None:
-        raise SystemExit("no valid client-cache entry for this config: run the preset once first")
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download)
-    x_test, y_test = to_tensors(ds.test.images, ds.test.labels)
-    replies = cached["phase1"].replies
+    clients = load_cached_clients(args.preset, args.client_cache, args.run_config)
+    base, ds, replies = clients.values, clients.dataset, clients.replies
     pids = [int(p) for p in args.cluster.split(",")]
-    members = []
-    for pid in pids:
-        model = build_resnet18(ds.in_channels, ds.num_classes)
-        model.load_state_dict(replies[pid].state)
-        members.append(model.eval())
+    members = [clients.model(pid).eval() for pid in pids]
     average = build_resnet18(ds.in_channels, ds.num_classes)
     average.load_state_dict(weighted_average([replies[p].state for p in pids],
                                              [replies[p].metrics["num-examples"] for p in pids]))
-    print(f"cluster {pids}: average model {accuracy(average, x_test, y_test):.2f} % official test; "
-          f"members {[round(accuracy(m, x_test, y_test), 2) for m in members]}", flush=True)
+    print(f"cluster {pids}: average model {clients.accuracy(average):.2f} % official test; "
+          f"members {[round(clients.accuracy(m), 2) for m in members]}", flush=True)
     for raw in args.values.split(","):
         value = parse_overrides(f"{args.key}={raw}")[args.key]
         settings = settings_from_config(RunConfig.from_run_config({**base, args.key: value}))
@@ -83,12 +64,12 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        after = accuracy(student, x_test, y_test)
+        after = clients.accuracy(student)
         with torch.no_grad():  # the same weights with the average's (real-data) BN statistics
             for (name, buf), ref in zip(student.named_buffers(), average.buffers()):
                 if "running_" in name:
                     buf.copy_(ref)
-        kept = accuracy(student, x_test, y_test)
+        kept = clients.accuracy(student)
         print(f"{args.key}={value}: teachers agree {100 * diag['teacher_accuracy']:.1f} %, "
               f"last CE {diag['ce'][-1]:.3f} R_BN {diag['bn'][-1]:.1f}; after {trajectory.shape[0]} "
               f"KD steps the average model scores {after:.2f} % with the BN statistics KD left, "

@@ -416,6 +416,7 @@ class OnlineBilevelTrainer:
     ) -> None:
         """The loop t = 1..T of :meth:`run_epoch`, filling the (T, ...) history tensors in place."""
         steps = trajectories[0].shape[0]
+        checked = 0  # val_losses[:checked] are known to be finite
         for t in range(1, steps + 1):
             val_losses[t - 1], source_losses[t - 1] = self.step(
                 t, steps,
@@ -426,7 +427,9 @@ class OnlineBilevelTrainer:
             )
             history[t - 1] = self.weights
             if t % log_every == 0 or t == steps:  # one host sync per ~10% of the steps
-                bad = (~torch.isfinite(val_losses[:t])).any(dim=0).nonzero().flatten().tolist()
+                recent = val_losses[checked:t]  # the steps since the last check
+                checked = t
+                bad = (~torch.isfinite(recent)).any(dim=0).nonzero().flatten().tolist()
                 if bad:
                     raise FloatingPointError(
                         f"{tag + ': ' if tag else ''}bi-level step {t}/{steps}: the validation "

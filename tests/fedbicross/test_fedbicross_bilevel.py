@@ -103,6 +103,36 @@ def _run(model, weights, problem, bn_mode="train"):
     return model, result
 
 
+def _expected_eq7(reference, w, problem):
+    """Eq. 7 by hand: one heavy-ball SGD step on the w-weighted KD losses of ``reference``."""
+    buf = _initial_momentum(reference)
+    names = [n for n, _ in reference.named_parameters()]
+    params = [p for _, p in reference.named_parameters()]
+    total = sum(
+        w[j] * kd_loss(reference(problem["source_inputs"][j]),
+                       problem["source_noise_probs"][j], problem["source_teacher_probs"][j],
+                       STEP["lam"], STEP["tau"])
+        for j in range(len(problem["source_inputs"]))
+    )
+    grads = torch.autograd.grad(total, params)
+    return {
+        n: p.detach() - STEP["lr"] * (STEP["momentum"] * buf[n] + g + STEP["weight_decay"] * p.detach())
+        for n, p, g in zip(names, params, grads)
+    }
+
+
+def _finite_difference_hypergradient(model, w, problem, bn_mode="train", eps=1e-6):
+    """Central differences of the validation loss after the inner step, one per weight."""
+    out = []
+    for j in range(len(w)):
+        e = torch.zeros(len(w), dtype=torch.float64)
+        e[j] = eps
+        plus = _run(model, w + e, problem, bn_mode)[1].val_loss.item()
+        minus = _run(model, w - e, problem, bn_mode)[1].val_loss.item()
+        out.append((plus - minus) / (2 * eps))
+    return out
+
+
 def test_hypergradient_matches_central_finite_differences():
     # Prepare: tiny CNN with one BN layer, float64, three sources, momentum + weight decay.
     model = make_tiny(0, dtype=torch.float64)
@@ -110,14 +140,7 @@ def test_hypergradient_matches_central_finite_differences():
     w = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
     # Execute
     _, result = _run(model, w, problem)
-    eps = 1e-6
-    finite_differences = []
-    for j in range(3):
-        e = torch.zeros(3, dtype=torch.float64)
-        e[j] = eps
-        loss_plus = _run(model, w + e, problem)[1].val_loss.item()
-        loss_minus = _run(model, w - e, problem)[1].val_loss.item()
-        finite_differences.append((loss_plus - loss_minus) / (2 * eps))
+    finite_differences = _finite_difference_hypergradient(model, w, problem)
     # Assert: exact first-order formula -eta_G <g_val, g_j> equals dL_val(G'(w))/dw_j
     analytic = result.hypergradient.tolist()
     assert analytic == pytest.approx(finite_differences, rel=1e-6, abs=1e-10)
@@ -130,20 +153,7 @@ def test_inner_step_is_eq7_with_momentum_and_bn_stats_are_weight_mixed():
     problem = _problem()
     w = torch.tensor([0.6, 0.4, 0.0], dtype=torch.float64)
     reference = copy.deepcopy(model).train()
-    buf = _initial_momentum(reference)
-    names = [n for n, _ in reference.named_parameters()]
-    params = [p for _, p in reference.named_parameters()]
-    total = sum(
-        w[j] * kd_loss(reference(problem["source_inputs"][j]),
-                       problem["source_noise_probs"][j], problem["source_teacher_probs"][j],
-                       STEP["lam"], STEP["tau"])
-        for j in range(3)
-    )
-    grads = torch.autograd.grad(total, params)
-    expected = {
-        n: p.detach() - STEP["lr"] * (STEP["momentum"] * buf[n] + g + STEP["weight_decay"] * p.detach())
-        for n, p, g in zip(names, params, grads)
-    }
+    expected = _expected_eq7(reference, w, problem)
     # BN input = conv output; running stats move towards the w-weighted batch statistics.
     with torch.no_grad():
         stats = [reference.conv(x) for x in problem["source_inputs"]]
@@ -176,14 +186,7 @@ def test_eval_bn_hypergradient_matches_finite_differences():
     w = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
     # Execute
     _, result = _run(model, w, problem, bn_mode="eval")
-    eps = 1e-6
-    finite_differences = []
-    for j in range(3):
-        e = torch.zeros(3, dtype=torch.float64)
-        e[j] = eps
-        plus = _run(model, w + e, problem, bn_mode="eval")[1].val_loss.item()
-        minus = _run(model, w - e, problem, bn_mode="eval")[1].val_loss.item()
-        finite_differences.append((plus - minus) / (2 * eps))
+    finite_differences = _finite_difference_hypergradient(model, w, problem, bn_mode="eval")
     # Assert
     assert result.hypergradient.tolist() == pytest.approx(finite_differences, rel=1e-6, abs=1e-10)
     assert max(abs(a) for a in result.hypergradient.tolist()) > 1e-6
@@ -195,20 +198,7 @@ def test_eval_bn_uses_running_stats_and_leaves_them_unchanged():
     problem = _problem()
     w = torch.tensor([0.6, 0.4, 0.0], dtype=torch.float64)
     reference = copy.deepcopy(model).eval()
-    buf = _initial_momentum(reference)
-    names = [n for n, _ in reference.named_parameters()]
-    params = [p for _, p in reference.named_parameters()]
-    total = sum(
-        w[j] * kd_loss(reference(problem["source_inputs"][j]),
-                       problem["source_noise_probs"][j], problem["source_teacher_probs"][j],
-                       STEP["lam"], STEP["tau"])
-        for j in range(3)
-    )
-    grads = torch.autograd.grad(total, params)
-    expected = {
-        n: p.detach() - STEP["lr"] * (STEP["momentum"] * buf[n] + g + STEP["weight_decay"] * p.detach())
-        for n, p, g in zip(names, params, grads)
-    }
+    expected = _expected_eq7(reference, w, problem)
     # Execute
     updated, _ = _run(model, w, problem, bn_mode="eval")
     train_updated, _ = _run(model, w, problem, bn_mode="train")
