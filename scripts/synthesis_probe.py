@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import time
 from pathlib import Path
 
@@ -48,12 +49,17 @@ def main() -> None:
                                              [replies[p].metrics["num-examples"] for p in pids]))
     print(f"cluster {pids}: average model {clients.accuracy(average):.2f} % official test; "
           f"members {[round(clients.accuracy(m), 2) for m in members]}", flush=True)
+    syntheses: dict[str, tuple] = {}  # keys that only change the KD steps reuse the trajectory
     for raw in args.values.split(","):
         value = parse_overrides(f"{args.key}={raw}")[args.key]
         settings = settings_from_config(RunConfig.from_run_config({**base, args.key: value}))
         start = time.perf_counter()
-        trajectory, _, diag = synthesize_trajectory(
-            members, ds.num_classes, ds.in_channels, settings, settings.seed, "cpu", progress=False)
+        synthesis_key = repr(dataclasses.replace(settings, student_lr=1.0, student_momentum=0.0))
+        if synthesis_key not in syntheses:
+            syntheses[synthesis_key] = synthesize_trajectory(
+                members, ds.num_classes, ds.in_channels, settings, settings.seed, "cpu",
+                progress=False)
+        trajectory, _, diag = syntheses[synthesis_key]
         probs = teacher_soft_labels(EnsembleTeacher(members, settings.ensemble, "eval"), trajectory,
                                     settings.tau, settings.label_chunk, settings.mixed_precision)
         student = copy.deepcopy(average).train()
