@@ -68,9 +68,12 @@ def plot_sweep(rows: list[dict[str, Any]], axis: str, path: Path) -> None:
     for stage in ("synthesis", "bilevel", "total"):
         ax.plot(xs, [r[f"{stage}_ms"] for r in rows], marker="o", label=stage)
     base = rows[0]
-    for power, stage, style in ((1, "synthesis", ":"), (2, "bilevel", "--")):
+    # Guides with the growth the FLOP count predicts (docs/BENCHMARKS.md): synthesis ~ N B,
+    # bi-level ~ K^2 B and independent of N.
+    powers = {"N": (1, 0), "K": (0, 2), "B": (1, 1)}[key]
+    for power, stage, style in zip(powers, ("synthesis", "bilevel"), (":", "--")):
         ax.plot(xs, [base[f"{stage}_ms"] * (x / xs[0]) ** power for x in xs], style, color="grey",
-                label=f"{stage} at {key}^{power}")
+                label=f"{stage} expected ~ {key}^{power}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel(key)

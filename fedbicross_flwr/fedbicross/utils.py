@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+from logging import WARNING
 from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+
+from ..logging_utils import log
 
 
 def derive_seed(seed: int, *parts: int) -> int:
@@ -96,3 +100,42 @@ def to_contiguous(models: Sequence[nn.Module]) -> None:
     """Undo :func:`to_channels_last` (plain NCHW storage, e.g. before state dicts leave)."""
     for model in models:
         model.to(memory_format=torch.contiguous_format)
+
+
+def batchnorm_folded(model: nn.Module) -> nn.Module:
+    """A frozen eval-mode copy with every BatchNorm folded into the convolution before it.
+
+    In eval mode BN is the affine map gamma * (z - mu) / sqrt(var + eps) + beta of its input,
+    so conv -> BN equals one convolution with rescaled weights and a bias. Folding removes the
+    BN passes over the activations (about 10 % of a bf16 ResNet-18 forward on CPU) and is
+    exact up to float rounding. Only for predictions of frozen teachers: the copy has no BN
+    statistics to hook, adapt or train. Uses ``torch.fx.experimental.optimization.fuse``; a
+    model that torch.fx cannot trace is returned as an unfolded frozen copy.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any model; it is not modified.
+
+    Returns
+    -------
+    nn.Module
+        Eval-mode copy, ``requires_grad`` False, channels-last where the model was.
+    """
+    from torch.fx.experimental.optimization import fuse
+
+    frozen = copy.deepcopy(model).eval().requires_grad_(False)
+    channels_last = any(
+        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+        and not p.is_contiguous() for p in frozen.parameters()
+    )
+    try:
+        folded = fuse(frozen, inplace=True)
+    except Exception as error:  # noqa: BLE001 - an untraceable model still predicts correctly
+        log(WARNING, "BN folding skipped (%s: %s); predicting with the unfolded model",
+            type(error).__name__, error)
+        return frozen
+    folded.eval().requires_grad_(False)
+    if channels_last:
+        folded.to(memory_format=torch.channels_last)
+    return folded

@@ -71,3 +71,44 @@ def test_soft_labels_hand_computed_for_both_ensembles_and_temperature():
     assert p_logit[0, 0].tolist() == pytest.approx([1 / (1 + sqrt3), sqrt3 / (1 + sqrt3)])
     # tau = 2 on logits (0, ln 3): softmax(0, ln sqrt3)
     assert p_tau[4, 0].tolist() == pytest.approx([1 / (1 + sqrt3), sqrt3 / (1 + sqrt3)])
+
+
+def _resnet_with_running_stats(seed: int) -> nn.Module:
+    from fedbicross_flwr.model import build_resnet18
+
+    torch.manual_seed(seed)
+    model = build_resnet18(1, 4).train()
+    with torch.no_grad():  # running statistics far from the (0, 1) initialisation
+        for _ in range(3):
+            model(torch.randn(8, 1, 28, 28) * 3 + 1)
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def test_batchnorm_folding_predicts_the_same_and_leaves_the_model_alone():
+    # Prepare: two ResNet-18 members with non-trivial BN statistics and affine parameters
+    from fedbicross_flwr.fedbicross.utils import batchnorm_folded
+
+    members = [_resnet_with_running_stats(0), _resnet_with_running_stats(1)]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in members]
+    trajectory = torch.randn(3, 4, 1, 28, 28)
+    # Execute
+    folded = batchnorm_folded(members[0])
+    folded_bns = [m for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
+    p_folded = teacher_soft_labels(EnsembleTeacher(members), trajectory, tau=4.0, chunk=2)
+    p_plain = teacher_soft_labels(EnsembleTeacher(members), trajectory, tau=4.0, chunk=2,
+                                  fold_bn=False)
+    # Assert: BN is gone from the copy, predictions are unchanged, the originals untouched
+    assert folded_bns == []
+    assert not any(p.requires_grad for p in folded.parameters())
+    x = trajectory[0]
+    with torch.no_grad():
+        assert torch.allclose(folded(x), members[0](x), atol=1e-4, rtol=1e-4)
+    assert torch.allclose(p_folded, p_plain, atol=1e-6)
+    for member, state in zip(members, before):
+        assert member.training is False
+        assert all(torch.equal(member.state_dict()[k], v) for k, v in state.items())
+        assert any(isinstance(m, nn.BatchNorm2d) for m in member.modules())
