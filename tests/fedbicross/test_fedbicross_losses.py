@@ -8,6 +8,7 @@ from torch import nn
 
 from fedbicross_flwr.fedbicross.losses import (
     BNStatsHook,
+    channel_moments,
     kd_kl,
     kd_loss,
     lambda_schedule,
@@ -91,6 +92,30 @@ def test_bn_stats_hook_hand_computed_and_hooks_removed():
     assert sum_loss.item() == pytest.approx(r_a + r_b, rel=1e-4)
     for module in [*model_a.modules(), *model_b.modules()]:
         assert len(module._forward_hooks) == 0
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_channel_moments_match_var_mean_with_gradients(layout, dtype):
+    # Prepare: an activation whose channels have different means and spreads
+    torch.manual_seed(0)
+    base = torch.randn(6, 5, 7, 7, dtype=torch.float64) * torch.arange(1.0, 6.0).view(1, 5, 1, 1)
+    base = base + torch.linspace(-2.0, 3.0, 5, dtype=torch.float64).view(1, 5, 1, 1)
+    a = base.to(dtype).contiguous(memory_format=layout).requires_grad_(True)
+    ref_in = a.detach().double().requires_grad_(True)
+    weights = torch.linspace(0.5, 1.5, 5, dtype=torch.float64)
+    # Execute
+    mean, var = channel_moments(a)
+    ((mean.double() * weights).sum() + (var.double() * weights).sum()).backward()
+    ref_var, ref_mean = torch.var_mean(ref_in, dim=(0, 2, 3), unbiased=False)
+    ((ref_mean * weights).sum() + (ref_var * weights).sum()).backward()
+    # Assert: float32 statistics of a bf16 input (float64 kept), same values and gradients
+    assert mean.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert torch.allclose(mean.double(), ref_mean, rtol=tol, atol=tol)
+    assert torch.allclose(var.double(), ref_var, rtol=tol, atol=tol)
+    assert torch.allclose(a.grad.double(), ref_in.grad, rtol=1e-2 if dtype == torch.bfloat16 else tol,
+                          atol=1e-2 if dtype == torch.bfloat16 else tol)
 
 
 def test_bn_stats_hook_removed_on_exception():
