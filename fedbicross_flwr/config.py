@@ -122,6 +122,10 @@ class RunConfig:
                           "fp32, or bf16 autocast for training/synthesis forward passes.",
                           choices=("fp32", "bf16"))
     num_threads: int = _key("num-threads", 0, "torch CPU threads (0 = torch's default).", low=0)
+    compile: bool = _key("compile", False,
+                         "torch.compile the client models' forward inside FedBiCross synthesis "
+                         "(inductor; a one-off compile of about a minute on CPU, then about 30% "
+                         "faster synthesis steps on CPU; docs/BENCHMARKS.md).")
     output_dir: str = _key("output-dir", "",
                            "Absolute folder for run folders. Empty: $FEDBICROSS_OUTPUT_DIR, "
                            "else <project>/outputs.")

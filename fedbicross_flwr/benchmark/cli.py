@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="device peak for the FLOP/s ratio (0: estimate)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the members inside synthesis (run-config compile)")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the reference path (no comparison, no speed-up)")
     parser.add_argument("--json", default="", help="also write the report to this JSON file")
@@ -48,7 +50,8 @@ def run_command(args: argparse.Namespace) -> int:
                           steps=args.steps, ref_steps=args.ref_steps, device=args.device,
                           dtype=args.dtype, model=args.model, in_channels=args.in_channels,
                           num_classes=args.num_classes, image_size=args.image_size,
-                          seed=args.seed, peak_tflops=args.peak_tflops, check=not args.no_check)
+                          seed=args.seed, peak_tflops=args.peak_tflops, check=not args.no_check,
+                          compile=args.compile)
     except ValueError as err:
         print(f"bench: {err}")
         return 2

@@ -34,8 +34,8 @@ from ..fedbicross.losses import BNStatsHook
 from ..fedbicross.method import init_cluster_models
 from ..fedbicross.noise_adapt import noise_adapted_copy, teacher_soft_labels
 from ..fedbicross.settings import FedBiCrossSettings
-from ..fedbicross.synthesis import (EnsembleTeacher, deepinversion_loss, initial_state,
-                                    synthesize_trajectory)
+from ..fedbicross.synthesis import (EnsembleTeacher, compiled, deepinversion_loss,
+                                    initial_state, synthesize_trajectory)
 from ..fedbicross.utils import derive_seed, preserved_modes, to_channels_last
 from ..model import build_resnet18
 from .hardware import (count_flops, estimate_peak_flops, peak_memory_mib, reset_peak_memory,
@@ -104,6 +104,7 @@ class BenchConfig:
     check: bool = True
     warmup: bool = True
     perturb: float = 0.0
+    compile: bool = False  # torch.compile the members inside synthesis (settings.compile)
 
     def __post_init__(self) -> None:
         for name in ("num_clients", "num_clusters", "steps", "ref_steps", "in_channels"):
@@ -172,7 +173,8 @@ def make_clients(cfg: BenchConfig, device: torch.device) -> list[nn.Module]:
 def _settings(cfg: BenchConfig, dtype: str | None = None) -> FedBiCrossSettings:
     return FedBiCrossSettings(num_clusters=cfg.num_clusters, synth_steps=cfg.steps,
                               synth_batch=cfg.batch, seed=cfg.seed,
-                              mixed_precision="bf16" if (dtype or cfg.dtype) == "bf16" else "none")
+                              mixed_precision="bf16" if (dtype or cfg.dtype) == "bf16" else "none",
+                              compile=cfg.compile)
 
 
 def _student_factory(cfg: BenchConfig):
@@ -194,7 +196,8 @@ def _real_synthesis_grad(members: list[nn.Module], x: Tensor, labels: Tensor,
                          ) -> tuple[Tensor, Tensor]:
     """Loss terms and image gradient of one real-path synthesis step (no optimizer step)."""
     x = x.detach().clone().contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    teacher = EnsembleTeacher(members, settings.ensemble, "eval")
+    forward_members = compiled(members) if settings.compile else members
+    teacher = EnsembleTeacher(forward_members, settings.ensemble, "eval")
     with preserved_modes(members), BNStatsHook(members) as hook:
         loss, terms = deepinversion_loss(teacher, hook, torch.roll(x, offset, (2, 3)), labels,
                                          settings)

@@ -154,6 +154,9 @@ class FedBiCrossSettings:
     num_examples: int = 16
     # Trajectory steps forwarded together when computing teacher soft labels (memory bound).
     label_chunk: int = 8
+    # torch.compile (inductor) the members' forward inside synthesis (Eq. 2), where most of
+    # the server time goes. Same numbers up to float rounding; costs a one-off compile.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         _check_int("num_clusters", self.num_clusters, 1)
@@ -189,6 +192,8 @@ class FedBiCrossSettings:
         _check_choice("mixed_precision", self.mixed_precision, _MIXED_PRECISION)
         _check_int("num_examples", self.num_examples, 0)
         _check_int("label_chunk", self.label_chunk, 1)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be True or False, got {self.compile!r}")
 
     def with_overrides(self, **overrides: Any) -> FedBiCrossSettings:
         """Return a validated copy with some fields replaced (unknown names raise TypeError)."""

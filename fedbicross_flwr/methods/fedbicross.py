@@ -60,6 +60,7 @@ def settings_from_config(cfg: RunConfig, num_clusters: int | None = None) -> Fed
         kd_passes=cfg.kd_passes,
         seed=cfg.seed,
         mixed_precision="bf16" if cfg.precision == "bf16" else "none",
+        compile=cfg.compile,
     )
 
 
