@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared device session (docs/BENCHMARKS.md "GPU", docs/RESULTS.md "Paper-scale cell").
 #   bash bench/gpu_session.sh smoke   # ~1 min: every step below at toy size
-#   bash bench/gpu_session.sh full    # the measurements
+#   bash bench/gpu_session.sh full    # the measurements (run 2026-11-26, H100)
+#   bash bench/gpu_session.sh next    # prepared for the next device session (not run yet)
 # Runs from the repository root on the lent GPU machine (no flwr, Ray, medmnist or
 # flwr-datasets there: the package is used from the source tree, partitions are replayed by
 # bench/device_run.py). Writes logs and a tarball of the run folders to $OUT (or ./gpu-out).
@@ -39,6 +40,21 @@ if [ "$MODE" = smoke ]; then
     fedavg1,fedbicross,fedisca --run-config "dataset='digits' output-dir='$RUNS' \
     local-epochs=1 pers-epochs=1 synth-steps=4 synth-batch=16 noise-samples=16 fedisca-epochs=1 \
     run-name='smoke'"
+elif [ "$MODE" = next ]; then
+  # Issue 6: does torch.compile of the synthesis members (run-config compile) lift the paper
+  # stage's 5.3 % of peak? Same inputs, T=20, with and without --compile.
+  step bench_paper_t20 90 $CLI bench --device "$DEV" --clients 5 --clusters 2 --batch 256 \
+    --steps 20 --ref-steps 2 --dtype bf16 --json "$OUT/bench_paper_t20.json"
+  step bench_paper_t20_compile 150 $CLI bench --device "$DEV" --clients 5 --clusters 2 \
+    --batch 256 --steps 20 --ref-steps 2 --dtype bf16 --compile \
+    --json "$OUT/bench_paper_t20_compile.json"
+  # Issue 3: the BN prior's weight at paper scale (the CPU probe: a_BN=1 made server KD improve
+  # the cluster average, a_BN=0.01 made it worse), with the smaller student step.
+  for BW in 10 1 0.1; do
+    step "cell_bn$BW" 150 $CLI run --preset conf/paper.toml --client-cache "$CACHE" --methods \
+      fedbicross --run-config "dataset='digits' output-dir='$RUNS' bn-weight=$BW \
+      student-lr=0.001 student-init='cluster-average' run-name='gpu-paper-digits-s0-bn$BW'"
+  done
 else
   # Issue 6: the paper's server stage (N=5, K=2, B=256, T=500, one server epoch) against the
   # reference-style path on the same inputs.
