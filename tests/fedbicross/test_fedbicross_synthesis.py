@@ -1,6 +1,7 @@
 """Stage 1 synthesis (Eq. 1-2): trajectory shapes, labels, frozen members, convergence."""
 
 import copy
+import shutil
 
 import pytest
 import torch
@@ -101,6 +102,8 @@ def test_bn_prior_is_optimised():
     assert bn_on[-1] < 0.7 * bn_on[0] and bn_on[-1] < 0.7 * bn_off[-1]
 
 
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                    reason="torch.compile (inductor) needs a C++ compiler on CPU")
 def test_compiled_synthesis_matches_eager_and_leaves_members_alone():
     # Prepare: two members, float32, a few steps (inductor compiles the tiny graph once)
     members = [make_tiny(0), make_tiny(1)]
