@@ -124,8 +124,9 @@ class RunConfig:
     num_threads: int = _key("num-threads", 0, "torch CPU threads (0 = torch's default).", low=0)
     compile: bool = _key("compile", False,
                          "torch.compile the client models' forward inside FedBiCross synthesis "
-                         "(inductor; a one-off compile of about a minute on CPU, then about 30% "
-                         "faster synthesis steps on CPU; docs/BENCHMARKS.md).")
+                         "(inductor; a one-off compile of about a minute on CPU, seconds from "
+                         "its disk cache; then 20-30% less time per synthesis step on CPU; "
+                         "docs/BENCHMARKS.md).")
     output_dir: str = _key("output-dir", "",
                            "Absolute folder for run folders. Empty: $FEDBICROSS_OUTPUT_DIR, "
                            "else <project>/outputs.")

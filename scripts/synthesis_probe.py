@@ -50,6 +50,7 @@ def main() -> None:
     print(f"cluster {pids}: average model {clients.accuracy(average):.2f} % official test; "
           f"members {[round(clients.accuracy(m), 2) for m in members]}", flush=True)
     syntheses: dict[str, tuple] = {}  # keys that only change the KD steps reuse the trajectory
+    soft_labels: dict[str, torch.Tensor] = {}  # ... and the teachers' soft labels on it
     for raw in args.values.split(","):
         value = parse_overrides(f"{args.key}={raw}")[args.key]
         settings = settings_from_config(RunConfig.from_run_config({**base, args.key: value}))
@@ -60,8 +61,12 @@ def main() -> None:
                 members, ds.num_classes, ds.in_channels, settings, settings.seed, "cpu",
                 progress=False)
         trajectory, _, diag = syntheses[synthesis_key]
-        probs = teacher_soft_labels(EnsembleTeacher(members, settings.ensemble, "eval"), trajectory,
-                                    settings.tau, settings.label_chunk, settings.mixed_precision)
+        labels_key = f"{synthesis_key} tau={settings.tau}"  # frozen teachers: label once
+        if labels_key not in soft_labels:
+            soft_labels[labels_key] = teacher_soft_labels(
+                EnsembleTeacher(members, settings.ensemble, "eval"), trajectory, settings.tau,
+                settings.label_chunk, settings.mixed_precision)
+        probs = soft_labels[labels_key]
         student = copy.deepcopy(average).train()
         optimizer = torch.optim.SGD(student.parameters(), lr=settings.student_lr,
                                     momentum=settings.student_momentum)

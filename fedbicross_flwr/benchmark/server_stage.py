@@ -34,8 +34,8 @@ from ..fedbicross.losses import BNStatsHook
 from ..fedbicross.method import init_cluster_models
 from ..fedbicross.noise_adapt import noise_adapted_copy, teacher_soft_labels
 from ..fedbicross.settings import FedBiCrossSettings
-from ..fedbicross.synthesis import (EnsembleTeacher, compiled, deepinversion_loss,
-                                    initial_state, synthesize_trajectory)
+from ..fedbicross.synthesis import (EnsembleTeacher, deepinversion_loss, initial_state,
+                                    loss_members, synthesize_trajectory)
 from ..fedbicross.utils import derive_seed, preserved_modes, to_channels_last
 from ..model import build_resnet18
 from .hardware import (count_flops, estimate_peak_flops, peak_memory_mib, reset_peak_memory,
@@ -196,8 +196,7 @@ def _real_synthesis_grad(members: list[nn.Module], x: Tensor, labels: Tensor,
                          ) -> tuple[Tensor, Tensor]:
     """Loss terms and image gradient of one real-path synthesis step (no optimizer step)."""
     x = x.detach().clone().contiguous(memory_format=torch.channels_last).requires_grad_(True)
-    forward_members = compiled(members) if settings.compile else members
-    teacher = EnsembleTeacher(forward_members, settings.ensemble, "eval")
+    teacher = EnsembleTeacher(loss_members(members, settings), settings.ensemble, "eval")
     with preserved_modes(members), BNStatsHook(members) as hook:
         loss, terms = deepinversion_loss(teacher, hook, torch.roll(x, offset, (2, 3)), labels,
                                          settings)

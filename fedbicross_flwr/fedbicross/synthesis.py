@@ -127,14 +127,18 @@ def initial_state(
     return labels, x0, [(int(dy), int(dx)) for dy, dx in offsets.tolist()]
 
 
-def compiled(members: Sequence[nn.Module]) -> list[nn.Module]:
-    """``torch.compile`` wrappers of the members (inductor), sharing their parameters and hooks.
+def loss_members(members: Sequence[nn.Module], settings: FedBiCrossSettings) -> list[nn.Module]:
+    """The members as the L_DI forwards call them: ``torch.compile`` wrappers when
+    ``settings.compile``, else the members themselves.
 
-    Members of one architecture share one compiled graph (parameters are graph inputs), so the
-    compile cost is paid once per process and shape, not per member. The wrappers forward
-    ``eval()``/``train()`` to the member itself.
+    The wrappers share the members' parameters and BN submodules (so :class:`BNStatsHook`
+    registered on the members still fires) and forward ``eval()``/``train()`` to them. Members
+    of one architecture share one compiled graph (parameters are graph inputs), so the compile
+    cost is paid once per process and shape, not per member.
     """
-    return [torch.compile(member) for member in members]
+    if settings.compile:
+        return [torch.compile(member) for member in members]
+    return list(members)
 
 
 def deepinversion_loss(
@@ -243,10 +247,8 @@ def synthesize_trajectory(
     optimizer = torch.optim.Adam([x], lr=settings.synth_lr)
     trajectory = torch.empty((steps, *x.shape), device=device, dtype=dtype)  # (T, B, C_in, H, W)
     terms = torch.empty((steps, 3), device=device, dtype=torch.float64)  # CE, R_BN, R_TV
-    # The loss forwards may run compiled; BN hooks sit on the shared submodules either way, and
-    # the final diagnostics below use the members as they are.
-    forward_members = compiled(members) if settings.compile else list(members)
-    teacher = EnsembleTeacher(forward_members, settings.ensemble, "eval")
+    # The loss forwards may run compiled; the final diagnostics below use the members as they are.
+    teacher = EnsembleTeacher(loss_members(members, settings), settings.ensemble, "eval")
     log_every = max(1, steps // 10)
     start = time.perf_counter()
 
