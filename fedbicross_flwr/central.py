@@ -81,7 +81,8 @@ def central(inp: MethodInput) -> MethodOutput:
                           progress=cfg.progress)
     seconds = time.perf_counter() - start
     x_val, y_val = to_tensors(ds.val.images, ds.val.labels)
-    val_acc = accuracy(model, x_val, y_val, inp.device) if len(y_val) else float("nan")
+    val_acc = (accuracy(model, x_val, y_val, inp.device, cfg.eval_precision) if len(y_val)
+               else float("nan"))
     log(logging.INFO, "central: %.1f s, final loss %.4f, official-val accuracy %.4f", seconds,
         history[-1] if history else float("nan"), val_acc)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

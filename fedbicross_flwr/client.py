@@ -9,8 +9,10 @@ evaluation views. Only metrics leave the client; data and labels never do.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -38,11 +40,54 @@ def initial_state(cfg: RunConfig, in_channels: int, num_classes: int) -> dict[st
         return build_resnet18(in_channels, num_classes).state_dict()
 
 
-def evaluate_views(model: nn.Module, site: SiteData, device: torch.device) -> dict[str, float]:
-    """Accuracy on the official test split and on the label-following personal split."""
-    return {"test-acc": accuracy(model, site.x_test, site.y_test, device),
+def model_fingerprint(model: nn.Module) -> str:
+    """BLAKE2b digest of a model's state (names, dtypes, shapes and values)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# Official-test accuracies of received models, by model fingerprint. Clients of one process
+# that receive the same model (FedAvg-1, central, the multi-round references: every client;
+# FedBiCross: each cluster's) evaluate it once. The split tensors are kept in the entry, so the
+# data pointers in the key cannot be reused by other tensors while the entry exists.
+_SHARED_EVAL: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = OrderedDict()
+_SHARED_EVAL_SIZE = 16
+
+
+def shared_split_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                          device: torch.device, precision: str = "fp32") -> float:
+    """:func:`accuracy` on a split shared by the clients (the official test), remembered.
+
+    Same value as ``accuracy(model, x, y, device, precision)``; a model with the same state on
+    the same split tensors is not forwarded again.
+    """
+    key = (model_fingerprint(model), x.data_ptr(), tuple(x.shape), y.data_ptr(),
+           tuple(y.shape), device.type, precision)
+    if key in _SHARED_EVAL:
+        _SHARED_EVAL.move_to_end(key)
+        return _SHARED_EVAL[key][2]
+    acc = accuracy(model, x, y, device, precision)
+    _SHARED_EVAL[key] = (x, y, acc)
+    while len(_SHARED_EVAL) > _SHARED_EVAL_SIZE:
+        _SHARED_EVAL.popitem(last=False)
+    return acc
+
+
+def evaluate_views(model: nn.Module, site: SiteData, device: torch.device,
+                   precision: str = "fp32", shared: bool = False) -> dict[str, float]:
+    """Accuracy on the official test split and on the label-following personal split.
+
+    ``shared=True`` remembers the official-test accuracy by model fingerprint (for models that
+    several clients receive); ``precision`` is the run config's ``eval-precision``.
+    """
+    official = shared_split_accuracy if shared else accuracy
+    return {"test-acc": official(model, site.x_test, site.y_test, device, precision),
             "test-acc-personal": accuracy(model, site.x_test_personal, site.y_test_personal,
-                                          device)}
+                                          device, precision)}
 
 
 def run_local_training(cfg: RunConfig, site: SiteData, device: torch.device,
@@ -71,8 +116,8 @@ def run_local_training(cfg: RunConfig, site: SiteData, device: torch.device,
     metrics = {
         "num-examples": float(site.n_train),
         "train-loss": history[-1] if history else float("nan"),
-        "val-acc": accuracy(model, site.x_val, site.y_val, device),
-        **evaluate_views(model, site, device),
+        "val-acc": accuracy(model, site.x_val, site.y_val, device, cfg.eval_precision),
+        **evaluate_views(model, site, device, cfg.eval_precision),
         "n-test": float(len(site.y_test)),
         "n-test-personal": float(len(site.y_test_personal)),
         "train-seconds": time.perf_counter() - start,
@@ -88,10 +133,11 @@ def run_personalization(cfg: RunConfig, site: SiteData, own_model: nn.Module,
                         received: nn.Module, device: torch.device
                         ) -> tuple[nn.Module, dict[str, float]]:
     """Phase 3: Eq. 9 from the received model; metrics before and after, both views."""
-    before = evaluate_views(received, site, device)
+    before = evaluate_views(received, site, device, cfg.eval_precision, shared=True)
     metrics = {"acc-before": before["test-acc"],
                "acc-personal-before": before["test-acc-personal"],
-               "val-acc-before": accuracy(received, site.x_val, site.y_val, device)}
+               "val-acc-before": accuracy(received, site.x_val, site.y_val, device,
+                                          cfg.eval_precision)}
     student = copy.deepcopy(received)
     if cfg.pers_epochs > 0:
         seed = client_seed(cfg, site.partition_id) + 7
@@ -100,10 +146,11 @@ def run_personalization(cfg: RunConfig, site: SiteData, own_model: nn.Module,
         personalize(student, received, own_model, site.x_train, site.y_train, opt,
                     cfg.pers_gamma, cfg.pers_delta, device, cfg.precision,
                     desc=f"[client {site.partition_id}]", progress=cfg.progress)
-    after = evaluate_views(student, site, device)
+    after = evaluate_views(student, site, device, cfg.eval_precision)
     metrics.update({"acc-after": after["test-acc"],
                     "acc-personal-after": after["test-acc-personal"],
-                    "val-acc-after": accuracy(student, site.x_val, site.y_val, device),
+                    "val-acc-after": accuracy(student, site.x_val, site.y_val, device,
+                                              cfg.eval_precision),
                     "num-examples": float(site.n_train)})
     log(logging.INFO, "[client %d] personalized: official test %.3f -> %.3f, personal test "
         "%.3f -> %.3f", site.partition_id, metrics["acc-before"], metrics["acc-after"],

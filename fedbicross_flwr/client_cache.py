@@ -24,7 +24,8 @@ from fedbicross_flwr.logging_utils import log
 # Keys that change what phase 1 produces.
 PRODUCER_KEYS = ("dataset", "data-dir", "data-path", "in-channels", "num-classes", "seed",
                  "num-clients", "alpha", "min-partition-size", "val-fraction", "local-epochs",
-                 "local-lr", "local-momentum", "local-weight-decay", "batch-size", "precision")
+                 "local-lr", "local-momentum", "local-weight-decay", "batch-size", "precision",
+                 "eval-precision")
 
 
 def producer(cfg: RunConfig) -> dict[str, Any]:

@@ -121,6 +121,11 @@ class RunConfig:
     precision: str = _key("precision", "fp32",
                           "fp32, or bf16 autocast for training/synthesis forward passes.",
                           choices=("fp32", "bf16"))
+    eval_precision: str = _key("eval-precision", "fp32",
+                               "Precision of the accuracy forwards (evaluation only): fp32, or "
+                               "bf16 autocast with channels-last (about 2x faster on CPU; 0-2 "
+                               "of 540 digits test predictions change, docs/RESULTS.md).",
+                               choices=("fp32", "bf16"))
     num_threads: int = _key("num-threads", 0, "torch CPU threads (0 = torch's default).", low=0)
     compile: bool = _key("compile", False,
                          "torch.compile the client models' forward inside FedBiCross synthesis "

@@ -119,21 +119,40 @@ def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor],
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device,
-                   batch_size: int = 64) -> torch.Tensor:
-    """Eval-mode logits (N, C) on the CPU, in fp32."""
+                   batch_size: int = 64, precision: str = "fp32") -> torch.Tensor:
+    """Eval-mode logits (N, C) on the CPU, in fp32.
+
+    With ``precision='bf16'`` the forwards run under bf16 autocast with channels-last weights
+    and inputs (oneDNN's bf16 convolutions want NHWC; bf16 alone barely helps on CPU); the
+    model's memory format is restored afterwards.
+    """
     model.to(device).eval()
-    out = [model(x[i:i + batch_size].to(device)).float().cpu()
-           for i in range(0, len(x), batch_size)]
+    fast = precision == "bf16" and x.dim() == 4
+    if fast:
+        model.to(memory_format=torch.channels_last)
+    try:
+        out = []
+        for i in range(0, len(x), batch_size):
+            xb = x[i:i + batch_size].to(device)  # (b, C_in, H, W)
+            if fast:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                out.append(model(xb).float().cpu())  # (b, C)
+    finally:
+        if fast:
+            model.to(memory_format=torch.contiguous_format)
     if not out:
         return torch.zeros(0, 0)
     return torch.cat(out)
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+             precision: str = "fp32") -> float:
     """Top-1 accuracy; NaN on an empty set (reported as missing, never as 0)."""
     if len(y) == 0:
         return float("nan")
-    return float((predict_logits(model, x, device).argmax(1) == y).float().mean())
+    logits = predict_logits(model, x, device, precision=precision)
+    return float((logits.argmax(1) == y).float().mean())
 
 
 def personalize(student: nn.Module, cluster_model: nn.Module, own_model: nn.Module,
