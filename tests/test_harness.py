@@ -14,7 +14,7 @@ from fedbicross_flwr.harness.report import write_report
 from fedbicross_flwr.harness.runner import (default_cell_runner, direct_transports, is_finished,
                                             run_dir_of, run_grid)
 from fedbicross_flwr.harness.spec import load_grid_preset
-from fedbicross_flwr.harness.tables import paper_table
+from fedbicross_flwr.harness.tables import gap_closed, gap_table, paper_table
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -167,6 +167,28 @@ def test_table_writer_produces_the_paper_layout(tmp_path) -> None:
     table = paper_table(read_cells_csv(path), num_clients=5)
     # Assert: methods as rows in the paper's groups, dataset x alpha as columns, mean ± std
     assert table == GOLDEN_TABLE
+
+
+def test_gap_table_is_the_share_of_the_majority_to_central_gap(tmp_path) -> None:
+    # Prepare
+    path = tmp_path / "cells.csv"
+    path.write_text(GOLDEN_CSV)
+
+    def gap(v: float, c: float) -> float:  # hand formula, majority 0.1019 in every digits row
+        return 100 * (v - 0.1019) / (c - 0.1019)
+
+    fedavg1 = [gap(0.5, 0.95), gap(0.6, 0.97)]  # seed 0 against central seed 0, seed 1 vs 1
+    mean = sum(fedavg1) / 2
+    std = abs(fedavg1[0] - fedavg1[1]) / 2 ** 0.5  # sample std of two values
+    # Execute
+    table = gap_table(read_cells_csv(path), num_clients=5).splitlines()
+    # Assert
+    assert table[0] == "| group | method | digits α=0.1 | digits α=0.5 | retinamnist α=0.1 |"
+    assert table[2] == (f"| baseline | fedavg1 | {mean:.2f} ± {std:.2f} | "
+                        f"{gap(0.9, 0.98):.2f} ± 0.00 | - |")
+    assert table[4] == f"| ablation | intra-cluster | {gap(0.65, 0.95):.2f} (1 seed) | - | - |"
+    assert not any("central" in line for line in table)  # 100 % by definition
+    assert gap_closed(0.3, 0.4, 0.35) is None  # central below the majority rate: no gap
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "conf").glob("grid-*.toml")),

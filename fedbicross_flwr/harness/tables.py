@@ -89,11 +89,65 @@ def paper_table(rows: list[dict[str, Any]], num_clients: int,
     return "\n".join(lines)
 
 
+def gap_closed(value: float, majority: float, central: float) -> float | None:
+    """Share of the gap from the majority-class rate to ``central`` that ``value`` closes.
+
+    (value - majority) / (central - majority): 0 at the trivial rate, 1 at centralised
+    training; None when central does not beat the majority rate (no gap to close).
+    """
+    if central <= majority:
+        return None
+    return (value - majority) / (central - majority)
+
+
+def gap_table(rows: list[dict[str, Any]], num_clients: int,
+              metric: str = "official-after") -> str:
+    """Per method and column: the share of the majority -> central gap closed, in %.
+
+    Computed per seed against that seed's ``central`` row (same dataset, alpha, N and clients),
+    then mean ± std over seeds like the accuracy tables; ``-`` where the column has no central
+    row. ``central`` itself (100 by definition) is left out.
+    """
+    rows = [r for r in rows if r["num-clients"] == num_clients]
+    central = {(r["dataset"], r["alpha"], r["seed"]): r[metric] for r in rows
+               if r["row"] == "central" and r.get(metric) is not None}
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    columns = [(d, a) for d in datasets
+               for a in sorted({r["alpha"] for r in rows if r["dataset"] == d})]
+    lines = [f"| group | method | {' | '.join(f'{d} α={a:g}' for d, a in columns)} |",
+             "|---|---|" + "---|" * len(columns)]
+    for group, label in _order(rows):
+        if label == "central":
+            continue
+        cells = []
+        for d, a in columns:
+            vals = []
+            for r in rows:
+                top = central.get((d, a, r["seed"]))
+                if (row_label(r) == label and r["dataset"] == d and r["alpha"] == a
+                        and r.get(metric) is not None and top is not None
+                        and r.get("majority-rate") is not None):
+                    g = gap_closed(r[metric], r["majority-rate"], top)
+                    if g is not None:
+                        vals.append(g)
+            cells.append(_fmt(vals))
+        lines.append(f"| {group} | {label} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def paper_tables(rows: list[dict[str, Any]], views: tuple[str, ...] = tuple(VIEWS)) -> str:
-    """Every N, every view: the Markdown of ``tables.md`` (without its preamble)."""
+    """Every N, every view: the Markdown of ``tables.md`` (without its preamble).
+
+    After the paper's metric comes the share of the majority-class -> central gap that each
+    method closes (:func:`gap_table`).
+    """
     parts = []
     for n in sorted({r["num-clients"] for r in rows}):
         for view in views:
             parts.append(f"### N = {n}: {VIEWS[view]}, accuracy %\n\n"
                          f"{paper_table(rows, n, view)}\n")
+            if view == "official-after":
+                parts.append(f"### N = {n}: share of the gap from the majority-class rate to "
+                             f"`central` closed (official test, after personalization), %\n\n"
+                             f"{gap_table(rows, n, view)}\n")
     return "\n".join(parts)
