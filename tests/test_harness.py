@@ -189,6 +189,8 @@ def test_gap_table_is_the_share_of_the_majority_to_central_gap(tmp_path) -> None
     assert table[4] == f"| ablation | intra-cluster | {gap(0.65, 0.95):.2f} (1 seed) | - | - |"
     assert not any("central" in line for line in table)  # 100 % by definition
     assert gap_closed(0.3, 0.4, 0.35) is None  # central below the majority rate: no gap
+    assert gap_closed(0.5, 0.435, 0.44) is None  # within a point of it: no meaningful ratio
+    assert gap_closed(0.5, 0.435, 0.45) == pytest.approx((0.5 - 0.435) / (0.45 - 0.435))
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "conf").glob("grid-*.toml")),

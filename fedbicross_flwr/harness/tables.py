@@ -89,13 +89,18 @@ def paper_table(rows: list[dict[str, Any]], num_clients: int,
     return "\n".join(lines)
 
 
-def gap_closed(value: float, majority: float, central: float) -> float | None:
+MIN_GAP = 0.01  # central must beat the majority rate by a point for the ratio to mean anything
+
+
+def gap_closed(value: float, majority: float, central: float,
+               min_gap: float = MIN_GAP) -> float | None:
     """Share of the gap from the majority-class rate to ``central`` that ``value`` closes.
 
     (value - majority) / (central - majority): 0 at the trivial rate, 1 at centralised
-    training; None when central does not beat the majority rate (no gap to close).
+    training; None when central does not beat the majority rate by at least ``min_gap``
+    (accuracy as a fraction): a near-zero denominator would turn noise into huge ratios.
     """
-    if central <= majority:
+    if central - majority < min_gap:
         return None
     return (value - majority) / (central - majority)
 
@@ -106,7 +111,8 @@ def gap_table(rows: list[dict[str, Any]], num_clients: int,
 
     Computed per seed against that seed's ``central`` row (same dataset, alpha, N and clients),
     then mean ± std over seeds like the accuracy tables; ``-`` where the column has no central
-    row. ``central`` itself (100 by definition) is left out.
+    row or central is within ``MIN_GAP`` of the majority rate in every seed. ``central``
+    itself (100 by definition) is left out.
     """
     rows = [r for r in rows if r["num-clients"] == num_clients]
     central = {(r["dataset"], r["alpha"], r["seed"]): r[metric] for r in rows
