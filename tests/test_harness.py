@@ -96,6 +96,32 @@ def test_grid_resumes_without_rerunning_finished_cells(tiny_archive, tmp_path) -
     assert calls == [] and third.skipped == 8 and not third.ran
 
 
+def test_a_group_whose_clients_cannot_be_set_up_fails_and_the_grid_goes_on(tiny_archive,
+                                                                           tmp_path) -> None:
+    # Prepare: the clients of alpha 0.5 cannot be built (e.g. an infeasible partition)
+    spec = load_grid_preset(_preset(tmp_path, tiny_archive, FAKE_GRID))
+    out, built, ran = tmp_path / "grid", [], []
+
+    def make_transport(cfg):
+        built.append(cfg.alpha)
+        if cfg.alpha == 0.5:
+            raise ValueError("Dirichlet partition failed")
+        return object()
+
+    def runner(cell, cfg, transport):
+        ran.append(cell.alpha)
+        _fake_summary(Path(cfg.output_dir) / cfg.run_name)
+        return Path(cfg.output_dir) / cfg.run_name
+
+    # Execute
+    progress = run_grid(spec, out, make_transport, runner)
+    # Assert: the 4 alpha-0.5 cells fail with the reason (one setup attempt), alpha 1.0 runs
+    assert built == [0.5, 1.0]
+    assert ran == [1.0] * 4 and len(progress.failed) == 4
+    assert all(c.alpha == 0.5 for c, _ in progress.failed)
+    assert (out / "failed_cells.txt").read_text().count("Dirichlet partition failed") == 4
+
+
 def test_one_real_cell_runs_once_and_is_reported(tiny_archive, tmp_path, monkeypatch) -> None:
     # Prepare: a grid of one real cell (3 clients, `local`)
     spec = load_grid_preset(_preset(tmp_path, tiny_archive, """

@@ -82,12 +82,21 @@ def run_grid(spec: GridSpec, out_dir: Path, make_transport: TransportFactory,
     log(logging.INFO, "[grid %s] %d cells, %d finished already, %d to run", spec.name,
         len(cells), progress.skipped, len(todo))
     transports: dict[str, Any] = {}  # one per set of clients; the last group's only
+    broken: dict[str, str] = {}  # groups whose clients could not be set up -> reason
     for i, cell in enumerate(todo):
         cfg = spec.run_config(cell, out_dir / "runs")
         group = repr((cell.group_dir, sorted(producer(cfg).items())))
-        if group not in transports:
+        if group not in transports and group not in broken:
             transports.clear()  # free the previous group's clients
-            transports[group] = make_transport(cfg)
+            try:
+                transports[group] = make_transport(cfg)
+            except Exception as err:  # noqa: BLE001 - e.g. an infeasible partition: skip the group
+                broken[group] = f"{type(err).__name__}: {err}"
+                log(logging.ERROR, "[grid %s] clients of %s could not be set up; its cells "
+                    "fail:\n%s", spec.name, cell.group_dir, traceback.format_exc())
+        if group in broken:
+            progress.failed.append((cell, broken[group]))
+            continue
         log(logging.INFO, "[grid %s] cell %d/%d (%d done before): %s; ETA %s", spec.name,
             i + 1, len(todo), progress.skipped, cell.describe(),
             _eta(progress, len(todo) - i))
