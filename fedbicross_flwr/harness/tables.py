@@ -3,9 +3,11 @@
 One table per number of clients N (the paper: Table I N=5, II N=10, III N=20); methods as
 rows, grouped as in the paper (baselines, FedBiCross per K, ablations) plus this project's
 references (``local``, multi-round FedAvg/FedProx, ``central`` and, in the official-test
-views, the majority-class rate of the official test split); dataset x alpha as columns. A cell is the mean over seeds, in %,
-with the sample standard deviation over seeds (``mean ± std``; a single seed shows the mean
-and ``(1 seed)``); a missing cell is ``-``.
+views, the majority-class rate of the official test split); dataset x alpha as columns. A
+cell is the mean over seeds, in %, with the sample standard deviation over seeds
+(``mean ± std``; a single seed shows the mean and ``(1 seed)``); a missing cell is ``-``.
+:func:`gap_table` gives, in the same layout, the share of the majority-class -> ``central``
+gap each method closes.
 """
 
 from __future__ import annotations
@@ -62,15 +64,20 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
+def _columns_and_header(rows: list[dict[str, Any]]) -> tuple[list[tuple[str, float]], list[str]]:
+    """(dataset, alpha) columns in first-seen dataset order, and the table's two header lines."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    columns = [(d, a) for d in datasets
+               for a in sorted({r["alpha"] for r in rows if r["dataset"] == d})]
+    return columns, [f"| group | method | {' | '.join(f'{d} α={a:g}' for d, a in columns)} |",
+                     "|---|---|" + "---|" * len(columns)]
+
+
 def paper_table(rows: list[dict[str, Any]], num_clients: int,
                 metric: str = "official-after") -> str:
     """One Markdown table (methods x (dataset, alpha)) for ``num_clients``."""
     rows = [r for r in rows if r["num-clients"] == num_clients]
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    columns = [(d, a) for d in datasets
-               for a in sorted({r["alpha"] for r in rows if r["dataset"] == d})]
-    lines = [f"| group | method | {' | '.join(f'{d} α={a:g}' for d, a in columns)} |",
-             "|---|---|" + "---|" * len(columns)]
+    columns, lines = _columns_and_header(rows)
     for group, label in _order(rows):
         cells = []
         for d, a in columns:
@@ -117,11 +124,7 @@ def gap_table(rows: list[dict[str, Any]], num_clients: int,
     rows = [r for r in rows if r["num-clients"] == num_clients]
     central = {(r["dataset"], r["alpha"], r["seed"]): r[metric] for r in rows
                if r["row"] == "central" and r.get(metric) is not None}
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    columns = [(d, a) for d in datasets
-               for a in sorted({r["alpha"] for r in rows if r["dataset"] == d})]
-    lines = [f"| group | method | {' | '.join(f'{d} α={a:g}' for d, a in columns)} |",
-             "|---|---|" + "---|" * len(columns)]
+    columns, lines = _columns_and_header(rows)
     for group, label in _order(rows):
         if label == "central":
             continue
