@@ -123,12 +123,15 @@ def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device,
     """Eval-mode logits (N, C) on the CPU, in fp32.
 
     With ``precision='bf16'`` the forwards run under bf16 autocast with channels-last weights
-    and inputs (oneDNN's bf16 convolutions want NHWC; bf16 alone barely helps on CPU); the
-    model's memory format is restored afterwards.
+    and inputs (oneDNN's bf16 convolutions want NHWC; bf16 alone barely helps on CPU); a
+    model stored in NCHW is put back in NCHW afterwards.
     """
     model.to(device).eval()
     fast = precision == "bf16" and x.dim() == 4
-    if fast:
+    # Restore only what this call changed: a model stored channels-last stays so.
+    relayout = fast and any(p.dim() == 4 and p.is_contiguous() and not p.is_contiguous(
+        memory_format=torch.channels_last) for p in model.parameters())
+    if relayout:
         model.to(memory_format=torch.channels_last)
     try:
         out = []
@@ -139,7 +142,7 @@ def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device,
             with autocast(device, precision):
                 out.append(model(xb).float().cpu())  # (b, C)
     finally:
-        if fast:
+        if relayout:
             model.to(memory_format=torch.contiguous_format)
     if not out:
         return torch.zeros(0, 0)

@@ -36,6 +36,9 @@ def test_bf16_logits_are_close_to_fp32_and_the_model_layout_is_restored() -> Non
     assert torch.allclose(fp32, bf16, atol=0.1 * float(fp32.abs().max()))
     conv = model.conv1.weight
     assert conv.is_contiguous()  # channels-last storage was undone
+    model.to(memory_format=torch.channels_last)  # a channels-last model stays channels-last
+    assert torch.equal(predict_logits(model, x, CPU, batch_size=16, precision="bf16"), bf16)
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_shared_split_accuracy_forwards_each_distinct_model_once() -> None:
