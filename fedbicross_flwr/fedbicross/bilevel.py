@@ -29,6 +29,7 @@ BatchNorm handling (the paper is silent). Every forward runs through
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from logging import INFO
@@ -148,6 +149,25 @@ def _cloned_buffers(model: nn.Module) -> dict[str, Tensor]:
     return {name: b.clone() for name, b in model.named_buffers()}
 
 
+def _outside_autocast(device: torch.device,
+                      mixed_precision: str) -> contextlib.AbstractContextManager:
+    """A region with autocast off inside an autocast region (which keeps its weight-cast cache)."""
+    if mixed_precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """<a, b> over all elements: one read of each tensor, no product tensor, for tensors of the
+    same memory layout (channels-last gradients are viewed in their storage order)."""
+    if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) \
+            and b.is_contiguous(memory_format=torch.channels_last):
+        return torch.vdot(a.permute(0, 2, 3, 1).reshape(-1), b.permute(0, 2, 3, 1).reshape(-1))
+    if a.is_contiguous() and b.is_contiguous():
+        return torch.vdot(a.view(-1), b.view(-1))
+    return (a * b).sum()
+
+
 def inner_step_and_hypergradient(
     model: nn.Module,
     weights: Tensor,
@@ -230,33 +250,44 @@ def inner_step_and_hypergradient(
     source_losses = torch.full((num_sources,), float("nan"), dtype=weights.dtype, device=weights.device)
     grads: dict[int, tuple[Tensor, ...]] = {}
     source_buffers: dict[int, dict[str, Tensor]] = {}
-    for j in active:
-        buffers_j = _cloned_buffers(model)  # this source's BN running-stat update lands here
-        with autocast_context(device, mixed_precision):
+    param_list = [params[n] for n in names]
+    # One autocast region for the K source forwards: autocast casts each leaf parameter to
+    # bf16 once and reuses the cast (its cache lives until the region ends), not once per source.
+    with autocast_context(device, mixed_precision):
+        for j in active:
+            buffers_j = _cloned_buffers(model)  # this source's BN running-stat update lands here
             logits = functional_call(model, (params, buffers_j), (source_inputs[j],))  # (n, C)
-        loss_j = kd_loss(logits.float() if logits.dtype == torch.bfloat16 else logits,
-                         source_noise_probs[j], source_teacher_probs[j], lam, tau)
-        grads[j] = torch.autograd.grad(loss_j, [params[n] for n in names])
-        source_buffers[j] = buffers_j
-        source_losses[j] = loss_j.detach().to(weights.dtype)
+            with _outside_autocast(device, mixed_precision):  # loss and backward as before
+                loss_j = kd_loss(logits.float() if logits.dtype == torch.bfloat16 else logits,
+                                 source_noise_probs[j], source_teacher_probs[j], lam, tau)
+                grads[j] = torch.autograd.grad(loss_j, param_list)
+            source_buffers[j] = buffers_j
+            source_losses[j] = loss_j.detach().to(weights.dtype)
 
     # --- inner update G' = G - eta_G * (momentum-filtered) sum_j w_j g_j (Eq. 7) --------------
-    new_params: dict[str, Tensor] = {}
+    # Multi-tensor (foreach) updates over all parameters at once; the weights stay on the
+    # device as 0-dim tensors (no host sync).
     with torch.no_grad():
-        for index, name in enumerate(names):
-            p = params[name]
-            w = weights.to(device=p.device, dtype=p.dtype)  # (K,)
-            direction = sum(w[j] * grads[j][index] for j in grads)
-            if weight_decay:
-                direction = direction + weight_decay * p
-            if momentum:
-                if momentum_buffers is None:
-                    raise ValueError("momentum > 0 needs a momentum_buffers dict")
-                buf = momentum_buffers.get(name)
-                buf = direction.clone() if buf is None else buf.mul_(momentum).add_(direction)
-                momentum_buffers[name] = buf
-                direction = buf
-            new_params[name] = (p - lr * direction).requires_grad_(compute_hypergradient)
+        w = weights.to(device=device, dtype=param_list[0].dtype)  # (K,)
+        sources = list(grads)
+        direction = torch._foreach_mul(grads[sources[0]], w[sources[0]])
+        for j in sources[1:]:
+            torch._foreach_add_(direction, torch._foreach_mul(grads[j], w[j]))
+        if weight_decay:
+            torch._foreach_add_(direction, param_list, alpha=weight_decay)
+        if momentum:
+            if momentum_buffers is None:
+                raise ValueError("momentum > 0 needs a momentum_buffers dict")
+            if all(name in momentum_buffers for name in names):
+                bufs = [momentum_buffers[name] for name in names]
+                torch._foreach_mul_(bufs, momentum)
+                torch._foreach_add_(bufs, direction)
+            else:
+                bufs = [d.clone() for d in direction]
+                momentum_buffers.update(zip(names, bufs))
+            direction = bufs
+        stepped = torch._foreach_add(param_list, direction, alpha=-lr)  # G - eta_G * direction
+    new_params = {name: p.requires_grad_(compute_hypergradient) for name, p in zip(names, stepped)}
 
     # --- validation loss at G' and hypergradient (Eq. 8) ----------------------------------------
     buffers_val = _cloned_buffers(model)  # batch-stat forward; its buffer updates are discarded
@@ -268,15 +299,15 @@ def inner_step_and_hypergradient(
     hypergradient = None
     if compute_hypergradient:
         g_val = torch.autograd.grad(val_loss, [new_params[n] for n in names])
-        dots = torch.stack([
-            sum((gv * gj).sum() for gv, gj in zip(g_val, grads[j])) for j in range(num_sources)
-        ])  # (K,) <g_val, g_j>
+        dots = torch.stack([  # (K,) <g_val, g_j>
+            torch.stack([_dot(gv, gj) for gv, gj in zip(g_val, grads[j])]).sum()
+            for j in range(num_sources)
+        ])
         hypergradient = (-lr * dots).to(weights.dtype)
 
     # --- commit G^(t) = G' and the w-weighted BN running statistics ------------------------------
     with torch.no_grad():
-        for name in names:
-            params[name].copy_(new_params[name])
+        torch._foreach_copy_(param_list, [new_params[n] for n in names])
         for name, buffer in model.named_buffers():
             if not source_buffers or bn_mode != "train":
                 break

@@ -121,13 +121,48 @@ def tv_loss(x: Tensor) -> Tensor:
     return d_h.norm() + d_v.norm() + d_d1.norm() + d_d2.norm()
 
 
+class _ColumnMoments(torch.autograd.Function):
+    """Column mean and biased variance of a (n, C) matrix with a one-pass backward.
+
+    Forward: mean = sum_i a_i / n and var = sum_i a_i^2 / n - mean^2 per column, accumulated in
+    float32 (float64 kept). Backward, from d mean / d a_i = 1/n and d var / d a_i =
+    2 (a_i - mean) / n:
+
+        dL/da_i = g_mean / n + (2 g_var / n) * (a_i - mean) = c0 + c1 * a_i,
+
+    one ``addcmul`` over the activation instead of autograd's chain through the upcast, the
+    square and two means (several passes over the largest activations of a synthesis step).
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor) -> tuple[Tensor, Tensor]:  # rows (n, C)
+        n = rows.shape[0]
+        full = rows if rows.dtype == torch.float64 else rows.float()  # (n, C)
+        mean = full.sum(dim=0) / n  # (C,)
+        var = (full * full).sum(dim=0) / n - mean * mean  # (C,)
+        ctx.save_for_backward(rows, mean)
+        return mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_mean: Tensor | None, g_var: Tensor | None) -> Tensor:
+        rows, mean = ctx.saved_tensors
+        n = rows.shape[0]
+        g_mean = torch.zeros_like(mean) if g_mean is None else g_mean
+        g_var = torch.zeros_like(mean) if g_var is None else g_var
+        c1 = (2.0 / n) * g_var  # (C,)
+        c0 = g_mean / n - c1 * mean  # (C,)
+        return torch.addcmul(c0, rows, c1).to(rows.dtype)  # (n, C)
+
+
 def channel_moments(a: Tensor) -> tuple[Tensor, Tensor]:
     """Per-channel mean and biased variance of a (B, C, H, W) activation over (B, H, W).
 
     var = E[a^2] - E[a]^2 in float32 (autocast activations are upcast). For a channels-last
-    activation the moments are column means of its (B*H*W, C) view, the fast reduction on CPU:
-    ``var``/``var_mean`` over dims (0, 2, 3) of the same tensor took 20 % of a synthesis step in
-    a profile, this form 2-5x less (docs/BENCHMARKS.md). Same values up to float rounding.
+    activation the moments are column means of its (B*H*W, C) view, the fast reduction on CPU
+    (``var``/``var_mean`` over dims (0, 2, 3) of the same tensor took 20 % of a synthesis step in
+    a profile), with the one-pass backward of :class:`_ColumnMoments`; other layouts use
+    autograd over dims (0, 2, 3). Same values up to float rounding (docs/BENCHMARKS.md).
 
     Parameters
     ----------
@@ -140,13 +175,11 @@ def channel_moments(a: Tensor) -> tuple[Tensor, Tensor]:
         (C,) each, float32 (float64 for a float64 input).
     """
     channels = a.shape[1]
+    if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last):
+        return _ColumnMoments.apply(a.permute(0, 2, 3, 1).reshape(-1, channels))  # (B*H*W, C) view
     if a.dtype in (torch.float16, torch.bfloat16):
         a = a.float()  # statistics of autocast activations in full precision
-    if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last):
-        a = a.permute(0, 2, 3, 1).reshape(-1, channels)  # (B*H*W, C), a view
-        dims: tuple[int, ...] = (0,)
-    else:
-        dims = (0, 2, 3)
+    dims = (0, 2, 3)
     mean = a.mean(dim=dims)  # (C,)
     var = (a * a).mean(dim=dims) - mean * mean  # (C,)
     return mean, var

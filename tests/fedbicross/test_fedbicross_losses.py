@@ -118,6 +118,18 @@ def test_channel_moments_match_var_mean_with_gradients(layout, dtype):
                           atol=1e-2 if dtype == torch.bfloat16 else tol)
 
 
+def test_channel_moments_backward_passes_gradcheck_in_channels_last():
+    # Prepare: a small float64 channels-last activation (the one-pass custom backward)
+    torch.manual_seed(1)
+    a = (torch.randn(3, 4, 2, 3, dtype=torch.float64) + 0.5)
+    a = a.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    # Execute / Assert: analytic gradients equal finite differences, also when only one
+    # of the two moments reaches the loss (the other incoming gradient is None)
+    assert torch.autograd.gradcheck(lambda x: channel_moments(x), (a,))
+    assert torch.autograd.gradcheck(lambda x: channel_moments(x)[1].pow(2).sum(), (a,))
+    assert torch.autograd.gradcheck(lambda x: channel_moments(x)[0].sum(), (a,))
+
+
 def test_bn_stats_hook_removed_on_exception():
     # Prepare
     model = nn.Sequential(_bn([0.0], [1.0]))
