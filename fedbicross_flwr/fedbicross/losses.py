@@ -185,6 +185,20 @@ def channel_moments(a: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
+def _record_term(module: nn.BatchNorm2d, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    """Forward hook of :class:`BNStatsHook`: r_l of this layer, kept on the layer itself.
+
+    One module-level function for every layer and model, with no per-model state in a
+    closure: ``torch.compile`` guards on a hook's closure, so a per-model index there compiled
+    one graph per member position (and per cluster size) instead of one per architecture.
+    """
+    mean, var = channel_moments(inputs[0])  # (C_l,), (C_l,) from (B, C_l, H, W)
+    r = (mean - module.running_mean.to(mean.dtype)).norm() + (
+        var - module.running_var.to(mean.dtype)
+    ).norm()
+    module._bn_stats_terms.append(r)
+
+
 class BNStatsHook:
     """Context manager computing the BN feature-statistics prior R_BN of Eq. 2 (DeepInversion).
 
@@ -211,25 +225,20 @@ class BNStatsHook:
     def __init__(self, models: Sequence[nn.Module]) -> None:
         self.models = list(models)
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        # One list of per-layer terms r_l per model, filled by the hooks.
-        self._terms: list[list[Tensor]] = [[] for _ in self.models]
-
-    def _make_hook(self, model_index: int):
-        def hook(module: nn.BatchNorm2d, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            mean, var = channel_moments(inputs[0])  # (C_l,), (C_l,) from (B, C_l, H, W)
-            r = (mean - module.running_mean.to(mean.dtype)).norm() + (
-                var - module.running_var.to(mean.dtype)
-            ).norm()
-            self._terms[model_index].append(r)
-
-        return hook
+        # The BN layers of each model; each layer collects its own terms r_l (see _record_term).
+        self._layers: list[list[nn.Module]] = [[] for _ in self.models]
 
     def __enter__(self) -> BNStatsHook:
+        hooked: set[int] = set()
         for index, model in enumerate(self.models):
             for module in model.modules():
                 # Layers without running statistics carry no prior to match.
                 if isinstance(module, nn.BatchNorm2d) and module.running_mean is not None:
-                    self._handles.append(module.register_forward_hook(self._make_hook(index)))
+                    self._layers[index].append(module)
+                    if id(module) not in hooked:  # a model listed twice is hooked once
+                        hooked.add(id(module))
+                        module._bn_stats_terms = []
+                        self._handles.append(module.register_forward_hook(_record_term))
         return self
 
     def __exit__(
@@ -241,19 +250,26 @@ class BNStatsHook:
         self.remove()
 
     def remove(self) -> None:
-        """Remove all hooks (idempotent)."""
+        """Remove all hooks and the collected terms (idempotent)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for layers in self._layers:
+            for module in layers:
+                if hasattr(module, "_bn_stats_terms"):
+                    del module._bn_stats_terms
 
     def reset(self) -> None:
         """Forget the terms collected so far (call before each forward pass)."""
-        self._terms = [[] for _ in self.models]
+        for layers in self._layers:
+            for module in layers:
+                module._bn_stats_terms = []
 
     def per_model(self) -> Tensor:
         """(n_models,) sum over BN layers of r_l, for each model."""
         totals = []
-        for terms in self._terms:
+        for layers in self._layers:
+            terms = [r for module in layers for r in getattr(module, "_bn_stats_terms", [])]
             if not terms:
                 raise RuntimeError("no BatchNorm2d statistics collected for a model")
             totals.append(torch.stack(terms).sum())

@@ -130,6 +130,37 @@ def test_channel_moments_backward_passes_gradcheck_in_channels_last():
     assert torch.autograd.gradcheck(lambda x: channel_moments(x)[0].sum(), (a,))
 
 
+def test_bn_stats_hook_compiles_one_graph_for_every_member_and_cluster_size():
+    # Prepare: five members of one architecture in two "clusters" of 3 and 2, compiled with a
+    # counting backend (no inductor), and their eager R_BN for comparison
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    members = [nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), _bn([0.1] * 4, [1.5] * 4)).eval()
+               for _ in range(5)]
+    x = torch.randn(3, 1, 5, 5)
+    counter = CompileCounter()
+    compiled = [torch.compile(m, backend=counter) for m in members]
+    # Execute
+    losses = []
+    for cluster in ([0, 1, 2], [3, 4], [0, 1, 2]):
+        with BNStatsHook([members[i] for i in cluster]) as hook:
+            hook.reset()
+            for i in cluster:
+                compiled[i](x)
+            compiled_loss = hook.loss("mean")
+            hook.reset()
+            for i in cluster:
+                members[i](x)
+            losses.append((compiled_loss, hook.loss("mean")))
+    # Assert: one compiled frame for all positions and sizes, same R_BN as eager, hooks gone
+    assert counter.frame_count == 1
+    for compiled_loss, eager_loss in losses:
+        assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-6)
+    assert all(not hasattr(m[1], "_bn_stats_terms") and not m[1]._forward_hooks for m in members)
+
+
 def test_bn_stats_hook_removed_on_exception():
     # Prepare
     model = nn.Sequential(_bn([0.0], [1.0]))
