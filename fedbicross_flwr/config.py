@@ -164,6 +164,11 @@ class RunConfig:
                                  low=0.0, low_open=True)
     noise_momentum: float = _key("noise-momentum", 0.9, "beta of Eq. 3 (weight of the old value).",
                                  low=0.0, high=1.0)
+    noise_ema_cutoff: float = _key("noise-ema-cutoff", 1e-7,
+                                   "Eq. 3: skip the late trajectory steps whose total EMA weight "
+                                   "is below this (each adapted statistic moves by at most cutoff "
+                                   "x its spread; 1e-7 is below float32 rounding; 0 = all T).",
+                                   low=0.0, high=0.5)
     noise_teacher_mode: str = _key("noise-teacher-mode", "eval",
                                    "Noise-adapted teacher used with its adapted statistics "
                                    "(eval, paper) or per-batch statistics (train, FedISCA code).",

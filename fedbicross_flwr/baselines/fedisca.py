@@ -65,7 +65,7 @@ def fedisca(inp: MethodInput) -> MethodOutput:
             inp.device, progress=cfg.progress, tag=tag)  # (T, B, C_in, H, W), (B,)
         t1 = time.perf_counter()
         adapted = noise_adapted_copy(adapted, trajectory, s.noise_momentum, s.noise_teacher_mode,
-                                     s.mixed_precision)
+                                     s.mixed_precision, cutoff=s.noise_cutoff)
         t2 = time.perf_counter()
         probs_f = teacher_soft_labels(EnsembleTeacher(members, s.ensemble, "eval"), trajectory,
                                       s.tau, s.label_chunk, s.mixed_precision)  # (T, B, C)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..fedbicross.bilevel import OnlineBilevelTrainer, fixed_weights
 from ..fedbicross.losses import BNStatsHook
 from ..fedbicross.method import init_cluster_models
-from ..fedbicross.noise_adapt import noise_adapted_copy, teacher_soft_labels
+from ..fedbicross.noise_adapt import effective_steps, noise_adapted_copy, teacher_soft_labels
 from ..fedbicross.settings import FedBiCrossSettings
 from ..fedbicross.synthesis import (EnsembleTeacher, deepinversion_loss, initial_state,
                                     loss_members, synthesize_trajectory)
@@ -249,7 +249,8 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         times["synthesis"] += dt
         adapted, dt = timed(lambda: noise_adapted_copy(members[k], traj, settings.noise_momentum,
                                                        settings.noise_teacher_mode,
-                                                       settings.mixed_precision), device)
+                                                       settings.mixed_precision,
+                                                       cutoff=settings.noise_cutoff), device)
         times["noise_adaptation"] += dt
         teacher = EnsembleTeacher(members[k], settings.ensemble, "eval")
         noise_teacher = EnsembleTeacher(adapted, settings.ensemble, settings.noise_teacher_mode)
@@ -310,7 +311,9 @@ def _count_real_flops(cfg, settings, members, trajectories, labels, adapted_all,
         flops["synthesis"] += f
         _, f = count_flops(lambda: noise_adapted_copy(members[k], trajectories[k][-1:],
                                                       settings.noise_momentum))
-        flops["noise_adaptation"] += f
+        # One forward per member for the first L of the T steps (Eq. 3 cutoff).
+        flops["noise_adaptation"] += f * effective_steps(
+            T, 1.0 - settings.noise_momentum, settings.noise_cutoff) / T
         teacher = EnsembleTeacher(members[k], settings.ensemble, "eval")
         noise_teacher = EnsembleTeacher(adapted_all[k], settings.ensemble, "eval")
         _, f = count_flops(lambda: (teacher_soft_labels(teacher, trajectories[k][-1:], 1.0),

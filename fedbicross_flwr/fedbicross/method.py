@@ -218,7 +218,8 @@ def run_fedbicross(
                 # --- Stage 1c: noise-adapted teacher (line 9) -------------------------------------
                 start = time.perf_counter()
                 adapted = noise_adapted_copy(members[k], trajectory, s.noise_momentum,
-                                             s.noise_teacher_mode, s.mixed_precision)
+                                             s.noise_teacher_mode, s.mixed_precision,
+                                             cutoff=s.noise_cutoff)
                 stage_times["noise_adaptation"] = time.perf_counter() - start
 
                 # Teachers are frozen: soft labels at temperature tau for every step, computed once.

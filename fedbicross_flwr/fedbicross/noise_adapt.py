@@ -9,6 +9,7 @@ noise x^(1) last), so the statistics drift from "real" towards "noise".
 from __future__ import annotations
 
 import copy
+import math
 from typing import Sequence
 
 import torch
@@ -20,6 +21,27 @@ from .utils import autocast_context, batchnorm_folded, frozen_buffers
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
 
+def effective_steps(steps: int, beta: float, cutoff: float) -> int:
+    """L, the trajectory steps whose EMA weight matters: ceil(log(cutoff) / log(beta)) <= T.
+
+    Parameters
+    ----------
+    steps : int
+        T.
+    beta : float
+        Weight of the old value in Eq. 3 (torch momentum = 1 - beta).
+    cutoff : float
+        Total weight below which the oldest-weighted steps are skipped; 0 keeps all T.
+    """
+    if not 0.0 <= cutoff < 1.0:
+        raise ValueError(f"cutoff must be in [0, 1), got {cutoff}")
+    if cutoff == 0.0 or beta >= 1.0:  # no cutoff, or nothing is ever forgotten
+        return steps
+    if beta <= 0.0:  # only the last forwarded step, x^(1), survives
+        return min(steps, 1)
+    return min(steps, max(1, math.ceil(math.log(cutoff) / math.log(beta))))
+
+
 @torch.no_grad()
 def noise_adapted_copy(
     members: Sequence[nn.Module],
@@ -27,6 +49,7 @@ def noise_adapted_copy(
     momentum: float = 0.1,
     mode: str = "eval",
     mixed_precision: str = "none",
+    cutoff: float = 0.0,
 ) -> list[nn.Module]:
     """Deep copies of the members with BN statistics adapted to the trajectory (Eq. 3).
 
@@ -37,6 +60,15 @@ def noise_adapted_copy(
 
     which is PyTorch's train-mode BN update with ``momentum = 1 - beta`` (note that PyTorch
     stores the UNBIASED batch variance in running_var, as it does for the real statistics).
+
+    Unrolled, the result is beta^T * original + sum_t (1 - beta) * beta^(t-1) * stat(x^(t)):
+    the realistic late steps, forwarded first, carry the smallest weights. Train-mode BN
+    normalises with batch statistics, so stat(x^(t)) does not depend on the running values
+    and the steps are independent. With ``cutoff`` > 0 only x^(L), ..., x^(1) are forwarded,
+    L = ceil(log(cutoff) / log(beta)): the skipped steps and the original statistics weigh
+    beta^L <= cutoff together, so every adapted value moves by at most cutoff times the spread
+    of the statistics it averages (at the paper's beta = 0.9 and cutoff 1e-7, L = 153 of
+    T = 500; 1e-7 is below the float32 rounding of the EMA itself).
 
     Parameters
     ----------
@@ -52,6 +84,8 @@ def noise_adapted_copy(
         copies predict with per-batch statistics.
     mixed_precision : str
         'bf16' to run the adaptation forwards under autocast.
+    cutoff : float
+        Skip the steps whose total EMA weight is below this (0: forward every step).
 
     Returns
     -------
@@ -60,6 +94,7 @@ def noise_adapted_copy(
     """
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    steps = effective_steps(trajectory.shape[0], 1.0 - momentum, cutoff)
     copies = []
     for member in members:
         adapted = copy.deepcopy(member)
@@ -69,7 +104,7 @@ def noise_adapted_copy(
         for bn in bn_layers:
             bn.momentum = momentum  # also replaces a cumulative-average (None) momentum
             bn.train()  # only BN layers update statistics; nothing else changes behaviour
-        for t in range(trajectory.shape[0] - 1, -1, -1):  # x^(T), ..., x^(1)
+        for t in range(steps - 1, -1, -1):  # x^(L), ..., x^(1) (L = T without a cutoff)
             with autocast_context(trajectory.device, mixed_precision):
                 adapted(trajectory[t])  # (B, C_in, H, W); output unused, BN buffers updated
         if mode == "eval":

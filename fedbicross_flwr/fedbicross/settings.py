@@ -92,6 +92,10 @@ class FedBiCrossSettings:
     # Torch BN momentum used when forwarding the reversed trajectory. The paper's beta=0.9 weighs
     # the OLD value (mu <- beta*mu + (1-beta)*mu_batch), i.e. torch ``momentum = 1 - beta = 0.1``.
     noise_momentum: float = 0.1
+    # Eq. 3 skips the trajectory steps whose total EMA weight is below this (the late steps,
+    # weighted beta^(t-1)): every adapted statistic moves by at most cutoff x its spread.
+    # 1e-7 is below float32 rounding of the EMA (L = 153 of T = 500 at beta = 0.9); 0 = all T.
+    noise_cutoff: float = 1e-7
     # 'eval' (paper): the adapted copy is used with its adapted running statistics.
     # 'train' (FedISCA code): the copy stays in train mode, so it uses per-batch statistics.
     noise_teacher_mode: str = "eval"
@@ -173,6 +177,7 @@ class FedBiCrossSettings:
         _check_choice("ensemble", self.ensemble, _ENSEMBLES)
         _check_int("jitter", self.jitter, 0)
         _check_float("noise_momentum", self.noise_momentum, 0.0, 1.0)
+        _check_float("noise_cutoff", self.noise_cutoff, 0.0, 1.0, high_open=True)
         _check_choice("noise_teacher_mode", self.noise_teacher_mode, _NOISE_TEACHER_MODES)
         _check_float("val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
         _check_float("tau", self.tau, 0.0, low_open=True)

@@ -45,6 +45,7 @@ def settings_from_config(cfg: RunConfig, num_clusters: int | None = None) -> Fed
         jitter=cfg.jitter,
         # Eq. 3 weighs the OLD statistics by beta; torch's momentum weighs the NEW batch.
         noise_momentum=1.0 - cfg.noise_momentum,
+        noise_cutoff=cfg.noise_ema_cutoff,
         noise_teacher_mode=cfg.noise_teacher_mode,
         val_fraction=cfg.bilevel_val_fraction,
         tau=cfg.kd_temperature,

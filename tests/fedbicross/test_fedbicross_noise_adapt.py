@@ -5,7 +5,8 @@ import torch
 from fbc_models import ConstantLogits, make_tiny
 from torch import nn
 
-from fedbicross_flwr.fedbicross.noise_adapt import noise_adapted_copy, teacher_soft_labels
+from fedbicross_flwr.fedbicross.noise_adapt import (effective_steps, noise_adapted_copy,
+                                                     teacher_soft_labels)
 from fedbicross_flwr.fedbicross.synthesis import EnsembleTeacher
 
 
@@ -32,6 +33,60 @@ def test_reverse_order_bn_update_hand_computed():
     # The original member is untouched.
     assert member[0].running_mean.item() == 0.0 and member[0].running_var.item() == 1.0
     assert member[0].momentum is None
+
+
+@pytest.mark.parametrize("steps, beta, cutoff, expected", [
+    (500, 0.9, 1e-7, 153),  # ceil(log(1e-7) / log(0.9)) = ceil(152.98)
+    (100, 0.9, 1e-7, 100),  # never more than T
+    (500, 0.9, 0.0, 500),   # no cutoff
+    (10, 0.5, 0.3, 2),      # ceil(1.74)
+    (10, 0.0, 1e-7, 1),     # beta 0: only x^(1) survives
+    (10, 1.0, 1e-7, 10),    # beta 1: nothing is forgotten
+])
+def test_effective_steps_hand_computed(steps, beta, cutoff, expected):
+    assert effective_steps(steps, beta, cutoff) == expected
+
+
+def test_cutoff_skips_the_late_steps_hand_computed():
+    # Prepare: beta = 0.5, cutoff 0.3 -> L = 2: only x^(2) then x^(1) are forwarded.
+    member = nn.Sequential(nn.BatchNorm2d(1)).eval()
+    # By hand from (0, 1): x^(2): (2, 2) -> mean 0.5*0 + 0.5*2 = 1,   var 0.5*1 + 0.5*2 = 1.5
+    #                      x^(1): (1, 2) -> mean 0.5*1 + 0.5*1 = 1,   var 0.5*1.5 + 0.5*2 = 1.75
+    # (all three steps: mean 1.5, var 1.625)
+    # Execute
+    (cut,) = noise_adapted_copy([member], _trajectory(), momentum=0.5, cutoff=0.3)
+    (full,) = noise_adapted_copy([member], _trajectory(), momentum=0.5)
+    # Assert
+    assert (cut[0].running_mean.item(), cut[0].running_var.item()) == pytest.approx((1.0, 1.75))
+    assert (full[0].running_mean.item(), full[0].running_var.item()) == pytest.approx((1.5, 1.625))
+    with pytest.raises(ValueError, match="cutoff"):
+        noise_adapted_copy([member], _trajectory(), momentum=0.5, cutoff=1.0)
+
+
+def test_cutoff_error_is_bounded_by_the_skipped_weight_times_the_spread():
+    # Prepare: a conv-BN net, T = 40, beta = 0.9, cutoff 0.05 -> L = 29; the per-step batch
+    # statistics s_t of every BN layer (momentum 1 keeps exactly the last batch's).
+    member = make_tiny(0).eval()
+    gen = torch.Generator().manual_seed(3)
+    trajectory = torch.randn(40, 6, 1, 5, 5, generator=gen) * torch.linspace(3, 0.5, 40).view(
+        40, 1, 1, 1, 1)
+    names = [n for n, b in member.named_buffers() if "running" in n]
+    per_step = [dict(noise_adapted_copy([member], trajectory[t:t + 1], momentum=1.0)[0]
+                     .named_buffers()) for t in range(40)]
+    original = dict(member.named_buffers())
+    # Execute
+    (cut,) = noise_adapted_copy([member], trajectory, momentum=0.1, cutoff=0.05)
+    (full,) = noise_adapted_copy([member], trajectory, momentum=0.1)
+    # Assert: diff = sum_{t > L} (1-beta) beta^(t-1) (original - s_t), so
+    # |diff| <= beta^L * max_{t > L} |original - s_t| (the bound the docstring states)
+    L = effective_steps(40, 0.9, 0.05)
+    assert L == 29
+    cut_b, full_b = dict(cut.named_buffers()), dict(full.named_buffers())
+    for name in names:
+        spread = torch.stack([(original[name] - per_step[t][name]).abs() for t in range(L, 40)])
+        diff = (cut_b[name] - full_b[name]).abs()
+        assert (diff <= 0.9 ** L * spread.max(dim=0).values + 1e-6).all(), name
+        assert diff.max() > 0  # the skipped steps did matter a little
 
 
 def test_train_mode_variant_keeps_bn_in_train_mode_and_uses_batch_statistics():
