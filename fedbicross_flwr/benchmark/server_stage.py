@@ -338,6 +338,12 @@ def _variants(cfg: BenchConfig, settings: FedBiCrossSettings, fp32: FedBiCrossSe
     return [(f"real-{cfg.dtype}", settings), ("real-fp32", fp32)]
 
 
+def _bn_statistics(model: nn.Module) -> Tensor:
+    """All BN running means and variances of a model, concatenated (float64)."""
+    return torch.cat([b.detach().double().flatten() for n, b in model.named_buffers()
+                      if n.endswith(("running_mean", "running_var"))])
+
+
 def _reference_and_checks(cfg, report, members, trajectories, labels, adapted_all,
                           initial_students, teacher_probs, noise_probs, device) -> None:
     """Time the reference-style path and compare it with the real path on the same inputs."""
@@ -434,7 +440,23 @@ def _reference_and_checks(cfg, report, members, trajectories, labels, adapted_al
     steps = min(cfg.ref_steps, T)
     _, dt = timed(lambda: [noise_adapted_copy(ref_members[k], trajectories[k][:steps].float(),
                                               settings.noise_momentum) for k in range(K)], device)
-    ref_ms = {"synthesis": synth_ms, "noise_adaptation": 1e3 * dt / steps,
+    noise_ms = 1e3 * dt / steps
+    # Equality: Eq. 3 over EVERY step in float32 (reference codes have no cutoff) against the
+    # real copy (bf16 and float32, with the noise-ema-cutoff), BN statistics of cluster 0's
+    # first member: this is what checks the cutoff.
+    (ref_copy,) = noise_adapted_copy(ref_members[0][:1], perturbed(trajectories[0].float()),
+                                     settings.noise_momentum)
+    used = effective_steps(T, 1.0 - settings.noise_momentum, settings.noise_cutoff)
+    for name, s in _variants(cfg, settings, fp32):
+        if s.mixed_precision == settings.mixed_precision:
+            real_copy = adapted_all[0][0]
+        else:
+            (real_copy,) = noise_adapted_copy(members[0][:1], trajectories[0], s.noise_momentum,
+                                              cutoff=s.noise_cutoff)
+        checks.append(Check(f"noise adaptation ({used} of {T} steps): {name} vs reference-fp32", {
+            "bn_statistics": rel_err(_bn_statistics(real_copy), _bn_statistics(ref_copy))},
+            TIGHT_RTOL if s.mixed_precision == "none" else LOOSE_RTOL))
+    ref_ms = {"synthesis": synth_ms, "noise_adaptation": noise_ms,
               "soft_labels": 0.0,  # recomputed inside every reference KD step instead
               "bilevel": bilevel_ms}
     ref_ms["total"] = sum(ref_ms.values())
