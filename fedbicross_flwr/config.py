@@ -130,8 +130,8 @@ class RunConfig:
     compile: bool = _key("compile", False,
                          "torch.compile the client models' forward inside FedBiCross synthesis "
                          "(inductor; a one-off compile of about a minute on CPU, seconds from "
-                         "its disk cache; then 20-30% less time per synthesis step on CPU; "
-                         "docs/BENCHMARKS.md).")
+                         "its disk cache, one graph per architecture; then about 13% less "
+                         "time per synthesis step on CPU at N=5, B=64; docs/BENCHMARKS.md).")
     output_dir: str = _key("output-dir", "",
                            "Absolute folder for run folders. Empty: $FEDBICROSS_OUTPUT_DIR, "
                            "else <project>/outputs.")
