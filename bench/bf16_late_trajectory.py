@@ -29,7 +29,8 @@ members = [c for i, c in enumerate(make_clients(cfg, device)) if i % 2 == 1]
 bf16, fp32 = _settings(cfg), _settings(cfg, "fp32")
 to_channels_last(members)  # as synthesis leaves them, in both modes
 if sys.argv[1:] != ["eval"]:
-    trajectory, labels, _ = synthesize_trajectory(members, 10, 1, bf16, derive_seed(cfg.seed, 3, 0, 1),
+    seed = derive_seed(cfg.seed, 3, 0, 1)
+    trajectory, labels, _ = synthesize_trajectory(members, 10, 1, bf16, seed,
                                                   device, progress=False)
     offset = initial_state(10, 1, bf16, cfg.seed, 28)[2][0]
     stored = {"labels": labels, "offset": offset, "images": {}}

@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from fedbicross_flwr.fedbicross.utils import batchnorm_folded
 from fedbicross_flwr.model import build_resnet18
+from _timing import best_ms as _best_ms  # bench/ is the script's folder, first on sys.path
 
 torch.manual_seed(0)
 CL = torch.channels_last
@@ -27,14 +28,8 @@ BF16 = torch.bfloat16
 mkldnn = torch.ops.mkldnn
 
 
-def best_ms(fn, reps: int = 5) -> float:
-    fn(), fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+def best_ms(fn) -> float:
+    return _best_ms(fn, reps=5)
 
 
 def first_call_s(fn) -> float:

@@ -8,25 +8,15 @@ source batch), best of 10 after two warm-up calls: the forward, the input gradie
 forward convolution with flipped, transposed weights (stride 1 only), and the weight gradient.
 Quoted in docs/BENCHMARKS.md (sixth session).
 """
-import time
-
 import torch
 import torch.nn.functional as F
+
+from _timing import best_ms  # bench/ is the script's folder, first on sys.path
 
 torch.manual_seed(0)
 CL = torch.channels_last
 SHAPES = [(64, 64, 28, 1), (64, 128, 28, 2), (128, 128, 14, 1), (128, 256, 14, 2),
           (256, 256, 7, 1), (256, 512, 7, 2), (512, 512, 4, 1)]  # (C_in, C_out, H, stride)
-
-
-def best_ms(fn, reps: int = 10) -> float:
-    fn(), fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
 
 
 for batch in (64, 51):
@@ -42,9 +32,10 @@ for batch in (64, 51):
                                                                    [True, False, False]))
         weight = best_ms(lambda: torch.ops.aten.convolution_backward(g, x, w, None, *args,
                                                                      [False, True, False]))
-        line = (f"B={batch} {c_in:3d}->{c_out:3d} {size:2d}x{size:<2d} s{stride}: {gflop:.2f} GFLOP;"
-                f" forward {fwd:5.1f} ms ({gflop / fwd * 1e3:3.0f} GFLOP/s), input grad"
-                f" {data:5.1f} ms, weight grad {weight:5.1f} ms ({gflop / weight * 1e3:3.0f} GFLOP/s)")
+        line = (f"B={batch} {c_in:3d}->{c_out:3d} {size:2d}x{size:<2d} s{stride}: "
+                f"{gflop:.2f} GFLOP; forward {fwd:5.1f} ms ({gflop / fwd * 1e3:3.0f} GFLOP/s), "
+                f"input grad {data:5.1f} ms, weight grad {weight:5.1f} ms "
+                f"({gflop / weight * 1e3:3.0f} GFLOP/s)")
         if stride == 1:
             w_t = w.flip(2, 3).transpose(0, 1).contiguous(memory_format=CL)
             as_fwd = best_ms(lambda: F.conv2d(g, w_t, padding=1))
