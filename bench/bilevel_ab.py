@@ -64,8 +64,8 @@ for name, values in times.items():
     print(f"{name}: ms per bi-level step {[round(v) for v in values]}, "
           f"median {statistics.median(values):.0f}")
 # Same mathematics: in float64 the two codes give the same student updates to rounding. (In
-# float32 they drift apart over a few steps: a rounding-level change of the update can flip a
-# near-tie of the unit-normalised hypergradient, and the runs then follow different weights.)
+# float32 they drift apart over a few steps: rounding differences grow through the momentum,
+# train-mode BN and unit-normalised hypergradient steps.)
 for dtype, steps in ((torch.float64, 2), (torch.float32, 1), (torch.float32, T)):
     (_, a), (_, b) = run(old, "none", dtype, steps), run(current, "none", dtype, steps)
     print(f"{str(dtype)[6:]} student updates after {steps} step(s), current vs {rev}: relative "
