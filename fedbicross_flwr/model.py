@@ -43,6 +43,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def is_channels_last(model: nn.Module) -> bool:
+    """Whether the model's 4-D parameters are stored channels-last (NHWC) rather than NCHW."""
+    return any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+               and not p.is_contiguous() for p in model.parameters())
+
+
 @torch.no_grad()
 def model_device(model: nn.Module) -> torch.device:
     """Device of the model's first parameter."""

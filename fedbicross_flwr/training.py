@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.model import is_channels_last
 
 
 def resolve_device(name: str) -> torch.device:
@@ -28,10 +29,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast when asked for, a no-op otherwise."""
+def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast when ``precision == 'bf16'``, a no-op otherwise (client and server)."""
     if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def autocast_off(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """Autocast switched off inside an :func:`autocast` region (which keeps its weight-cast
+    cache until the outer region ends); a no-op when ``precision`` is not 'bf16'."""
+    if precision == "bf16":
+        return torch.autocast(device_type=torch.device(device).type, enabled=False)
     return contextlib.nullcontext()
 
 
@@ -129,8 +138,7 @@ def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device,
     model.to(device).eval()
     fast = precision == "bf16" and x.dim() == 4
     # Restore only what this call changed: a model stored channels-last stays so.
-    relayout = fast and any(p.dim() == 4 and p.is_contiguous() and not p.is_contiguous(
-        memory_format=torch.channels_last) for p in model.parameters())
+    relayout = fast and not is_channels_last(model)
     if relayout:
         model.to(memory_format=torch.channels_last)
     try:

@@ -29,7 +29,6 @@ BatchNorm handling (the paper is silent). Every forward runs through
 
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass
 from logging import INFO
@@ -43,7 +42,8 @@ from torch.func import functional_call
 
 from .losses import kd_loss, lambda_schedule
 from .settings import FedBiCrossSettings
-from .utils import autocast_context, cpu_generator, derive_seed, to_channels_last, to_contiguous
+from .utils import (autocast_context, autocast_off, cpu_generator, derive_seed,
+                    to_channels_last, to_contiguous)
 
 
 def project_to_simplex(v: Tensor) -> Tensor:
@@ -149,14 +149,6 @@ def _cloned_buffers(model: nn.Module) -> dict[str, Tensor]:
     return {name: b.clone() for name, b in model.named_buffers()}
 
 
-def _outside_autocast(device: torch.device,
-                      mixed_precision: str) -> contextlib.AbstractContextManager:
-    """A region with autocast off inside an autocast region (which keeps its weight-cast cache)."""
-    if mixed_precision == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """<a, b> over all elements: one read of each tensor, no product tensor, for tensors of the
     same memory layout (channels-last gradients are viewed in their storage order)."""
@@ -257,7 +249,7 @@ def inner_step_and_hypergradient(
         for j in active:
             buffers_j = _cloned_buffers(model)  # this source's BN running-stat update lands here
             logits = functional_call(model, (params, buffers_j), (source_inputs[j],))  # (n, C)
-            with _outside_autocast(device, mixed_precision):  # loss and backward as before
+            with autocast_off(device, mixed_precision):  # loss and backward as before
                 loss_j = kd_loss(logits.float() if logits.dtype == torch.bfloat16 else logits,
                                  source_noise_probs[j], source_teacher_probs[j], lam, tau)
                 grads[j] = torch.autograd.grad(loss_j, param_list)

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from ..logging_utils import log
+from ..model import is_channels_last
+from ..training import autocast, autocast_off  # noqa: F401 - re-exported for the server stages
 
 
 def derive_seed(seed: int, *parts: int) -> int:
@@ -43,11 +45,8 @@ def cpu_generator(seed: int) -> torch.Generator:
     return generator
 
 
-def autocast_context(device: torch.device, mixed_precision: str) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` in bfloat16 when ``mixed_precision == 'bf16'``, else a no-op."""
-    if mixed_precision == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+# ``torch.autocast`` in bfloat16 when the precision is 'bf16', else a no-op: the client's helper.
+autocast_context = autocast
 
 
 @contextlib.contextmanager
@@ -125,10 +124,7 @@ def batchnorm_folded(model: nn.Module) -> nn.Module:
     from torch.fx.experimental.optimization import fuse
 
     frozen = copy.deepcopy(model).eval().requires_grad_(False)
-    channels_last = any(
-        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
-        and not p.is_contiguous() for p in frozen.parameters()
-    )
+    channels_last = is_channels_last(frozen)
     try:
         folded = fuse(frozen, inplace=True)
     except Exception as error:  # noqa: BLE001 - an untraceable model still predicts correctly
