@@ -7,6 +7,7 @@ fedbicross run --engine grid --run-config "local-epochs=2"      # through the re
 fedbicross config-table                                           # README's key table
 fedbicross bench --clients 5 --clusters 2 --batch 64 --steps 4    # server-stage benchmark
 fedbicross grid --preset conf/grid-cpu.toml                       # experiment grid + tables
+fedbicross distill-check --dataset digits --synthesis fedbicross  # one-teacher retention
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     from fedbicross_flwr.harness import cli as grid_cli
 
     grid_cli.add_arguments(grid)
+    check = sub.add_parser("distill-check", help="distil ONE central teacher into a fresh "
+                           "student from synthetic data only, and report the retention")
+    from fedbicross_flwr import distill_check
+
+    distill_check.add_arguments(check)
     args = parser.parse_args(argv)
 
     if args.command == "config-table":
@@ -88,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, values = build_config(args.preset, args.run_config,
                                    root / "pyproject.toml" if root else None)
+        if args.command == "distill-check":
+            cfg = cfg.replace(dataset=args.dataset)
     except ConfigError as err:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2
@@ -96,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(cfg.num_threads)
     start = time.perf_counter()
+    if args.command == "distill-check":
+        return distill_check.run_command(args, cfg)
     if args.command == "simulate":
         from fedbicross_flwr.simulation import simulate
 

@@ -154,6 +154,10 @@ class RunConfig:
                           "Passes of the online bi-level KD stage over each server epoch's "
                           "trajectory (paper: 1; more trains G_k longer without new synthesis).",
                           low=1, high=1000)
+    kd_batch: int = _key("kd-batch", 0,
+                         "Synthetic images per KD step: each trajectory step's B = synth-batch "
+                         "images are cut into B / kd-batch KD steps (0 = B, paper: one KD step "
+                         "per trajectory step). Used by fedbicross and fedisca.", low=0)
     synth_steps: int = _key("synth-steps", 500, "T, DeepInversion iterations.", low=1)
     synth_batch: int = _key("synth-batch", 256, "B, synthetic images per cluster.", low=2)
     synth_lr: float = _key("synth-lr", 0.05, "Adam learning rate on the images (eta_s).",
@@ -326,6 +330,9 @@ class RunConfig:
                               "its node config (deployment)")
         if self.output_dir and not Path(self.output_dir).is_absolute():
             raise ConfigError(f"output-dir must be an absolute path, got {self.output_dir!r}")
+        if self.kd_batch and (self.kd_batch < 2 or self.synth_batch % self.kd_batch):
+            raise ConfigError(f"kd-batch={self.kd_batch} must be 0 or a divisor >= 2 of "
+                              f"synth-batch={self.synth_batch}")
         if self.resume and not self.run_name:
             raise ConfigError("resume=true needs run-name (the run folder to continue)")
 

@@ -23,6 +23,7 @@ import torch
 from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import DataError, load_dataset
+from fedbicross_flwr.knowledge import knowledge_markdown, write_knowledge
 from fedbicross_flwr.logging_utils import add_file_handler, log, remove_handler
 from fedbicross_flwr.methods import ClientUpload, MethodInput, StateDict, get_method
 from fedbicross_flwr.results import (create_run_dir, summarize, write_clients_csv, write_json,
@@ -201,8 +202,15 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     summary = summarize(rows, cfg, {"majority-rate": majority, "wall-times-s": times,
                                     "failures": [f.__dict__ for f in failures],
                                     "method-diagnostics": out.diagnostics})
+    knowledge = write_knowledge(run_dir, cfg, uploads, out, rows, in_channels, num_classes,
+                                device)
+    if knowledge is not None:
+        summary["knowledge"] = knowledge.get("stages")
     write_json(run_dir / "summary.json", summary)
     write_summary_md(run_dir / "summary.md", summary)
+    if knowledge is not None and "stages" in knowledge:
+        with (run_dir / "summary.md").open("a") as fh:
+            fh.write("\n" + knowledge_markdown(knowledge))
     if not cfg.keep_checkpoints:  # the run is finished: they could only be used to resume it
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     log(logging.INFO, "done: paper metric (official test, mean over clients, after "

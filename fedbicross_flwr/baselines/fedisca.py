@@ -9,7 +9,8 @@ One ensemble of ALL clients; each of ``fedisca-epochs`` server epochs e:
    trajectory in reverse order (:func:`~..fedbicross.noise_adapt.noise_adapted_copy`, momentum
    1 - ``noise-momentum``). As in the reference, ONE adapted copy lives through all epochs: each
    epoch continues from the previous epoch's adapted statistics;
-3. KD: one SGD step per trajectory step t = 0..T-1 (in order) on
+3. KD: one SGD step per trajectory step t = 0..T-1 (in order; ``kd-batch`` < B: B / kd-batch
+   steps on consecutive slices of the batch) on
    alpha_t KL(F(x^t) || S) + (1 - alpha_t) KL(F~(x^t) || S), alpha_t = t / T, at temperature
    ``kd-temperature`` (reference: 20), SGD ``fedisca-lr`` (1e-3), momentum 0.9, weight decay
    5e-4, x0.1 at 50% and 75% of the epochs; the student starts at random (reference).
@@ -73,17 +74,20 @@ def fedisca(inp: MethodInput) -> MethodOutput:
                                        trajectory, s.tau, s.label_chunk, s.mixed_precision)
         t3 = time.perf_counter()
         student.train()
-        steps = trajectory.shape[0]
+        steps, batch = trajectory.shape[:2]
+        kd_batch = s.kd_batch or batch  # kd-batch < B: B / kd-batch KD steps per step t
         losses = []
         for t in range(steps):
             alpha = t / steps  # weight of the original teacher, 0 -> 1 (reference)
-            with autocast_context(inp.device, s.mixed_precision):
-                logits = full_precision(student(trajectory[t]))
-            loss = kd_loss(logits, probs_fn[t], probs_f[t], 1.0 - alpha, s.tau)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+            for lo in range(0, batch, kd_batch):
+                part = slice(lo, lo + kd_batch)
+                with autocast_context(inp.device, s.mixed_precision):
+                    logits = full_precision(student(trajectory[t, part]))
+                loss = kd_loss(logits, probs_fn[t, part], probs_f[t, part], 1.0 - alpha, s.tau)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
         t4 = time.perf_counter()
         for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             times[key] += seconds

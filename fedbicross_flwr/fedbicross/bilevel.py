@@ -402,7 +402,10 @@ class OnlineBilevelTrainer:
         if not (len(trajectories) == len(teacher_probs) == len(noise_probs) == K):
             raise ValueError(f"need K={K} trajectories and soft labels")
         steps, batch = trajectories[0].shape[:2]
-        train_idx, val_idx = (i.to(self.device) for i in self.split(batch))
+        kd_batch = self.settings.kd_batch or batch  # images per KD step
+        if batch % kd_batch:
+            raise ValueError(f"kd_batch={kd_batch} does not divide the synthetic batch {batch}")
+        train_idx, val_idx = (i.to(self.device) for i in self.split(kd_batch))
         history = torch.empty((steps, K, K), dtype=torch.float64, device=self.device)
         val_losses = torch.empty((steps, K), dtype=torch.float64, device=self.device)
         source_losses = torch.empty((steps, K, K), dtype=torch.float64, device=self.device)
@@ -438,16 +441,21 @@ class OnlineBilevelTrainer:
         start: float,
     ) -> None:
         """The loop t = 1..T of :meth:`run_epoch`, filling the (T, ...) history tensors in place."""
-        steps = trajectories[0].shape[0]
+        steps, batch = trajectories[0].shape[:2]
+        kd_batch = train_idx.numel() + val_idx.numel()
         checked = 0  # val_losses[:checked] are known to be finite
         for t in range(1, steps + 1):
-            val_losses[t - 1], source_losses[t - 1] = self.step(
-                t, steps,
-                [traj[t - 1] for traj in trajectories],
-                [p[t - 1] for p in teacher_probs],
-                [p[t - 1] for p in noise_probs],
-                train_idx, val_idx,
-            )
+            # kd-batch < B: the step's B images are B / kd-batch consecutive KD steps (the
+            # history keeps the last one's losses).
+            for lo in range(0, batch, kd_batch):
+                part = slice(lo, lo + kd_batch)
+                val_losses[t - 1], source_losses[t - 1] = self.step(
+                    t, steps,
+                    [traj[t - 1, part] for traj in trajectories],
+                    [p[t - 1, part] for p in teacher_probs],
+                    [p[t - 1, part] for p in noise_probs],
+                    train_idx, val_idx,
+                )
             history[t - 1] = self.weights
             if t % log_every == 0 or t == steps:  # one host sync per ~10% of the steps
                 recent = val_losses[checked:t]  # the steps since the last check

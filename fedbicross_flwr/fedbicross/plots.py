@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 
@@ -88,7 +89,8 @@ def save_synthetic_grid(
     labels_per_cluster: Sequence[Tensor] | None = None,
     max_per_cluster: int = 16,
 ) -> Path:
-    """Picture grid of synthetic images: one row per cluster.
+    """Picture grid of synthetic images: one row per cluster; the images themselves go to
+    ``<path>.pt`` (``{"images": K x (n, C, H, W)}``, loadable with ``weights_only=True``).
 
     Parameters
     ----------
@@ -128,6 +130,9 @@ def save_synthetic_grid(
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    # The pictured images as tensors too (``knowledge.json`` measures the student on them).
+    torch.save({"images": [x.detach().float().cpu() for x in images_per_cluster]},
+               path.with_suffix(".pt"))
     return path
 
 

@@ -147,6 +147,11 @@ class FedBiCrossSettings:
     # trajectory and soft labels (paper: 1). Replaying the stored trajectory trains G_k longer
     # at the cost of KD steps only (no new synthesis): a deviation for small budgets.
     kd_passes: int = 1
+    # Synthetic images per KD step (0 = synth_batch: the paper's one step per trajectory step).
+    # A large synthesis batch B (DeepInversion: 256, many distinct images) is then cut into
+    # B / kd_batch KD steps per trajectory step, so the student sees more distinct images
+    # without larger KD batches. B must be a multiple of it.
+    kd_batch: int = 0
 
     # --- Engineering ----------------------------------------------------------------------------
     # Master seed: noise images, K-means, labels, jitter, split, cluster-model initialisation.
@@ -193,6 +198,10 @@ class FedBiCrossSettings:
         _check_choice("student_bn", self.student_bn, _STUDENT_BN_MODES)
         _check_int("server_epochs", self.server_epochs, 1)
         _check_int("kd_passes", self.kd_passes, 1)
+        _check_int("kd_batch", self.kd_batch, 0)
+        if self.kd_batch and (self.kd_batch < 2 or self.synth_batch % self.kd_batch):
+            raise ValueError(f"kd_batch must be 0 or a divisor >= 2 of synth_batch="
+                             f"{self.synth_batch}, got {self.kd_batch}")
         _check_int("seed", self.seed, 0)
         _check_choice("mixed_precision", self.mixed_precision, _MIXED_PRECISION)
         _check_int("num_examples", self.num_examples, 0)

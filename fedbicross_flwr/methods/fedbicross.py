@@ -59,6 +59,7 @@ def settings_from_config(cfg: RunConfig, num_clusters: int | None = None) -> Fed
         student_bn=cfg.student_bn,
         server_epochs=cfg.server_epochs,
         kd_passes=cfg.kd_passes,
+        kd_batch=cfg.kd_batch,
         seed=cfg.seed,
         mixed_precision="bf16" if cfg.precision == "bf16" else "none",
         compile=cfg.compile,

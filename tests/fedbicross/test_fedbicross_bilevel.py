@@ -287,3 +287,24 @@ def test_diverged_student_stops_with_a_clear_error():
     # Execute / Assert
     with pytest.raises(FloatingPointError, match=r"not finite: G_k diverged"):
         _train(settings, 2, data, init_seeds=[10, 11])
+
+
+def test_kd_batch_cuts_each_step_into_consecutive_kd_steps():
+    # Prepare: T=3 steps of B=10 images; with the noise-adapted labels equal to the teacher's,
+    # lambda_t plays no role, so kd_batch=5 must equal one step per slice of a (6, 5) trajectory
+    trajectories, teacher, _ = _random_epoch(2, steps=3, batch=10)
+    chunked = FedBiCrossSettings(weights_mode="uniform", student_lr=0.05, synth_batch=10,
+                                 kd_batch=5)
+    flat = FedBiCrossSettings(weights_mode="uniform", student_lr=0.05, synth_batch=5)
+    reshape = [x.reshape(6, 5, *x.shape[2:]) for x in trajectories]  # step t -> 2t-1, 2t
+    reshape_p = [p.reshape(6, 5, p.shape[-1]) for p in teacher]
+    # Execute
+    students_a, hist_a = _train(chunked, 2, (trajectories, teacher, teacher), init_seeds=[1, 2])
+    students_b, _ = _train(flat, 2, (reshape, reshape_p, reshape_p), init_seeds=[1, 2])
+    # Assert: six KD updates in both, identical students; history stays one row per step t
+    for a, b in zip(students_a, students_b):
+        for (name, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+            assert torch.allclose(va.float(), vb.float(), atol=1e-6), name
+    assert hist_a["weights"].shape == (3, 2, 2)
+    with pytest.raises(ValueError, match="divisor"):
+        FedBiCrossSettings(synth_batch=10, kd_batch=4)

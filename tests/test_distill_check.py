@@ -1,0 +1,47 @@
+"""`fedbicross distill-check`: one central teacher distilled through a real method."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from fedbicross_flwr.cli import main
+
+
+def _rows(out):
+    with (out / "distill-check.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_distill_check_appends_a_retention_row_and_reuses_the_teacher(tiny_archive, tmp_path,
+                                                                      capsys) -> None:
+    out = tmp_path / "dc"
+    args = ["distill-check", "--dataset", "custom", "--synthesis", "fedbicross",
+            "--teacher-epochs", "2", "--out", str(out), "--run-config",
+            f"data-path='{tiny_archive}' in-channels=1 num-classes=3 synth-steps=2 "
+            "synth-batch=8 kd-batch=4 batch-size=16 progress=false"]
+    # Execute: twice, the second time with the cached teacher
+    assert main(args) == 0
+    assert main(args) == 0
+    # Assert
+    rows = _rows(out)
+    assert len(rows) == 2 and {r["synthesis"] for r in rows} == {"fedbicross"}
+    for r in rows:
+        teacher, student = float(r["teacher-acc"]), float(r["student-acc"])
+        assert float(r["retention"]) == pytest.approx(student / teacher, abs=1e-3)
+        assert r["kd-batch"] == "4" and r["synth-steps"] == "2"
+    assert rows[0]["teacher-acc"] == rows[1]["teacher-acc"]  # the cached teacher
+    assert "| custom | fedbicross |" in capsys.readouterr().out
+    # A teacher file that does not match its checksum is retrained, not trusted
+    (teacher_file,) = (out / "teachers").glob("*.pt")
+    teacher_file.write_bytes(teacher_file.read_bytes()[:-10] + b"0" * 10)
+    assert main(args) == 0
+    assert len(_rows(out)) == 3
+
+
+def test_distill_check_refuses_a_method_that_does_not_distil(tiny_archive, tmp_path) -> None:
+    with pytest.raises(ValueError, match="--synthesis must be one of"):
+        main(["distill-check", "--dataset", "custom", "--synthesis", "fedavg1",
+              "--teacher-epochs", "1", "--out", str(tmp_path), "--run-config",
+              f"data-path='{tiny_archive}' in-channels=1 num-classes=3 progress=false"])
