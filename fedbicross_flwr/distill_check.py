@@ -36,7 +36,7 @@ from torch import nn
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import DatasetArrays, load_dataset
 from fedbicross_flwr.knowledge import agreement, retention
-from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.logging_utils import add_file_handler, log, remove_handler
 from fedbicross_flwr.methods import ClientUpload, MethodInput, get_method
 from fedbicross_flwr.model import build_resnet18
 from fedbicross_flwr.site import to_tensors
@@ -142,7 +142,11 @@ def run_check(cfg: RunConfig, synthesis: str, teacher_epochs: int, out_dir: Path
     log(logging.INFO, "distill-check: %s on %s, teacher %.2f %% on the official test split",
         synthesis, ds.name, 100 * teacher_acc)
     start = time.perf_counter()
-    output = get_method(synthesis)(inp)
+    handler = add_file_handler(run_dir / "log.txt")
+    try:
+        output = get_method(synthesis)(inp)
+    finally:
+        remove_handler(handler)
     seconds = time.perf_counter() - start
     if not cfg.keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)

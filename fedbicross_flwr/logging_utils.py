@@ -37,3 +37,15 @@ def remove_handler(handler: logging.Handler) -> None:
     """Detach and close a handler added by :func:`add_file_handler`."""
     LOGGER.removeHandler(handler)
     handler.close()
+
+
+def progress_text(done: int, total: int, elapsed_s: float) -> str:
+    """``"40/200 (20%), 12.3 s, 3.3/s, ETA 49 s"``: steps done, rate and time left.
+
+    The ETA assumes the remaining steps run at the mean rate so far.
+    """
+    rate = done / elapsed_s if elapsed_s > 0 else float("inf")
+    left = (total - done) / rate if done and rate > 0 else float("nan")
+    eta = "n/a" if left != left else (f"{left / 60:.1f} min" if left >= 120 else f"{left:.0f} s")
+    return (f"{done}/{total} ({100 * done / max(total, 1):.0f}%), {elapsed_s:.1f} s, "
+            f"{rate:.2f}/s, ETA {eta}")

@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from ..logging_utils import log
+from ..logging_utils import log, progress_text
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -472,8 +472,8 @@ class OnlineBilevelTrainer:
             if progress and (t % log_every == 0 or t == steps):
                 log(
                     INFO,
-                    "%sbi-level step %s/%s (%.0f s): val KD loss per cluster %s, weights %s",
-                    f"{tag}: " if tag else "", t, steps, time.perf_counter() - start,
+                    "%sbi-level step %s: val KD loss per cluster %s, weights %s",
+                    f"{tag}: " if tag else "", progress_text(t, steps, time.perf_counter() - start),
                     np.round(val_losses[t - 1].cpu().numpy(), 4).tolist(),
                     np.round(self.weights.cpu().numpy(), 3).tolist(),
                 )

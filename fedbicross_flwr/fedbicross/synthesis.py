@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from ..logging_utils import log
+from ..logging_utils import log, progress_text
 from torch import Tensor, nn
 
 from .losses import BNStatsHook, tv_loss
@@ -267,8 +267,9 @@ def synthesize_trajectory(
                 ce_v, bn_v, tv_v = terms[t - 1].tolist()
                 log(
                     INFO,
-                    "%ssynthesis step %s/%s: CE %.4f, R_BN %.4f, R_TV %.2f",
-                    f"{tag}: " if tag else "", t, steps, ce_v, bn_v, tv_v,
+                    "%ssynthesis step %s: CE %.4f, R_BN %.4f, R_TV %.2f",
+                    f"{tag}: " if tag else "", progress_text(t, steps, time.perf_counter() - start),
+                    ce_v, bn_v, tv_v,
                 )
 
     with torch.no_grad(), preserved_modes(members):
