@@ -63,6 +63,7 @@ class CheckResult:
     agreement_real: float
     method_seconds: float
     settings: dict[str, Any]
+    target_agreement: float | None = None  # the teacher's agreement with the targets on x^(T)
 
     def row(self) -> dict[str, Any]:
         """Flat CSV row (kebab-case columns)."""
@@ -71,6 +72,8 @@ class CheckResult:
                 "student-acc": round(self.student_acc, 4),
                 "retention": round(self.retention, 4),
                 "agreement-real": round(self.agreement_real, 4),
+                "target-agreement": (None if self.target_agreement is None
+                                     else round(self.target_agreement, 4)),
                 "method-seconds": round(self.method_seconds, 1), **self.settings}
 
 
@@ -160,7 +163,8 @@ def run_check(cfg: RunConfig, synthesis: str, teacher_epochs: int, out_dir: Path
         dataset=ds.name, synthesis=synthesis, teacher_acc=teacher_acc, student_acc=student_acc,
         retention=retention(student_acc, teacher_acc),
         agreement_real=agreement(student_logits, teacher_logits.softmax(1)),
-        method_seconds=seconds, settings={k: values[k] for k in REPORTED_KEYS})
+        method_seconds=seconds, settings={k: values[k] for k in REPORTED_KEYS},
+        target_agreement=_target_agreement(output.diagnostics))
     (run_dir / "distill-check.json").write_text(json.dumps(
         {**result.row(), "diagnostics": output.diagnostics}, indent=1, default=str))
     log(logging.INFO, "distill-check: %s on %s: student %.2f %% of teacher %.2f %% "
@@ -169,14 +173,58 @@ def run_check(cfg: RunConfig, synthesis: str, teacher_epochs: int, out_dir: Path
     return result
 
 
+def _target_agreement(diagnostics: dict[str, Any]) -> float | None:
+    """The teacher's agreement with its synthesis targets on the final images, if reported
+    (FedBiCross: ``synthesis-summary``; FedISCA: ``final_teacher_accuracy``)."""
+    summary = diagnostics.get("synthesis-summary")
+    if summary:
+        return summary[-1].get("teacher-accuracy")
+    return diagnostics.get("final_teacher_accuracy")
+
+
+def plot_rows(csv_path: Path, png_path: Path) -> Path:
+    """Retention against the method's wall time, one marker per row, labelled T x B / kd."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with csv_path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for synthesis in sorted({r["synthesis"] for r in rows}):
+        mine = [r for r in rows if r["synthesis"] == synthesis]
+        ax.scatter([float(r["method-seconds"]) / 60 for r in mine],
+                   [float(r["retention"]) for r in mine], label=synthesis)
+        for r in mine:
+            ax.annotate(f"T{r['synth-steps']} B{r['synth-batch']} a{r['bn-weight']}",
+                        (float(r["method-seconds"]) / 60, float(r["retention"])), fontsize=6)
+    ax.axhline(0.9, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("server-stage wall time (min)")
+    ax.set_ylabel("retention (student / teacher accuracy)")
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path
+
+
 def append_row(path: Path, row: dict[str, Any]) -> None:
-    """Append one row to a CSV (header written once; columns of the first row)."""
-    new = not path.is_file()
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    """Append one row to a CSV; a row with new columns rewrites the file with all of them
+    (older rows get empty cells there)."""
+    rows: list[dict[str, Any]] = []
+    fields = list(row)
+    if path.is_file():
+        with path.open() as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            fields = list(reader.fieldnames or []) + [k for k in row
+                                                       if k not in (reader.fieldnames or [])]
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows + [row])
 
 
 def markdown_rows(rows: list[dict[str, Any]]) -> str:
@@ -211,5 +259,6 @@ def run_command(args: argparse.Namespace, cfg: RunConfig) -> int:
         append_row(out / "distill-check.csv", result.row())
         rows.append(result.row())
     print(markdown_rows(rows))
-    print(f"rows appended to {out / 'distill-check.csv'}")
+    print(f"rows appended to {out / 'distill-check.csv'}; retention against wall time: "
+          f"{plot_rows(out / 'distill-check.csv', out / 'distill-check.png')}")
     return 0

@@ -45,3 +45,14 @@ def test_distill_check_refuses_a_method_that_does_not_distil(tiny_archive, tmp_p
         main(["distill-check", "--dataset", "custom", "--synthesis", "fedavg1",
               "--teacher-epochs", "1", "--out", str(tmp_path), "--run-config",
               f"data-path='{tiny_archive}' in-channels=1 num-classes=3 progress=false"])
+
+
+def test_append_row_keeps_old_rows_when_columns_are_added(tmp_path) -> None:
+    from fedbicross_flwr.distill_check import append_row
+
+    path = tmp_path / "rows.csv"
+    append_row(path, {"a": 1, "b": 2})
+    append_row(path, {"a": 3, "b": 4, "c": 5})
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows == [{"a": "1", "b": "2", "c": ""}, {"a": "3", "b": "4", "c": "5"}]
