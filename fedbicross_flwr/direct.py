@@ -21,9 +21,9 @@ from fedbicross_flwr.client import run_local_training, run_personalization
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import load_dataset
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.methods import StateDict
 from fedbicross_flwr.model import build_resnet18
-from fedbicross_flwr.server import ClientFailure, ClientReply, PhaseResult, run_server
+from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
+from fedbicross_flwr.server import run_server
 from fedbicross_flwr.site import SiteData, site_from_partition
 from fedbicross_flwr.training import resolve_device
 

@@ -88,7 +88,7 @@ def run_rounds(cfg: RunConfig, transport: "Transport", init: StateDict,
     left out of that round's average and listed as a failure). ``rounds.csv`` in ``run_dir``
     records, per round, how many clients answered and their mean local accuracies.
     """
-    from fedbicross_flwr.server import ClientFailure, validate_upload
+    from fedbicross_flwr.protocol import ClientFailure, validate_upload
 
     if not hasattr(transport, "train_round"):
         raise RuntimeError(f"method {cfg.method!r} needs a transport with train_round "

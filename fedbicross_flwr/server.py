@@ -14,9 +14,8 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
@@ -24,37 +23,13 @@ from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import DataError, load_dataset
 from fedbicross_flwr.logging_utils import add_file_handler, log, remove_handler
-from fedbicross_flwr.methods import ClientUpload, MethodInput, StateDict, get_method
+from fedbicross_flwr.methods import MethodInput, get_method
+# The protocol types live in fedbicross_flwr.protocol; importing them from here keeps working.
+from fedbicross_flwr.protocol import (ClientFailure, ClientReply, ClientUpload,  # noqa: F401
+                                      PhaseResult, StateDict, validate_upload)
 from fedbicross_flwr.results import (create_run_dir, summarize, write_clients_csv, write_json,
                                      write_summary_md)
 from fedbicross_flwr.training import resolve_device
-
-
-@dataclass
-class ClientReply:
-    """A client's phase-1 answer: its model and metrics."""
-
-    partition_id: int
-    state: StateDict
-    metrics: dict[str, float]
-
-
-@dataclass
-class ClientFailure:
-    """A client that did not answer, answered with an error, or sent a bad model."""
-
-    partition_id: int | None  # None when the client never said who it is
-    node: str  # the transport's address of the client (Flower node id, or "local")
-    phase: str  # "train" or "personalize"
-    reason: str
-
-
-@dataclass
-class PhaseResult:
-    """What one phase brought back."""
-
-    replies: dict[int, Any] = field(default_factory=dict)  # partition-id -> reply
-    failures: list[ClientFailure] = field(default_factory=list)
 
 
 class Transport(Protocol):
@@ -65,29 +40,6 @@ class Transport(Protocol):
 
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
         """Phase 3: send each partition its model; replies are metric dicts."""
-
-
-def validate_upload(state: StateDict, reference: StateDict) -> str | None:
-    """Why an uploaded state dict is unusable, or None if it matches the reference model."""
-    missing = sorted(set(reference) - set(state))
-    extra = sorted(set(state) - set(reference))
-    if missing or extra:
-        return f"state dict keys differ from ResNet-18: missing {missing[:5]}, extra {extra[:5]}"
-    head = [k for k, v in reference.items() if v.ndim == 2][-1:]  # the classifier's weight
-    for key in head:
-        got, want = tuple(state[key].shape), tuple(reference[key].shape)
-        if got != want and len(got) == 2 and got[1:] == want[1:]:
-            return (f"different number of classes: {key} has shape {got}, expected {want} "
-                    f"({got[0]} classes instead of {want[0]})")
-    for key, ref in reference.items():
-        got = state[key]
-        if tuple(got.shape) != tuple(ref.shape):
-            return f"{key} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
-        if got.dtype != ref.dtype:
-            return f"{key} has dtype {got.dtype}, expected {ref.dtype}"
-        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
-            return f"{key} contains NaN or Inf values"
-    return None
 
 
 def dataset_shape(cfg: RunConfig) -> tuple[int, int, float | None]:

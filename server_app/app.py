@@ -16,8 +16,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.methods import StateDict
-from fedbicross_flwr.server import ClientFailure, ClientReply, PhaseResult, run_server
+from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
+from fedbicross_flwr.server import run_server
 
 app = ServerApp()
 
