@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, StateDict
-from fedbicross_flwr.model import weighted_average
+from fedbicross_flwr.model import probe_for, weighted_average
 
 if TYPE_CHECKING:  # the server module imports this one
     from fedbicross_flwr.server import PhaseResult, Transport
@@ -96,11 +96,12 @@ def run_rounds(cfg: RunConfig, transport: "Transport", init: StateDict,
     log(logging.INFO, "%s: %d rounds of %d local epochs (%s, proximal-mu=%g)", cfg.method,
         cfg.rounds, round_epochs(cfg), MULTIROUND_METHODS[cfg.method], proximal_mu(cfg))
     state, history, failures = init, [], []
+    probe = probe_for(init)
     for rnd in range(1, cfg.rounds + 1):
         phase = transport.train_round(cfg, state, rnd)
         valid = {}
         for pid, reply in sorted(phase.replies.items()):
-            problem = validate_upload(reply.state, init)
+            problem = validate_upload(reply.state, init, probe)
             if problem is None:
                 valid[pid] = reply
             else:

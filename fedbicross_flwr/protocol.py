@@ -11,6 +11,7 @@ the server, the transports, the methods and the tests can all depend on it witho
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,10 +19,19 @@ import torch
 
 StateDict = dict[str, torch.Tensor]
 
+# Bounds on the values of an uploaded ResNet-18 (see validate_upload). A trained ResNet-18's
+# weights and biases stay well below 10 in absolute value, and its BatchNorm running statistics
+# of normalised 28x28 images below 1e3 (mean) and 1e5 (variance); the bounds leave orders of
+# magnitude of margin for honest sites, while a model scaled by 1e30 or holding 3.4e38 (the
+# float32 maximum) is refused.
+MAX_ABS_WEIGHT = 1e4  # parameters (conv/linear weights and biases, BN affine)
+MAX_ABS_RUNNING_MEAN = 1e6  # BN running_mean
+MAX_RUNNING_VAR = 1e12  # BN running_var (a standard deviation of 1e6)
+
 
 @dataclass(frozen=True)
 class ClientUpload:
-    """One client's single upload (phase 1)."""
+    """One client's single upload (phase 1), accepted by the server."""
 
     partition_id: int  # stable client id (never the random Flower node id)
     state: StateDict  # the trained local model f_i (parameters and BN buffers, on the CPU)
@@ -30,7 +40,7 @@ class ClientUpload:
 
 @dataclass
 class ClientReply:
-    """A client's phase-1 answer: its model and metrics."""
+    """A client's phase-1 answer: its model and metrics (checked by the server before use)."""
 
     partition_id: int
     state: StateDict
@@ -41,7 +51,7 @@ class ClientReply:
 class ClientFailure:
     """A client that did not answer, answered with an error, or sent a bad model."""
 
-    partition_id: int | None  # None when the client never said who it is
+    partition_id: int | None  # None when the server cannot tell which partition it was
     node: str  # the transport's address of the client (Flower node id, or "local")
     phase: str  # "train" or "personalize"
     reason: str
@@ -55,12 +65,39 @@ class PhaseResult:
     failures: list[ClientFailure] = field(default_factory=list)
 
 
-def validate_upload(state: StateDict, reference: StateDict) -> str | None:
-    """Why an uploaded state dict is unusable, or None if it matches the reference model."""
+def validate_upload(state: Any, reference: StateDict,
+                    probe: Callable[[StateDict], str | None] | None = None) -> str | None:
+    """Why an uploaded state dict is refused, or None if it is a usable model.
+
+    Checks, in order: a mapping of tensors with exactly the reference's keys; the classifier's
+    number of classes; every tensor's shape and dtype; finite values; magnitudes within
+    :data:`MAX_ABS_WEIGHT` (parameters), :data:`MAX_ABS_RUNNING_MEAN` and
+    :data:`MAX_RUNNING_VAR` (BatchNorm statistics); BatchNorm ``running_var`` > 0 and
+    ``num_batches_tracked`` >= 0; finally ``probe`` (e.g. a forward pass on a fixed batch).
+
+    Parameters
+    ----------
+    state : Any
+        What the client sent; anything but a mapping of ``str`` to tensors is refused.
+    reference : StateDict
+        The server's model of the same architecture (w^(0)).
+    probe : callable, optional
+        ``probe(state) -> reason or None``, run last, on a state that passed every other check.
+
+    Returns
+    -------
+    str or None
+        The first problem found (naming the tensor), or None.
+    """
+    if not isinstance(state, Mapping):
+        return f"the upload is a {type(state).__name__}, not a state dict"
     missing = sorted(set(reference) - set(state))
-    extra = sorted(set(state) - set(reference))
+    extra = sorted(map(str, set(state) - set(reference)))
     if missing or extra:
         return f"state dict keys differ from ResNet-18: missing {missing[:5]}, extra {extra[:5]}"
+    for key in reference:
+        if not isinstance(state[key], torch.Tensor):
+            return f"{key} is a {type(state[key]).__name__}, not a tensor"
     head = [k for k, v in reference.items() if v.ndim == 2][-1:]  # the classifier's weight
     for key in head:
         got, want = tuple(state[key].shape), tuple(reference[key].shape)
@@ -73,6 +110,32 @@ def validate_upload(state: StateDict, reference: StateDict) -> str | None:
             return f"{key} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
         if got.dtype != ref.dtype:
             return f"{key} has dtype {got.dtype}, expected {ref.dtype}"
-        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
-            return f"{key} contains NaN or Inf values"
+        if (problem := _value_problem(key, got)) is not None:
+            return problem
+    return probe(dict(state)) if probe is not None else None
+
+
+def _value_problem(key: str, tensor: torch.Tensor) -> str | None:
+    """Non-finite, out-of-bounds or impossible values of one tensor, or None."""
+    if tensor.numel() == 0:
+        return None
+    if not tensor.is_floating_point():
+        if key.endswith("num_batches_tracked") and int(tensor.min()) < 0:
+            return f"{key} is negative ({int(tensor.min())})"
+        return None
+    if not bool(torch.isfinite(tensor).all()):
+        return f"{key} contains NaN or Inf values"
+    largest = float(tensor.detach().abs().max())
+    if key.endswith("running_var"):
+        smallest = float(tensor.min())
+        if smallest <= 0:
+            return f"{key} has a BatchNorm variance <= 0 ({smallest:g}); variances are positive"
+        bound, what = MAX_RUNNING_VAR, "BatchNorm variance"
+    elif key.endswith("running_mean"):
+        bound, what = MAX_ABS_RUNNING_MEAN, "BatchNorm mean"
+    else:
+        bound, what = MAX_ABS_WEIGHT, "weight"
+    if largest > bound:
+        return (f"{key} holds a {what} of absolute value {largest:.3g}, above the bound "
+                f"{bound:g} for a trained ResNet-18")
     return None

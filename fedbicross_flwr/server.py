@@ -15,6 +15,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -24,6 +25,7 @@ from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import DataError, load_dataset
 from fedbicross_flwr.logging_utils import add_file_handler, log, remove_handler
 from fedbicross_flwr.methods import MethodInput, get_method
+from fedbicross_flwr.model import probe_for
 # The protocol types live in fedbicross_flwr.protocol; importing them from here keeps working.
 from fedbicross_flwr.protocol import (ClientFailure, ClientReply, ClientUpload,  # noqa: F401
                                       PhaseResult, StateDict, validate_upload)
@@ -90,9 +92,10 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     times["phase1-local-training"] = time.perf_counter() - t0
     failures = list(phase1.failures)
     uploads, local_metrics = [], {}
+    probe = probe_for(init)  # a forward pass on a fixed batch: finite, bounded outputs
     for pid in sorted(phase1.replies):
         reply: ClientReply = phase1.replies[pid]
-        problem = validate_upload(reply.state, init)
+        problem = validate_upload(reply.state, init, probe)
         if problem is None and not math.isfinite(reply.metrics.get("num-examples", float("nan"))):
             problem = "metric num-examples missing or not finite"
         if problem is not None:
@@ -122,7 +125,7 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     missing = sorted({u.partition_id for u in uploads} - set(out.models))
     if missing:
         raise RuntimeError(f"method {cfg.method!r} returned no model for partitions {missing}")
-    check_finite_models(cfg.method, out.models, run_dir)
+    check_outgoing_models(cfg.method, out.models, uploads, probe, run_dir)
 
     # Phase 3: personalization ----------------------------------------------------------------
     t0 = time.perf_counter()
@@ -162,7 +165,53 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     return run_dir
 
 
-def check_finite_models(method: str, models: dict[int, StateDict], run_dir: Path) -> None:
+def check_outgoing_models(method: str, models: dict[int, StateDict],
+                          uploads: list[ClientUpload],
+                          probe: Callable[[StateDict], str | None], run_dir: Path) -> None:
+    """Refuse to send a model that is not usable: non-finite values, a BatchNorm variance
+    <= 0, or a forward pass on the fixed probe batch with non-finite or huge outputs.
+
+    Raises
+    ------
+    FloatingPointError
+        Naming the partitions, the first problem of each and the most extreme of the uploads
+        the method was given (the likely culprit); nothing is sent, the run stops unfinished
+        and the run folder (with its checkpoints) is kept.
+    """
+    check_finite_models(method, models, run_dir, uploads)
+    bad = {}
+    for pid, state in sorted(models.items()):
+        variances = [k for k, v in state.items() if k.endswith("running_var")
+                     and v.numel() and float(v.min()) <= 0]
+        problem = (f"{variances[0]} has a BatchNorm variance <= 0" if variances
+                   else probe(state))
+        if problem is not None:
+            bad[pid] = problem
+    if bad:
+        raise FloatingPointError(
+            f"method {method!r} produced unusable models for partitions {sorted(bad)} "
+            f"({bad}); {_most_extreme(uploads)}. Nothing was sent to the clients; the run "
+            f"folder {run_dir} and its checkpoints are kept.")
+
+
+def _most_extreme(uploads: list[ClientUpload]) -> str:
+    """The accepted upload with the largest absolute value, to name as the likely culprit."""
+    if not uploads:
+        return "no uploads"
+    scores = {}
+    for u in uploads:
+        name, value = max(((k, float(v.detach().abs().max())) for k, v in u.state.items()
+                           if v.is_floating_point() and v.numel()),
+                          key=lambda kv: kv[1] if math.isfinite(kv[1]) else math.inf)
+        scores[u.partition_id] = (value, name)
+    pid = max(scores, key=lambda p: scores[p][0])
+    value, name = scores[pid]
+    return (f"the most extreme upload it was given is partition {pid}'s "
+            f"(|{name}| up to {value:.3g})")
+
+
+def check_finite_models(method: str, models: dict[int, StateDict], run_dir: Path,
+                        uploads: list[ClientUpload] | None = None) -> None:
     """Refuse to send a non-finite model to a client (a diverged server stage).
 
     Raises
@@ -180,8 +229,10 @@ def check_finite_models(method: str, models: dict[int, StateDict], run_dir: Path
     if bad:
         raise FloatingPointError(
             f"method {method!r} produced non-finite models (NaN/Inf) for partitions "
-            f"{sorted(bad)} (first bad tensor per partition: {bad}); nothing was sent to the "
-            f"clients. The run folder {run_dir} and its checkpoints are kept.")
+            f"{sorted(bad)} (first bad tensor per partition: {bad})"
+            + (f"; {_most_extreme(uploads)}" if uploads else "")
+            + f"; nothing was sent to the clients. The run folder {run_dir} and its checkpoints "
+            "are kept.")
 
 
 def _checkpointed_uploads(run_dir: Path, uploads: list[ClientUpload],
