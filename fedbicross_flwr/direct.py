@@ -61,7 +61,7 @@ class DirectTransport:
                     model.load_state_dict(state)
                     self.own_models[pid] = model
                 return self._phase1
-        result = PhaseResult()
+        result = self._phase_result()
         for site in self.sites:
             try:
                 model, metrics = run_local_training(cfg, site, self.device, init)
@@ -85,7 +85,7 @@ class DirectTransport:
         from fedbicross_flwr.multiround import round_config
 
         config = round_config(cfg, server_round)
-        result, round_own = PhaseResult(), {}
+        result, round_own = self._phase_result(), {}
         for site in self.sites:
             try:
                 model, metrics = run_local_training(
@@ -101,6 +101,11 @@ class DirectTransport:
                                     model.state_dict().items()}, metrics)
         self.active_own = round_own
         return result
+
+    def _phase_result(self) -> PhaseResult:
+        """An empty phase-1 result: every site trains its partition of the run's dataset."""
+        return PhaseResult(partitions={s.partition_id: "local" for s in self.sites},
+                           num_partitions=len(self.sites))
 
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
         result = PhaseResult()

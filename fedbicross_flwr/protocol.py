@@ -11,6 +11,7 @@ the server, the transports, the methods and the tests can all depend on it witho
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,10 +60,40 @@ class ClientFailure:
 
 @dataclass
 class PhaseResult:
-    """What one phase brought back."""
+    """What one phase brought back.
+
+    ``partitions`` binds every partition the transport instructed to the client address it
+    instructed (whether it answered or not); it is empty when the sites name their own
+    partitions (a deployment without ``site-nodes``). ``num_partitions`` > 0 says that the
+    clients trained partition ``pid`` of ``num_partitions`` of the run's dataset, as the
+    server assigned them (simulation), so the server knows each partition's size.
+    """
 
     replies: dict[int, Any] = field(default_factory=dict)  # partition-id -> reply
     failures: list[ClientFailure] = field(default_factory=list)
+    partitions: dict[int, str] = field(default_factory=dict)  # partition-id -> node address
+    num_partitions: int = 0
+
+
+def num_examples_problem(value: Any, bound: int | None) -> str | None:
+    """Why a reported ``num-examples`` (a client's FedAvg weight) is refused, or None.
+
+    Parameters
+    ----------
+    value : Any
+        The reported metric (metrics travel as floats).
+    bound : int or None
+        The most training examples this client can have (its partition's size in simulation,
+        ``max-num-examples`` when set); None: no bound is known.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"metric num-examples is missing or not a number ({value!r})"
+    if not math.isfinite(value) or value != int(value) or value < 1:
+        return f"metric num-examples={value!r} is not a positive integer"
+    if bound is not None and value > bound:
+        return (f"metric num-examples={int(value)} exceeds the {bound} training examples this "
+                "client can have (inflated FedAvg weight)")
+    return None
 
 
 def validate_upload(state: Any, reference: StateDict,

@@ -28,9 +28,11 @@ from fedbicross_flwr.methods import MethodInput, get_method
 from fedbicross_flwr.model import probe_for
 # The protocol types live in fedbicross_flwr.protocol; importing them from here keeps working.
 from fedbicross_flwr.protocol import (ClientFailure, ClientReply, ClientUpload,  # noqa: F401
-                                      PhaseResult, StateDict, validate_upload)
+                                      PhaseResult, StateDict, num_examples_problem,
+                                      validate_upload)
 from fedbicross_flwr.results import (create_run_dir, summarize, write_clients_csv, write_json,
                                      write_summary_md)
+from fedbicross_flwr.site import example_bounds
 from fedbicross_flwr.training import resolve_device
 
 
@@ -93,13 +95,16 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     failures = list(phase1.failures)
     uploads, local_metrics = [], {}
     probe = probe_for(init)  # a forward pass on a fixed batch: finite, bounded outputs
+    sizes = example_bounds(cfg, phase1.num_partitions)
     for pid in sorted(phase1.replies):
         reply: ClientReply = phase1.replies[pid]
         problem = validate_upload(reply.state, init, probe)
-        if problem is None and not math.isfinite(reply.metrics.get("num-examples", float("nan"))):
-            problem = "metric num-examples missing or not finite"
+        if problem is None:
+            problem = num_examples_problem(reply.metrics.get("num-examples"),
+                                           cfg.max_num_examples or sizes.get(pid))
         if problem is not None:
-            failures.append(ClientFailure(pid, "-", "train", f"rejected upload: {problem}"))
+            failures.append(ClientFailure(pid, phase1.partitions.get(pid, "-"), "train",
+                                          f"rejected upload: {problem}"))
             log(logging.WARNING, "partition %d: rejected upload: %s", pid, problem)
             continue
         uploads.append(ClientUpload(pid, reply.state, int(reply.metrics["num-examples"])))
@@ -139,8 +144,9 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
 
     # Results ----------------------------------------------------------------------------------
     rows = []
-    for pid in sorted(set(local_metrics) | {f.partition_id for f in failures
-                                          if f.partition_id is not None}):
+    expected = set(phase1.partitions) | {f.partition_id for f in failures
+                                         if f.partition_id is not None}
+    for pid in sorted(set(local_metrics) | expected):  # every partition, with its state
         lm, pm = local_metrics.get(pid, {}), phase3.replies.get(pid)
         rows.append({
             "partition-id": pid, "cluster": out.clusters.get(pid),
