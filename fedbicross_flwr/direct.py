@@ -54,7 +54,11 @@ class DirectTransport:
         if self.cache_dir is not None:
             cached = client_cache.load(self.cache_dir, cfg)
             if cached is not None:
-                self._phase1 = cached["phase1"]
+                self._phase1 = self._phase_result()
+                for pid, reply in cached["replies"].items():
+                    self._phase1.replies[pid] = ClientReply(pid, reply["state"],
+                                                            reply["metrics"])
+                self._phase1.failures = [ClientFailure(**f) for f in cached["failures"]]
                 for pid, state in cached["own"].items():
                     model = build_resnet18(self.sites[pid].in_channels,
                                            self.sites[pid].num_classes)
@@ -75,8 +79,10 @@ class DirectTransport:
                                     model.state_dict().items()}, metrics)
         self._phase1 = result
         if self.cache_dir is not None:
-            client_cache.save(self.cache_dir, cfg, {
-                "phase1": result,
+            client_cache.save(self.cache_dir, cfg, {  # plain data: loaded weights-only
+                "replies": {pid: {"state": r.state, "metrics": r.metrics}
+                            for pid, r in result.replies.items()},
+                "failures": [vars(f) for f in result.failures],
                 "own": {pid: m.state_dict() for pid, m in self.own_models.items()}})
         return result
 

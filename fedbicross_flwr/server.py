@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from fedbicross_flwr.results import (create_run_dir, summarize, write_clients_cs
                                      write_summary_md)
 from fedbicross_flwr.site import example_bounds
 from fedbicross_flwr.training import resolve_device
+from fedbicross_flwr.uploads_checkpoint import checkpointed_uploads
 
 
 class Transport(Protocol):
@@ -117,7 +117,7 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
         raise RuntimeError(f"only {len(uploads)} usable client models, min-clients is "
                            f"{cfg.effective_min_clients}; see {run_dir / 'failures.json'}")
 
-    uploads = _checkpointed_uploads(run_dir, uploads, cfg.resume)
+    uploads = checkpointed_uploads(run_dir, uploads, cfg.resume, init, probe)
 
     # Phase 2: the server method ---------------------------------------------------------------
     t0 = time.perf_counter()
@@ -239,37 +239,6 @@ def check_finite_models(method: str, models: dict[int, StateDict], run_dir: Path
             + (f"; {_most_extreme(uploads)}" if uploads else "")
             + f"; nothing was sent to the clients. The run folder {run_dir} and its checkpoints "
             "are kept.")
-
-
-def _checkpointed_uploads(run_dir: Path, uploads: list[ClientUpload],
-                          resume: bool) -> list[ClientUpload]:
-    """Keep the phase-1 uploads in ``checkpoints/uploads.pt``; a resumed run reuses them.
-
-    The server stage's checkpoints belong to exactly these client models, so a resumed run
-    gives its method the uploads of the interrupted run even if the clients' retraining in
-    phase 1 (needed: each client must hold its own f_i again for Eq. 9) is not bit-identical.
-    """
-    path = run_dir / "checkpoints" / "uploads.pt"
-    if resume and path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 - a damaged file is recomputed, not fatal
-            log(logging.WARNING, "checkpointed uploads %s unreadable (%s); using the new ones",
-                path, err)
-        else:
-            fresh = {u.partition_id: u for u in uploads}
-            same = fresh.keys() == {u.partition_id for u in saved} and all(
-                all(torch.equal(u.state[k], fresh[u.partition_id].state[k]) for k in u.state)
-                for u in saved)
-            log(logging.INFO if same else logging.WARNING,
-                "resume: using the %d checkpointed uploads of %s (the new uploads are %s)",
-                len(saved), path, "identical" if same else "DIFFERENT")
-            return saved
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(uploads, tmp)
-    os.replace(tmp, path)
-    return uploads
 
 
 def _pct(v: float | None) -> str:
