@@ -1,7 +1,9 @@
 """ClientApp: local training (``train``) and personalized distillation (``train.personalize``).
 
 The client keeps its own trained model f_i in ``context.state`` between the two messages. A
-reply carries model arrays, metrics and the partition-id, never data or labels. A site whose
+reply carries model arrays, metrics and the partition-id, never data or labels. In simulation
+the partition comes with the server's instruction (the server binds each partition to the node
+it sends it to); a deployment site answers with the partition-id of its node config. A site whose
 data cannot be used (missing path, unreadable archive, labels out of range, wrong image size)
 replies with a ``config`` record holding its partition-id and an ``error`` naming the problem,
 so the server logs it by partition and goes on with the other sites.
@@ -21,7 +23,7 @@ from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import DataError
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import build_resnet18
-from fedbicross_flwr.site import load_site, site_partition_id
+from fedbicross_flwr.site import assigned_node_config, load_site, site_partition_id
 from fedbicross_flwr.training import resolve_device
 
 app = ClientApp()
@@ -39,16 +41,21 @@ def own_model_path(context: Context) -> Path | None:
     return Path(out_dir) / f"own-model-run{context.run_id}.pt" if out_dir else None
 
 
-def _setup(context: Context):
+def _instruction(msg: Message) -> ConfigRecord | dict:
+    return msg.content["config"] if "config" in msg.content else {}
+
+
+def _setup(msg: Message, context: Context):
     cfg = RunConfig.from_run_config(context.run_config)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    return cfg, load_site(cfg, context.node_config), resolve_device(cfg.device)
+    node_config = assigned_node_config(context.node_config, _instruction(msg))
+    return cfg, load_site(cfg, node_config), resolve_device(cfg.device)
 
 
 def error_reply(msg: Message, context: Context, err: Exception) -> Message:
     """A reply naming why this site cannot take part (no crash, no data, no model)."""
-    pid = site_partition_id(context.node_config)
+    pid = site_partition_id(assigned_node_config(context.node_config, _instruction(msg)))
     reason = f"{type(err).__name__}: {err}"
     log(logging.ERROR, "[client %s] cannot take part in %s: %s", pid,
         msg.metadata.message_type, reason)
@@ -61,13 +68,13 @@ def error_reply(msg: Message, context: Context, err: Exception) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Phase 1: train f_i once and upload it."""
     try:
-        cfg, site, device = _setup(context)
+        cfg, site, device = _setup(msg, context)
     except DataError as err:
         return error_reply(msg, context, err)
     init = (msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None)
     # Multi-round references: the round's epochs, FedProx's mu and the round number come in
     # the message's config (Flower's FedProx strategy sends proximal-mu); one-shot sends none.
-    config = msg.content["config"] if "config" in msg.content else {}
+    config = _instruction(msg)
     model, metrics = run_local_training(
         cfg, site, device, init,
         epochs=int(config["local-epochs"]) if "local-epochs" in config else None,
@@ -87,7 +94,7 @@ def train(msg: Message, context: Context) -> Message:
 def personalize(msg: Message, context: Context) -> Message:
     """Phase 3: Eq. 9 from the received model; report accuracy before and after."""
     try:
-        cfg, site, device = _setup(context)
+        cfg, site, device = _setup(msg, context)
     except DataError as err:
         return error_reply(msg, context, err)
     path = own_model_path(context)

@@ -18,7 +18,7 @@ import torch
 
 from fedbicross_flwr import __version__
 from fedbicross_flwr.config import RunConfig
-from fedbicross_flwr.data import file_digest
+from fedbicross_flwr.checkpoint_io import CheckpointRefused, load_plain, save_plain
 from fedbicross_flwr.logging_utils import log
 
 # Keys that change what phase 1 produces.
@@ -41,7 +41,8 @@ def cache_key(cfg: RunConfig) -> str:
 
 
 def load(cache_dir: Path, cfg: RunConfig) -> Any | None:
-    """The cached payload, or None when absent, stale or corrupt (logged)."""
+    """The cached payload (plain data), or None when absent, stale, altered or not plain tensor
+    data (logged)."""
     entry = cache_dir / cache_key(cfg)
     data, meta_path = entry / "clients.pt", entry / "meta.json"
     if not data.is_file() or not meta_path.is_file():
@@ -54,20 +55,21 @@ def load(cache_dir: Path, cfg: RunConfig) -> Any | None:
     if meta.get("producer") != producer(cfg):
         log(logging.WARNING, "client cache %s: produced by other settings; retraining", entry)
         return None
-    if meta.get("sha256") != file_digest(data, "sha256"):
-        log(logging.WARNING, "client cache %s: checksum mismatch (corrupt or tampered); "
-            "retraining", entry)
+    try:  # sha256 checked, then read with torch.load(weights_only=True): data, never code
+        payload = load_plain(data, meta.get("sha256"))
+    except CheckpointRefused as err:
+        log(logging.WARNING, "client cache %s: %s; retraining", entry, err)
         return None
     log(logging.INFO, "client cache hit: %s", entry)
-    return torch.load(data, weights_only=False)
+    return payload
 
 
 def save(cache_dir: Path, cfg: RunConfig, payload: Any) -> Path:
-    """Store ``payload`` with its checksum; returns the entry folder."""
+    """Store ``payload`` (tensors, numpy arrays, plain containers) with its checksum; returns
+    the entry folder."""
     entry = cache_dir / cache_key(cfg)
     entry.mkdir(parents=True, exist_ok=True)
-    data = entry / "clients.pt"
-    torch.save(payload, data)
+    digest = save_plain(payload, entry / "clients.pt")
     (entry / "meta.json").write_text(json.dumps(
-        {"producer": producer(cfg), "sha256": file_digest(data, "sha256")}, indent=2))
+        {"producer": producer(cfg), "sha256": digest}, indent=2))
     return entry

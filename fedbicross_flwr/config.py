@@ -86,6 +86,18 @@ class RunConfig:
     round_timeout: float = _key("round-timeout", 0.0,
                                 "Seconds to wait for the replies of one phase (0 = no limit).",
                                 low=0.0)
+    site_nodes: str = _key("site-nodes", "",
+                           "Deployment: the node id of each site, as `partition-id=node-id` "
+                           "pairs separated by commas (node ids from `flwr supernode "
+                           "register`). Only that node is sent the site's instructions and "
+                           "only its replies count for the partition. Empty: in simulation the "
+                           "server assigns the partitions to the connected nodes; in deployment "
+                           "the sites' own partition-ids are trusted and a partition claimed "
+                           "twice is refused.")
+    max_num_examples: int = _key("max-num-examples", 0,
+                                 "Largest num-examples (FedAvg weight) a client may report. 0: "
+                                 "in simulation the size of the partition the server assigned; "
+                                 "in deployment no bound.", low=0)
     alpha: float = _key("alpha", 0.1, "Dirichlet concentration of the label skew (lower = more "
                         "non-IID).", low=0.0, low_open=True, high=1e6)
     min_partition_size: int = _key("min-partition-size", 10,
@@ -328,6 +340,10 @@ class RunConfig:
             raise ConfigError("dataset='custom' needs data-path (an npz archive), or "
                               "in-channels and num-classes when every site sets data-path in "
                               "its node config (deployment)")
+        try:
+            parse_site_nodes(self.site_nodes)
+        except ValueError as err:
+            raise ConfigError(f"site-nodes: {err}") from err
         if self.output_dir and not Path(self.output_dir).is_absolute():
             raise ConfigError(f"output-dir must be an absolute path, got {self.output_dir!r}")
         if self.kd_batch and (self.kd_batch < 2 or self.synth_batch % self.kd_batch):
@@ -341,6 +357,11 @@ class RunConfig:
     def effective_min_clients(self) -> int:
         """Fewest answering clients phase 1 accepts."""
         return self.min_clients or self.num_clients
+
+    @property
+    def sites_bring_data(self) -> bool:
+        """Deployment: every site reads its own archive and the server holds no dataset."""
+        return self.dataset == "custom" and not self.data_path
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -372,6 +393,36 @@ class RunConfig:
     def summary(self) -> str:
         """One line per key, for the log."""
         return "\n".join(f"  {k} = {v!r}" for k, v in self.to_run_config().items())
+
+
+def parse_site_nodes(text: str) -> dict[int, int]:
+    """``"0=123, 1=456"`` -> ``{0: 123, 1: 456}`` (partition-id -> Flower node id).
+
+    Raises
+    ------
+    ValueError
+        A pair that is not ``int=int``, a negative partition-id, or a partition or node named
+        twice.
+    """
+    out: dict[int, int] = {}
+    for pair in (p.strip() for p in text.replace(";", ",").split(",")):
+        if not pair:
+            continue
+        pid_text, sep, node_text = pair.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            pid, node = int(pid_text), int(node_text)
+        except ValueError:
+            raise ValueError(f"{pair!r} is not partition-id=node-id (two integers)") from None
+        if pid < 0:
+            raise ValueError(f"partition-id {pid} is negative")
+        if pid in out:
+            raise ValueError(f"partition-id {pid} is bound twice")
+        if node in out.values():
+            raise ValueError(f"node {node} is bound to two partitions")
+        out[pid] = node
+    return out
 
 
 def _coerce(key: str, value: Any, want: type) -> Any:

@@ -21,9 +21,9 @@ from fedbicross_flwr.client import run_local_training, run_personalization
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import load_dataset
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.methods import StateDict
 from fedbicross_flwr.model import build_resnet18
-from fedbicross_flwr.server import ClientFailure, ClientReply, PhaseResult, run_server
+from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
+from fedbicross_flwr.server import run_server
 from fedbicross_flwr.site import SiteData, site_from_partition
 from fedbicross_flwr.training import resolve_device
 
@@ -54,14 +54,18 @@ class DirectTransport:
         if self.cache_dir is not None:
             cached = client_cache.load(self.cache_dir, cfg)
             if cached is not None:
-                self._phase1 = cached["phase1"]
+                self._phase1 = self._phase_result()
+                for pid, reply in cached["replies"].items():
+                    self._phase1.replies[pid] = ClientReply(pid, reply["state"],
+                                                            reply["metrics"])
+                self._phase1.failures = [ClientFailure(**f) for f in cached["failures"]]
                 for pid, state in cached["own"].items():
                     model = build_resnet18(self.sites[pid].in_channels,
                                            self.sites[pid].num_classes)
                     model.load_state_dict(state)
                     self.own_models[pid] = model
                 return self._phase1
-        result = PhaseResult()
+        result = self._phase_result()
         for site in self.sites:
             try:
                 model, metrics = run_local_training(cfg, site, self.device, init)
@@ -75,8 +79,10 @@ class DirectTransport:
                                     model.state_dict().items()}, metrics)
         self._phase1 = result
         if self.cache_dir is not None:
-            client_cache.save(self.cache_dir, cfg, {
-                "phase1": result,
+            client_cache.save(self.cache_dir, cfg, {  # plain data: loaded weights-only
+                "replies": {pid: {"state": r.state, "metrics": r.metrics}
+                            for pid, r in result.replies.items()},
+                "failures": [vars(f) for f in result.failures],
                 "own": {pid: m.state_dict() for pid, m in self.own_models.items()}})
         return result
 
@@ -85,7 +91,7 @@ class DirectTransport:
         from fedbicross_flwr.multiround import round_config
 
         config = round_config(cfg, server_round)
-        result, round_own = PhaseResult(), {}
+        result, round_own = self._phase_result(), {}
         for site in self.sites:
             try:
                 model, metrics = run_local_training(
@@ -101,6 +107,11 @@ class DirectTransport:
                                     model.state_dict().items()}, metrics)
         self.active_own = round_own
         return result
+
+    def _phase_result(self) -> PhaseResult:
+        """An empty phase-1 result: every site trains its partition of the run's dataset."""
+        return PhaseResult(partitions={s.partition_id: "local" for s in self.sites},
+                           num_partitions=len(self.sites))
 
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
         result = PhaseResult()

@@ -44,7 +44,10 @@ class InProcessGrid(Grid):
                  node_configs: list[dict[str, Any]] | None = None) -> None:
         rng = random.Random(seed)
         self.client_app = client_app
-        self.node_ids = [rng.getrandbits(63) for _ in range(num_nodes)]  # like real node ids
+        # random like real node ids, in increasing order: the server assigns simulation
+        # partitions to the sorted node ids, so node i (node_configs[i], behaviours[i]) gets
+        # partition i, as its default node config says
+        self.node_ids = sorted(rng.getrandbits(63) for _ in range(num_nodes))
         self.contexts = {
             nid: Context(run_id=run_id, node_id=nid,
                          node_config=(node_configs[i] if node_configs else

@@ -7,6 +7,9 @@ torchvision's ``resnet18`` with the ImageNet stem (7x7 stride-2 conv + max-pool)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import nn
 from torchvision.models import resnet18
@@ -71,3 +74,51 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]
         acc = sum(s[key].double() * (w / total) for s, w in zip(states, weights))
         out[key] = acc.round().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)
     return out
+
+
+PROBE_SEED = 20240611  # fixed: every check of every run forwards the same probe batch
+PROBE_BATCH = 8
+MAX_ABS_PROBE_LOGIT = 1e6  # a trained classifier's logits on the probe are below 1e3
+
+
+@torch.no_grad()
+def probe_problem(state: dict[str, torch.Tensor], in_channels: int, num_classes: int,
+                  image_size: int = 28) -> str | None:
+    """Why a model's forward pass on a fixed probe batch is unusable, or None.
+
+    The probe is :data:`PROBE_BATCH` images of N(0, 1) noise in the normalised input space,
+    seeded by :data:`PROBE_SEED`; the model runs in eval mode (BatchNorm running statistics),
+    as the server's methods and the clients use it. Outputs must be finite and below
+    :data:`MAX_ABS_PROBE_LOGIT` in absolute value.
+
+    Parameters
+    ----------
+    state : dict
+        A ResNet-18 state dict of the given shape (keys and shapes already checked).
+    in_channels, num_classes : int
+        The federation's image channels and classes.
+    image_size : int
+        Side of the probe images.
+    """
+    model = build_resnet18(in_channels, num_classes)
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError) as err:
+        return f"the model cannot be loaded into ResNet-18: {err}"
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    probe = torch.randn(PROBE_BATCH, in_channels, image_size, image_size, generator=generator)
+    logits = model.eval()(probe)
+    if not bool(torch.isfinite(logits).all()):
+        return "its forward pass on the fixed probe batch gives NaN or Inf outputs"
+    largest = float(logits.abs().max())
+    if largest > MAX_ABS_PROBE_LOGIT:
+        return (f"its forward pass on the fixed probe batch gives logits of absolute value "
+                f"{largest:.3g}, above the bound {MAX_ABS_PROBE_LOGIT:g}")
+    return None
+
+
+def probe_for(reference: dict[str, torch.Tensor]) -> Callable[[dict[str, torch.Tensor]], str | None]:
+    """:func:`probe_problem` for models shaped like ``reference`` (a ResNet-18 state dict)."""
+    in_channels = int(reference["conv1.weight"].shape[1])
+    num_classes = int(reference["fc.weight"].shape[0])
+    return partial(probe_problem, in_channels=in_channels, num_classes=num_classes)

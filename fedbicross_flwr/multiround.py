@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, StateDict
-from fedbicross_flwr.model import weighted_average
+from fedbicross_flwr.model import probe_for, weighted_average
 
 if TYPE_CHECKING:  # the server module imports this one
     from fedbicross_flwr.server import PhaseResult, Transport
@@ -88,7 +88,8 @@ def run_rounds(cfg: RunConfig, transport: "Transport", init: StateDict,
     left out of that round's average and listed as a failure). ``rounds.csv`` in ``run_dir``
     records, per round, how many clients answered and their mean local accuracies.
     """
-    from fedbicross_flwr.server import ClientFailure, validate_upload
+    from fedbicross_flwr.protocol import ClientFailure, num_examples_problem, validate_upload
+    from fedbicross_flwr.site import example_bounds
 
     if not hasattr(transport, "train_round"):
         raise RuntimeError(f"method {cfg.method!r} needs a transport with train_round "
@@ -96,11 +97,15 @@ def run_rounds(cfg: RunConfig, transport: "Transport", init: StateDict,
     log(logging.INFO, "%s: %d rounds of %d local epochs (%s, proximal-mu=%g)", cfg.method,
         cfg.rounds, round_epochs(cfg), MULTIROUND_METHODS[cfg.method], proximal_mu(cfg))
     state, history, failures = init, [], []
+    probe, sizes = probe_for(init), None
     for rnd in range(1, cfg.rounds + 1):
         phase = transport.train_round(cfg, state, rnd)
+        if sizes is None:
+            sizes = example_bounds(cfg, phase.num_partitions)
         valid = {}
         for pid, reply in sorted(phase.replies.items()):
-            problem = validate_upload(reply.state, init)
+            problem = validate_upload(reply.state, init, probe) or num_examples_problem(
+                reply.metrics.get("num-examples"), cfg.max_num_examples or sizes.get(pid))
             if problem is None:
                 valid[pid] = reply
             else:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 
@@ -25,37 +24,17 @@ from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import DataError, load_dataset
 from fedbicross_flwr.knowledge import knowledge_markdown, write_knowledge
 from fedbicross_flwr.logging_utils import add_file_handler, log, remove_handler
-from fedbicross_flwr.methods import ClientUpload, MethodInput, StateDict, get_method
+from fedbicross_flwr.methods import MethodInput, get_method
+from fedbicross_flwr.model import probe_for
+# The protocol types live in fedbicross_flwr.protocol; importing them from here keeps working.
+from fedbicross_flwr.protocol import (ClientFailure, ClientReply, ClientUpload,  # noqa: F401
+                                      PhaseResult, StateDict, num_examples_problem,
+                                      validate_upload)
 from fedbicross_flwr.results import (create_run_dir, summarize, write_clients_csv, write_json,
                                      write_summary_md)
+from fedbicross_flwr.site import example_bounds
 from fedbicross_flwr.training import resolve_device
-
-
-@dataclass
-class ClientReply:
-    """A client's phase-1 answer: its model and metrics."""
-
-    partition_id: int
-    state: StateDict
-    metrics: dict[str, float]
-
-
-@dataclass
-class ClientFailure:
-    """A client that did not answer, answered with an error, or sent a bad model."""
-
-    partition_id: int | None  # None when the client never said who it is
-    node: str  # the transport's address of the client (Flower node id, or "local")
-    phase: str  # "train" or "personalize"
-    reason: str
-
-
-@dataclass
-class PhaseResult:
-    """What one phase brought back."""
-
-    replies: dict[int, Any] = field(default_factory=dict)  # partition-id -> reply
-    failures: list[ClientFailure] = field(default_factory=list)
+from fedbicross_flwr.uploads_checkpoint import checkpointed_uploads
 
 
 class Transport(Protocol):
@@ -66,29 +45,6 @@ class Transport(Protocol):
 
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
         """Phase 3: send each partition its model; replies are metric dicts."""
-
-
-def validate_upload(state: StateDict, reference: StateDict) -> str | None:
-    """Why an uploaded state dict is unusable, or None if it matches the reference model."""
-    missing = sorted(set(reference) - set(state))
-    extra = sorted(set(state) - set(reference))
-    if missing or extra:
-        return f"state dict keys differ from ResNet-18: missing {missing[:5]}, extra {extra[:5]}"
-    head = [k for k, v in reference.items() if v.ndim == 2][-1:]  # the classifier's weight
-    for key in head:
-        got, want = tuple(state[key].shape), tuple(reference[key].shape)
-        if got != want and len(got) == 2 and got[1:] == want[1:]:
-            return (f"different number of classes: {key} has shape {got}, expected {want} "
-                    f"({got[0]} classes instead of {want[0]})")
-    for key, ref in reference.items():
-        got = state[key]
-        if tuple(got.shape) != tuple(ref.shape):
-            return f"{key} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
-        if got.dtype != ref.dtype:
-            return f"{key} has dtype {got.dtype}, expected {ref.dtype}"
-        if got.is_floating_point() and not bool(torch.isfinite(got).all()):
-            return f"{key} contains NaN or Inf values"
-    return None
 
 
 def dataset_shape(cfg: RunConfig) -> tuple[int, int, float | None]:
@@ -139,13 +95,17 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     times["phase1-local-training"] = time.perf_counter() - t0
     failures = list(phase1.failures)
     uploads, local_metrics = [], {}
+    probe = probe_for(init)  # a forward pass on a fixed batch: finite, bounded outputs
+    sizes = example_bounds(cfg, phase1.num_partitions)
     for pid in sorted(phase1.replies):
         reply: ClientReply = phase1.replies[pid]
-        problem = validate_upload(reply.state, init)
-        if problem is None and not math.isfinite(reply.metrics.get("num-examples", float("nan"))):
-            problem = "metric num-examples missing or not finite"
+        problem = validate_upload(reply.state, init, probe)
+        if problem is None:
+            problem = num_examples_problem(reply.metrics.get("num-examples"),
+                                           cfg.max_num_examples or sizes.get(pid))
         if problem is not None:
-            failures.append(ClientFailure(pid, "-", "train", f"rejected upload: {problem}"))
+            failures.append(ClientFailure(pid, phase1.partitions.get(pid, "-"), "train",
+                                          f"rejected upload: {problem}"))
             log(logging.WARNING, "partition %d: rejected upload: %s", pid, problem)
             continue
         uploads.append(ClientUpload(pid, reply.state, int(reply.metrics["num-examples"])))
@@ -158,7 +118,7 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
         raise RuntimeError(f"only {len(uploads)} usable client models, min-clients is "
                            f"{cfg.effective_min_clients}; see {run_dir / 'failures.json'}")
 
-    uploads = _checkpointed_uploads(run_dir, uploads, cfg.resume)
+    uploads = checkpointed_uploads(run_dir, uploads, cfg.resume, init, probe)
 
     # Phase 2: the server method ---------------------------------------------------------------
     t0 = time.perf_counter()
@@ -171,7 +131,7 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     missing = sorted({u.partition_id for u in uploads} - set(out.models))
     if missing:
         raise RuntimeError(f"method {cfg.method!r} returned no model for partitions {missing}")
-    check_finite_models(cfg.method, out.models, run_dir)
+    check_outgoing_models(cfg.method, out.models, uploads, probe, run_dir)
 
     # Phase 3: personalization ----------------------------------------------------------------
     t0 = time.perf_counter()
@@ -185,8 +145,9 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
 
     # Results ----------------------------------------------------------------------------------
     rows = []
-    for pid in sorted(set(local_metrics) | {f.partition_id for f in failures
-                                          if f.partition_id is not None}):
+    expected = set(phase1.partitions) | {f.partition_id for f in failures
+                                         if f.partition_id is not None}
+    for pid in sorted(set(local_metrics) | expected):  # every partition, with its state
         lm, pm = local_metrics.get(pid, {}), phase3.replies.get(pid)
         rows.append({
             "partition-id": pid, "cluster": out.clusters.get(pid),
@@ -218,7 +179,53 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     return run_dir
 
 
-def check_finite_models(method: str, models: dict[int, StateDict], run_dir: Path) -> None:
+def check_outgoing_models(method: str, models: dict[int, StateDict],
+                          uploads: list[ClientUpload],
+                          probe: Callable[[StateDict], str | None], run_dir: Path) -> None:
+    """Refuse to send a model that is not usable: non-finite values, a BatchNorm variance
+    <= 0, or a forward pass on the fixed probe batch with non-finite or huge outputs.
+
+    Raises
+    ------
+    FloatingPointError
+        Naming the partitions, the first problem of each and the most extreme of the uploads
+        the method was given (the likely culprit); nothing is sent, the run stops unfinished
+        and the run folder (with its checkpoints) is kept.
+    """
+    check_finite_models(method, models, run_dir, uploads)
+    bad = {}
+    for pid, state in sorted(models.items()):
+        variances = [k for k, v in state.items() if k.endswith("running_var")
+                     and v.numel() and float(v.min()) <= 0]
+        problem = (f"{variances[0]} has a BatchNorm variance <= 0" if variances
+                   else probe(state))
+        if problem is not None:
+            bad[pid] = problem
+    if bad:
+        raise FloatingPointError(
+            f"method {method!r} produced unusable models for partitions {sorted(bad)} "
+            f"({bad}); {_most_extreme(uploads)}. Nothing was sent to the clients; the run "
+            f"folder {run_dir} and its checkpoints are kept.")
+
+
+def _most_extreme(uploads: list[ClientUpload]) -> str:
+    """The accepted upload with the largest absolute value, to name as the likely culprit."""
+    if not uploads:
+        return "no uploads"
+    scores = {}
+    for u in uploads:
+        name, value = max(((k, float(v.detach().abs().max())) for k, v in u.state.items()
+                           if v.is_floating_point() and v.numel()),
+                          key=lambda kv: kv[1] if math.isfinite(kv[1]) else math.inf)
+        scores[u.partition_id] = (value, name)
+    pid = max(scores, key=lambda p: scores[p][0])
+    value, name = scores[pid]
+    return (f"the most extreme upload it was given is partition {pid}'s "
+            f"(|{name}| up to {value:.3g})")
+
+
+def check_finite_models(method: str, models: dict[int, StateDict], run_dir: Path,
+                        uploads: list[ClientUpload] | None = None) -> None:
     """Refuse to send a non-finite model to a client (a diverged server stage).
 
     Raises
@@ -236,39 +243,10 @@ def check_finite_models(method: str, models: dict[int, StateDict], run_dir: Path
     if bad:
         raise FloatingPointError(
             f"method {method!r} produced non-finite models (NaN/Inf) for partitions "
-            f"{sorted(bad)} (first bad tensor per partition: {bad}); nothing was sent to the "
-            f"clients. The run folder {run_dir} and its checkpoints are kept.")
-
-
-def _checkpointed_uploads(run_dir: Path, uploads: list[ClientUpload],
-                          resume: bool) -> list[ClientUpload]:
-    """Keep the phase-1 uploads in ``checkpoints/uploads.pt``; a resumed run reuses them.
-
-    The server stage's checkpoints belong to exactly these client models, so a resumed run
-    gives its method the uploads of the interrupted run even if the clients' retraining in
-    phase 1 (needed: each client must hold its own f_i again for Eq. 9) is not bit-identical.
-    """
-    path = run_dir / "checkpoints" / "uploads.pt"
-    if resume and path.is_file():
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:  # noqa: BLE001 - a damaged file is recomputed, not fatal
-            log(logging.WARNING, "checkpointed uploads %s unreadable (%s); using the new ones",
-                path, err)
-        else:
-            fresh = {u.partition_id: u for u in uploads}
-            same = fresh.keys() == {u.partition_id for u in saved} and all(
-                all(torch.equal(u.state[k], fresh[u.partition_id].state[k]) for k in u.state)
-                for u in saved)
-            log(logging.INFO if same else logging.WARNING,
-                "resume: using the %d checkpointed uploads of %s (the new uploads are %s)",
-                len(saved), path, "identical" if same else "DIFFERENT")
-            return saved
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(uploads, tmp)
-    os.replace(tmp, path)
-    return uploads
+            f"{sorted(bad)} (first bad tensor per partition: {bad})"
+            + (f"; {_most_extreme(uploads)}" if uploads else "")
+            + f"; nothing was sent to the clients. The run folder {run_dir} and its checkpoints "
+            "are kept.")
 
 
 def _pct(v: float | None) -> str:

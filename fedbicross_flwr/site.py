@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,6 +21,7 @@ import torch
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import (DataError, DatasetArrays, load_dataset, load_medmnist,
                                   load_npz_archive, md5sum)
+from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.partition import make_client_splits, split_validation
 
 
@@ -69,6 +71,23 @@ def site_partition_id(node_config: Mapping[str, Any]) -> int | None:
         return None
 
 
+def assigned_node_config(node_config: Mapping[str, Any],
+                         instruction: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The node config a client works with, given the server's instruction config.
+
+    In simulation the server assigns the partitions (its instruction carries ``partition-id``
+    and ``num-partitions``) and binds each to the node it sends it to, so the node trains that
+    partition and answers for it. A deployment site (``data-path``) keeps its own data and its
+    own partition-id; the server checks it against its ``site-nodes``.
+    """
+    if str(node_config.get("data-path", "")):
+        return node_config
+    if "partition-id" in instruction and "num-partitions" in instruction:
+        return {**node_config, "partition-id": int(instruction["partition-id"]),
+                "num-partitions": int(instruction["num-partitions"])}
+    return node_config
+
+
 def load_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
     """Build a client's :class:`SiteData` from the run config and its node config.
 
@@ -102,6 +121,36 @@ def site_from_partition(ds: DatasetArrays, cfg: RunConfig, pid: int, n: int) -> 
                             ds.test.labels[s.personal_test_idx])
     return SiteData(pid, ds.in_channels, ds.num_classes, x_tr, y_tr, x_va, y_va, x_te, y_te,
                     x_pt, y_pt)
+
+
+def partition_sizes(cfg: RunConfig, n: int) -> dict[int, int]:
+    """Training-set size of each of the ``n`` simulation partitions (what clients report as
+    num-examples), or {} when this process cannot read the dataset."""
+    try:
+        ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
+                          cfg.in_channels, cfg.num_classes)
+        splits = make_client_splits(ds.train.labels, ds.test.labels, ds.num_classes, n,
+                                    cfg.alpha, cfg.seed, cfg.val_fraction,
+                                    cfg.min_partition_size)
+    except (DataError, ValueError):
+        return {}
+    return {pid: len(s.train_idx) for pid, s in enumerate(splits)}
+
+
+def example_bounds(cfg: RunConfig, num_partitions: int) -> dict[int, int]:
+    """The most training examples each partition can have (bounds on num-examples).
+
+    In simulation (``num_partitions`` > 0: the clients trained the server's partitions) the
+    server recomputes each partition's size; ``max-num-examples`` > 0 replaces them by one
+    bound. Otherwise the sample counts cannot be checked, which is logged.
+    """
+    if cfg.max_num_examples:
+        return {}
+    sizes = partition_sizes(cfg, num_partitions) if num_partitions else {}
+    if not sizes:
+        log(logging.WARNING, "num-examples reported by the clients cannot be checked "
+            "(no server-side partition); set max-num-examples to bound them")
+    return sizes
 
 
 # The official test tensors are the same for every client of a process: build them once.

@@ -2,7 +2,8 @@
 
 ``train`` (phase 1) goes to every node once; the configured server method runs on the
 replies; ``train.personalize`` (phase 3) sends each node the model chosen for ITS partition.
-Results are keyed by the partition-id the clients report, never by Flower node ids.
+Results are keyed by partition-id, never by Flower node ids; each partition is bound to one
+node (see :class:`GridTransport`).
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.config import RunConfig, parse_site_nodes
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.methods import StateDict
-from fedbicross_flwr.server import ClientFailure, ClientReply, PhaseResult, run_server
+from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
+from fedbicross_flwr.server import run_server
 
 app = ServerApp()
 
@@ -34,11 +36,22 @@ def client_error(reply: Message, phase: str, pid: int | None = None) -> ClientFa
 
 
 class GridTransport:
-    """Phase 1 and phase 3 as Flower messages."""
+    """Phase 1 and phase 3 as Flower messages, each partition bound to one node.
+
+    The binding is fixed before any instruction is sent: the operator's ``site-nodes``
+    (deployment), or, in simulation, the server's own assignment of partitions 0..n-1 to the
+    connected nodes (sent with the instructions). Every instruction for partition p goes to p's
+    node, and a reply counts for p only if it comes from that node and names p: a node that
+    claims another site's partition is refused and cannot displace it. Without ``site-nodes``
+    in a deployment (the server holds no dataset) the sites name their own partitions, and a
+    partition claimed by two nodes is refused for both.
+    """
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
-        self.node_of: dict[int, int] = {}  # partition-id -> node id, learnt in phase 1
+        self.node_of: dict[int, int] = {}  # partition-id -> node id (bound, or claimed)
+        self.bound = False  # node_of fixed by the server before phase 1
+        self.num_partitions = 0  # > 0: the nodes train the server's partitions of the dataset
 
     def _wait_for_nodes(self, cfg: RunConfig) -> list[int]:
         deadline = time.monotonic() + cfg.node_wait_timeout
@@ -54,15 +67,43 @@ class GridTransport:
                                f"{cfg.effective_min_clients}")
         return nodes
 
+    def _bind(self, cfg: RunConfig) -> list[int]:
+        """Bind partitions to nodes (once per run); returns the connected nodes to instruct."""
+        nodes = self._wait_for_nodes(cfg)
+        if self.bound:
+            return [nid for nid in self.node_of.values() if nid in nodes]
+        registry = parse_site_nodes(cfg.site_nodes)
+        if registry:
+            for nid in sorted(set(nodes) - set(registry.values())):
+                log(logging.WARNING, "node %d is not in site-nodes: it is sent nothing", nid)
+            self.node_of, self.bound = registry, True
+            return [nid for nid in registry.values() if nid in nodes]
+        if not cfg.sites_bring_data:  # simulation: the server assigns the partitions
+            self.node_of, self.bound = dict(enumerate(nodes)), True
+            self.num_partitions = len(nodes)
+            return nodes
+        log(logging.WARNING, "site-nodes is not set: each site's partition-id is its own "
+            "claim; a partition claimed by two nodes is refused (bind sites to nodes with "
+            "site-nodes)")
+        return nodes
+
+    def _config(self, pid: int | None, **values: Any) -> ConfigRecord:
+        """An instruction's config: the partition it is for, when the server bound it."""
+        if pid is not None and self.bound:
+            values.update({"partition-id": pid,
+                           "num-partitions": self.num_partitions or len(self.node_of)})
+        return ConfigRecord(values)
+
     def _send(self, messages: list[Message], cfg: RunConfig) -> list[Message]:
         timeout = cfg.round_timeout or None
         return list(self.grid.send_and_receive(messages, timeout=timeout))
 
     def collect_models(self, cfg: RunConfig, init: StateDict) -> PhaseResult:
-        nodes = self._wait_for_nodes(cfg)
-        content = RecordDict({"arrays": ArrayRecord(init),
-                              "config": ConfigRecord({"phase": "train"})})
-        messages = [Message(content, dst_node_id=nid, message_type="train") for nid in nodes]
+        nodes = self._bind(cfg)
+        pid_of = {nid: pid for pid, nid in self.node_of.items()} if self.bound else {}
+        messages = [Message(RecordDict({"arrays": ArrayRecord(init),
+                                        "config": self._config(pid_of.get(nid), phase="train")}),
+                            dst_node_id=nid, message_type="train") for nid in nodes]
         return self._train_replies(nodes, self._send(messages, cfg), cfg)
 
     def train_round(self, cfg: RunConfig, state: StateDict, server_round: int) -> PhaseResult:
@@ -70,32 +111,45 @@ class GridTransport:
 
         The strategy's ``configure_train`` samples every connected node and puts
         ``server-round`` (and FedProx's ``proximal-mu``) into the message config; the
-        round's local epochs are added here. Aggregation happens in
+        round's local epochs and each node's partition are added here. Aggregation happens in
         :mod:`fedbicross_flwr.multiround` (the same function in both engines).
         """
         from fedbicross_flwr.multiround import flower_strategy, round_config
 
-        nodes = self._wait_for_nodes(cfg)
+        nodes = self._bind(cfg)
+        pid_of = {nid: pid for pid, nid in self.node_of.items()} if self.bound else {}
         strategy = flower_strategy(cfg, len(nodes))
         config = ConfigRecord({"local-epochs": round_config(cfg, server_round)["local-epochs"]})
-        messages = list(strategy.configure_train(server_round, ArrayRecord(state), config,
-                                                 self.grid))
+        messages = []
+        for m in strategy.configure_train(server_round, ArrayRecord(state), config, self.grid):
+            nid = m.metadata.dst_node_id
+            if nid not in nodes:
+                continue  # a node outside site-nodes
+            content = RecordDict(dict(m.content.items()))
+            content["config"] = self._config(pid_of.get(nid), **dict(m.content["config"]))
+            messages.append(Message(content, dst_node_id=nid,
+                                    message_type=m.metadata.message_type))
         sampled = sorted(m.metadata.dst_node_id for m in messages)
         return self._train_replies(sampled, self._send(messages, cfg), cfg)
 
     def _train_replies(self, nodes: list[int], replies: list[Message],
                        cfg: RunConfig) -> PhaseResult:
         """Phase-1 style replies (model, metrics, partition-id) keyed by partition-id."""
-        result = PhaseResult()
+        result = PhaseResult(num_partitions=self.num_partitions)
+        pid_of = {nid: pid for pid, nid in self.node_of.items()} if self.bound else {}
+        claims: dict[int, list[int]] = {}  # unbound: partition-id -> nodes claiming it
         answered = set()
         for reply in replies:
             nid = reply.metadata.src_node_id
             answered.add(nid)
+            expected = pid_of.get(nid)
             if reply.has_error():
-                result.failures.append(ClientFailure(None, str(nid), "train",
+                result.failures.append(ClientFailure(expected, str(nid), "train",
                                                      f"error reply: {reply.error.reason}"))
                 continue
             if (failure := client_error(reply, "train")) is not None:
+                if self.bound:
+                    failure.partition_id = expected
                 result.failures.append(failure)
                 continue
             try:
@@ -103,19 +157,37 @@ class GridTransport:
                 state = reply.content["arrays"].to_torch_state_dict()
                 metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
             except (KeyError, TypeError, ValueError) as err:
-                result.failures.append(ClientFailure(None, str(nid), "train",
+                result.failures.append(ClientFailure(expected, str(nid), "train",
                                                      f"malformed reply: {err!r}"))
                 continue
-            if pid in result.replies:
-                result.failures.append(ClientFailure(pid, str(nid), "train",
-                                                     "duplicate partition-id"))
+            if self.bound and pid != expected:
+                result.failures.append(ClientFailure(
+                    expected, str(nid), "train",
+                    f"spoofed partition-id: node {nid} replied as partition {pid}, but "
+                    f"partition {pid} belongs to node {self.node_of.get(pid)} and this node "
+                    f"was sent partition {expected}'s instruction; reply refused"))
                 continue
-            self.node_of[pid] = nid
+            claims.setdefault(pid, []).append(nid)
             result.replies[pid] = ClientReply(pid, state, metrics)
+        for pid, claimants in sorted(claims.items()):
+            if len(claimants) > 1:  # only without a binding: no node can be trusted with pid
+                del result.replies[pid]
+                result.failures.append(ClientFailure(
+                    pid, ",".join(map(str, claimants)), "train",
+                    f"partition-id {pid} claimed by {len(claimants)} nodes {claimants}; all "
+                    "refused (bind sites to nodes with site-nodes)"))
+            elif not self.bound:
+                self.node_of[pid] = claimants[0]
         for nid in sorted(set(nodes) - answered):
-            result.failures.append(ClientFailure(None, str(nid), "train",
+            result.failures.append(ClientFailure(pid_of.get(nid), str(nid), "train",
                                                  f"no reply within round-timeout="
                                                  f"{cfg.round_timeout}s"))
+        if self.bound:
+            result.partitions = {pid: str(nid) for pid, nid in self.node_of.items()}
+            for pid, nid in sorted(self.node_of.items()):
+                if nid not in nodes:
+                    result.failures.append(ClientFailure(pid, str(nid), "train",
+                                                         "node not connected"))
         return result
 
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
@@ -123,18 +195,29 @@ class GridTransport:
         for pid, state in sorted(models.items()):
             nid = self.node_of[pid]
             pid_of[nid] = pid
-            messages.append(Message(RecordDict({"arrays": ArrayRecord(state)}),
+            messages.append(Message(RecordDict({"arrays": ArrayRecord(state),
+                                                "config": self._config(pid)}),
                                     dst_node_id=nid, message_type="train.personalize"))
         result = PhaseResult()
         for reply in self._send(messages, cfg):
             nid = reply.metadata.src_node_id
             pid = pid_of.get(nid)
+            if pid is None:
+                continue  # not a node this phase instructed
             if reply.has_error():
                 result.failures.append(ClientFailure(pid, str(nid), "personalize",
                                                      f"error reply: {reply.error.reason}"))
                 continue
             if (failure := client_error(reply, "personalize", pid)) is not None:
+                failure.partition_id = pid
                 result.failures.append(failure)
+                continue
+            config = reply.content["config"] if "config" in reply.content else {}
+            if "partition-id" in config and int(config["partition-id"]) != pid:
+                result.failures.append(ClientFailure(
+                    pid, str(nid), "personalize",
+                    f"spoofed partition-id: node {nid} replied as partition "
+                    f"{config['partition-id']} to partition {pid}'s model; reply refused"))
                 continue
             result.replies[pid] = {k: float(v) for k, v in reply.content["metrics"].items()}
         for nid, pid in pid_of.items():

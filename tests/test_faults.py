@@ -79,6 +79,11 @@ def test_bad_site_data_gets_an_error_reply_naming_the_problem(kind, tiny_run_con
     assert str(path) in config["error"]
 
 
+def _deployment(run_config: dict) -> dict:
+    """The run config of a deployment: the sites read their own archives, the server none."""
+    return {k: v for k, v in run_config.items() if k != "data-path"}
+
+
 def _rows(run_dir: Path) -> dict[int, dict]:
     with (run_dir / "clients.csv").open() as fh:
         return {int(r["partition-id"]): r for r in csv.DictReader(fh)}
@@ -90,7 +95,8 @@ def test_federation_goes_on_without_the_sites_with_bad_data(tiny_run_config, tmp
     good = [make_archive(tmp_path / f"site{i}.npz", seed=10 + i) for i in range(2)]
     paths = good + [bad_archive(kind, tmp_path) for kind in kinds]
     node_configs = [{"data-path": str(p), "partition-id": i} for i, p in enumerate(paths)]
-    cfg = {**tiny_run_config, "method": "fedavg1", "num-clients": 6, "min-clients": 2}
+    cfg = _deployment({**tiny_run_config, "method": "fedavg1", "num-clients": 6,
+                       "min-clients": 2})
     # Execute
     grid, run_dir = run_in_process(cfg, num_nodes=6, node_configs=node_configs)
     # Assert: the two good sites completed; every bad one is reported with its reason
@@ -159,7 +165,7 @@ def test_too_few_usable_clients_stop_the_run_with_the_reasons(tiny_run_config,
     node_configs = [{"data-path": str(good), "partition-id": 0},
                     {"data-path": str(tmp_path / "nope1.npz"), "partition-id": 1},
                     {"data-path": str(tmp_path / "nope2.npz"), "partition-id": 2}]
-    cfg = {**tiny_run_config, "min-clients": 2}
+    cfg = _deployment({**tiny_run_config, "min-clients": 2})
     # Execute / Assert: a clear stop, and failures.json names both partitions
     with pytest.raises(RuntimeError, match="only 1 usable client models, min-clients is 2"):
         run_in_process(cfg, num_nodes=3, node_configs=node_configs)

@@ -15,7 +15,9 @@ Every file is written atomically (temporary file + rename) so a crash during a s
 leaves a half-written checkpoint, and ``manifest.json`` records a fingerprint of what the
 checkpoints belong to (settings, client models, shapes) plus each file's sha256. A checkpoint
 made for other inputs raises :class:`CheckpointMismatch` instead of being used silently; a
-corrupt file (checksum mismatch) is reported and ignored, so that stage is recomputed.
+file that is corrupt or altered (checksum mismatch), that is not plain tensor data (files are
+read with ``torch.load(weights_only=True)``, see :mod:`fedbicross_flwr.checkpoint_io`) or that
+holds NaN/Inf is reported and ignored, so that stage is recomputed.
 Every stage is seeded from the settings (no global RNG state), which is why a resumed run gives
 the same numbers as an uninterrupted one on CPU.
 """
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checkpoint_io import CheckpointRefused, load_plain, non_finite, save_plain
 from ..logging_utils import log
 
 MANIFEST = "manifest.json"
@@ -40,14 +43,6 @@ MANIFEST = "manifest.json"
 
 class CheckpointMismatch(RuntimeError):
     """The checkpoint folder belongs to another configuration or other client models."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fingerprint(settings: dict[str, Any], client_models: Sequence[nn.Module],
@@ -124,29 +119,34 @@ class StageCheckpoints:
         return self.enabled and name in self.files
 
     def load(self, name: str) -> Any | None:
-        """The payload saved under ``name``, or None (absent, or corrupt: then logged)."""
+        """The payload saved under ``name``, or None: absent, or refused (logged; the stage is
+        then recomputed). A file is refused when its sha256 differs from the manifest's, when
+        it holds anything but tensors and plain containers (it is read with
+        ``torch.load(weights_only=True)``, so a pickled object never runs), or when a tensor
+        in it holds NaN/Inf."""
         if not self.has(name):
             return None
         assert self.directory is not None
         path = self.directory / f"{name}.pt"
-        if not path.is_file() or _sha256(path) != self.files[name]:
-            log(WARNING, "checkpoint %s is missing or corrupt (checksum mismatch); recomputing "
-                "that stage", path)
+        try:
+            payload = load_plain(path, self.files[name])
+            if (where := non_finite(payload)) is not None:
+                raise CheckpointRefused(f"checkpoint {path} holds NaN/Inf values in {where}")
+        except CheckpointRefused as err:
+            log(WARNING, "%s; recomputing that stage", err)
             self.files.pop(name, None)
             self._write_manifest()
             return None
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return payload
 
     def save(self, name: str, payload: Any) -> None:
-        """Write ``payload`` atomically and record it in the manifest."""
+        """Write ``payload`` (tensors, numpy arrays, plain containers) atomically and record
+        its sha256 in the manifest."""
         if not self.enabled:
             return
         assert self.directory is not None
         path = self.directory / f"{name}.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-        self.files[name] = _sha256(path)
+        self.files[name] = save_plain(payload, path)
         self._write_manifest()
         log(INFO, "checkpoint saved: %s", path)
 

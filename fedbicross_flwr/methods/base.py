@@ -9,17 +9,9 @@ from typing import Any, Callable
 import torch
 
 from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.protocol import ClientUpload, StateDict
 
-StateDict = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class ClientUpload:
-    """One client's single upload (phase 1)."""
-
-    partition_id: int  # stable client id (never the random Flower node id)
-    state: StateDict  # the trained local model f_i (parameters and BN buffers, on the CPU)
-    num_examples: int  # local training-set size (FedAvg weight)
+__all__ = ["ClientUpload", "MethodInput", "MethodOutput", "ServerMethod", "StateDict"]
 
 
 @dataclass(frozen=True)

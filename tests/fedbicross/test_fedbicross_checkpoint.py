@@ -129,3 +129,71 @@ def test_corrupt_checkpoint_is_recomputed_not_used(tmp_path, monkeypatch, clean)
     # both server epochs are redone from the intact clustering checkpoint: same numbers.
     assert len(synthesis) == 4
     _assert_same(resumed, clean)
+
+
+class _Payload:
+    """A pickle that creates a file when unpickled (stands for arbitrary code)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _forge(directory, name, payload):
+    """Replace checkpoint ``name`` and update the manifest's sha256, as an attacker would."""
+    from fedbicross_flwr.checkpoint_io import sha256_file
+
+    path = directory / f"{name}.pt"
+    torch.save(payload, path)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest["files"][name] = sha256_file(path)
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+@pytest.mark.parametrize("tamper", ["pickle", "nan"])
+def test_a_tampered_checkpoint_with_a_valid_checksum_is_refused_and_recomputed(
+        tmp_path, monkeypatch, clean, caplog, tamper):
+    # Prepare: a finished run; its clustering checkpoint is replaced by a pickle payload that
+    # runs code when loaded, or by NaN predictions, with the manifest's sha256 updated
+    _run(tmp_path / "ckpt")
+    marker = tmp_path / "pwned"
+    if tamper == "pickle":
+        payload = {"preds": _Payload(marker), "assignment": None, "degenerate": []}
+    else:
+        payload = {"preds": torch.full((4, 24), float("nan")), "assignment": None,
+                   "degenerate": []}
+    path = _forge(tmp_path / "ckpt", "clustering", payload)
+    forged = path.read_bytes()
+    # Execute
+    clustering = _counting(monkeypatch, "noise_predictions")
+    with caplog.at_level("WARNING"):
+        resumed = _run(tmp_path / "ckpt")
+    # Assert: refused with the reason, never run; clustering redone; same numbers
+    assert not marker.exists()
+    reason = ("is not plain tensor data and was not loaded" if tamper == "pickle"
+              else "holds NaN/Inf values in ['preds']")
+    assert f"checkpoint {path} {reason}" in caplog.text
+    if tamper == "pickle":
+        assert "Unsupported global: GLOBAL io.open" in caplog.text
+    assert "recomputing that stage" in caplog.text
+    assert len(clustering) == 1
+    _assert_same(resumed, clean)
+    if tamper == "pickle":  # the payload is live: an unsafe load would have run it
+        (tmp_path / "forged.pt").write_bytes(forged)
+        torch.load(tmp_path / "forged.pt", weights_only=False)
+        assert marker.exists()
+
+
+def test_numpy_payloads_round_trip_as_plain_data(tmp_path):
+    from fedbicross_flwr.checkpoint_io import load_plain, save_plain
+
+    payload = {"a": np.arange(6, dtype=np.int64).reshape(2, 3), "b": [np.float32(1.5), (1, "x")],
+               "c": {"d": np.array([0.25, 0.5]), "e": None, "t": torch.ones(2)}}
+    digest = save_plain(payload, tmp_path / "p.pt")
+    back = load_plain(tmp_path / "p.pt", digest)
+    assert np.array_equal(back["a"], payload["a"]) and back["a"].dtype == np.int64
+    assert back["b"] == [1.5, (1, "x")] and np.array_equal(back["c"]["d"], payload["c"]["d"])
+    assert back["c"]["e"] is None and torch.equal(back["c"]["t"], torch.ones(2))

@@ -1,0 +1,172 @@
+"""The one-shot protocol's types: what a client sends, what can go wrong, what is accepted.
+
+This module imports nothing else from the package (only the standard library and torch), so
+the server, the transports, the methods and the tests can all depend on it without cycles.
+
+* :class:`ClientUpload` - a client's single accepted upload, as a server method sees it;
+* :class:`ClientReply` - a phase-1 reply as a transport delivers it (not yet checked);
+* :class:`ClientFailure` / :class:`PhaseResult` - what one phase brought back;
+* :func:`validate_upload` - why an uploaded state dict is refused, or None.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+# Bounds on the values of an uploaded ResNet-18 (see validate_upload). A trained ResNet-18's
+# weights and biases stay well below 10 in absolute value, and its BatchNorm running statistics
+# of normalised 28x28 images below 1e3 (mean) and 1e5 (variance); the bounds leave orders of
+# magnitude of margin for honest sites, while a model scaled by 1e30 or holding 3.4e38 (the
+# float32 maximum) is refused.
+MAX_ABS_WEIGHT = 1e4  # parameters (conv/linear weights and biases, BN affine)
+MAX_ABS_RUNNING_MEAN = 1e6  # BN running_mean
+MAX_RUNNING_VAR = 1e12  # BN running_var (a standard deviation of 1e6)
+
+
+@dataclass(frozen=True)
+class ClientUpload:
+    """One client's single upload (phase 1), accepted by the server."""
+
+    partition_id: int  # stable client id (never the random Flower node id)
+    state: StateDict  # the trained local model f_i (parameters and BN buffers, on the CPU)
+    num_examples: int  # local training-set size (FedAvg weight)
+
+
+@dataclass
+class ClientReply:
+    """A client's phase-1 answer: its model and metrics (checked by the server before use)."""
+
+    partition_id: int
+    state: StateDict
+    metrics: dict[str, float]
+
+
+@dataclass
+class ClientFailure:
+    """A client that did not answer, answered with an error, or sent a bad model."""
+
+    partition_id: int | None  # None when the server cannot tell which partition it was
+    node: str  # the transport's address of the client (Flower node id, or "local")
+    phase: str  # "train" or "personalize"
+    reason: str
+
+
+@dataclass
+class PhaseResult:
+    """What one phase brought back.
+
+    ``partitions`` binds every partition the transport instructed to the client address it
+    instructed (whether it answered or not); it is empty when the sites name their own
+    partitions (a deployment without ``site-nodes``). ``num_partitions`` > 0 says that the
+    clients trained partition ``pid`` of ``num_partitions`` of the run's dataset, as the
+    server assigned them (simulation), so the server knows each partition's size.
+    """
+
+    replies: dict[int, Any] = field(default_factory=dict)  # partition-id -> reply
+    failures: list[ClientFailure] = field(default_factory=list)
+    partitions: dict[int, str] = field(default_factory=dict)  # partition-id -> node address
+    num_partitions: int = 0
+
+
+def num_examples_problem(value: Any, bound: int | None) -> str | None:
+    """Why a reported ``num-examples`` (a client's FedAvg weight) is refused, or None.
+
+    Parameters
+    ----------
+    value : Any
+        The reported metric (metrics travel as floats).
+    bound : int or None
+        The most training examples this client can have (its partition's size in simulation,
+        ``max-num-examples`` when set); None: no bound is known.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"metric num-examples is missing or not a number ({value!r})"
+    if not math.isfinite(value) or value != int(value) or value < 1:
+        return f"metric num-examples={value!r} is not a positive integer"
+    if bound is not None and value > bound:
+        return (f"metric num-examples={int(value)} exceeds the {bound} training examples this "
+                "client can have (inflated FedAvg weight)")
+    return None
+
+
+def validate_upload(state: Any, reference: StateDict,
+                    probe: Callable[[StateDict], str | None] | None = None) -> str | None:
+    """Why an uploaded state dict is refused, or None if it is a usable model.
+
+    Checks, in order: a mapping of tensors with exactly the reference's keys; the classifier's
+    number of classes; every tensor's shape and dtype; finite values; magnitudes within
+    :data:`MAX_ABS_WEIGHT` (parameters), :data:`MAX_ABS_RUNNING_MEAN` and
+    :data:`MAX_RUNNING_VAR` (BatchNorm statistics); BatchNorm ``running_var`` > 0 and
+    ``num_batches_tracked`` >= 0; finally ``probe`` (e.g. a forward pass on a fixed batch).
+
+    Parameters
+    ----------
+    state : Any
+        What the client sent; anything but a mapping of ``str`` to tensors is refused.
+    reference : StateDict
+        The server's model of the same architecture (w^(0)).
+    probe : callable, optional
+        ``probe(state) -> reason or None``, run last, on a state that passed every other check.
+
+    Returns
+    -------
+    str or None
+        The first problem found (naming the tensor), or None.
+    """
+    if not isinstance(state, Mapping):
+        return f"the upload is a {type(state).__name__}, not a state dict"
+    missing = sorted(set(reference) - set(state))
+    extra = sorted(map(str, set(state) - set(reference)))
+    if missing or extra:
+        return f"state dict keys differ from ResNet-18: missing {missing[:5]}, extra {extra[:5]}"
+    for key in reference:
+        if not isinstance(state[key], torch.Tensor):
+            return f"{key} is a {type(state[key]).__name__}, not a tensor"
+    head = [k for k, v in reference.items() if v.ndim == 2][-1:]  # the classifier's weight
+    for key in head:
+        got, want = tuple(state[key].shape), tuple(reference[key].shape)
+        if got != want and len(got) == 2 and got[1:] == want[1:]:
+            return (f"different number of classes: {key} has shape {got}, expected {want} "
+                    f"({got[0]} classes instead of {want[0]})")
+    for key, ref in reference.items():
+        got = state[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            return f"{key} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+        if got.dtype != ref.dtype:
+            return f"{key} has dtype {got.dtype}, expected {ref.dtype}"
+        if (problem := _value_problem(key, got)) is not None:
+            return problem
+    return probe(dict(state)) if probe is not None else None
+
+
+def _value_problem(key: str, tensor: torch.Tensor) -> str | None:
+    """Non-finite, out-of-bounds or impossible values of one tensor, or None."""
+    if tensor.numel() == 0:
+        return None
+    if not tensor.is_floating_point():
+        if key.endswith("num_batches_tracked") and int(tensor.min()) < 0:
+            return f"{key} is negative ({int(tensor.min())})"
+        return None
+    if not bool(torch.isfinite(tensor).all()):
+        return f"{key} contains NaN or Inf values"
+    largest = float(tensor.detach().abs().max())
+    if key.endswith("running_var"):
+        smallest = float(tensor.min())
+        if smallest <= 0:
+            return f"{key} has a BatchNorm variance <= 0 ({smallest:g}); variances are positive"
+        bound, what = MAX_RUNNING_VAR, "BatchNorm variance"
+    elif key.endswith("running_mean"):
+        bound, what = MAX_ABS_RUNNING_MEAN, "BatchNorm mean"
+    else:
+        bound, what = MAX_ABS_WEIGHT, "weight"
+    if largest > bound:
+        return (f"{key} holds a {what} of absolute value {largest:.3g}, above the bound "
+                f"{bound:g} for a trained ResNet-18")
+    return None

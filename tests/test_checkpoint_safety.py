@@ -1,0 +1,154 @@
+"""Checkpoints are data, not code: ``checkpoints/uploads.pt`` and the client cache.
+
+A tampered upload checkpoint (bytes changed; NaN or 7-class uploads with a matching checksum;
+a pickle payload that runs code) is refused with a clear message, never executed, and the
+resumed run restarts the server stage from scratch with the new uploads.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from fedbicross_flwr.checkpoint_io import CheckpointRefused, sha256_file
+from fedbicross_flwr.model import build_resnet18, probe_for
+from fedbicross_flwr.protocol import ClientUpload
+from fedbicross_flwr.uploads_checkpoint import (checkpointed_uploads, load_uploads,
+                                                save_uploads)
+
+
+class _Payload:
+    """A pickle that creates a file when unpickled (stands for arbitrary code)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def reference() -> dict:
+    torch.manual_seed(0)
+    return build_resnet18(1, 3).state_dict()
+
+
+def _uploads(reference, scale: float = 1.0) -> list[ClientUpload]:
+    return [ClientUpload(pid, {k: (v * scale if v.is_floating_point() and "running" not in k
+                                   else v.clone()) for k, v in reference.items()}, 10 + pid)
+            for pid in range(2)]
+
+
+def _plain(uploads) -> dict:
+    return {"format": 1, "uploads": [{"partition_id": u.partition_id,
+                                      "num_examples": u.num_examples, "state": u.state}
+                                     for u in uploads]}
+
+
+def _forge(path, payload) -> None:
+    """Replace the file and its recorded sha256, as an attacker with disk access would."""
+    torch.save(payload, path)
+    path.with_name(path.name + ".sha256").write_text(sha256_file(path))
+
+
+def test_uploads_round_trip(tmp_path, reference) -> None:
+    uploads = _uploads(reference)
+    save_uploads(uploads, tmp_path / "uploads.pt")
+    back = load_uploads(tmp_path / "uploads.pt", reference, probe_for(reference))
+    assert [(u.partition_id, u.num_examples) for u in back] == [(0, 10), (1, 11)]
+    assert all(torch.equal(b.state[k], u.state[k]) for b, u in zip(back, uploads)
+               for k in reference)
+
+
+def _nan(reference, path, marker):
+    plain = _plain(_uploads(reference))
+    plain["uploads"][1]["state"]["layer1.0.conv1.weight"][0, 0, 0, 0] = float("nan")
+    _forge(path, plain)
+
+
+def _seven_classes(reference, path, marker):
+    seven = build_resnet18(1, 7).state_dict()
+    plain = _plain(_uploads(reference))
+    plain["uploads"][0]["state"] = seven
+    _forge(path, plain)
+
+
+def _pickle(reference, path, marker):
+    plain = _plain(_uploads(reference))
+    plain["uploads"][0]["note"] = _Payload(marker)
+    _forge(path, plain)
+
+
+def _flipped_byte(reference, path, marker):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+TAMPERING = {
+    "nan": (_nan, "the upload of partition 1 is refused: layer1.0.conv1.weight contains NaN"),
+    "7-class": (_seven_classes, "the upload of partition 0 is refused: different number of "
+                                "classes: fc.weight has shape (7, 512)"),
+    "pickle": (_pickle, "is not plain tensor data and was not loaded"),
+    "flipped-byte": (_flipped_byte, "was altered or is corrupt (sha256"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TAMPERING))
+def test_a_tampered_upload_checkpoint_is_refused_and_the_stage_restarts(
+        kind, tmp_path, reference, caplog) -> None:
+    # Prepare: an interrupted run's checkpoints (uploads + a server-stage file), then tampered
+    tamper, message = TAMPERING[kind]
+    run_dir = tmp_path / "run"
+    first = _uploads(reference)
+    checkpointed_uploads(run_dir, first, False, reference)
+    (run_dir / "checkpoints" / "clustering.pt").write_bytes(b"made from the old uploads")
+    path = run_dir / "checkpoints" / "uploads.pt"
+    marker = tmp_path / "pwned"
+    tamper(reference, path, marker)
+    fresh = _uploads(reference, scale=0.5)  # the resumed run's phase 1
+    # Execute
+    with pytest.raises(CheckpointRefused, match="uploads.pt"):
+        load_uploads(path, reference, probe_for(reference))
+    with caplog.at_level(logging.WARNING):
+        used = checkpointed_uploads(run_dir, fresh, True, reference, probe_for(reference))
+    # Assert: refused with its reason, nothing run; the new uploads are used and saved; the
+    # stage's old checkpoints are set aside, not reused and not deleted
+    assert message in caplog.text and "restarts from scratch" in caplog.text
+    assert not marker.exists()
+    assert used == fresh
+    again = load_uploads(path, reference)
+    assert all(torch.equal(a.state[k], f.state[k]) for a, f in zip(again, fresh)
+               for k in reference)
+    assert not (run_dir / "checkpoints" / "clustering.pt").exists()
+    (aside,) = run_dir.glob("checkpoints-refused-*")
+    assert (aside / "clustering.pt").read_bytes() == b"made from the old uploads"
+
+
+def test_an_upload_checkpoint_without_its_checksum_is_refused(tmp_path, reference) -> None:
+    save_uploads(_uploads(reference), tmp_path / "uploads.pt")
+    (tmp_path / "uploads.pt.sha256").unlink()
+    with pytest.raises(CheckpointRefused, match="has no recorded sha256"):
+        load_uploads(tmp_path / "uploads.pt", reference)
+
+
+def test_a_client_cache_entry_holding_a_pickle_is_refused(tmp_path, tiny_run_config) -> None:
+    # Prepare: a valid cache entry, then its payload replaced and meta.json's sha256 updated
+    import json
+
+    from fedbicross_flwr import client_cache
+    from fedbicross_flwr.config import RunConfig
+
+    cfg = RunConfig.from_run_config(tiny_run_config)
+    entry = client_cache.save(tmp_path, cfg, {"replies": {}, "failures": [], "own": {}})
+    assert client_cache.load(tmp_path, cfg) == {"replies": {}, "failures": [], "own": {}}
+    marker = tmp_path / "pwned"
+    torch.save({"replies": _Payload(marker)}, entry / "clients.pt")
+    meta = json.loads((entry / "meta.json").read_text())
+    (entry / "meta.json").write_text(json.dumps({**meta,
+                                                 "sha256": sha256_file(entry / "clients.pt")}))
+    # Execute / Assert: a cache miss (retrain), and the payload never ran
+    assert client_cache.load(tmp_path, cfg) is None
+    assert not marker.exists()
