@@ -24,10 +24,10 @@ import json
 import socket
 import ssl
 import struct
+import subprocess
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -128,8 +128,6 @@ def test_site_cannot_use_the_control_api_and_the_operator_can(deployment, tmp_pa
           f"{site_ip}:{link_port}", str(certs / "ca.crt"))
 
     def flwr(who: str, *args: str) -> tuple[int, str]:
-        import subprocess
-
         out = subprocess.run([FLWR, *args], env=d.env(who), capture_output=True, text=True,
                              timeout=120, cwd=ROOT)
         return out.returncode, out.stdout + out.stderr
