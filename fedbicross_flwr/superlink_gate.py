@@ -29,6 +29,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import os
 import posixpath
 import sys
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
@@ -192,6 +193,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     install_gate(networks)
+    # uvicorn replaces the client address with X-Forwarded-For from the hosts listed in
+    # FORWARDED_ALLOW_IPS (default 127.0.0.1 only); a wider list would let a site claim to be
+    # the operator, so the default is kept.
+    os.environ.pop("FORWARDED_ALLOW_IPS", None)
     from flwr.superlink.cli.flower_superlink import flower_superlink
 
     sys.argv = ["flower-superlink", *rest]
