@@ -7,6 +7,7 @@ fedbicross run --engine grid --run-config "local-epochs=2"      # through the re
 fedbicross config-table                                           # README's key table
 fedbicross bench --clients 5 --clusters 2 --batch 64 --steps 4    # server-stage benchmark
 fedbicross grid --preset conf/grid-cpu.toml                       # experiment grid + tables
+fedbicross privacy-audit outputs/RUN --client-cache CACHE         # membership inference
 
 A bad input (configuration, data archive, output folder, preset) is reported as ONE line on
 stderr with a non-zero exit (2 for a configuration error, 1 otherwise), before any training;
@@ -146,7 +147,29 @@ def build_parser() -> argparse.ArgumentParser:
     from fedbicross_flwr.harness import cli as grid_cli
 
     grid_cli.add_arguments(grid)
+    audit = sub.add_parser("privacy-audit", help="membership inference on the clients' "
+                           "uploads of a finished one-process run (fedbicross_flwr.privacy_audit)",
+                           parents=[debug])
+    audit.add_argument("run_dir", help="the run folder (with run_config.json)")
+    audit.add_argument("--client-cache", required=True,
+                       help="the trained-client cache the run was made with "
+                            "(`fedbicross run --client-cache DIR`)")
+    audit.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     return parser
+
+
+def privacy_audit_command(run_dir: Path, cache_dir: Path, device: str) -> int:
+    """``fedbicross privacy-audit``: audit, write ``<run>/privacy/``, print the table."""
+    from fedbicross_flwr.privacy_audit import (audit_uploads, format_table, stored_uploads,
+                                               write_audit)
+    from fedbicross_flwr.training import resolve_device
+
+    cfg, states = stored_uploads(run_dir.resolve(), cache_dir.resolve())
+    audits = audit_uploads(cfg, states, resolve_device(device))
+    out = write_audit(run_dir.resolve(), audits)
+    print(format_table(audits))
+    print(f"written: {out / 'membership.csv'}, {out / 'membership.json'}")
+    return 0
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -162,6 +185,8 @@ def run_command(args: argparse.Namespace) -> int:
         from fedbicross_flwr.harness import cli as grid_cli
 
         return grid_cli.run_command(args)
+    if args.command == "privacy-audit":
+        return privacy_audit_command(Path(args.run_dir), Path(args.client_cache), args.device)
 
     from fedbicross_flwr.data import project_root
 
