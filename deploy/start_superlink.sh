@@ -9,7 +9,9 @@
 #
 # Usage: [OPERATOR_NETWORKS=CIDR,...] deploy/start_superlink.sh CERT_DIR STATE_DIR [HOST] [PORT]
 #   CERT_DIR: from deploy/make_certificates.sh (ca.crt, server.pem, server.key)
-#   HOST:     interface to listen on: 127.0.0.1 (default, this machine only) or 0.0.0.0
+#   HOST:     interface to listen on: 127.0.0.1 (default, this machine only), 0.0.0.0, or
+#             one IP address of this machine (an IP, not a name: the gate admits the
+#             SuperLink's own ServerApp by that address)
 #   PORT:     default 9093
 #   OPERATOR_NETWORKS: client addresses allowed to use the Control API (default
 #             127.0.0.0/8,::1/128); sites must never be in them

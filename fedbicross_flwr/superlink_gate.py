@@ -171,9 +171,15 @@ def install_gate(operator_networks: Iterable[Network]) -> None:
 
 
 def split_arguments(argv: list[str]) -> tuple[tuple[Network, ...], list[str]]:
-    """(operator networks, the arguments left for ``flower-superlink``)."""
+    """(operator networks, the arguments left for ``flower-superlink``).
+
+    When ``--host`` is one specific address (not 0.0.0.0 or ::), the SuperLink's own
+    ServerApp process connects to that address and so comes from it: the address joins the
+    operator networks (only a process on the SuperLink machine can have it as its source).
+    """
     spec: str = ",".join(DEFAULT_OPERATOR_NETWORKS)
     rest: list[str] = []
+    host = ""
     it = iter(argv)
     for arg in it:
         if arg == "--operator-networks":
@@ -182,7 +188,19 @@ def split_arguments(argv: list[str]) -> tuple[tuple[Network, ...], list[str]]:
             spec = arg.split("=", 1)[1]
         else:
             rest.append(arg)
-    return parse_networks(spec), rest
+    for i, arg in enumerate(rest):
+        if arg == "--host" and i + 1 < len(rest):
+            host = rest[i + 1]
+        elif arg.startswith("--host="):
+            host = arg.split("=", 1)[1]
+    networks = parse_networks(spec)
+    try:
+        own = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        own = None
+    if own is not None and not own.is_unspecified and not is_operator_address(str(own), networks):
+        networks = (*networks, ipaddress.ip_network(own))
+    return networks, rest
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -85,6 +85,13 @@ def test_operator_gate_rules() -> None:
         parse_networks("10.0.5.0/24,hospital-net")
     networks, rest = split_arguments(["--operator-networks", "10.0.5.7", "--port", "1"])
     assert [str(n) for n in networks] == ["10.0.5.7/32"] and rest == ["--port", "1"]
+    # a SuperLink bound to one address reaches its own Runtime API from that address
+    networks, _ = split_arguments(["--host", "192.0.2.9"])
+    assert is_operator_address("192.0.2.9", networks)
+    assert not is_operator_address("192.0.2.10", networks)
+    for host in ("0.0.0.0", "::", "127.0.0.1", "superlink.example.org"):
+        networks, _ = split_arguments(["--host", host])
+        assert [str(n) for n in networks] == list(DEFAULT_OPERATOR_NETWORKS), host
 
     # Execute: the middleware itself, as uvicorn calls it, for a site and the operator
     def call(path: str, client: str) -> int:
