@@ -1,12 +1,14 @@
 """ClientApp: local training (``train``) and personalized distillation (``train.personalize``).
 
 The client keeps its own trained model f_i in ``context.state`` between the two messages. A
-reply carries model arrays, metrics and the partition-id, never data or labels. In simulation
-the partition comes with the server's instruction (the server binds each partition to the node
-it sends it to); a deployment site answers with the partition-id of its node config. A site whose
-data cannot be used (missing path, unreadable archive, labels out of range, wrong image size)
-replies with a ``config`` record holding its partition-id and an ``error`` naming the problem,
-so the server logs it by partition and goes on with the other sites.
+reply carries model arrays, metrics and the partition-id, never data or labels; its metrics
+must be exactly the names of ``fedbicross_flwr.client.REPLY_METRICS`` (otherwise the ClientApp
+raises, and only Flower's error reply leaves the site). In simulation the partition comes with
+the server's instruction (the server binds each partition to the node it sends it to); a
+deployment site answers with the partition-id of its node config. A site whose data cannot be
+used (missing path, unreadable archive, labels out of range, wrong image size) replies with a
+``config`` record holding its partition-id and an ``error`` naming the problem, so the server
+logs it by partition and goes on with the other sites.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedbicross_flwr.client import run_local_training, run_personalization
+from fedbicross_flwr.client import (checked_reply_metrics, run_local_training,
+                                    run_personalization)
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import DataError
 from fedbicross_flwr.logging_utils import log
@@ -80,6 +83,7 @@ def train(msg: Message, context: Context) -> Message:
         epochs=int(config["local-epochs"]) if "local-epochs" in config else None,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         server_round=int(config.get("server-round", 0)))
+    metrics = checked_reply_metrics(msg.metadata.message_type, metrics)  # before any upload
     state = model.state_dict()
     context.state[OWN_MODEL] = ArrayRecord(state)
     if (path := own_model_path(context)) is not None:  # stays at the site
@@ -112,6 +116,7 @@ def personalize(msg: Message, context: Context) -> Message:
     received = build_resnet18(site.in_channels, site.num_classes)
     received.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     personal, metrics = run_personalization(cfg, site, own, received, device)
+    metrics = checked_reply_metrics(msg.metadata.message_type, metrics)
     out_dir = str(context.node_config.get("output-dir", ""))
     if out_dir:  # deployment: the site keeps its personalized model
         path = Path(out_dir) / f"personalized-run{context.run_id}.pt"

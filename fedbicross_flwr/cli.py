@@ -8,6 +8,11 @@ fedbicross config-table                                           # README's key
 fedbicross bench --clients 5 --clusters 2 --batch 64 --steps 4    # server-stage benchmark
 fedbicross grid --preset conf/grid-cpu.toml                       # experiment grid + tables
 fedbicross distill-check --dataset digits --synthesis fedbicross  # one-teacher retention
+fedbicross privacy-audit outputs/RUN --client-cache CACHE         # membership inference
+
+A bad input (configuration, data archive, output folder, preset) is reported as ONE line on
+stderr with a non-zero exit (2 for a configuration error, 1 otherwise), before any training;
+``--debug`` also prints the traceback.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 
 from fedbicross_flwr.config import (ConfigError, RunConfig, load_preset, markdown_table,
-                                    parse_overrides)
+                                    parse_overrides, tomllib)
 from fedbicross_flwr.logging_utils import log
 
 
@@ -39,11 +46,75 @@ def build_config(preset: str | None, overrides: str, pyproject: Path | None = No
     return RunConfig.from_run_config(values), values
 
 
+def preflight(cfg: RunConfig) -> None:
+    """Check what a run needs before any work starts: the output folder can be created and
+    written, and the dataset the server would read loads and matches the config.
+
+    Raises
+    ------
+    ConfigError
+        The output folder is not a directory or cannot be written.
+    DataError
+        The dataset is unknown, missing, corrupt or inconsistent with the config.
+    """
+    from fedbicross_flwr.data import load_dataset
+    from fedbicross_flwr.results import default_output_dir
+
+    base = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
+    if base.exists() and not base.is_dir():
+        raise ConfigError(f"output-dir {base} is not a directory")
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as err:
+        raise ConfigError(f"output-dir {base} cannot be created or written: "
+                          f"{err.strerror or err}") from err
+    if cfg.dataset == "custom" and not cfg.data_path:
+        return  # a deployment: every site reads (and checks) its own archive
+    load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
+                 cfg.in_channels, cfg.num_classes)
+
+
+def is_user_error(err: BaseException) -> bool:
+    """A bad input to report in one line: the project's own errors (any exception class
+    defined in ``fedbicross_flwr``), ``OSError`` and invalid TOML."""
+    if isinstance(err, (OSError, tomllib.TOMLDecodeError)):
+        return True
+    return any(cls.__module__.split(".")[0] == "fedbicross_flwr" for cls in type(err).__mro__)
+
+
+def error_line(err: BaseException) -> str:
+    """The one line printed for a user error."""
+    prefix = "configuration error" if isinstance(err, ConfigError) else "error"
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"{prefix}: {text}"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedbicross", description=__doc__,
+    """Entry point of ``fedbicross``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run_command(args)
+    except Exception as err:  # noqa: BLE001 - user errors become one line, others re-raise
+        if not is_user_error(err):
+            raise
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(error_line(err), file=sys.stderr)
+        return 2 if isinstance(err, ConfigError) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fedbicross`` argument parser and its subcommands."""
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on an error, also print the Python traceback")
+    parser = argparse.ArgumentParser(prog="fedbicross", description=__doc__, parents=[debug],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run one experiment in this process")
+    run = sub.add_parser("run", help="run one experiment in this process", parents=[debug])
     run.add_argument("--preset", help="a TOML file of run-config keys (conf/*.toml)")
     run.add_argument("--run-config", default="", help="overrides, as for `flwr run`")
     run.add_argument("--engine", choices=("direct", "grid"), default="direct",
@@ -56,55 +127,93 @@ def main(argv: list[str] | None = None) -> int:
                      help="folder of the trained-client cache (direct engine): clients are "
                           "trained once per dataset/partition/local settings and reused")
     sim = sub.add_parser("simulate", help="a real `flwr run` simulation (SuperLink + Ray) that "
-                         "waits for the result, fails loudly, and cleans up its processes")
+                         "waits for the result, fails loudly, and cleans up its processes",
+                         parents=[debug])
     sim.add_argument("--preset", help="a TOML file of run-config keys (conf/*.toml)")
     sim.add_argument("--run-config", default="", help="overrides, as for `flwr run`")
     sim.add_argument("--num-supernodes", type=int, default=0,
                      help="simulated clients (default: num-clients of the config)")
     sim.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds")
-    sub.add_parser("config-table", help="print the run-config keys as a Markdown table")
+    sub.add_parser("config-table", help="print the run-config keys as a Markdown table",
+                   parents=[debug])
     bench = sub.add_parser("bench", help="time the FedBiCross server stage against a "
-                           "reference-style implementation on the same inputs (docs/BENCHMARKS.md)")
-    from fedbicross_flwr.benchmark.cli import add_arguments, run_command
+                           "reference-style implementation on the same inputs (docs/BENCHMARKS.md)",
+                           parents=[debug])
+    from fedbicross_flwr.benchmark.cli import add_arguments
 
     add_arguments(bench)
     grid = sub.add_parser("grid", help="run (or resume) an experiment grid from a preset "
-                          "(conf/grid-*.toml) and write its CSV, tables and figures")
+                          "(conf/grid-*.toml) and write its CSV, tables and figures",
+                          parents=[debug])
     from fedbicross_flwr.harness import cli as grid_cli
 
     grid_cli.add_arguments(grid)
     check = sub.add_parser("distill-check", help="distil ONE central teacher into a fresh "
-                           "student from synthetic data only, and report the retention")
+                           "student from synthetic data only, and report the retention",
+                           parents=[debug])
     from fedbicross_flwr import distill_check
 
     distill_check.add_arguments(check)
-    args = parser.parse_args(argv)
+    audit = sub.add_parser("privacy-audit", help="membership inference on the clients' "
+                           "uploads of a finished one-process run (fedbicross_flwr.privacy_audit)",
+                           parents=[debug])
+    audit.add_argument("run_dir", help="the run folder (with run_config.json)")
+    audit.add_argument("--client-cache", required=True,
+                       help="the trained-client cache the run was made with "
+                            "(`fedbicross run --client-cache DIR`)")
+    audit.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    return parser
 
+
+def privacy_audit_command(run_dir: Path, cache_dir: Path, device: str) -> int:
+    """``fedbicross privacy-audit``: audit, write ``<run>/privacy/``, print the table."""
+    from fedbicross_flwr.privacy_audit import (audit_uploads, format_table, stored_uploads,
+                                               write_audit)
+    from fedbicross_flwr.training import resolve_device
+
+    cfg, states = stored_uploads(run_dir.resolve(), cache_dir.resolve())
+    audits = audit_uploads(cfg, states, resolve_device(device))
+    out = write_audit(run_dir.resolve(), audits)
+    print(format_table(audits))
+    print(f"written: {out / 'membership.csv'}, {out / 'membership.json'}")
+    return 0
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Carry out the parsed command; user errors propagate to :func:`main`."""
     if args.command == "config-table":
         print(markdown_table())
         return 0
     if args.command == "bench":
-        return run_command(args)
+        from fedbicross_flwr.benchmark.cli import run_command as bench_command
+
+        return bench_command(args)
     if args.command == "grid":
+        from fedbicross_flwr.harness import cli as grid_cli
+
         return grid_cli.run_command(args)
+    if args.command == "privacy-audit":
+        return privacy_audit_command(Path(args.run_dir), Path(args.client_cache), args.device)
 
     from fedbicross_flwr.data import project_root
 
     root = project_root()
-    try:
-        cfg, values = build_config(args.preset, args.run_config,
-                                   root / "pyproject.toml" if root else None)
-        if args.command == "distill-check":
-            cfg = cfg.replace(dataset=args.dataset)
-    except ConfigError as err:
-        print(f"configuration error: {err}", file=sys.stderr)
-        return 2
+    cfg, values = build_config(args.preset, args.run_config,
+                               root / "pyproject.toml" if root else None)
+    if args.command == "distill-check":
+        cfg = cfg.replace(dataset=args.dataset)
+    if args.command == "run" and args.engine == "direct":
+        for m in [m.strip() for m in args.methods.split(",") if m.strip()]:
+            cfg.replace(method=m)  # validates every name before any training
+    preflight(cfg)
     if cfg.num_threads:
         import torch
 
         torch.set_num_threads(cfg.num_threads)
     start = time.perf_counter()
     if args.command == "distill-check":
+        from fedbicross_flwr import distill_check
+
         return distill_check.run_command(args, cfg)
     if args.command == "simulate":
         from fedbicross_flwr.simulation import simulate
@@ -126,12 +235,6 @@ def main(argv: list[str] | None = None) -> int:
         from fedbicross_flwr.direct import run_direct_methods
 
         methods = [m.strip() for m in (args.methods or cfg.method).split(",") if m.strip()]
-        try:
-            for m in methods:
-                cfg.replace(method=m)  # validates every name before any training
-        except ConfigError as err:
-            print(f"configuration error: {err}", file=sys.stderr)
-            return 2
         run_dirs = run_direct_methods(cfg, methods, Path(args.client_cache).resolve()
                                       if args.client_cache else None)
         log(logging.INFO, "wall time %.1f s", time.perf_counter() - start)

@@ -4,6 +4,10 @@ Phase 1 (``train``): train the local ResNet-18 f_i on the client's partition.
 Phase 3 (``train.personalize``): start from the model the server chose for this client
 (G_k for FedBiCross), fine-tune it with Eq. 9, report accuracy before and after in both
 evaluation views. Only metrics leave the client; data and labels never do.
+
+:data:`REPLY_METRICS` is the one list of metric names a client may send in each phase;
+:func:`checked_reply_metrics` enforces it (names, count, scalar number values) in the
+ClientApp before a reply is built.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import numbers
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -22,6 +28,46 @@ from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import build_resnet18
 from fedbicross_flwr.site import SiteData
 from fedbicross_flwr.training import SGDSettings, accuracy, personalize, train_local
+
+
+# What a client may report, per message type: aggregates over its data (accuracies, counts,
+# loss, time), never a per-sample value. Adding a name here adds it to what leaves a site.
+REPLY_METRICS: dict[str, frozenset[str]] = {
+    "train": frozenset({"num-examples", "train-loss", "val-acc", "test-acc",
+                        "test-acc-personal", "n-test", "n-test-personal", "train-seconds"}),
+    "train.personalize": frozenset({"num-examples", "acc-before", "acc-personal-before",
+                                    "val-acc-before", "acc-after", "acc-personal-after",
+                                    "val-acc-after"}),
+}
+
+
+class ReplyMetricsError(ValueError):
+    """A client's reply metrics are not exactly the allowed names with scalar number values."""
+
+
+def checked_reply_metrics(message_type: str, metrics: Mapping[str, object]) -> dict[str, float]:
+    """``metrics`` as floats if they are exactly :data:`REPLY_METRICS` of ``message_type``.
+
+    Raises
+    ------
+    ReplyMetricsError
+        A name that is not allowed (e.g. ``label-0``), a missing name, or a value that is not
+        a single real number (a list, a string, a bool).
+    """
+    allowed = REPLY_METRICS.get(message_type)
+    if allowed is None:
+        raise ReplyMetricsError(f"no reply metrics are allowed for message type "
+                                f"{message_type!r}")
+    extra, missing = sorted(set(metrics) - allowed), sorted(allowed - set(metrics))
+    if extra or missing:
+        raise ReplyMetricsError(
+            f"{message_type} reply metrics must be exactly {sorted(allowed)}: "
+            f"{len(extra)} not allowed {extra[:5]}, missing {missing}")
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ReplyMetricsError(f"{message_type} reply metric {name!r} must be one real "
+                                    f"number, got {type(value).__name__}")
+    return {name: float(value) for name, value in metrics.items()}
 
 
 def client_seed(cfg: RunConfig, partition_id: int) -> int:

@@ -472,7 +472,10 @@ def load_preset(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"preset {path} does not exist")
     with path.open("rb") as fh:
-        return tomllib.load(fh)
+        try:
+            return tomllib.load(fh)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"preset {path} is not valid TOML: {err}") from err
 
 
 def parse_overrides(text: str) -> dict[str, Any]:

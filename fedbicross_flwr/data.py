@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import metadata as importlib_metadata
@@ -258,6 +259,9 @@ def load_npz_archive(path: Path, in_channels: int, num_classes: int,
                         f"in the run config (got {in_channels}, {num_classes})")
     if not path.is_file():
         raise DataError(f"data archive not found: {path}")
+    if not zipfile.is_zipfile(path):  # np.load would try it as .npy or pickle instead
+        raise DataError(f"cannot read data archive {path}: not an npz (zip) file "
+                        f"({path.stat().st_size} bytes: empty, truncated or another format)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             content = {k: npz[k] for k in npz.files}
@@ -274,10 +278,37 @@ def load_npz_archive(path: Path, in_channels: int, num_classes: int,
             splits[split] = ArraySplit(np.zeros(shape, np.uint8), np.zeros(0, np.int64))
             continue
         splits[split] = ArraySplit(np.asarray(content[ik]),
-                                   np.asarray(content[lk]).reshape(-1).astype(np.int64))
+                                   integer_labels(content[lk], f"{path}: {lk}"))
     dataset = DatasetArrays(name, in_channels, num_classes, **splits)
     _check_consistency(dataset, str(path))
     return dataset
+
+
+def integer_labels(labels: np.ndarray, what: str) -> np.ndarray:
+    """Class labels of shape (N,) or (N, 1) as int64 (N,), refusing anything that is not a
+    whole number (fractional, NaN or infinite values, booleans, strings).
+
+    Raises
+    ------
+    DataError
+        Labels of another shape or dtype, or values that are not whole numbers.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim not in (1, 2) or (labels.ndim == 2 and labels.shape[1] != 1):
+        raise DataError(f"{what} must have shape (N,) or (N, 1), got {labels.shape}")
+    labels = labels.reshape(-1)
+    if labels.dtype.kind in "iu":
+        return labels.astype(np.int64)
+    if labels.dtype.kind != "f":
+        raise DataError(f"{what} must be integer class indices, got dtype {labels.dtype}")
+    if not np.isfinite(labels).all():
+        raise DataError(f"{what} contains {int((~np.isfinite(labels)).sum())} NaN or infinite "
+                        "value(s); labels must be integer class indices")
+    fractional = labels[labels != np.round(labels)]
+    if fractional.size:
+        raise DataError(f"{what} contains {fractional.size} non-integer value(s) (e.g. "
+                        f"{fractional[0]:g}); labels must be integer class indices")
+    return labels.astype(np.int64)
 
 
 def _check_consistency(ds: DatasetArrays, source: str) -> None:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.config import ConfigError, RunConfig
 from fedbicross_flwr.data import DatasetArrays, load_dataset
 from fedbicross_flwr.knowledge import agreement, retention
 from fedbicross_flwr.logging_utils import add_file_handler, log, remove_handler
@@ -119,7 +119,7 @@ def central_teacher(ds: DatasetArrays, cfg: RunConfig, epochs: int, device: torc
 def method_config(cfg: RunConfig, synthesis: str, run_name: str, output_dir: Path) -> RunConfig:
     """The run config the method sees: one client, one cluster, a random student start."""
     if synthesis not in DISTILLING_METHODS:
-        raise ValueError(f"--synthesis must be one of {DISTILLING_METHODS}, got {synthesis!r}")
+        raise ConfigError(f"--synthesis must be one of {DISTILLING_METHODS}, got {synthesis!r}")
     return cfg.replace(method=synthesis, num_clients=1, min_clients=0, num_clusters=1,
                        student_init="random", run_name=run_name, resume=False,
                        output_dir=str(output_dir))
@@ -252,9 +252,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace, cfg: RunConfig) -> int:
     """Run the check for every requested synthesis path; print and append the rows."""
     out = Path(args.out).resolve()
+    methods = [s.strip() for s in args.synthesis.split(",") if s.strip()]
+    for synthesis in methods:  # every name checked before any training
+        method_config(cfg, synthesis, "check", out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for synthesis in [s.strip() for s in args.synthesis.split(",") if s.strip()]:
+    for synthesis in methods:
         result = run_check(cfg, synthesis, args.teacher_epochs, out)
         append_row(out / "distill-check.csv", result.row())
         rows.append(result.row())

@@ -40,11 +40,13 @@ def test_distill_check_appends_a_retention_row_and_reuses_the_teacher(tiny_archi
     assert len(_rows(out)) == 3
 
 
-def test_distill_check_refuses_a_method_that_does_not_distil(tiny_archive, tmp_path) -> None:
-    with pytest.raises(ValueError, match="--synthesis must be one of"):
-        main(["distill-check", "--dataset", "custom", "--synthesis", "fedavg1",
-              "--teacher-epochs", "1", "--out", str(tmp_path), "--run-config",
-              f"data-path='{tiny_archive}' in-channels=1 num-classes=3 progress=false"])
+def test_distill_check_refuses_a_method_that_does_not_distil(tiny_archive, tmp_path,
+                                                             capsys) -> None:
+    code = main(["distill-check", "--dataset", "custom", "--synthesis", "fedavg1",
+                 "--teacher-epochs", "1", "--out", str(tmp_path), "--run-config",
+                 f"data-path='{tiny_archive}' in-channels=1 num-classes=3 progress=false"])
+    assert code == 2
+    assert "--synthesis must be one of" in capsys.readouterr().err
 
 
 def test_append_row_keeps_old_rows_when_columns_are_added(tmp_path) -> None:

@@ -190,7 +190,10 @@ def load_grid_preset(path: str | Path) -> GridSpec:
     if not path.is_file():
         raise ConfigError(f"grid preset {path} does not exist")
     with path.open("rb") as fh:
-        data = tomllib.load(fh)
+        try:
+            data = tomllib.load(fh)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"grid preset {path} is not valid TOML: {err}") from err
     unknown = set(data) - {"grid", "run-config", "rows"}
     if unknown or "grid" not in data:
         raise ConfigError(f"grid preset {path}: needs a [grid] table; unknown tables "

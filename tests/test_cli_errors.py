@@ -1,0 +1,192 @@
+"""Every bad input gives one readable line on stderr and a non-zero exit, before any training.
+
+Table-driven: each case is a real bad input (archives written with numpy, real files and
+folders) passed to the real ``fedbicross run`` entry point in this process. Training is
+watched: if any case got as far as training a client, the test fails.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomli_w
+
+import fedbicross_flwr.client as client_module
+from fedbicross_flwr.cli import main
+from tests.conftest import make_archive
+
+# A valid tiny run: every case changes one thing.
+BASE = {"dataset": "custom", "in-channels": 1, "num-classes": 3, "num-clients": 2,
+        "alpha": 1.0, "min-partition-size": 5, "local-epochs": 1, "pers-epochs": 0,
+        "batch-size": 8, "progress": False, "device": "cpu", "run-name": "bad"}
+
+
+def archive(tmp: Path, change: Callable[[dict[str, np.ndarray]], None]) -> str:
+    """A MedMNIST-format archive written with numpy after ``change`` edits its arrays."""
+    with np.load(make_archive(tmp / "good.npz", n_train=20, n_val=4, n_test=9)) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    change(arrays)
+    path = tmp / "bad.npz"
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def raw_file(tmp: Path, content: bytes) -> str:
+    path = tmp / "bad.npz"
+    path.write_bytes(content)
+    return str(path)
+
+
+def unwritable_dir(tmp: Path) -> str:
+    """A folder that cannot be created: under a read-only folder, or (as root, who may write
+    anywhere on a normal file system) under sysfs, which refuses new folders to everyone."""
+    if os.geteuid() == 0:
+        return "/sys/fedbicross-output"
+    locked = tmp / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    return str(locked / "runs")
+
+
+def a_file(tmp: Path) -> str:
+    path = tmp / "a-file"
+    path.write_text("not a folder")
+    return str(path)
+
+
+def set_(key: str, value: np.ndarray | None) -> Callable[[dict], None]:
+    def change(arrays: dict) -> None:
+        if value is None:
+            del arrays[key]
+        else:
+            arrays[key] = value
+    return change
+
+
+LABELS = np.array([[0], [1], [2]] * 6 + [[0], [1]])  # 20 train labels of the good archive
+# (id, run config changes given the tmp folder, a fragment the one line must contain)
+CASES: list[tuple[str, Callable[[Path], dict], str]] = [
+    ("unknown dataset", lambda t: {"dataset": "nosuchmnist"}, "unknown dataset 'nosuchmnist'"),
+    ("missing data folder", lambda t: {"dataset": "bloodmnist", "in-channels": 0,
+                                       "num-classes": 0, "data-dir": str(t / "nope")},
+     "MedMNIST archive not found"),
+    ("missing archive", lambda t: {"data-path": str(t / "missing.npz")},
+     "data archive not found"),
+    ("truncated archive", lambda t: {"data-path": raw_file(
+        t, Path(make_archive(t / "whole.npz")).read_bytes()[:300])}, "not an npz (zip) file"),
+    ("garbage archive", lambda t: {"data-path": raw_file(t, b"garbage" * 50)},
+     "not an npz (zip) file (350 bytes"),
+    ("empty file", lambda t: {"data-path": raw_file(t, b"")}, "not an npz (zip) file (0 bytes"),
+    ("archive without arrays", lambda t: {"data-path": archive(t, lambda a: a.clear())},
+     "lacks 'train_images'/'train_labels'"),
+    ("object-array archive", lambda t: {"data-path": archive(t, set_(
+        "train_labels", np.array([[0], "one", None] * 6 + [[0], [1]], dtype=object)))},
+     "cannot read data archive"),
+    ("wrong image shape", lambda t: {"data-path": archive(t, set_(
+        "train_images", np.zeros((20, 32, 32), np.uint8)))}, "expected (28, 28)"),
+    ("non-uint8 images", lambda t: {"data-path": archive(t, set_(
+        "train_images", np.zeros((20, 28, 28), np.float32)))}, "must be uint8, got float32"),
+    ("labels out of range", lambda t: {"data-path": archive(t, set_(
+        "train_labels", np.where(LABELS == 2, 7, LABELS)))}, "out of range [0, 3)"),
+    ("negative labels", lambda t: {"data-path": archive(t, set_(
+        "train_labels", np.where(LABELS == 2, -1, LABELS)))}, "(min -1"),
+    ("NaN labels", lambda t: {"data-path": archive(t, set_(
+        "train_labels", np.where(LABELS == 2, np.nan, LABELS)))}, "6 NaN or infinite value(s)"),
+    ("fractional labels", lambda t: {"data-path": archive(t, set_(
+        "train_labels", np.where(LABELS == 2, 1.5, LABELS)))}, "non-integer value(s) (e.g. 1.5)"),
+    ("missing key", lambda t: {"data-path": archive(t, set_("test_labels", None))},
+     "lacks 'test_images'/'test_labels'"),
+    ("mismatched split sizes", lambda t: {"data-path": archive(t, set_(
+        "train_labels", LABELS[:-1]))}, "train has 20 images but 19 labels"),
+    ("in-channels the archive lacks", lambda t: {"in-channels": 3},
+     "expected (28, 28, 3) for in-channels=3"),
+    ("in-channels 2", lambda t: {"in-channels": 2}, "in-channels in {1, 3}"),
+    ("in-channels out of range", lambda t: {"in-channels": 4},
+     "'in-channels' must be in [0, 3]"),
+    ("num-classes 1", lambda t: {"num-classes": 1}, "num-classes >= 2"),
+    ("num-classes other than the dataset's", lambda t: {
+        "dataset": "retinamnist", "in-channels": 3, "num-classes": 4},
+     "num-classes=4 in the run config, but dataset 'retinamnist' has 5"),
+    ("unwritable output folder", lambda t: {"output-dir": unwritable_dir(t)},
+     "cannot be created or written"),
+    ("output folder is a file", lambda t: {"output-dir": a_file(t)}, "is not a directory"),
+    ("output folder under a file", lambda t: {"output-dir": a_file(t) + "/runs"},
+     "cannot be created or written"),
+]
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records every client training that starts (there must be none)."""
+    started: list[str] = []
+    real = client_module.train_local
+
+    def watched(*args, **kwargs):
+        started.append("train_local")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(client_module, "train_local", watched)
+    return started
+
+
+def one_line_error(capsys: pytest.CaptureFixture, argv: list[str]) -> tuple[int, str]:
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return code, err
+
+
+@pytest.mark.parametrize("case,changes,fragment", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_non_zero(case, changes, fragment, tmp_path, capsys,
+                                            no_training) -> None:
+    # Prepare: a preset that is the valid tiny run with this case's one change
+    run = {**BASE, "data-path": str(make_archive(tmp_path / "site.npz", n_train=20)),
+           "output-dir": str(tmp_path / "runs")}
+    run.update(changes(tmp_path))
+    preset = tmp_path / "preset.toml"
+    preset.write_text(tomli_w.dumps(run))
+    # Execute
+    code, err = one_line_error(capsys, ["run", "--preset", str(preset)])
+    # Assert: non-zero, one line naming the problem, and nothing was trained
+    assert code != 0, case
+    assert fragment in err, (case, err)
+    assert no_training == [], case
+
+
+def test_invalid_toml_preset(tmp_path, capsys) -> None:
+    preset = tmp_path / "preset.toml"
+    preset.write_text("method = \ndataset = 'digits'\n")
+    code, err = one_line_error(capsys, ["run", "--preset", str(preset)])
+    assert code == 2 and f"preset {preset} is not valid TOML" in err
+    # the grid command reads its own presets: same rule
+    code, err = one_line_error(capsys, ["grid", "--preset", str(preset), "--dry-run"])
+    assert code == 2 and f"grid preset {preset} is not valid TOML" in err
+
+
+def test_the_in_process_grid_engine_checks_the_data_first(tmp_path, capsys,
+                                                          no_training) -> None:
+    # Without the up-front check, each ClientApp would reply with an error and the run would
+    # go on; the CLI must stop before any of it.
+    run = {**BASE, "data-path": raw_file(tmp_path, b"garbage"),
+           "output-dir": str(tmp_path / "runs")}
+    preset = tmp_path / "preset.toml"
+    preset.write_text(tomli_w.dumps(run))
+    code, err = one_line_error(capsys, ["run", "--engine", "grid", "--preset", str(preset)])
+    assert code == 1 and "not an npz (zip) file" in err and no_training == []
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_debug_prints_the_traceback(tmp_path, capsys) -> None:
+    run = {**BASE, "data-path": str(tmp_path / "missing.npz")}
+    preset = tmp_path / "preset.toml"
+    preset.write_text(tomli_w.dumps(run))
+    assert main(["run", "--preset", str(preset), "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "DataError" in err
+    assert err.strip().splitlines()[-1].startswith("error: data archive not found")
+    assert main(["--debug", "run", "--preset", str(preset)]) == 1
+    assert "Traceback" in capsys.readouterr().err

@@ -1,0 +1,59 @@
+"""``fedbicross privacy-audit``: membership inference on the uploads of a finished run."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import tomli_w
+
+from fedbicross_flwr.cli import main
+from fedbicross_flwr.privacy_audit import attack_score
+from tests.conftest import make_archive
+
+
+def test_attack_score_direction_and_chance() -> None:
+    members, nonmembers = np.arange(100, 200.0), np.arange(0, 100.0)
+    assert attack_score(members, nonmembers).auc == 1.0
+    assert attack_score(members, nonmembers).tpr_at_low_fpr == 1.0
+    assert attack_score(nonmembers, members).auc == 0.0  # scores must be higher for members
+    same = attack_score(np.zeros(50), np.zeros(50))
+    assert same.auc == 0.5 and same.tpr_at_low_fpr == 0.0
+    with pytest.raises(ValueError, match="needs members and non-members"):
+        attack_score(np.zeros(3), np.zeros(0))
+
+
+def test_audit_of_a_finished_run(tmp_path, capsys) -> None:
+    # Prepare: a tiny one-process run whose clients go to a client cache
+    preset = tmp_path / "run.toml"
+    preset.write_text(tomli_w.dumps({
+        "dataset": "custom", "data-path": str(make_archive(tmp_path / "site.npz", n_train=40,
+                                                           n_val=6, n_test=24)),
+        "in-channels": 1, "num-classes": 3, "num-clients": 2, "alpha": 1.0,
+        "min-partition-size": 5, "local-epochs": 1, "pers-epochs": 0, "batch-size": 16,
+        "local-lr": 0.01, "output-dir": str(tmp_path / "runs"), "run-name": "audit",
+        "progress": False, "node-wait-timeout": 0.0, "device": "cpu", "method": "fedavg1"}))
+    cache = tmp_path / "cache"
+    assert main(["run", "--preset", str(preset), "--client-cache", str(cache)]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    capsys.readouterr()
+    # Execute
+    assert main(["privacy-audit", str(run_dir), "--client-cache", str(cache)]) == 0
+    # Assert: one row per client, scores in range, the table printed
+    with (run_dir / "privacy" / "membership.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["partition-id"]) for r in rows] == [0, 1]
+    for row in rows:
+        assert int(row["n-members"]) > 0 and int(row["n-nonmembers"]) > 0
+        for key in ("loss-auc", "loss-tpr-at-1pct-fpr", "calibrated-auc",
+                    "calibrated-tpr-at-1pct-fpr"):
+            assert 0.0 <= float(row[key]) <= 1.0, key
+    summary = json.loads((run_dir / "privacy" / "membership.json").read_text())
+    assert len(summary["clients"]) == 2 and summary["low-fpr"] == 0.01
+    assert "| client | members |" in capsys.readouterr().out
+    # Assert: without the clients in the cache, one line and a non-zero exit
+    assert main(["privacy-audit", str(run_dir), "--client-cache", str(tmp_path / "empty")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no trained clients of run" in err
