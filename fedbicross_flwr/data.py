@@ -168,8 +168,9 @@ def load_medmnist(flag: str, root: Path, allow_download: bool = False) -> Datase
                         "2D single-label classification task; this project supports "
                         f"{medmnist_flags()}")
     path = root / f"{flag}.npz"
-    how = (f"download it from {info['url']} (or set allow-download=true) and put it in "
-           f"data-dir={root}")
+    how = (f"download it from {info['url']} into {root}, or into a folder of your choice "
+           "named by the run-config key data-dir or by $FEDBICROSS_DATA_DIR (or set "
+           "allow-download=true)")
     if not path.is_file():
         if not allow_download:
             raise DataError(f"MedMNIST archive not found: {path} (expected md5 "

@@ -1,7 +1,7 @@
 """Hyper-parameters of the FedBiCross server side (paper Sec. III-A/B, Sec. IV-A).
 
 Defaults are the paper's values where the paper gives one; the other defaults are choices
-explained next to each field (see also ``/work/shared/notes/method.md``).
+explained next to each field (the README's FedBiCross table gives each deviation).
 """
 
 from __future__ import annotations

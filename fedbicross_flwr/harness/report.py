@@ -1,7 +1,8 @@
 """Everything a grid writes next to its ``runs/`` folder.
 
 ``cells.csv``                   one row per finished cell (see :mod:`.collect`)
-``tables.md``                   the paper's Tables I-III layout, three views, plus links
+``tables.md``                   the paper's Tables I-III layout, three views, the ranking of
+                                the one-shot methods per column (:mod:`.ordering`), links
 ``accuracy-vs-alpha-n<N>.png``  accuracy against alpha per method (official test)
 ``fig2-clustering.png``         bar chart like the paper's Fig. 2
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbicross_flwr.harness.collect import cell_rows, write_cells_csv
+from fedbicross_flwr.harness.ordering import ranking_tables
 from fedbicross_flwr.harness.plots import accuracy_vs_alpha, fig2_bars
 from fedbicross_flwr.harness.runner import run_dir_of
 from fedbicross_flwr.harness.spec import GridSpec
@@ -49,6 +51,16 @@ def artefact_links(spec: GridSpec, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def ranking_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Lines of the "where the paper's ordering holds" section; none without FedBiCross rows."""
+    tables = ranking_tables(rows)
+    if not tables:
+        return []
+    return ["## Ranking of the one-shot methods per column", "",
+            "Official test split after personalization, mean over seeds; FedBiCross's rank and "
+            "margins, and the seeds it wins against each baseline.", "", tables, ""]
+
+
 def write_report(spec: GridSpec, out_dir: Path) -> Path:
     """Collect the finished cells and write the CSV, tables and figures; returns tables.md."""
     rows = cell_rows(spec, out_dir)
@@ -70,6 +82,7 @@ def write_report(spec: GridSpec, out_dir: Path) -> Path:
         "evaluation. All cells: `cells.csv`.",
         "",
         paper_tables(rows) if rows else "(no finished cells yet)",
+        *ranking_section(rows),
         "## Figures",
         "",
         *[f"![{name}]({name})" for name in figures],

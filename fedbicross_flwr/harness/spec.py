@@ -13,7 +13,7 @@ A grid preset is a TOML file (``conf/grid-*.toml``)::
 
     [run-config]                            # keys shared by every cell (RunConfig keys)
     local-epochs = 10
-    data-dir = "../../shared/data/medmnist" # relative paths: from the preset's folder
+    data-dir = "data/medmnist"              # relative paths: from the preset's folder
 
     [[rows]]                                # extra rows: a method with its own keys,
     name = "intra-cluster"                  # optionally on a part of the grid only
