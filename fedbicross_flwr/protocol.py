@@ -20,11 +20,11 @@ import torch
 
 StateDict = dict[str, torch.Tensor]
 
-# Bounds on the values of an uploaded ResNet-18 (see validate_upload). A trained ResNet-18's
-# weights and biases stay well below 10 in absolute value, and its BatchNorm running statistics
-# of normalised 28x28 images below 1e3 (mean) and 1e5 (variance); the bounds leave orders of
-# magnitude of margin for honest sites, while a model scaled by 1e30 or holding 3.4e38 (the
-# float32 maximum) is refused.
+# Bounds on the values of an uploaded ResNet-18 (see validate_upload). They are chosen with a
+# wide margin above what honest training should give (weights start of order 0.1 under Kaiming
+# initialisation and SGD with weight decay keeps them small; BatchNorm statistics of images
+# normalised to [-1, 1] stay moderate); they have not been measured on models trained at the
+# paper's scale. A model scaled by 1e30 or holding 3.4e38 (the float32 maximum) is refused.
 MAX_ABS_WEIGHT = 1e4  # parameters (conv/linear weights and biases, BN affine)
 MAX_ABS_RUNNING_MEAN = 1e6  # BN running_mean
 MAX_RUNNING_VAR = 1e12  # BN running_var (a standard deviation of 1e6)
