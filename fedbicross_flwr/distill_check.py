@@ -197,7 +197,8 @@ def plot_rows(csv_path: Path, png_path: Path) -> Path:
         ax.scatter([float(r["method-seconds"]) / 60 for r in mine],
                    [float(r["retention"]) for r in mine], label=synthesis)
         for r in mine:
-            ax.annotate(f"T{r['synth-steps']} B{r['synth-batch']} a{r['bn-weight']}",
+            passes = f" x{r['kd-passes']} passes" if r.get("kd-passes") not in ("1", None) else ""
+            ax.annotate(f"T{r['synth-steps']} B{r['synth-batch']} a{r['bn-weight']}{passes}",
                         (float(r["method-seconds"]) / 60, float(r["retention"])), fontsize=6)
     ax.axhline(0.9, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("server-stage wall time (min)")
