@@ -152,7 +152,7 @@ def stored_uploads(run_dir: Path, cache_dir: Path) -> tuple[RunConfig, dict[int,
         raise AuditError(f"no trained clients of run {run_dir} in the client cache {cache_dir} "
                          f"(entry {client_cache.cache_key(cfg)}); make the run with "
                          "`fedbicross run --client-cache DIR`")
-    return cfg, {pid: reply.state for pid, reply in cached["phase1"].replies.items()}
+    return cfg, {int(pid): reply["state"] for pid, reply in cached["replies"].items()}
 
 
 def write_audit(run_dir: Path, audits: list[ClientAudit]) -> Path:
