@@ -119,7 +119,7 @@ def test_site_cannot_use_the_control_api_and_the_operator_can(deployment, tmp_pa
     # Prepare: the site-side address; certificates that name it; keys; the SuperLink --------
     site_ip = site_side_address()
     if site_ip is None:
-        pytest.skip("this machine has no non-loopback IPv4 address to act as a site's")
+        pytest.skip(reason="this machine has no non-loopback IPv4 address to act as a site's address")
     d = deployment
     link_port, node_port = free_ports(2)
     certs, keys = tmp_path / "certs", tmp_path / "keys"
