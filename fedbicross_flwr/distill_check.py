@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
-import io
 import json
 import logging
 import shutil
@@ -33,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedbicross_flwr.checkpoint_io import CheckpointRefused, load_plain, save_plain
 from fedbicross_flwr.config import ConfigError, RunConfig
 from fedbicross_flwr.data import DatasetArrays, load_dataset
 from fedbicross_flwr.knowledge import agreement, retention
@@ -77,12 +76,6 @@ class CheckResult:
                 "method-seconds": round(self.method_seconds, 1), **self.settings}
 
 
-def _digest(state: dict[str, torch.Tensor]) -> str:
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return hashlib.sha256(buffer.getvalue()).hexdigest()
-
-
 def central_teacher(ds: DatasetArrays, cfg: RunConfig, epochs: int, device: torch.device,
                     cache_dir: Path) -> nn.Module:
     """One ResNet-18 trained on the whole official train split (cached with its sha256).
@@ -95,13 +88,14 @@ def central_teacher(ds: DatasetArrays, cfg: RunConfig, epochs: int, device: torc
             f"-b{cfg.batch_size}-{cfg.precision}")
     path, digest_path = cache_dir / f"{name}.pt", cache_dir / f"{name}.sha256"
     model = build_resnet18(ds.in_channels, ds.num_classes)
-    if path.is_file() and digest_path.is_file():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if _digest(state) == digest_path.read_text().strip():
-            model.load_state_dict(state)
+    if path.is_file():
+        recorded = digest_path.read_text().strip() if digest_path.is_file() else None
+        try:
+            model.load_state_dict(load_plain(path, recorded))
             log(logging.INFO, "distill-check: teacher loaded from %s", path)
             return model.eval()
-        log(logging.WARNING, "distill-check: %s does not match its checksum; retraining", path)
+        except CheckpointRefused as err:
+            log(logging.WARNING, "distill-check: %s; retraining the teacher", err)
     x, y = to_tensors(ds.train.images, ds.train.labels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
@@ -111,8 +105,7 @@ def central_teacher(ds: DatasetArrays, cfg: RunConfig, epochs: int, device: torc
     train_local(model, x, y, opt, device, cfg.precision, desc="[teacher]", progress=cfg.progress)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(state, path)
-    digest_path.write_text(_digest(state) + "\n")
+    digest_path.write_text(save_plain(state, path) + "\n")
     return model.eval()
 
 

@@ -25,16 +25,6 @@ from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.training import predict_logits
 
 
-def ensemble_probs(members: Sequence[nn.Module], x: Tensor, device: torch.device,
-                   precision: str = "fp32") -> Tensor:
-    """Mean of the members' softmax probabilities on ``x`` (the paper's F_k), (n, C) on CPU."""
-    if not members:
-        raise ValueError("an ensemble needs at least one member")
-    probs = [predict_logits(m, x, device, precision=precision).float().softmax(dim=1).cpu()
-             for m in members]  # n_members x (n, C)
-    return torch.stack(probs).mean(dim=0)
-
-
 def mixture_probs(cluster_probs: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """sum_j w_j F_j(x): the teacher a student trained on the w-weighted KD losses imitates.
 
