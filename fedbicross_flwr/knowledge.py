@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.model import weighted_average
 from fedbicross_flwr.training import predict_logits
 
 
@@ -97,7 +98,8 @@ def knowledge_report(method: str, ensemble: str, uploads: Sequence[Any], models:
                      clusters: dict[int, int], final_weights: Any, rows: Sequence[dict],
                      test: tuple[Tensor, Tensor], in_channels: int, num_classes: int,
                      device: torch.device, precision: str = "fp32",
-                     synthetic: dict[str, Any] | None = None) -> dict[str, Any]:
+                     synthetic: dict[str, Any] | None = None,
+                     student_init: str = "random") -> dict[str, Any]:
     """The knowledge flow of one finished run of a distilling method, on the official test split.
 
     Parameters
@@ -122,6 +124,11 @@ def knowledge_report(method: str, ensemble: str, uploads: Sequence[Any], models:
     synthetic : dict, optional
         ``{"images": [K x (m, C_in, H, W)]}``: each cluster's final synthetic images, for the
         student's agreement with its teacher on them.
+    student_init : str
+        The run's ``student-init``. 'cluster-average': the student started as the data-size
+        weighted average of its teachers' uploads (FedBiCross: the cluster's; the one-model
+        methods: all clients'), whose accuracy is reported as ``start-acc`` so that the
+        server's distillation is judged against where it started; 'random': no start entry.
 
     Returns
     -------
@@ -162,6 +169,13 @@ def knowledge_report(method: str, ensemble: str, uploads: Sequence[Any], models:
             "agreement-real": agreement(received, teacher),
             "received-acc": accuracy_of(received.softmax(1), y),
         }
+        if student_init == "cluster-average":
+            taught_by = [u for u in uploads if final_weights is None
+                         or clusters.get(u.partition_id, 0) == k]
+            start = weighted_average([u.state for u in taught_by],
+                                     [float(u.num_examples) for u in taught_by])
+            entry["start-acc"] = accuracy_of(_member_outputs(
+                [start], x, in_channels, num_classes, device, precision)[0].softmax(1), y)
         if synthetic is not None and k < len(synthetic.get("images", [])):
             images = synthetic["images"][k]
             t_syn = _ensemble(_member_outputs(
@@ -188,6 +202,7 @@ def knowledge_report(method: str, ensemble: str, uploads: Sequence[Any], models:
         "teacher-acc": client_mean("teacher-acc"),
         "agreement-synthetic": client_mean("agreement-synthetic"),
         "agreement-real": client_mean("agreement-real"),
+        "start-acc": client_mean("start-acc"),
         "received-acc": client_mean("received-acc"),
         "after-acc": client_mean("after-acc"),
         "retention": client_mean("retention"),
@@ -213,6 +228,8 @@ def knowledge_markdown(report: dict[str, Any]) -> str:
              f"| student-teacher agreement, final synthetic images | "
              f"{pct(s['agreement-synthetic'])} |",
              f"| student-teacher agreement, real test images | {pct(s['agreement-real'])} |",
+             *([f"| student's start (weighted average of its teachers' uploads) | "
+                f"{pct(s['start-acc'])} |"] if s.get("start-acc") is not None else []),
              f"| received model (before personalization) | {pct(s['received-acc'])} |",
              f"| after personalization | {pct(s['after-acc'])} |",
              f"| retention (received / its teacher) | "
@@ -251,7 +268,8 @@ def write_knowledge(run_dir: Path, cfg: Any, uploads: Sequence[Any], out: Any,
     weights = out.diagnostics.get("final-weights") if cfg.method == "fedbicross" else None
     report = knowledge_report(cfg.method, cfg.ensemble, uploads, out.models, out.clusters,
                               weights, rows, to_tensors(ds.test.images, ds.test.labels),
-                              in_channels, num_classes, device, cfg.eval_precision, synthetic)
+                              in_channels, num_classes, device, cfg.eval_precision, synthetic,
+                              cfg.student_init)
     write_json(run_dir / "knowledge.json", report)
     s = report["stages"]
     log(logging.INFO, "knowledge flow (official test): all-client ensemble %.4f, teacher %.4f, "

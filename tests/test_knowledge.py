@@ -96,3 +96,31 @@ def test_a_distilling_run_writes_knowledge_json_and_others_do_not(tiny_run_confi
     summary = json.loads((dirs["fedbicross"] / "summary.json").read_text())
     assert summary["knowledge"]["received-acc"] == pytest.approx(stages["received-acc"])
     assert "Knowledge flow" in (dirs["fedbicross"] / "summary.md").read_text()
+
+
+def test_cluster_average_start_is_the_size_weighted_average_of_the_cluster() -> None:
+    torch.manual_seed(1)
+    x, y = torch.randn(48, 1, 28, 28), torch.randint(0, 3, (48,))
+    states = [_random_state(s) for s in range(3)]
+    uploads = [ClientUpload(0, states[0], 10), ClientUpload(1, states[1], 30),
+               ClientUpload(2, states[2], 5)]
+    clusters = {0: 0, 1: 0, 2: 1}
+    received = {p: states[2] for p in range(3)}
+    rows = [{"partition-id": p, "acc-after": 0.5, "status": "ok"} for p in range(3)]
+    args = ("fedbicross", "prob", uploads, received, clusters, [[1.0, 0.0], [0.0, 1.0]], rows,
+            (x, y), 1, 3, torch.device("cpu"))
+    report = knowledge_report(*args, student_init="cluster-average")
+    plain = knowledge_report(*args)  # random start: nothing to report
+
+    # by hand: cluster 0 starts at (10 * f_0 + 30 * f_1) / 40, cluster 1 at f_2 itself
+    start = {name: (0.25 * v + 0.75 * states[1][name]) if v.is_floating_point() else v
+             for name, v in states[0].items()}
+    model = build_resnet18(1, 3)
+    model.load_state_dict(start)
+    c0, c1 = report["clusters"]
+    assert c0["start-acc"] == pytest.approx(accuracy_of(model.eval()(x).softmax(1).detach(), y))
+    model.load_state_dict(states[2])
+    assert c1["start-acc"] == pytest.approx(accuracy_of(model.eval()(x).softmax(1).detach(), y))
+    assert report["stages"]["start-acc"] == pytest.approx(
+        (2 * c0["start-acc"] + c1["start-acc"]) / 3)
+    assert "start-acc" not in plain["clusters"][0] and plain["stages"]["start-acc"] is None
