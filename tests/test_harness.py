@@ -240,3 +240,21 @@ run-config = { weights-mode = "nonsense" }
     with pytest.raises(ConfigError, match=r"cell custom alpha=0\.5 N=3 bad seed=0: "
                                           r"run-config key 'weights-mode'"):
         load_grid_preset(bad_value)
+
+
+def test_grid_can_be_narrowed_to_one_column_and_other_seeds() -> None:
+    from fedbicross_flwr.harness.cli import narrowed
+
+    spec = load_grid_preset(ROOT / "conf" / "grid-cpu.toml")
+    one = narrowed(spec, "digits", "0.1", "0,1,2")
+    cells = one.cells()
+    assert {(c.dataset, c.alpha) for c in cells} == {("digits", 0.1)}
+    assert {c.seed for c in cells} == {0, 1, 2}
+    # every row of that column is kept, the ablations included
+    assert {c.row for c in cells} == {c.row for c in spec.cells()
+                                      if (c.dataset, c.alpha) == ("digits", 0.1)}
+    assert narrowed(spec, "", "", "") is spec
+    for bad, match in ((("cifar10", "", ""), "cifar10"), (("", "0.3", ""), "0.3"),
+                       (("", "", "1,x"), "integers")):
+        with pytest.raises(ConfigError, match=match):
+            narrowed(spec, *bad)

@@ -5,6 +5,7 @@ Examples
 fedbicross grid --preset conf/grid-cpu.toml                 # run (or resume), then report
 fedbicross grid --preset conf/grid-cpu.toml --dry-run       # list the cells and stop
 fedbicross grid --preset conf/grid-cpu.toml --report-only   # tables/plots from what exists
+fedbicross grid --preset conf/grid-cpu.toml --datasets digits --alphas 0.1   # one column
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedbicross_flwr.harness.spec import GridSpec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +30,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
     parser.add_argument("--report-only", action="store_true",
                         help="only rebuild cells.csv, tables.md and the figures")
+    parser.add_argument("--datasets", default="",
+                        help="comma-separated: run only these of the preset's datasets")
+    parser.add_argument("--alphas", default="",
+                        help="comma-separated: run only these of the preset's alphas")
+    parser.add_argument("--seeds", default="",
+                        help="comma-separated: these seeds instead of the preset's")
+
+
+def narrowed(spec: "GridSpec", datasets: str, alphas: str, seeds: str) -> "GridSpec":
+    """``spec`` restricted to the named datasets / alphas, and run with the named seeds.
+
+    Raises
+    ------
+    ConfigError
+        A dataset or alpha the preset does not have, or a seed that is not an integer >= 0.
+    """
+    from fedbicross_flwr.config import ConfigError
+    from fedbicross_flwr.harness.spec import replace
+
+    def items(text: str) -> list[str]:
+        return [t.strip() for t in text.split(",") if t.strip()]
+
+    changes: dict = {}
+    if items(datasets):
+        unknown = sorted(set(items(datasets)) - set(spec.datasets))
+        if unknown:
+            raise ConfigError(f"--datasets: {unknown} not in the preset's {list(spec.datasets)}")
+        changes["datasets"] = tuple(d for d in spec.datasets if d in items(datasets))
+    if items(alphas):
+        try:
+            wanted = {float(a) for a in items(alphas)}
+        except ValueError:
+            raise ConfigError(f"--alphas: {alphas!r} is not a list of numbers") from None
+        unknown = sorted(wanted - set(spec.alphas))
+        if unknown:
+            raise ConfigError(f"--alphas: {unknown} not in the preset's {list(spec.alphas)}")
+        changes["alphas"] = tuple(a for a in spec.alphas if a in wanted)
+    if items(seeds):
+        if not all(t.isdigit() for t in items(seeds)):
+            raise ConfigError(f"--seeds: {seeds!r} is not a list of integers >= 0")
+        changes["seeds"] = tuple(int(t) for t in items(seeds))
+    return replace(spec, **changes) if changes else spec
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -33,7 +80,7 @@ def run_command(args: argparse.Namespace) -> int:
     from fedbicross_flwr.harness.spec import load_grid_preset
 
     try:
-        spec = load_grid_preset(args.preset)
+        spec = narrowed(load_grid_preset(args.preset), args.datasets, args.alphas, args.seeds)
     except ConfigError as err:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2
