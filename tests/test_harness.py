@@ -254,7 +254,9 @@ def test_grid_can_be_narrowed_to_one_column_and_other_seeds() -> None:
     assert {c.row for c in cells} == {c.row for c in spec.cells()
                                       if (c.dataset, c.alpha) == ("digits", 0.1)}
     assert narrowed(spec, "", "", "") is spec
+    assert {c.row for c in narrowed(spec, "digits", "0.1", "", "fedavg1,central").cells()} == {
+        "fedavg1", "central"}
     for bad, match in ((("cifar10", "", ""), "cifar10"), (("", "0.3", ""), "0.3"),
-                       (("", "", "1,x"), "integers")):
+                       (("", "", "1,x"), "integers"), (("", "", "", "fedavg9"), "fedavg9")):
         with pytest.raises(ConfigError, match=match):
             narrowed(spec, *bad)

@@ -6,6 +6,7 @@ fedbicross grid --preset conf/grid-cpu.toml                 # run (or resume), t
 fedbicross grid --preset conf/grid-cpu.toml --dry-run       # list the cells and stop
 fedbicross grid --preset conf/grid-cpu.toml --report-only   # tables/plots from what exists
 fedbicross grid --preset conf/grid-cpu.toml --datasets digits --alphas 0.1   # one column
+fedbicross grid --preset conf/grid-cpu.toml --rows local,fedavg1,central        # some rows
 """
 
 from __future__ import annotations
@@ -36,15 +37,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated: run only these of the preset's alphas")
     parser.add_argument("--seeds", default="",
                         help="comma-separated: these seeds instead of the preset's")
+    parser.add_argument("--rows", default="",
+                        help="comma-separated: run only these of the preset's rows")
 
 
-def narrowed(spec: "GridSpec", datasets: str, alphas: str, seeds: str) -> "GridSpec":
-    """``spec`` restricted to the named datasets / alphas, and run with the named seeds.
+def narrowed(spec: "GridSpec", datasets: str, alphas: str, seeds: str,
+             rows: str = "") -> "GridSpec":
+    """``spec`` restricted to the named datasets / alphas / rows, run with the named seeds.
 
     Raises
     ------
     ConfigError
-        A dataset or alpha the preset does not have, or a seed that is not an integer >= 0.
+        A dataset, alpha or row the preset does not have, or a seed that is not an
+        integer >= 0.
     """
     from fedbicross_flwr.config import ConfigError
     from fedbicross_flwr.harness.spec import replace
@@ -71,6 +76,12 @@ def narrowed(spec: "GridSpec", datasets: str, alphas: str, seeds: str) -> "GridS
         if not all(t.isdigit() for t in items(seeds)):
             raise ConfigError(f"--seeds: {seeds!r} is not a list of integers >= 0")
         changes["seeds"] = tuple(int(t) for t in items(seeds))
+    if items(rows):
+        names = [r.name for r in spec.rows]
+        unknown = sorted(set(items(rows)) - set(names))
+        if unknown:
+            raise ConfigError(f"--rows: {unknown} not in the preset's {names}")
+        changes["rows"] = tuple(r for r in spec.rows if r.name in items(rows))
     return replace(spec, **changes) if changes else spec
 
 
@@ -80,7 +91,8 @@ def run_command(args: argparse.Namespace) -> int:
     from fedbicross_flwr.harness.spec import load_grid_preset
 
     try:
-        spec = narrowed(load_grid_preset(args.preset), args.datasets, args.alphas, args.seeds)
+        spec = narrowed(load_grid_preset(args.preset), args.datasets, args.alphas, args.seeds,
+                        args.rows)
     except ConfigError as err:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2
