@@ -260,3 +260,20 @@ def test_grid_can_be_narrowed_to_one_column_and_other_seeds() -> None:
                        (("", "", "1,x"), "integers"), (("", "", "", "fedavg9"), "fedavg9")):
         with pytest.raises(ConfigError, match=match):
             narrowed(spec, *bad)
+
+
+def test_grid_run_config_overrides_reach_every_cell_and_per_cell_keys_are_refused(
+        tmp_path) -> None:
+    from fedbicross_flwr.harness.cli import with_overrides
+
+    spec = load_grid_preset(ROOT / "conf" / "grid-cpu.toml")
+    changed = with_overrides(spec, "pers-epochs=1 pers-lr=0.005")
+    cell = changed.cells()[0]
+    cfg = changed.run_config(cell, tmp_path)
+    assert (cfg.pers_epochs, cfg.pers_lr) == (1, 0.005)
+    assert spec.run_config(cell, tmp_path).pers_epochs == 10  # the preset is not changed
+    assert with_overrides(spec, "") is spec
+    with pytest.raises(ConfigError, match="seed"):
+        with_overrides(spec, "seed=3")
+    with pytest.raises(ConfigError, match="pers-lr"):
+        with_overrides(spec, "pers-lr=-1")

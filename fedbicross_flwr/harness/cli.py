@@ -7,6 +7,7 @@ fedbicross grid --preset conf/grid-cpu.toml --dry-run       # list the cells and
 fedbicross grid --preset conf/grid-cpu.toml --report-only   # tables/plots from what exists
 fedbicross grid --preset conf/grid-cpu.toml --datasets digits --alphas 0.1   # one column
 fedbicross grid --preset conf/grid-cpu.toml --rows local,fedavg1,central        # some rows
+fedbicross grid --preset conf/grid-cpu.toml --run-config "pers-epochs=1"       # other keys
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated: these seeds instead of the preset's")
     parser.add_argument("--rows", default="",
                         help="comma-separated: run only these of the preset's rows")
+    parser.add_argument("--run-config", default="",
+                        help="run-config keys set on top of the preset's [run-config], as for "
+                             "`flwr run` (not the per-cell keys such as dataset or seed)")
 
 
 def narrowed(spec: "GridSpec", datasets: str, alphas: str, seeds: str,
@@ -85,14 +89,38 @@ def narrowed(spec: "GridSpec", datasets: str, alphas: str, seeds: str,
     return replace(spec, **changes) if changes else spec
 
 
+def with_overrides(spec: "GridSpec", text: str) -> "GridSpec":
+    """``spec`` with run-config keys (``"key=value ..."``) set on top of its [run-config].
+
+    Raises
+    ------
+    ConfigError
+        A key the grid sets per cell (dataset, alpha, seed, ...), or a value any cell refuses.
+    """
+    from fedbicross_flwr.config import ConfigError, parse_overrides
+    from fedbicross_flwr.harness.spec import CELL_KEYS, replace
+
+    overrides = parse_overrides(text) if text.strip() else {}
+    if not overrides:
+        return spec
+    fixed = (CELL_KEYS - {"num-clusters"}) & set(overrides)
+    if fixed:
+        raise ConfigError(f"--run-config may not set {sorted(fixed)} (the grid sets them per "
+                          "cell; use --datasets / --alphas / --seeds)")
+    out = replace(spec, base={**spec.base, **overrides})
+    for cell in out.cells():  # fail before any training, naming the key
+        out.run_config(cell, Path("/tmp"))
+    return out
+
+
 def run_command(args: argparse.Namespace) -> int:
     """Run the grid (unfinished cells only) and write its report; 2 on a preset error."""
     from fedbicross_flwr.config import ConfigError
     from fedbicross_flwr.harness.spec import load_grid_preset
 
     try:
-        spec = narrowed(load_grid_preset(args.preset), args.datasets, args.alphas, args.seeds,
-                        args.rows)
+        spec = with_overrides(narrowed(load_grid_preset(args.preset), args.datasets,
+                                       args.alphas, args.seeds, args.rows), args.run_config)
     except ConfigError as err:
         print(f"configuration error: {err}", file=sys.stderr)
         return 2
