@@ -41,18 +41,25 @@ def test_audit_of_a_finished_run(tmp_path, capsys) -> None:
     capsys.readouterr()
     # Execute
     assert main(["privacy-audit", str(run_dir), "--client-cache", str(cache)]) == 0
-    # Assert: one row per client, scores in range, the table printed
-    with (run_dir / "privacy" / "membership.csv").open() as fh:
+    # Assert: one row per client, scores in range, the report printed
+    with (run_dir / "privacy-audit.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert [int(r["partition-id"]) for r in rows] == [0, 1]
+    assert [(r["model"], int(r["partition-id"])) for r in rows] == [("upload", 0), ("upload", 1)]
     for row in rows:
         assert int(row["n-members"]) > 0 and int(row["n-nonmembers"]) > 0
         for key in ("loss-auc", "loss-tpr-at-1pct-fpr", "calibrated-auc",
                     "calibrated-tpr-at-1pct-fpr"):
             assert 0.0 <= float(row[key]) <= 1.0, key
-    summary = json.loads((run_dir / "privacy" / "membership.json").read_text())
-    assert len(summary["clients"]) == 2 and summary["low-fpr"] == 0.01
-    assert "| client | members |" in capsys.readouterr().out
+    report = json.loads((run_dir / "privacy-audit.json").read_text())
+    assert len(report["uploads"]["clients"]) == 2 and report["low-fpr"] == 0.01
+    # fedavg1 synthesizes nothing and keeps no checkpoints: (b) and (c) say why
+    assert report["synthetic"] == {"available": False,
+                                   "reason": "method 'fedavg1' synthesizes no images"}
+    assert not report["personalized"]["available"]
+    assert "fedbicross runs only" in report["personalized"]["reason"]
+    out = capsys.readouterr().out
+    assert "| client | members |" in out and "Not audited: method 'fedavg1'" in out
+    assert (run_dir / "privacy-audit.md").read_text().startswith("# Privacy audit of audit")
     # Assert: without the clients in the cache, one line and a non-zero exit
     assert main(["privacy-audit", str(run_dir), "--client-cache", str(tmp_path / "empty")]) == 1
     err = capsys.readouterr().err.strip()
