@@ -248,7 +248,8 @@ def personalized_part(run_dir: Path, cfg: RunConfig, sites: dict, cached: dict[s
                                                       received_models, reproduction)
 
     try:
-        received = received_models(run_dir, cfg)
+        received = received_models(run_dir, cfg, {int(pid): reply for pid, reply
+                                                  in cached["replies"].items()})
     except NotRecomputable as err:
         return {"available": False, "reason": str(err)}
     own = {int(pid): state for pid, state in cached["own"].items()}
@@ -259,8 +260,9 @@ def personalized_part(run_dir: Path, cfg: RunConfig, sites: dict, cached: dict[s
     if not check["reproduced"]:
         log(WARNING, "privacy audit: the recomputed personalization differs from the run's "
             "clients.csv: %s", check)
-    return {"available": True, "source": "recomputed from the kept bi-level checkpoint and "
-            "the cached client models", **check,
+    source = ("the kept bi-level checkpoint" if cfg.method == "fedbicross" else "the uploads")
+    return {"available": True, "source": f"recomputed from {source} and the cached client "
+            "models", **check,
             **membership_part(audit_models(sites, states, uploads, device))}
 
 

@@ -5,9 +5,11 @@ A client keeps its personalized model; the run folder does not store it. Persona
 received, so the audit recomputes it:
 
 * f_i: the trained-client cache (``own``), as for the uploads;
-* the received model: FedBiCross's cluster models G_k from the last bi-level checkpoint
-  (``checkpoints/epoch<e>-bilevel.pt``, kept when the run had ``keep-checkpoints=true``;
-  read weights-only with its sha256 checked) and the client's cluster from ``clusters.csv``.
+* the received model: for ``fedbicross``, the cluster models G_k from the last bi-level
+  checkpoint (``checkpoints/epoch<e>-bilevel.pt``, kept when the run had
+  ``keep-checkpoints=true``; read weights-only with its sha256 checked) and the client's
+  cluster from ``clusters.csv``; for ``fedavg1``, the num-examples-weighted average of the
+  uploads; for ``local``, the client's own upload. Other methods are not recomputed.
 
 The recomputation is checked against the run: each client's official-test accuracy before and
 after personalization must equal the run's ``clients.csv`` (``reproduced`` in the report).
@@ -33,19 +35,31 @@ class NotRecomputable(RuntimeError):
     """The run does not hold what recomputing its personalized models needs."""
 
 
-def received_models(run_dir: Path, cfg: RunConfig) -> dict[int, StateDict]:
-    """Each client's received model (partition-id -> state) from the run's checkpoints.
+def received_models(run_dir: Path, cfg: RunConfig, replies: dict[int, dict[str, Any]]
+                    ) -> dict[int, StateDict]:
+    """Each client's received model (partition-id -> state); ``replies``: the cached uploads
+    (``state`` and ``metrics``).
 
     Raises
     ------
     NotRecomputable
-        Not a FedBiCross run, or its bi-level checkpoint / clusters.csv is absent or refused.
+        Another method, or a FedBiCross run whose bi-level checkpoint / clusters.csv is absent
+        or refused.
     """
     from fedbicross_flwr.checkpoint_io import CheckpointRefused, load_plain
+    from fedbicross_flwr.model import weighted_average
 
+    if cfg.method == "local":
+        return {pid: r["state"] for pid, r in replies.items()}
+    if cfg.method == "fedavg1":
+        pids = sorted(replies)
+        avg = weighted_average([replies[p]["state"] for p in pids],
+                               [float(replies[p]["metrics"]["num-examples"]) for p in pids])
+        return {pid: avg for pid in pids}
     if cfg.method != "fedbicross":
         raise NotRecomputable(f"method {cfg.method!r}: the audit recomputes the received "
-                              "models of fedbicross runs only (from their kept checkpoints)")
+                              "models of fedbicross (from its kept checkpoints), fedavg1 and "
+                              "local runs only")
     manifest = run_dir / "checkpoints" / "manifest.json"
     if not manifest.is_file():
         raise NotRecomputable(f"{run_dir} kept no checkpoints; make the run with "

@@ -68,7 +68,7 @@ def markdown(report: dict[str, Any]) -> str:
     per = report["personalized"]
     out += ["## (c) Membership inference on the personalized models", ""]
     if per["available"]:
-        out += [f"Recomputed ({per['source']}); reproduces the run's clients.csv: "
+        out += [f"{per['source'].capitalize()}; reproduces the run's clients.csv: "
                 f"{'yes' if per['reproduced'] else 'NO'} (largest accuracy difference before "
                 f"{per['max-abs-diff-acc-before']}, after {per['max-abs-diff-acc-after']}).",
                 "", membership_table(per["rows"]), ""]
