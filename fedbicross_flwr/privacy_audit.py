@@ -222,7 +222,7 @@ def synthetic_part(run_dir: Path, cfg: RunConfig, train: torch.Tensor, test: tor
     if cfg.method not in DISTILLING_METHODS:
         return {"available": False, "reason": f"method {cfg.method!r} synthesizes no images"}, None
     if not path.is_file():
-        return {"available": False, "reason": f"{run_dir.name} has no synthetic.pt"}, None
+        return {"available": False, "reason": f"run {run_dir.name} has no synthetic.pt"}, None
     images = torch.cat(torch.load(path, map_location="cpu", weights_only=True)["images"])
     log(INFO, "privacy audit: (b) nearest neighbours of %d synthetic images", len(images))
     result, train_px, test_px = nearest_audit(images, train, test, control, cfg.seed)

@@ -62,13 +62,14 @@ def received_models(run_dir: Path, cfg: RunConfig, replies: dict[int, dict[str, 
                               "local runs only")
     manifest = run_dir / "checkpoints" / "manifest.json"
     if not manifest.is_file():
-        raise NotRecomputable(f"{run_dir} kept no checkpoints; make the run with "
+        raise NotRecomputable(f"run {run_dir.name} kept no checkpoints; make the run with "
                               "keep-checkpoints=true to audit the personalized models")
     files: dict[str, str] = json.loads(manifest.read_text()).get("files", {})
     epochs = sorted(int(m.group(1)) for name in files
                     if (m := re.fullmatch(r"epoch(\d+)-bilevel", name)))
     if not epochs:
-        raise NotRecomputable(f"{manifest} lists no finished bi-level epoch")
+        raise NotRecomputable(f"the checkpoints of run {run_dir.name} hold no finished "
+                              "bi-level epoch")
     name = f"epoch{epochs[-1]}-bilevel"
     try:
         students = load_plain(manifest.parent / f"{name}.pt", files[name])["students"]
@@ -76,7 +77,7 @@ def received_models(run_dir: Path, cfg: RunConfig, replies: dict[int, dict[str, 
         raise NotRecomputable(str(err)) from err
     clusters_csv = run_dir / "clusters.csv"
     if not clusters_csv.is_file():
-        raise NotRecomputable(f"{run_dir} has no clusters.csv")
+        raise NotRecomputable(f"run {run_dir.name} has no clusters.csv")
     with clusters_csv.open() as fh:
         clusters = {int(r["partition-id"]): int(r["cluster"]) for r in csv.DictReader(fh)}
     return {pid: students[k] for pid, k in clusters.items()}
