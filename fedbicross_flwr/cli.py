@@ -8,7 +8,7 @@ fedbicross config-table                                           # README's key
 fedbicross bench --clients 5 --clusters 2 --batch 64 --steps 4    # server-stage benchmark
 fedbicross grid --preset conf/grid-cpu.toml                       # experiment grid + tables
 fedbicross distill-check --dataset digits --synthesis fedbicross  # one-teacher retention
-fedbicross privacy-audit outputs/RUN --client-cache CACHE         # membership inference
+fedbicross privacy-audit outputs/RUN --client-cache CACHE         # what a run reveals
 
 A bad input (configuration, data archive, output folder, preset) is reported as ONE line on
 stderr with a non-zero exit (2 for a configuration error, 1 otherwise), before any training;
@@ -154,28 +154,33 @@ def build_parser() -> argparse.ArgumentParser:
     from fedbicross_flwr import distill_check
 
     distill_check.add_arguments(check)
-    audit = sub.add_parser("privacy-audit", help="membership inference on the clients' "
-                           "uploads of a finished one-process run (fedbicross_flwr.privacy_audit)",
-                           parents=[debug])
+    audit = sub.add_parser("privacy-audit", help="what a finished one-process run reveals: "
+                           "membership inference on the uploads and the personalized models, "
+                           "nearest training/test images of the synthetic images "
+                           "(docs/PRIVACY.md)", parents=[debug])
     audit.add_argument("run_dir", help="the run folder (with run_config.json)")
     audit.add_argument("--client-cache", required=True,
                        help="the trained-client cache the run was made with "
                             "(`fedbicross run --client-cache DIR`)")
     audit.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    audit.add_argument("--pairs", type=int, default=8,
+                       help="synthetic images shown with their nearest training and test "
+                            "images in privacy-audit-pairs.png")
     return parser
 
 
-def privacy_audit_command(run_dir: Path, cache_dir: Path, device: str) -> int:
-    """``fedbicross privacy-audit``: audit, write ``<run>/privacy/``, print the table."""
-    from fedbicross_flwr.privacy_audit import (audit_uploads, format_table, stored_uploads,
-                                               write_audit)
+def privacy_audit_command(run_dir: Path, cache_dir: Path, device: str, pairs: int) -> int:
+    """``fedbicross privacy-audit``: audit, write ``<run>/privacy-audit.*``, print the report."""
+    from fedbicross_flwr.privacy_audit import run_audit
+    from fedbicross_flwr.privacy_report import markdown
     from fedbicross_flwr.training import resolve_device
 
-    cfg, states = stored_uploads(run_dir.resolve(), cache_dir.resolve())
-    audits = audit_uploads(cfg, states, resolve_device(device))
-    out = write_audit(run_dir.resolve(), audits)
-    print(format_table(audits))
-    print(f"written: {out / 'membership.csv'}, {out / 'membership.json'}")
+    if pairs < 1:
+        raise ConfigError(f"--pairs must be at least 1, got {pairs}")
+    run_dir = run_dir.resolve()
+    report = run_audit(run_dir, cache_dir.resolve(), resolve_device(device), pairs)
+    print(markdown(report))
+    print(f"written: {run_dir / 'privacy-audit.json'}, {run_dir / 'privacy-audit.md'}")
     return 0
 
 
@@ -193,7 +198,8 @@ def run_command(args: argparse.Namespace) -> int:
 
         return grid_cli.run_command(args)
     if args.command == "privacy-audit":
-        return privacy_audit_command(Path(args.run_dir), Path(args.client_cache), args.device)
+        return privacy_audit_command(Path(args.run_dir), Path(args.client_cache), args.device,
+                                     args.pairs)
 
     from fedbicross_flwr.data import project_root
 

@@ -1,23 +1,27 @@
-"""What a client's one upload reveals about its training images: membership inference.
+"""What a client's data leaks through a finished run: ``fedbicross privacy-audit``.
 
 ``fedbicross privacy-audit RUN_DIR --client-cache DIR`` audits a finished one-process run
 (``fedbicross run --client-cache DIR``: simulation, where every client's data is at hand and
-the uploads are stored in the trained-client cache). For each client's uploaded model f_i it
-attacks membership of the client's own training images (members) against images of the
-official test split that f_i never saw (non-members). The non-members are the client's
-label-following test split (official-test images drawn to follow the client's label
-distribution), so the attack cannot win by label skew alone.
+the uploads are stored in the trained-client cache), in three parts:
+
+(a) membership inference on each client's uploaded model f_i: the client's own training images
+    (members) against its label-following test split (official-test images drawn to follow the
+    client's label distribution, never seen by f_i: non-members), so the attack cannot win by
+    label skew alone;
+(b) the server's synthetic images against the clients' training images and the official test
+    split (:mod:`fedbicross_flwr.privacy_nearest`);
+(c) the membership inference of (a) on each client's personalized model, recomputed from the
+    run (:mod:`fedbicross_flwr.privacy_personalized`).
 
 Two attacks, each scored with scikit-learn's ROC AUC and the TPR at 1 % FPR:
 
-* ``loss``: the loss-threshold attack (Yeom et al., 2018), score = -CE(f_i(x), y);
+* ``loss``: the loss-threshold attack (Yeom et al., 2018), score = -CE(f(x), y);
 * ``calibrated``: the loss calibrated by the example's difficulty (Watson et al., 2022),
-  score = mean over the OTHER clients' uploads of CE(f_j(x), y) - CE(f_i(x), y). The other
-  clients never trained on client i's images (disjoint partitions), so they serve as reference
-  models.
+  score = mean over the OTHER clients' uploads of CE(f_j(x), y) - CE(f(x), y). The other
+  clients never trained on client i's images (disjoint partitions), so their uploads serve as
+  reference models, for the uploads and for the personalized models alike.
 
-An AUC of 0.5 and a TPR at 1 % FPR of 0.01 mean the attacker does no better than chance. The
-audit covers the uploads only: synthetic images and personalized models are not audited here.
+An AUC of 0.5 and a TPR at 1 % FPR of 0.01 mean the attacker does no better than chance.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from logging import INFO, WARNING
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,8 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.logging_utils import log
 
-AUDIT_DIR = "privacy"
+if TYPE_CHECKING:
+    from fedbicross_flwr.site import SiteData
+
 LOW_FPR = 0.01
 
 
@@ -98,28 +107,31 @@ def example_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
     return torch.cat(out).numpy() if out else np.zeros(0)
 
 
-def audit_uploads(cfg: RunConfig, states: dict[int, dict[str, torch.Tensor]],
-                  device: torch.device) -> list[ClientAudit]:
-    """Membership inference on every uploaded model (``states``: partition-id -> state)."""
-    from fedbicross_flwr.data import load_dataset
-    from fedbicross_flwr.model import build_resnet18
-    from fedbicross_flwr.site import site_from_partition
+def audit_models(sites: dict[int, SiteData], states: dict[int, dict[str, torch.Tensor]],
+                 references: dict[int, dict[str, torch.Tensor]], device: torch.device
+                 ) -> list[ClientAudit]:
+    """Membership inference on every model of ``states`` (partition-id -> state).
 
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
-                      cfg.in_channels, cfg.num_classes)
-    models = {}
-    for pid, state in sorted(states.items()):
-        model = build_resnet18(ds.in_channels, ds.num_classes)
+    Client i's model is attacked on its training images (members) against its label-following
+    test split (non-members); the calibrated attack uses ``references``' models of the OTHER
+    clients (the uploads: they never saw client i's images).
+    """
+    from fedbicross_flwr.model import build_resnet18
+
+    def model_of(state: dict[str, torch.Tensor], site: SiteData) -> nn.Module:
+        model = build_resnet18(site.in_channels, site.num_classes)
         model.load_state_dict(state)
-        models[pid] = model
+        return model
+
     audits = []
-    for pid, model in models.items():
-        site = site_from_partition(ds, cfg, pid, cfg.num_clients)
+    for pid, state in sorted(states.items()):
+        site = sites[pid]
         xs = torch.cat([site.x_train, site.x_test_personal])
         ys = torch.cat([site.y_train, site.y_test_personal])
         member = np.r_[np.ones(site.n_train, bool), np.zeros(len(site.y_test_personal), bool)]
-        own = example_losses(model, xs, ys, device)
-        others = [example_losses(m, xs, ys, device) for q, m in models.items() if q != pid]
+        own = example_losses(model_of(state, site), xs, ys, device)
+        others = [example_losses(model_of(ref, site), xs, ys, device)
+                  for q, ref in sorted(references.items()) if q != pid]
         calibrated = None
         if others:
             reference = np.mean(others, axis=0) - own
@@ -130,8 +142,9 @@ def audit_uploads(cfg: RunConfig, states: dict[int, dict[str, torch.Tensor]],
     return audits
 
 
-def stored_uploads(run_dir: Path, cache_dir: Path) -> tuple[RunConfig, dict[int, dict]]:
-    """The run's config and its clients' uploads from the trained-client cache.
+def stored_run(run_dir: Path, cache_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
+    """The run's config and its clients' cache entry (``replies``: the uploads, ``own``: the
+    phase-1 models f_i).
 
     Raises
     ------
@@ -152,25 +165,105 @@ def stored_uploads(run_dir: Path, cache_dir: Path) -> tuple[RunConfig, dict[int,
         raise AuditError(f"no trained clients of run {run_dir} in the client cache {cache_dir} "
                          f"(entry {client_cache.cache_key(cfg)}); make the run with "
                          "`fedbicross run --client-cache DIR`")
-    return cfg, {int(pid): reply["state"] for pid, reply in cached["replies"].items()}
+    return cfg, cached
 
 
-def write_audit(run_dir: Path, audits: list[ClientAudit]) -> Path:
-    """``<run>/privacy/membership.csv`` (one row per client) and ``membership.json``."""
-    import csv
+def run_audit(run_dir: Path, cache_dir: Path, device: torch.device,
+              n_pairs: int = 8) -> dict[str, Any]:
+    """Audit a finished one-process run: (a) the uploads, (b) the synthetic images, (c) the
+    personalized models; writes ``privacy-audit.{json,md,csv}`` and the pairs picture into the
+    run folder and returns the report. A part that the run cannot support (a method without
+    synthetic images, no kept checkpoints) is reported with the reason, not raised."""
+    import time
 
-    out = run_dir / AUDIT_DIR
-    out.mkdir(exist_ok=True)
+    from fedbicross_flwr.data import load_dataset
+    from fedbicross_flwr.privacy_report import write_report
+    from fedbicross_flwr.site import site_from_partition, to_tensors
+
+    start = time.perf_counter()
+    cfg, cached = stored_run(run_dir, cache_dir)
+    uploads = {int(pid): reply["state"] for pid, reply in cached["replies"].items()}
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
+                      cfg.in_channels, cfg.num_classes)
+    sites = {pid: site_from_partition(ds, cfg, pid, cfg.num_clients) for pid in uploads}
+    log(INFO, "privacy audit of %s: (a) membership inference on %d uploads", run_dir.name,
+        len(uploads))
+    report: dict[str, Any] = {
+        "run": run_dir.name, "method": cfg.method, "dataset": cfg.dataset,
+        "num-clients": cfg.num_clients, "alpha": cfg.alpha, "seed": cfg.seed,
+        "low-fpr": LOW_FPR, "uploads": membership_part(audit_models(sites, uploads, uploads,
+                                                                      device))}
+    test = to_tensors(ds.test.images, ds.test.labels)[0]
+    control = to_tensors(ds.val.images, ds.val.labels)[0] if len(ds.val) else None
+    train = torch.cat([sites[pid].x_train for pid in sorted(sites)])
+    report["synthetic"], pictures = synthetic_part(run_dir, cfg, train, test, control, n_pairs)
+    report["personalized"] = personalized_part(run_dir, cfg, sites, cached, uploads, device)
+    report["wall-time-s"] = round(time.perf_counter() - start, 1)
+    write_report(run_dir, report, pictures)
+    return report
+
+
+def membership_part(audits: list[ClientAudit]) -> dict[str, Any]:
+    """(a)/(c) as JSON: every client and the means over clients."""
     rows = [audit_row(a) for a in audits]
-    with (out / "membership.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    summary = {"low-fpr": LOW_FPR, "clients": [asdict(a) for a in audits],
-               **{f"{k}-mean": _mean([r[k] for r in rows]) for k in rows[0]
-                  if k.endswith(("auc", "fpr"))}}
-    (out / "membership.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return out
+    return {"clients": [asdict(a) for a in audits], "rows": rows,
+            "means": {k: _mean([r[k] for r in rows]) for k in rows[0]
+                      if k.endswith(("auc", "fpr"))} if rows else {}}
+
+
+def synthetic_part(run_dir: Path, cfg: RunConfig, train: torch.Tensor, test: torch.Tensor,
+                   control: torch.Tensor | None, n_pairs: int
+                   ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(b): nearest training vs nearest test image of every synthetic image of the run."""
+    from fedbicross_flwr.knowledge import DISTILLING_METHODS
+    from fedbicross_flwr.privacy_nearest import nearest_audit, to_pixels
+
+    path = run_dir / "synthetic.pt"
+    if cfg.method not in DISTILLING_METHODS:
+        return {"available": False, "reason": f"method {cfg.method!r} synthesizes no images"}, None
+    if not path.is_file():
+        return {"available": False, "reason": f"run {run_dir.name} has no synthetic.pt"}, None
+    images = torch.cat(torch.load(path, map_location="cpu", weights_only=True)["images"])
+    log(INFO, "privacy audit: (b) nearest neighbours of %d synthetic images", len(images))
+    result, train_px, test_px = nearest_audit(images, train, test, control, cfg.seed)
+    part = {"available": True, "images": int(len(images)), "similarity": "pixel SSIM",
+            "train-images": result.train_available, "test-images": result.test_available,
+            "pool-size": result.pool_size,
+            "subsampled": ("train" if result.train_available > result.pool_size else
+                           "test" if result.test_available > result.pool_size else None),
+            "subsample-seed": cfg.seed, "synthetic": asdict(result.synthetic),
+            "control-official-val": asdict(result.control) if result.control else None,
+            "ssim-nearest-train-mean": float(result.best_train.mean()),
+            "ssim-nearest-test-mean": float(result.best_test.mean()),
+            "ssim-nearest-train-max": float(result.best_train.max())}
+    return part, {"synthetic": to_pixels(images), "train": train_px, "test": test_px,
+                  "result": result, "n_pairs": n_pairs}
+
+
+def personalized_part(run_dir: Path, cfg: RunConfig, sites: dict, cached: dict[str, Any],
+                      uploads: dict[int, dict[str, torch.Tensor]], device: torch.device
+                      ) -> dict[str, Any]:
+    """(c): membership inference on the recomputed personalized models."""
+    from fedbicross_flwr.privacy_personalized import (NotRecomputable, personalized_models,
+                                                      received_models, reproduction)
+
+    try:
+        received = received_models(run_dir, cfg, {int(pid): reply for pid, reply
+                                                  in cached["replies"].items()})
+    except NotRecomputable as err:
+        return {"available": False, "reason": str(err)}
+    own = {int(pid): state for pid, state in cached["own"].items()}
+    log(INFO, "privacy audit: (c) recomputing the personalized models of %d clients",
+        len(set(own) & set(received)))
+    states, metrics = personalized_models(cfg, sites, own, received, device)
+    check = reproduction(run_dir, metrics)
+    if not check["reproduced"]:
+        log(WARNING, "privacy audit: the recomputed personalization differs from the run's "
+            "clients.csv: %s", check)
+    source = ("the kept bi-level checkpoint" if cfg.method == "fedbicross" else "the uploads")
+    return {"available": True, "source": f"recomputed from {source} and the cached client "
+            "models", **check,
+            **membership_part(audit_models(sites, states, uploads, device))}
 
 
 def audit_row(a: ClientAudit) -> dict[str, float | int | None]:
@@ -187,17 +280,3 @@ def audit_row(a: ClientAudit) -> dict[str, float | int | None]:
 def _mean(values: list) -> float | None:
     vals = [v for v in values if v is not None and math.isfinite(v)]
     return sum(vals) / len(vals) if vals else None
-
-
-def format_table(audits: list[ClientAudit]) -> str:
-    """A Markdown table of the audit (printed by the CLI)."""
-    lines = ["| client | members | non-members | loss AUC | loss TPR@1%FPR | calibrated AUC "
-             "| calibrated TPR@1%FPR |", "|---|---|---|---|---|---|---|"]
-    for a in audits:
-        cal = a.calibrated_attack
-        lines.append(f"| {a.partition_id} | {a.n_members} | {a.n_nonmembers} | "
-                     f"{a.loss_attack.auc:.3f} | {a.loss_attack.tpr_at_low_fpr:.3f} | "
-                     f"{cal.auc:.3f} | {cal.tpr_at_low_fpr:.3f} |" if cal else
-                     f"| {a.partition_id} | {a.n_members} | {a.n_nonmembers} | "
-                     f"{a.loss_attack.auc:.3f} | {a.loss_attack.tpr_at_low_fpr:.3f} | - | - |")
-    return "\n".join(lines)

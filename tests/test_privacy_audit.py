@@ -41,19 +41,68 @@ def test_audit_of_a_finished_run(tmp_path, capsys) -> None:
     capsys.readouterr()
     # Execute
     assert main(["privacy-audit", str(run_dir), "--client-cache", str(cache)]) == 0
-    # Assert: one row per client, scores in range, the table printed
-    with (run_dir / "privacy" / "membership.csv").open() as fh:
+    # Assert: one row per client, scores in range, the report printed
+    with (run_dir / "privacy-audit.csv").open() as fh:
         rows = list(csv.DictReader(fh))
-    assert [int(r["partition-id"]) for r in rows] == [0, 1]
+    assert [(r["model"], int(r["partition-id"])) for r in rows] == [
+        ("upload", 0), ("upload", 1), ("personalized", 0), ("personalized", 1)]
     for row in rows:
         assert int(row["n-members"]) > 0 and int(row["n-nonmembers"]) > 0
         for key in ("loss-auc", "loss-tpr-at-1pct-fpr", "calibrated-auc",
                     "calibrated-tpr-at-1pct-fpr"):
             assert 0.0 <= float(row[key]) <= 1.0, key
-    summary = json.loads((run_dir / "privacy" / "membership.json").read_text())
-    assert len(summary["clients"]) == 2 and summary["low-fpr"] == 0.01
-    assert "| client | members |" in capsys.readouterr().out
+    report = json.loads((run_dir / "privacy-audit.json").read_text())
+    assert len(report["uploads"]["clients"]) == 2 and report["low-fpr"] == 0.01
+    # fedavg1 synthesizes nothing: (b) says why; (c) recomputes the average it sent
+    assert report["synthetic"] == {"available": False,
+                                   "reason": "method 'fedavg1' synthesizes no images"}
+    assert report["personalized"]["available"] and report["personalized"]["reproduced"]
+    out = capsys.readouterr().out
+    assert "| client | members |" in out and "Not audited: method 'fedavg1'" in out
+    assert (run_dir / "privacy-audit.md").read_text().startswith("# Privacy audit of audit")
     # Assert: without the clients in the cache, one line and a non-zero exit
     assert main(["privacy-audit", str(run_dir), "--client-cache", str(tmp_path / "empty")]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "no trained clients of run" in err
+
+
+def test_audit_of_a_fedbicross_run_covers_synthetic_and_personalized(tmp_path, capsys) -> None:
+    # Prepare: a tiny FedBiCross run that keeps its checkpoints
+    preset = tmp_path / "run.toml"
+    preset.write_text(tomli_w.dumps({
+        "dataset": "custom", "data-path": str(make_archive(tmp_path / "site.npz", n_train=45,
+                                                           n_val=6, n_test=24)),
+        "in-channels": 1, "num-classes": 3, "num-clients": 3, "alpha": 1.0,
+        "min-partition-size": 5, "local-epochs": 1, "pers-epochs": 1, "batch-size": 16,
+        "local-lr": 0.01, "output-dir": str(tmp_path / "runs"), "run-name": "fbc",
+        "progress": False, "node-wait-timeout": 0.0, "device": "cpu", "method": "fedbicross",
+        "num-clusters": 2, "noise-samples": 8, "synth-steps": 2, "synth-batch": 8,
+        "server-epochs": 1, "keep-checkpoints": True}))
+    cache = tmp_path / "cache"
+    assert main(["run", "--preset", str(preset), "--client-cache", str(cache)]) == 0
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    capsys.readouterr()
+    # Execute
+    assert main(["privacy-audit", str(run_dir), "--client-cache", str(cache),
+                 "--pairs", "3"]) == 0
+    # Assert (b): 2 clusters x 8 final synthetic images against pools of equal size
+    report = json.loads((run_dir / "privacy-audit.json").read_text())
+    syn = report["synthetic"]
+    assert syn["available"] and syn["images"] == 16
+    assert syn["pool-size"] == min(syn["train-images"], syn["test-images"]) == 24
+    assert syn["subsampled"] == "train" and syn["train-images"] > 24
+    s = syn["synthetic"]
+    assert s["n"] + s["ties"] == 16 and s["reference"] == 0.5
+    assert s["ci_low"] <= s["share"] <= s["ci_high"]
+    assert syn["control-official-val"]["n"] + syn["control-official-val"]["ties"] == 6
+    assert (run_dir / "privacy-audit-pairs.png").read_bytes()[:4] == b"\x89PNG"
+    # Assert (c): the recomputed personalization is the run's, and it is audited
+    per = report["personalized"]
+    assert per["available"] and per["reproduced"], per
+    assert per["max-abs-diff-acc-after"] == 0.0
+    assert [r["partition-id"] for r in per["rows"]] == [0, 1, 2]
+    with (run_dir / "privacy-audit.csv").open() as fh:
+        models = [r["model"] for r in csv.DictReader(fh)]
+    assert models == ["upload"] * 3 + ["personalized"] * 3
+    md = (run_dir / "privacy-audit.md").read_text()
+    assert "reproduces the run's clients.csv: yes" in md and "closer to a training" in md
