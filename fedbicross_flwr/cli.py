@@ -228,7 +228,8 @@ def run_command(args: argparse.Namespace) -> int:
         if not result.ok or result.run_dir is None:
             print(f"simulation failed: {result.status} {result.details}", file=sys.stderr)
             return 1
-        print((result.run_dir / "summary.md").read_text())
+        table = result.run_dir / ("comparison.md" if cfg.methods else "summary.md")
+        print(table.read_text())
         print(f"results: {result.run_dir}")
         return 0
     if args.engine == "direct" and (args.methods or args.client_cache):
@@ -238,9 +239,12 @@ def run_command(args: argparse.Namespace) -> int:
         run_dirs = run_direct_methods(cfg, methods, Path(args.client_cache).resolve()
                                       if args.client_cache else None)
         log(logging.INFO, "wall time %.1f s", time.perf_counter() - start)
+        comparison = run_dirs.pop("comparison")
         for m, run_dir in run_dirs.items():
             print((run_dir / "summary.md").read_text())
             print(f"results: {run_dir}\n")
+        print((comparison / "comparison.md").read_text())
+        print(f"comparison and summary picture: {comparison}")
         return 0
     if args.engine == "direct":
         from fedbicross_flwr.direct import run_direct

@@ -134,8 +134,8 @@ def simulate(project_dir: Path, run_config: dict[str, Any], num_supernodes: int,
              cpus_per_client: int = 1) -> SimulationResult:
     """``flwr run`` the app with ``run_config`` overrides and wait for the final status.
 
-    The run folder is ``<output-dir>/<run-name>``; a ``run-name`` is set if missing so it can be
-    found afterwards. All processes started under ``flwr_home`` are stopped at the end.
+    The run folder is ``<output-dir>/<run-name>`` (with ``methods``: the comparison folder
+    ``<run-name>-comparison``); a ``run-name`` is set if missing so it can be found afterwards. All processes started under ``flwr_home`` are stopped at the end.
     """
     from fedbicross_flwr.config import RunConfig
     from fedbicross_flwr.results import default_output_dir
@@ -179,7 +179,7 @@ def simulate(project_dir: Path, run_config: dict[str, Any], num_supernodes: int,
                            timeout=60)
             status, details = "timeout", f"no final status after {timeout}s"
         base = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
-        run_dir = base / cfg.run_name
+        run_dir = base / (f"{cfg.run_name}-comparison" if cfg.methods else cfg.run_name)
         return SimulationResult(run_id, status, details, run_dir if run_dir.is_dir() else None)
     finally:
         if log_proc is not None:
