@@ -227,7 +227,8 @@ def run_command(args: argparse.Namespace) -> int:
         if not result.ok or result.run_dir is None:
             print(f"simulation failed: {result.status} {result.details}", file=sys.stderr)
             return 1
-        table = result.run_dir / ("comparison.md" if cfg.methods else "summary.md")
+        table = result.run_dir / "comparison.md"
+        table = table if table.is_file() else result.run_dir / "summary.md"
         print(table.read_text())
         print(f"results: {result.run_dir}")
         return 0
@@ -239,12 +240,13 @@ def run_command(args: argparse.Namespace) -> int:
         run_dirs = run_direct_methods(cfg, methods, Path(args.client_cache).resolve()
                                       if args.client_cache else None)
         log(logging.INFO, "wall time %.1f s", time.perf_counter() - start)
-        comparison = run_dirs.pop("comparison")
+        comparison = run_dirs.pop("comparison", None)
         for m, run_dir in run_dirs.items():
             print((run_dir / "summary.md").read_text())
             print(f"results: {run_dir}\n")
-        print((comparison / "comparison.md").read_text())
-        print(f"comparison and summary picture: {comparison}")
+        if comparison is not None:
+            print((comparison / "comparison.md").read_text())
+            print(f"comparison and summary picture: {comparison}")
         return 0
     if args.engine == "direct":
         from fedbicross_flwr.direct import run_direct
@@ -255,7 +257,7 @@ def run_command(args: argparse.Namespace) -> int:
 
         _, run_dir = run_in_process(cfg.to_run_config(), cfg.num_clients)
     log(logging.INFO, "wall time %.1f s", time.perf_counter() - start)
-    if cfg.methods:  # the ServerApp returned the comparison folder
+    if (run_dir / "comparison.md").is_file():  # the ServerApp returned the comparison folder
         print((run_dir / "comparison.md").read_text())
         print(f"comparison and summary picture: {run_dir}")
         return 0

@@ -60,8 +60,8 @@ class RunConfig:
     methods: str = _key("methods", "",
                         "Comma-separated server methods run in ONE run on the same client "
                         "uploads (phase 1 once; then per method: server method and "
-                        "personalization), one run folder each plus <run-name>-comparison "
-                        "(table and summary picture). Empty: only `method`. A multi-round "
+                        "personalization), one run folder each plus, for 2+ methods, "
+                        "<run-name>-comparison (table and summary picture). Empty: only `method`. A multi-round "
                         "method (fedavg-r, fedprox-r) retrains the clients: at most one, last.")
     dataset: str = _key("dataset", "retinamnist",
                         "MedMNIST 2D flag (e.g. bloodmnist), `digits` (scikit-learn, built on "

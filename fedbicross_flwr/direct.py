@@ -147,6 +147,6 @@ def run_direct_methods(cfg: RunConfig, methods: list[str],
 
     :func:`fedbicross_flwr.server.run_methods` with in-process clients: each method gets its
     own run folder ``<run-name>-<method>``, and ``<run-name>-comparison`` the table and the
-    summary picture (key ``"comparison"`` of the result).
+    summary picture (key ``"comparison"`` of the result) when there are two or more.
     """
     return run_methods(cfg.replace(methods=",".join(methods)), DirectTransport(cfg, cache_dir))

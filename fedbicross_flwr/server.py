@@ -86,11 +86,12 @@ def run_methods(cfg: RunConfig, transport: Transport) -> dict[str, Path]:
     method then runs phase 2 and phase 3 in its own run folder ``<run-name>-<method>``. The
     folder ``<run-name>-comparison`` gets the comparison table (``comparison.csv``,
     ``comparison.md``) and the summary picture (``summary.png``); the table is also logged.
+    One method alone gets no comparison.
 
     Returns
     -------
     dict[str, Path]
-        Method -> run folder, and ``"comparison"`` -> the comparison folder.
+        Method -> run folder, and ``"comparison"`` -> the comparison folder (2+ methods).
     """
     from fedbicross_flwr.comparison import write_comparison
 
@@ -102,6 +103,8 @@ def run_methods(cfg: RunConfig, transport: Transport) -> dict[str, Path]:
             log(logging.INFO, "method %d of %d: %s", j, len(methods), method)
             run_dirs[method] = run_server(cfg.replace(method=method, methods="",
                                                       run_name=f"{base}-{method}"), transport)
+    if len(methods) == 1:
+        return run_dirs
     out = create_run_dir(cfg.replace(methods="", run_name=f"{base}-comparison"))
     table = write_comparison(out, run_dirs)
     log(logging.INFO, "comparison of %d methods on the same client uploads (%s):\n%s",

@@ -241,9 +241,11 @@ def main(grid: Grid, context: Context) -> Path:
     """Validate the run config, then run the three phases; returns the run folder.
 
     With ``methods``, phase 1 runs once and every listed method runs phases 2-3 on the same
-    uploads; the returned folder is then the comparison folder (table and summary picture).
+    uploads; the returned folder is then the comparison folder (table and summary picture),
+    or the method's folder when only one is listed.
     """
     cfg = RunConfig.from_run_config(context.run_config)
     if cfg.methods:
-        return run_methods(cfg, GridTransport(grid))["comparison"]
+        run_dirs = run_methods(cfg, GridTransport(grid))
+        return run_dirs.get("comparison", run_dirs[cfg.method_list[0]])
     return run_server(cfg, GridTransport(grid))
