@@ -356,7 +356,7 @@ class RunConfig:
         if self.kd_batch and (self.kd_batch < 2 or self.synth_batch % self.kd_batch):
             raise ConfigError(f"kd-batch={self.kd_batch} must be 0 or a divisor >= 2 of "
                               f"synth-batch={self.synth_batch}")
-        self.method_list  # validates the names of `methods`
+        _ = self.method_list  # validates the names of `methods`
         if self.resume and not self.run_name:
             raise ConfigError("resume=true needs run-name (the run folder to continue)")
 
