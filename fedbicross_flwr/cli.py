@@ -208,9 +208,8 @@ def run_command(args: argparse.Namespace) -> int:
                                root / "pyproject.toml" if root else None)
     if args.command == "distill-check":
         cfg = cfg.replace(dataset=args.dataset)
-    if args.command == "run" and args.engine == "direct":
-        for m in [m.strip() for m in args.methods.split(",") if m.strip()]:
-            cfg.replace(method=m)  # validates every name before any training
+    if args.command == "run" and args.engine == "direct" and args.methods:
+        cfg.replace(methods=args.methods)  # validates every name before any training
     preflight(cfg)
     if cfg.num_threads:
         import torch
@@ -234,19 +233,26 @@ def run_command(args: argparse.Namespace) -> int:
         if not result.ok or result.run_dir is None:
             print(f"simulation failed: {result.status} {result.details}", file=sys.stderr)
             return 1
-        print((result.run_dir / "summary.md").read_text())
+        table = result.run_dir / "comparison.md"
+        table = table if table.is_file() else result.run_dir / "summary.md"
+        print(table.read_text())
         print(f"results: {result.run_dir}")
         return 0
-    if args.engine == "direct" and (args.methods or args.client_cache):
+    if args.engine == "direct" and (args.methods or args.client_cache or cfg.methods):
         from fedbicross_flwr.direct import run_direct_methods
 
-        methods = [m.strip() for m in (args.methods or cfg.method).split(",") if m.strip()]
+        methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
+                   else cfg.method_list)
         run_dirs = run_direct_methods(cfg, methods, Path(args.client_cache).resolve()
                                       if args.client_cache else None)
         log(logging.INFO, "wall time %.1f s", time.perf_counter() - start)
+        comparison = run_dirs.pop("comparison", None)
         for m, run_dir in run_dirs.items():
             print((run_dir / "summary.md").read_text())
             print(f"results: {run_dir}\n")
+        if comparison is not None:
+            print((comparison / "comparison.md").read_text())
+            print(f"comparison and summary picture: {comparison}")
         return 0
     if args.engine == "direct":
         from fedbicross_flwr.direct import run_direct
@@ -257,6 +263,10 @@ def run_command(args: argparse.Namespace) -> int:
 
         _, run_dir = run_in_process(cfg.to_run_config(), cfg.num_clients)
     log(logging.INFO, "wall time %.1f s", time.perf_counter() - start)
+    if (run_dir / "comparison.md").is_file():  # the ServerApp returned the comparison folder
+        print((run_dir / "comparison.md").read_text())
+        print(f"comparison and summary picture: {run_dir}")
+        return 0
     print(json.dumps({"run-dir": str(run_dir),
                       "summary": json.loads((run_dir / "summary.json").read_text())
                       }, indent=2))

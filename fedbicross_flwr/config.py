@@ -47,6 +47,7 @@ def _key(
 # that a typo fails at config time without importing torch.
 METHOD_NAMES = ("fedavg1", "local", "fedbicross", "fedavg-r", "fedprox-r", "central",
                 "fedisca", "dense", "coboosting", "dafl")
+MULTIROUND_NAMES = ("fedavg-r", "fedprox-r")  # they retrain the clients in phase 1
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,12 @@ class RunConfig:
     # --- what to run ---------------------------------------------------------------------
     method: str = _key("method", "fedavg1", "Server method (registry name).",
                        choices=METHOD_NAMES)
+    methods: str = _key("methods", "",
+                        "Comma-separated server methods run in ONE run on the same client "
+                        "uploads (phase 1 once; then per method: server method and "
+                        "personalization), one run folder each plus, for 2+ methods, "
+                        "<run-name>-comparison (table and summary picture). Empty: only `method`. A multi-round "
+                        "method (fedavg-r, fedprox-r) retrains the clients: at most one, last.")
     dataset: str = _key("dataset", "retinamnist",
                         "MedMNIST 2D flag (e.g. bloodmnist), `digits` (scikit-learn, built on "
                         "the fly) or `custom` (an npz archive at data-path).")
@@ -349,6 +356,7 @@ class RunConfig:
         if self.kd_batch and (self.kd_batch < 2 or self.synth_batch % self.kd_batch):
             raise ConfigError(f"kd-batch={self.kd_batch} must be 0 or a divisor >= 2 of "
                               f"synth-batch={self.synth_batch}")
+        _ = self.method_list  # validates the names of `methods`
         if self.resume and not self.run_name:
             raise ConfigError("resume=true needs run-name (the run folder to continue)")
 
@@ -357,6 +365,30 @@ class RunConfig:
     def effective_min_clients(self) -> int:
         """Fewest answering clients phase 1 accepts."""
         return self.min_clients or self.num_clients
+
+    @property
+    def method_list(self) -> list[str]:
+        """The server methods of the run: ``methods`` split at commas, else ``[method]``.
+
+        Raises
+        ------
+        ConfigError
+            On an unknown or repeated name, or a multi-round method that is not the only one
+            and last (it retrains the clients, whose f_i the later methods would then use).
+        """
+        names = [m.strip() for m in self.methods.split(",") if m.strip()] or [self.method]
+        for name in names:
+            if name not in METHOD_NAMES:
+                raise ConfigError(f"run-config key 'methods': unknown method {name!r}; known: "
+                                  f"{', '.join(METHOD_NAMES)}")
+        if len(set(names)) < len(names):
+            raise ConfigError(f"run-config key 'methods' names a method twice: {self.methods!r}")
+        rounds = [i for i, m in enumerate(names) if m in MULTIROUND_NAMES]
+        if len(rounds) > 1 or (rounds and rounds[0] != len(names) - 1):
+            raise ConfigError(f"run-config key 'methods': a multi-round method "
+                              f"({', '.join(MULTIROUND_NAMES)}) retrains the clients, so at most "
+                              f"one may be listed, as the last; got {self.methods!r}")
+        return names
 
     @property
     def sites_bring_data(self) -> bool:

@@ -10,7 +10,6 @@ Flower error reply, and the run goes on.
 from __future__ import annotations
 
 import logging
-import time
 import traceback
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from fedbicross_flwr.data import load_dataset
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import build_resnet18
 from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
-from fedbicross_flwr.server import run_server
+from fedbicross_flwr.server import run_methods, run_server
 from fedbicross_flwr.site import SiteData, site_from_partition
 from fedbicross_flwr.training import resolve_device
 
@@ -146,10 +145,8 @@ def run_direct_methods(cfg: RunConfig, methods: list[str],
                        cache_dir: Path | None = None) -> dict[str, Path]:
     """Several server methods on the SAME client models (trained once) and partition.
 
-    Each method gets its own run folder ``<run-name>-<method>``; phase 1 runs only once, so
-    every method starts from identical uploads and a table row is a fair comparison.
+    :func:`fedbicross_flwr.server.run_methods` with in-process clients: each method gets its
+    own run folder ``<run-name>-<method>``, and ``<run-name>-comparison`` the table and the
+    summary picture (key ``"comparison"`` of the result) when there are two or more.
     """
-    transport = DirectTransport(cfg, cache_dir)
-    base = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.dataset}"
-    return {m: run_server(cfg.replace(method=m, run_name=f"{base}-{m}"), transport)
-            for m in methods}
+    return run_methods(cfg.replace(methods=",".join(methods)), DirectTransport(cfg, cache_dir))

@@ -23,7 +23,8 @@ from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import DataError, load_dataset
 from fedbicross_flwr.knowledge import knowledge_markdown, write_knowledge
-from fedbicross_flwr.logging_utils import add_file_handler, log, remove_handler
+from fedbicross_flwr.logging_utils import (add_file_handler, log, position_text,
+                                            remove_handler, run_position)
 from fedbicross_flwr.methods import MethodInput, get_method
 from fedbicross_flwr.model import probe_for
 # The protocol types live in fedbicross_flwr.protocol; importing them from here keeps working.
@@ -78,6 +79,39 @@ def run_server(cfg: RunConfig, transport: Transport) -> Path:
         remove_handler(handler)
 
 
+def run_methods(cfg: RunConfig, transport: Transport) -> dict[str, Path]:
+    """Every method of ``cfg.method_list`` on the SAME client uploads, then the comparison.
+
+    Phase 1 runs once (the transport hands the same replies to every later method); each
+    method then runs phase 2 and phase 3 in its own run folder ``<run-name>-<method>``. The
+    folder ``<run-name>-comparison`` gets the comparison table (``comparison.csv``,
+    ``comparison.md``) and the summary picture (``summary.png``); the table is also logged.
+    One method alone gets no comparison.
+
+    Returns
+    -------
+    dict[str, Path]
+        Method -> run folder, and ``"comparison"`` -> the comparison folder (2+ methods).
+    """
+    from fedbicross_flwr.comparison import write_comparison
+
+    methods = cfg.method_list
+    base = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.dataset}"
+    run_dirs: dict[str, Path] = {}
+    for j, method in enumerate(methods, start=1):
+        with run_position(f"method {j}/{len(methods)} {method}"):
+            log(logging.INFO, "method %d of %d: %s", j, len(methods), method)
+            run_dirs[method] = run_server(cfg.replace(method=method, methods="",
+                                                      run_name=f"{base}-{method}"), transport)
+    if len(methods) == 1:
+        return run_dirs
+    out = create_run_dir(cfg.replace(methods="", run_name=f"{base}-comparison"))
+    table = write_comparison(out, run_dirs)
+    log(logging.INFO, "comparison of %d methods on the same client uploads (%s):\n%s",
+        len(methods), out, table)
+    return {**run_dirs, "comparison": out}
+
+
 def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     times: dict[str, float] = {}
     write_json(run_dir / "run_config.json", cfg.to_run_config())
@@ -87,7 +121,7 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
 
     # Phase 1: one upload per client -------------------------------------------------------
     t0 = time.perf_counter()
-    log(logging.INFO, "phase 1/3: local training on the clients")
+    log(logging.INFO, "%sphase 1/3: local training on the clients", position_text())
     from fedbicross_flwr.multiround import is_multiround, run_rounds  # imports this module
 
     phase1 = (run_rounds(cfg, transport, init, run_dir) if is_multiround(cfg.method)
@@ -123,10 +157,11 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     # Phase 2: the server method ---------------------------------------------------------------
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    log(logging.INFO, "phase 2/3: server method %r on %d client models (device %s)",
-        cfg.method, len(uploads), device)
+    log(logging.INFO, "%sphase 2/3: server method %r on %d client models (device %s)",
+        position_text(), cfg.method, len(uploads), device)
     method = get_method(cfg.method)
-    out = method(MethodInput(uploads, cfg, in_channels, num_classes, device, run_dir))
+    with run_position(f"phase 2/3 {cfg.method}"):
+        out = method(MethodInput(uploads, cfg, in_channels, num_classes, device, run_dir))
     times["phase2-server-method"] = time.perf_counter() - t0
     missing = sorted({u.partition_id for u in uploads} - set(out.models))
     if missing:
@@ -135,7 +170,8 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
 
     # Phase 3: personalization ----------------------------------------------------------------
     t0 = time.perf_counter()
-    log(logging.INFO, "phase 3/3: personalized distillation on the clients")
+    log(logging.INFO, "%sphase 3/3: personalized distillation on the clients",
+        position_text())
     phase3 = transport.personalize(cfg, out.models)
     times["phase3-personalization"] = time.perf_counter() - t0
     failures.extend(phase3.failures)

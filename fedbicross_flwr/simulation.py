@@ -134,8 +134,8 @@ def simulate(project_dir: Path, run_config: dict[str, Any], num_supernodes: int,
              cpus_per_client: int = 1) -> SimulationResult:
     """``flwr run`` the app with ``run_config`` overrides and wait for the final status.
 
-    The run folder is ``<output-dir>/<run-name>``; a ``run-name`` is set if missing so it can be
-    found afterwards. All processes started under ``flwr_home`` are stopped at the end.
+    The run folder is ``<output-dir>/<run-name>`` (with ``methods``: the comparison folder
+    ``<run-name>-comparison``, or ``<run-name>-<method>`` for one method); a ``run-name`` is set if missing so it can be found afterwards. All processes started under ``flwr_home`` are stopped at the end.
     """
     from fedbicross_flwr.config import RunConfig
     from fedbicross_flwr.results import default_output_dir
@@ -179,7 +179,9 @@ def simulate(project_dir: Path, run_config: dict[str, Any], num_supernodes: int,
                            timeout=60)
             status, details = "timeout", f"no final status after {timeout}s"
         base = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
-        run_dir = base / cfg.run_name
+        methods = cfg.method_list if cfg.methods else []
+        run_dir = base / (cfg.run_name if not methods else f"{cfg.run_name}-{methods[0]}"
+                          if len(methods) == 1 else f"{cfg.run_name}-comparison")
         return SimulationResult(run_id, status, details, run_dir if run_dir.is_dir() else None)
     finally:
         if log_proc is not None:

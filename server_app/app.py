@@ -19,7 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedbicross_flwr.config import RunConfig, parse_site_nodes
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
-from fedbicross_flwr.server import run_server
+from fedbicross_flwr.server import run_methods, run_server
 
 app = ServerApp()
 
@@ -52,6 +52,7 @@ class GridTransport:
         self.node_of: dict[int, int] = {}  # partition-id -> node id (bound, or claimed)
         self.bound = False  # node_of fixed by the server before phase 1
         self.num_partitions = 0  # > 0: the nodes train the server's partitions of the dataset
+        self._phase1: PhaseResult | None = None  # phase 1's replies, shared by every method
 
     def _wait_for_nodes(self, cfg: RunConfig) -> list[int]:
         deadline = time.monotonic() + cfg.node_wait_timeout
@@ -99,12 +100,19 @@ class GridTransport:
         return list(self.grid.send_and_receive(messages, timeout=timeout))
 
     def collect_models(self, cfg: RunConfig, init: StateDict) -> PhaseResult:
+        """Phase 1, once per run: later methods (``methods``) get the same replies; the nodes
+        keep their f_i in node state for every method's ``train.personalize``."""
+        if self._phase1 is not None:
+            log(logging.INFO, "phase 1: reusing the %d client models trained for the first "
+                "method", len(self._phase1.replies))
+            return self._phase1
         nodes = self._bind(cfg)
         pid_of = {nid: pid for pid, nid in self.node_of.items()} if self.bound else {}
         messages = [Message(RecordDict({"arrays": ArrayRecord(init),
                                         "config": self._config(pid_of.get(nid), phase="train")}),
                             dst_node_id=nid, message_type="train") for nid in nodes]
-        return self._train_replies(nodes, self._send(messages, cfg), cfg)
+        self._phase1 = self._train_replies(nodes, self._send(messages, cfg), cfg)
+        return self._phase1
 
     def train_round(self, cfg: RunConfig, state: StateDict, server_round: int) -> PhaseResult:
         """One round of fedavg-r / fedprox-r, configured by Flower's built-in FedAvg / FedProx.
@@ -230,6 +238,14 @@ class GridTransport:
 
 @app.main()
 def main(grid: Grid, context: Context) -> Path:
-    """Validate the run config, then run the three phases; returns the run folder."""
+    """Validate the run config, then run the three phases; returns the run folder.
+
+    With ``methods``, phase 1 runs once and every listed method runs phases 2-3 on the same
+    uploads; the returned folder is then the comparison folder (table and summary picture),
+    or the method's folder when only one is listed.
+    """
     cfg = RunConfig.from_run_config(context.run_config)
+    if cfg.methods:
+        run_dirs = run_methods(cfg, GridTransport(grid))
+        return run_dirs.get("comparison", run_dirs[cfg.method_list[0]])
     return run_server(cfg, GridTransport(grid))

@@ -15,4 +15,4 @@ def test_bad_value_fails_fast_with_exit_code_2(capsys) -> None:
     assert main(["run", "--run-config", "alpha=-1"]) == 2
     assert "'alpha' must be in (0" in capsys.readouterr().err
     assert main(["run", "--methods", "fedavg1,nope"]) == 2
-    assert "'method' must be one of" in capsys.readouterr().err
+    assert "'methods': unknown method 'nope'; known: fedavg1, local" in capsys.readouterr().err

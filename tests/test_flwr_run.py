@@ -1,4 +1,4 @@
-"""A REAL `flwr run` simulation (SuperLink + Ray, 3 clients) on a tiny archive."""
+"""A REAL `flwr run` simulation (SuperLink + Ray, 3 clients, three methods) on a tiny archive."""
 
 from __future__ import annotations
 
@@ -15,21 +15,38 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.flwr_run
 def test_flwr_run_simulation_completes_and_writes_results(tiny_run_config, tmp_path) -> None:
-    # Prepare: an isolated FLWR_HOME; the tiny config with fedavg1
+    # Prepare: an isolated FLWR_HOME; the tiny config with three methods in one run (as the
+    # README's main command), FedBiCross at 3 synthesis steps, progress lines on
     flwr_home = tmp_path / "flwr-home"
-    run_config = {**tiny_run_config, "run-name": "flwr-e2e", "node-wait-timeout": 60.0}
+    run_config = {**tiny_run_config, "run-name": "flwr-e2e", "node-wait-timeout": 60.0,
+                  "methods": "local,fedavg1,fedbicross", "synth-steps": 3, "synth-batch": 6,
+                  "noise-samples": 8, "num-clusters": 2, "kmeans-n-init": 1, "progress": True}
     try:
         # Execute
         result = simulate(ROOT, run_config, num_supernodes=3, flwr_home=flwr_home,
                           timeout=900, stream=False)
         # Assert: the run really completed (flwr run itself exits 0 on failure)
         assert result.ok, f"flwr run failed: {result.status} {result.details}"
-        assert result.run_dir == Path(run_config["output-dir"]) / "flwr-e2e"
-        summary = json.loads((result.run_dir / "summary.json").read_text())
-        assert summary["num-completed"] == 3 and summary["acc-after-mean"] is not None
-        with (result.run_dir / "clients.csv").open() as fh:
-            rows = list(csv.DictReader(fh))
-        assert sorted(int(r["partition-id"]) for r in rows) == [0, 1, 2]
+        runs = Path(run_config["output-dir"])
+        assert result.run_dir == runs / "flwr-e2e-comparison"
+        local_acc = {}
+        for method in ("local", "fedavg1", "fedbicross"):
+            summary = json.loads((runs / f"flwr-e2e-{method}" / "summary.json").read_text())
+            assert summary["num-completed"] == 3 and summary["acc-after-mean"] is not None
+            with (runs / f"flwr-e2e-{method}" / "clients.csv").open() as fh:
+                rows = list(csv.DictReader(fh))
+            assert sorted(int(r["partition-id"]) for r in rows) == [0, 1, 2]
+            local_acc[method] = [r["local-test-acc"] for r in rows]
+        # phase 1 ran once: every method got the same client models
+        assert local_acc["local"] == local_acc["fedavg1"] == local_acc["fedbicross"]
+        table = (result.run_dir / "comparison.md").read_text()
+        assert all(f"| {m} | 3/3 |" in table for m in ("local", "fedavg1", "fedbicross"))
+        assert (result.run_dir / "summary.png").read_bytes()[:4] == b"\x89PNG"
+        # the server log shows the run's position and each long stage's ETA
+        log = (runs / "flwr-e2e-fedbicross" / "log.txt").read_text()
+        assert "[method 3/3 fedbicross | phase 2/3 fedbicross] stage 6 of 6: Stage 2" in log
+        assert "stage 2/6 Stage 1b synthesis, cluster 0] epoch 1/1 cluster 0: synthesis " \
+               "step 3/3 (100%)" in log and "ETA" in log
     finally:
         # Assert: nothing left running under this FLWR_HOME (SuperLink, SuperExec, Ray)
         assert processes_of(flwr_home) == []

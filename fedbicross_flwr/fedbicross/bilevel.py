@@ -36,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from ..logging_utils import log, progress_text
+from ..logging_utils import Cadence, log, position_text, progress_text
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -388,7 +388,7 @@ class OnlineBilevelTrainer:
         teacher_probs, noise_probs : Sequence[Tensor]
             K tensors (T, B, C): F_j and F~_j at temperature tau on x_j^(1..T).
         progress : bool
-            Log every ~10% of the steps.
+            Log every ~10% of the steps and at least every 30 s.
         tag : str
             Log prefix.
 
@@ -444,6 +444,7 @@ class OnlineBilevelTrainer:
         steps, batch = trajectories[0].shape[:2]
         kd_batch = train_idx.numel() + val_idx.numel()
         checked = 0  # val_losses[:checked] are known to be finite
+        cadence = Cadence(steps)  # a line every ~10% of the steps and at least every 30 s
         for t in range(1, steps + 1):
             # kd-batch < B: the step's B images are B / kd-batch consecutive KD steps (the
             # history keeps the last one's losses).
@@ -469,11 +470,11 @@ class OnlineBilevelTrainer:
                         "the checkpoints taken so far are kept, so the run resumes from the "
                         "last finished stage with resume=true."
                     )
-            if progress and (t % log_every == 0 or t == steps):
+            if progress and cadence.due(t):
                 log(
                     INFO,
-                    "%sbi-level step %s: val KD loss per cluster %s, weights %s",
-                    f"{tag}: " if tag else "", progress_text(t, steps, time.perf_counter() - start),
+                    "%s%sbi-level step %s: val KD loss per cluster %s, weights %s",
+                    position_text(), f"{tag}: " if tag else "", progress_text(t, steps, time.perf_counter() - start),
                     np.round(val_losses[t - 1].cpu().numpy(), 4).tolist(),
                     np.round(self.weights.cpu().numpy(), 3).tolist(),
                 )

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..logging_utils import log
+from ..logging_utils import StagePlan, log
 from ..model import build_resnet18, weighted_average
 from .bilevel import OnlineBilevelTrainer, fixed_weights
 from .checkpoint import StageCheckpoints, fingerprint
@@ -75,6 +75,28 @@ def init_cluster_models(
             torch.manual_seed(derive_seed(seed, 1, k))
             models.append(factory().to(device))
     return models
+
+
+STAGE_NAMES = {"1a": "Stage 1a clustering", "1b": "Stage 1b synthesis",
+               "1c": "Stage 1c noise adaptation", "2": "Stage 2 bi-level cross-cluster KD"}
+
+
+def stage_name(stage: str, cluster: int | None, epoch: int, epochs: int) -> str:
+    """``"Stage 1b synthesis, cluster 0"`` (with ``", epoch e/E"`` when E > 1)."""
+    name = STAGE_NAMES[stage] + ("" if cluster is None else f", cluster {cluster}")
+    return name + (f", epoch {epoch + 1}/{epochs}" if epochs > 1 else "")
+
+
+def algorithm_stages(num_clusters: int, server_epochs: int) -> list[str]:
+    """The stages of Algorithm 1 in the order :func:`run_fedbicross` runs them: clustering,
+    then per server epoch synthesis and noise adaptation per cluster, and the bi-level KD."""
+    names = [STAGE_NAMES["1a"]]
+    for epoch in range(server_epochs):
+        for k in range(num_clusters):
+            names += [stage_name("1b", k, epoch, server_epochs),
+                      stage_name("1c", k, epoch, server_epochs)]
+        names.append(stage_name("2", None, epoch, server_epochs))
+    return names
 
 
 def run_fedbicross(
@@ -140,7 +162,10 @@ def run_fedbicross(
          "client_weights": None if client_weights is None else list(map(float, client_weights)),
          "student": None if student_factory is None else repr(student_factory())}))
 
+    plan = StagePlan(algorithm_stages(s.num_clusters, s.server_epochs))
+
     # --- Stage 1a: clustering by output similarity on noise (Algorithm 1, lines 1-3) ----------
+    plan.begin(plan.names[0])
     start = time.perf_counter()
     saved = ckpt.load("clustering")
     if saved is None:
@@ -197,6 +222,7 @@ def run_fedbicross(
         examples, example_labels = [], []
         for k in range(s.num_clusters):
             tag = f"epoch {epoch + 1}/{s.server_epochs} cluster {k}"
+            plan.begin(stage_name("1b", k, epoch, s.server_epochs))
             saved = ckpt.load(f"epoch{epoch}-cluster{k}")
             if saved is not None:
                 log(INFO, "%s: synthesis and soft labels restored from checkpoint", tag)
@@ -216,6 +242,7 @@ def run_fedbicross(
                 stage_times["synthesis"] = time.perf_counter() - start
 
                 # --- Stage 1c: noise-adapted teacher (line 9) -------------------------------------
+                plan.begin(stage_name("1c", k, epoch, s.server_epochs))
                 start = time.perf_counter()
                 adapted = noise_adapted_copy(members[k], trajectory, s.noise_momentum,
                                              s.noise_teacher_mode, s.mixed_precision,
@@ -247,6 +274,7 @@ def run_fedbicross(
         synthesis_diagnostics.append(epoch_diag)
 
         # --- Stage 2: online bi-level cross-cluster KD (lines 13-15) ----------------------------
+        plan.begin(stage_name("2", None, epoch, s.server_epochs))
         start = time.perf_counter()
         for kd_pass in range(s.kd_passes):
             tag = f"epoch {epoch + 1}/{s.server_epochs}" + (
@@ -268,6 +296,7 @@ def run_fedbicross(
             ckpt.drop([f"epoch{epoch}-cluster{k}" for k in range(s.num_clusters)]
                       + ([f"epoch{epoch - 1}-bilevel"] if epoch else []))
 
+    plan.finish()
     weight_history = np.concatenate([h["weights"] for h in histories])  # (E * T, K, K)
     diagnostics: dict[str, Any] = {
         "stage_times_s": times,

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from ..logging_utils import log, progress_text
+from ..logging_utils import Cadence, log, position_text, progress_text
 from torch import Tensor, nn
 
 from .losses import BNStatsHook, tv_loss
@@ -219,7 +219,7 @@ def synthesize_trajectory(
     image_size : int
         Height = width.
     progress : bool
-        Log a line every ~10% of the steps.
+        Log a line every ~10% of the steps and at least every 30 s.
     tag : str
         Prefix of the log lines (e.g. "epoch 0 cluster 1").
 
@@ -249,7 +249,7 @@ def synthesize_trajectory(
     terms = torch.empty((steps, 3), device=device, dtype=torch.float64)  # CE, R_BN, R_TV
     # The loss forwards may run compiled; the final diagnostics below use the members as they are.
     teacher = EnsembleTeacher(loss_members(members, settings), settings.ensemble, "eval")
-    log_every = max(1, steps // 10)
+    cadence = Cadence(steps)  # a line every ~10% of the steps and at least every 30 s
     start = time.perf_counter()
 
     with preserved_modes(members), BNStatsHook(members) as bn_hook:
@@ -263,12 +263,12 @@ def synthesize_trajectory(
             with torch.no_grad():  # device-side copies, no host sync
                 trajectory[t - 1] = x
                 terms[t - 1] = step_terms
-            if progress and (t % log_every == 0 or t == steps):
+            if progress and cadence.due(t):
                 ce_v, bn_v, tv_v = terms[t - 1].tolist()
                 log(
                     INFO,
-                    "%ssynthesis step %s: CE %.4f, R_BN %.4f, R_TV %.2f",
-                    f"{tag}: " if tag else "", progress_text(t, steps, time.perf_counter() - start),
+                    "%s%ssynthesis step %s: CE %.4f, R_BN %.4f, R_TV %.2f",
+                    position_text(), f"{tag}: " if tag else "", progress_text(t, steps, time.perf_counter() - start),
                     ce_v, bn_v, tv_v,
                 )
 

@@ -1,0 +1,128 @@
+"""Several methods in one run: the comparison table, the summary picture, the run position."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from fedbicross_flwr.comparison import comparison_markdown, comparison_rows
+from fedbicross_flwr.config import ConfigError, RunConfig, load_preset
+from fedbicross_flwr.direct import run_direct_methods
+from fedbicross_flwr.fedbicross.method import algorithm_stages
+from fedbicross_flwr.logging_utils import Cadence, StagePlan, position_text, run_position
+from fedbicross_flwr.summary_figure import read_weight_history, summary_figure
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _summary(path: Path, method: str, before: float, after: float) -> Path:
+    path.mkdir(parents=True)
+    (path / "summary.json").write_text(json.dumps({
+        "method": method, "dataset": "digits", "num-completed": 5, "num-clients": 5,
+        "acc-before-mean": before, "acc-after-mean": after,
+        "acc-personal-before-mean": before / 2, "acc-personal-after-mean": None,
+        "local-test-acc-mean": 0.25, "local-test-acc-personal-mean": 0.5,
+        "majority-rate": 0.1017}))
+    return path
+
+
+def test_comparison_table_hand_computed(tmp_path) -> None:
+    # Prepare: two methods' summary.json
+    dirs = {"local": _summary(tmp_path / "a", "local", 0.25, 0.3),
+            "fedbicross": _summary(tmp_path / "b", "fedbicross", 0.4012, 0.45678)}
+    # Execute
+    table = comparison_markdown(comparison_rows(dirs))
+    # Assert: percentages with 2 decimals, missing as n/a, rows in the order given
+    lines = table.splitlines()
+    assert lines[2] == "| local | 5/5 | 25.00 | **30.00** | 12.50 | n/a |"
+    assert lines[3] == "| fedbicross | 5/5 | 40.12 | **45.68** | 20.06 | n/a |"
+    assert lines[5] == ("Mean client accuracy (%) on digits. Majority-class rate of the official "
+                        "test split: 10.17. The clients' own models before any server method: "
+                        "official 25.00, label-following 50.00.")
+
+
+def test_methods_key_is_validated() -> None:
+    from fedbicross_flwr.config import MULTIROUND_NAMES
+    from fedbicross_flwr.multiround import MULTIROUND_METHODS
+
+    assert set(MULTIROUND_NAMES) == set(MULTIROUND_METHODS)  # the config's copy of the names
+    assert RunConfig(methods=" local, fedbicross ").method_list == ["local", "fedbicross"]
+    assert RunConfig(method="central").method_list == ["central"]
+    assert RunConfig(methods="local,fedavg-r").method_list == ["local", "fedavg-r"]
+    with pytest.raises(ConfigError, match="unknown method 'fedbicros'"):
+        RunConfig(methods="local,fedbicros")
+    with pytest.raises(ConfigError, match="twice"):
+        RunConfig(methods="local,local")
+    with pytest.raises(ConfigError, match="at most one may be listed, as the last"):
+        RunConfig(methods="fedavg-r,fedavg1")
+
+
+def test_quickstart_preset_is_the_cpu_preset_on_digits_with_three_methods() -> None:
+    quick, cpu = load_preset(ROOT / "conf/quickstart.toml"), load_preset(ROOT / "conf/cpu.toml")
+    assert quick.pop("dataset") == "digits"
+    assert quick.pop("methods") == "local,fedavg1,fedbicross"
+    assert quick == {k: v for k, v in cpu.items() if k in quick}  # no value drifts
+    RunConfig.from_run_config(load_preset(ROOT / "conf/quickstart.toml"))
+
+
+def test_algorithm_stages_and_run_position(caplog) -> None:
+    # Algorithm 1 with K=2 clusters, one server epoch: 6 stages
+    names = algorithm_stages(2, 1)
+    assert names == ["Stage 1a clustering", "Stage 1b synthesis, cluster 0",
+                     "Stage 1c noise adaptation, cluster 0", "Stage 1b synthesis, cluster 1",
+                     "Stage 1c noise adaptation, cluster 1", "Stage 2 bi-level cross-cluster KD"]
+    assert len(algorithm_stages(3, 2)) == 1 + 2 * (2 * 3 + 1)
+    caplog.set_level(logging.INFO)
+    with pytest.raises(RuntimeError):
+        with run_position("method 2/3 fedbicross"):
+            plan = StagePlan(names)
+            plan.begin(names[3])
+            assert position_text() == ("[method 2/3 fedbicross | stage 4/6 Stage 1b synthesis, "
+                                       "cluster 1] ")
+            raise RuntimeError("a stage fails")
+    assert position_text() == ""  # the failed stage's label went with the method's
+    assert "[method 2/3 fedbicross] stage 4 of 6: Stage 1b synthesis, cluster 1" in caplog.text
+
+
+def test_cadence_every_tenth_and_every_30_seconds(monkeypatch) -> None:
+    clock = iter([0.0, 1.0, 2.0, 40.0, 41.0, 42.0])
+    monkeypatch.setattr("fedbicross_flwr.logging_utils.time.perf_counter", lambda: next(clock))
+    cadence = Cadence(100)  # created at t=0: every 10 steps, or 30 s after the last line
+    assert [cadence.due(s) for s in (3, 10, 11, 12, 13)] == [False, True, True, False, False]
+    # step 11 at t=40 is 38 s after step 10's line at t=2
+
+
+def test_three_methods_write_the_comparison_and_the_summary_picture(tiny_run_config) -> None:
+    # Prepare: a seconds-sized run with FedBiCross (2 clusters, 3 synthesis steps)
+    cfg = RunConfig.from_run_config({
+        **tiny_run_config, "run-name": "cmp", "synth-steps": 3, "synth-batch": 6,
+        "noise-samples": 8, "num-clusters": 2, "kmeans-n-init": 1})
+    # Execute
+    dirs = run_direct_methods(cfg, ["local", "fedavg1", "fedbicross"])
+    # Assert: one folder per method plus the comparison, whose rows are the summaries
+    out = dirs.pop("comparison")
+    assert out.name == "cmp-comparison" and list(dirs) == ["local", "fedavg1", "fedbicross"]
+    with (out / "comparison.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["method"] for r in rows] == ["local", "fedavg1", "fedbicross"]
+    for row, run_dir in zip(rows, dirs.values()):
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert float(row["official-after"]) == summary["acc-after-mean"]
+        assert float(row["label-following-received"]) == summary["acc-personal-before-mean"]
+    assert "| fedbicross | 3/3 |" in (out / "comparison.md").read_text()
+    # the picture: a real PNG, with the three panels drawn from the run's files
+    assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fig, (acc, pics, weights) = summary_figure(comparison_rows(dirs), dirs["fedbicross"])
+    assert len(fig.axes) == 3
+    assert len(acc.patches) == 4 * 3  # 4 views x 3 methods
+    assert len(pics.images) == 1 and pics.images[0].get_array().shape[0] == 2 * 28 + 1
+    history = read_weight_history(dirs["fedbicross"] / "weights.csv")
+    assert history.shape == (3, 2, 2) and len(weights.lines) == 4
+    assert weights.lines[1].get_ydata()[-1] == pytest.approx(history[-1, 0, 1])
+    # without FedBiCross the picture still has its three panels, two of them notes
+    fig, (_, pics, weights) = summary_figure(comparison_rows({"local": dirs["local"]}), None)
+    assert not pics.images and not weights.lines and len(fig.axes) == 3
