@@ -147,24 +147,27 @@ def _write_rounds_csv(path: Path, history: list[dict[str, Any]]) -> None:
         writer.writerows(history)
 
 
-def fedavg1(inp: MethodInput) -> MethodOutput:
-    """FedAvg with a single round: the data-size weighted average sent to every client."""
+def _average_for_all(inp: MethodInput, diagnostics: dict[str, Any]) -> MethodOutput:
+    """FedAvg's aggregation: the data-size weighted average of the uploads, sent to all."""
     weights = [float(u.num_examples) for u in inp.uploads]
     avg = weighted_average([u.state for u in inp.uploads], weights)
-    log(logging.INFO, "fedavg1: averaged %d models with weights %s", len(weights), weights)
     return MethodOutput(models={u.partition_id: avg for u in inp.uploads},
                         clusters={u.partition_id: 0 for u in inp.uploads},
-                        diagnostics={"weights": weights})
+                        diagnostics={**diagnostics, "weights": weights})
+
+
+def fedavg1(inp: MethodInput) -> MethodOutput:
+    """FedAvg with a single round: the data-size weighted average sent to every client."""
+    out = _average_for_all(inp, {})
+    log(logging.INFO, "fedavg1: averaged %d models with weights %s", len(inp.uploads),
+        out.diagnostics["weights"])
+    return out
 
 
 def fedavg_r(inp: MethodInput) -> MethodOutput:
     """Phase 2 of fedavg-r / fedprox-r: FedAvg's aggregation of round R's uploads."""
-    weights = [float(u.num_examples) for u in inp.uploads]
-    avg = weighted_average([u.state for u in inp.uploads], weights)
     cfg = inp.cfg
     log(logging.INFO, "%s: global model after round %d = average of %d client models",
-        cfg.method, cfg.rounds, len(weights))
-    return MethodOutput(models={u.partition_id: avg for u in inp.uploads},
-                        clusters={u.partition_id: 0 for u in inp.uploads},
-                        diagnostics={"rounds": cfg.rounds, "round-epochs": round_epochs(cfg),
-                                     "proximal-mu": proximal_mu(cfg), "weights": weights})
+        cfg.method, cfg.rounds, len(inp.uploads))
+    return _average_for_all(inp, {"rounds": cfg.rounds, "round-epochs": round_epochs(cfg),
+                                  "proximal-mu": proximal_mu(cfg)})
