@@ -4,7 +4,7 @@ Examples
 --------
 fedbicross run --preset conf/cpu.toml --run-config "dataset='digits' method='fedbicross'"
 fedbicross run --engine grid --run-config "local-epochs=2"      # through the real apps
-fedbicross config-table                                           # README's key table
+fedbicross config-table [--write]                                 # README's key table
 fedbicross bench --clients 5 --clusters 2 --batch 64 --steps 4    # server-stage benchmark
 fedbicross grid --preset conf/grid-cpu.toml                       # experiment grid + tables
 fedbicross distill-check --dataset digits --synthesis fedbicross  # one-teacher retention
@@ -134,8 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--num-supernodes", type=int, default=0,
                      help="simulated clients (default: num-clients of the config)")
     sim.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds")
-    sub.add_parser("config-table", help="print the run-config keys as a Markdown table",
-                   parents=[debug])
+    table = sub.add_parser("config-table", help="print the run-config keys as a Markdown "
+                           "table; --write puts it into README.md and the defaults into "
+                           "pyproject.toml", parents=[debug])
+    table.add_argument("--write", action="store_true",
+                       help="rewrite README.md's table and pyproject.toml's "
+                       "[tool.flwr.app.config] instead of printing")
+    table.add_argument("--root", type=Path, default=Path("."),
+                       help="the project folder holding README.md and pyproject.toml")
     bench = sub.add_parser("bench", help="time the FedBiCross server stage against a "
                            "reference-style implementation on the same inputs (docs/BENCHMARKS.md)",
                            parents=[debug])
@@ -187,7 +193,13 @@ def privacy_audit_command(run_dir: Path, cache_dir: Path, device: str, pairs: in
 def run_command(args: argparse.Namespace) -> int:
     """Carry out the parsed command; user errors propagate to :func:`main`."""
     if args.command == "config-table":
-        print(markdown_table())
+        if not args.write:
+            print(markdown_table())
+            return 0
+        from fedbicross_flwr.config_table import write_mirrors
+
+        for path in write_mirrors(args.root):
+            print(f"updated {path}")
         return 0
     if args.command == "bench":
         from fedbicross_flwr.benchmark.cli import run_command as bench_command

@@ -36,11 +36,28 @@ def _key(
     high: float | None = None,
     low_open: bool = False,
     choices: tuple[str, ...] | None = None,
+    setting: str | None = None,
 ) -> Any:
-    """A dataclass field carrying its run-config key, range and doc."""
+    """A dataclass field carrying its run-config key, range and doc.
+
+    ``setting`` names the field of :class:`~fedbicross_flwr.fedbicross.settings.
+    FedBiCrossSettings` that the key sets: the settings dataclass is built from the tagged
+    fields (same default, same range and choices), so a FedBiCross key is declared only here.
+    """
     meta = {"key": key, "doc": doc, "low": low, "high": high, "low_open": low_open,
-            "choices": choices}
+            "choices": choices, "setting": setting}
     return field(default=default, metadata=meta)
+
+
+def kd_batch_problem(kd_batch: int, synth_batch: int) -> str | None:
+    """Why ``kd_batch`` cannot cut batches of ``synth_batch`` images, or None."""
+    if kd_batch and (kd_batch < 2 or synth_batch % kd_batch):
+        return f"must be 0 or a divisor >= 2 of synth-batch={synth_batch}, got {kd_batch}"
+    return None
+
+
+# What FedBiCross clusters the clients on (fedbicross_flwr.fedbicross.clustering_alternatives).
+CLUSTER_ON = ("predictions", "parameters", "hierarchical")
 
 
 # Server methods are registered in fedbicross_flwr.methods; the names are repeated here so
@@ -80,7 +97,10 @@ class RunConfig:
     num_classes: int = _key("num-classes", 0,
                             "Number of classes; 0 = from the dataset's metadata (needed for "
                             "custom).", low=0, high=1000)
-    seed: int = _key("seed", 0, "Seed of the partition, the models and every sampler.", low=0)
+    # In FedBiCross: the master seed of the noise images, K-means, labels, jitter, the I^val
+    # split and the cluster-model initialisation.
+    seed: int = _key("seed", 0, "Seed of the partition, the models and every sampler.", low=0,
+                     setting="seed")
 
     # --- federation ----------------------------------------------------------------------
     num_clients: int = _key("num-clients", 5,
@@ -137,20 +157,27 @@ class RunConfig:
     # --- execution -------------------------------------------------------------------------
     device: str = _key("device", "auto", "auto (CUDA when present), cpu or cuda.",
                        choices=("auto", "cpu", "cuda"))
+    # In FedBiCross: 'bf16' runs synthesis and KD forward passes under
+    # torch.autocast(bfloat16) (about 1.8x faster on CPU in a prototype); 'fp32' keeps full
+    # precision.
     precision: str = _key("precision", "fp32",
                           "fp32, or bf16 autocast for training/synthesis forward passes.",
-                          choices=("fp32", "bf16"))
+                          choices=("fp32", "bf16"), setting="mixed_precision")
     eval_precision: str = _key("eval-precision", "fp32",
                                "Precision of the accuracy forwards (evaluation only): fp32, or "
                                "bf16 autocast with channels-last (about 2x faster on CPU; 0-2 "
                                "of 540 digits test predictions change, docs/RESULTS.md).",
                                choices=("fp32", "bf16"))
     num_threads: int = _key("num-threads", 0, "torch CPU threads (0 = torch's default).", low=0)
+    # FedBiCross: torch.compile (inductor) the members' forward inside synthesis (Eq. 2),
+    # where most of the server time goes. Same numbers up to float rounding; costs a one-off
+    # compile.
     compile: bool = _key("compile", False,
                          "torch.compile the client models' forward inside FedBiCross synthesis "
                          "(inductor; a one-off compile of about a minute on CPU, seconds from "
                          "its disk cache, one graph per architecture; then about 13% less "
-                         "time per synthesis step on CPU at N=5, B=64; docs/BENCHMARKS.md).")
+                         "time per synthesis step on CPU at N=5, B=64; docs/BENCHMARKS.md).",
+                         setting="compile")
     output_dir: str = _key("output-dir", "",
                            "Absolute folder for run folders. Empty: $FEDBICROSS_OUTPUT_DIR, "
                            "else <project>/outputs.")
@@ -165,80 +192,162 @@ class RunConfig:
                                   "after a successful run (default: deleted to save disk).")
 
     # --- FedBiCross server stage (Stages 1-2) ---------------------------------------------
-    num_clusters: int = _key("num-clusters", 2, "K, number of client clusters.", low=1)
-    noise_samples: int = _key("noise-samples", 256, "M, noise images for clustering.", low=1)
+    # K, number of client clusters; K=1 is the "w/o Clus" ablation (one ensemble, w = [1]).
+    num_clusters: int = _key("num-clusters", 2, "K, number of client clusters.", low=1,
+                             setting="num_clusters")
+    # M, number of N(0, 1) noise images whose softmax outputs form the M x C prediction matrix.
+    noise_samples: int = _key("noise-samples", 256, "M, noise images for clustering.", low=1,
+                              setting="noise_samples")
+    # Server epochs: synthesis + noise adaptation + bi-level KD repeated with fresh noise;
+    # cluster models, momentum buffers and weights carry over (FedISCA uses 100; paper: silent).
     server_epochs: int = _key("server-epochs", 1,
-                              "Repeats of synthesis + bi-level with fresh noise.", low=1)
+                              "Repeats of synthesis + bi-level with fresh noise.", low=1,
+                              setting="server_epochs")
+    # Passes of the online bi-level stage (Eq. 7-8, t = 1..T) over each server epoch's
+    # trajectory and soft labels (paper: 1). Replaying the stored trajectory trains G_k longer
+    # at the cost of KD steps only (no new synthesis): a deviation for small budgets.
     kd_passes: int = _key("kd-passes", 1,
                           "Passes of the online bi-level KD stage over each server epoch's "
                           "trajectory (paper: 1; more trains G_k longer without new synthesis).",
-                          low=1, high=1000)
+                          low=1, high=1000, setting="kd_passes")
+    # Synthetic images per KD step (0 = synth_batch: the paper's one step per trajectory step).
+    # A large synthesis batch B (DeepInversion: 256, many distinct images) is then cut into
+    # B / kd_batch KD steps per trajectory step, so the student sees more distinct images
+    # without larger KD batches. B must be a multiple of it.
     kd_batch: int = _key("kd-batch", 0,
                          "Synthetic images per KD step: each trajectory step's B = synth-batch "
                          "images are cut into B / kd-batch KD steps (0 = B, paper: one KD step "
-                         "per trajectory step). Used by fedbicross and fedisca.", low=0)
-    synth_steps: int = _key("synth-steps", 500, "T, DeepInversion iterations.", low=1)
-    synth_batch: int = _key("synth-batch", 256, "B, synthetic images per cluster.", low=2)
+                         "per trajectory step). Used by fedbicross and fedisca.", low=0,
+                         setting="kd_batch")
+    # T, synthesis iterations = length of the stored trajectory x^(1..T).
+    synth_steps: int = _key("synth-steps", 500, "T, DeepInversion iterations.", low=1,
+                            setting="synth_steps")
+    # B, synthetic images per cluster and per step.
+    synth_batch: int = _key("synth-batch", 256, "B, synthetic images per cluster.", low=2,
+                            setting="synth_batch")
+    # eta_s, Adam learning rate on the input images.
     synth_lr: float = _key("synth-lr", 0.05, "Adam learning rate on the images (eta_s).",
-                           low=0.0, low_open=True)
-    tv_weight: float = _key("tv-weight", 2.5e-5, "alpha_TV of Eq. 2.", low=0.0)
-    bn_weight: float = _key("bn-weight", 10.0, "alpha_BN of Eq. 2.", low=0.0)
+                           low=0.0, low_open=True, setting="synth_lr")
+    # alpha_TV, weight of the total-variation prior R_TV (DeepInversion's L2 form, see
+    # losses.tv_loss).
+    tv_weight: float = _key("tv-weight", 2.5e-5, "alpha_TV of Eq. 2.", low=0.0, setting="tv_weight")
+    # alpha_BN, weight of the BatchNorm feature-statistics prior R_BN.
+    bn_weight: float = _key("bn-weight", 10.0, "alpha_BN of Eq. 2.", low=0.0, setting="bn_weight")
+    # tau, KD temperature of Eq. 5 (losses are scaled by tau^2).
     kd_temperature: float = _key("kd-temperature", 20.0, "tau of Eq. 5.",
-                                 low=0.0, low_open=True)
-    noise_momentum: float = _key("noise-momentum", 0.9, "beta of Eq. 3 (weight of the old value).",
-                                 low=0.0, high=1.0)
+                                 low=0.0, low_open=True, setting="tau")
+    # beta, "the momentum" of Eq. 3: mu~ <- beta * mu~ + (1 - beta) * mu(x), so beta weighs the
+    # OLD value. The BN layers forwarding the reversed trajectory get PyTorch's
+    # ``momentum = 1 - beta`` (PyTorch weighs the new batch), computed in noise_adapt only.
+    noise_momentum: float = _key("noise-momentum", 0.9,
+                                 "beta of Eq. 3, the momentum of the noise adaptation: the "
+                                 "weight of the old statistic (paper: 0.9).",
+                                 low=0.0, high=1.0, setting="noise_momentum")
+    # Eq. 3 skips the trajectory steps whose total EMA weight is below this (the late steps,
+    # weighted beta^(t-1)): every adapted statistic moves by at most cutoff x its spread.
+    # 1e-7 is below float32 rounding of the EMA (L = 153 of T = 500 at beta = 0.9); 0 = all T.
     noise_ema_cutoff: float = _key("noise-ema-cutoff", 1e-7,
                                    "Eq. 3: skip the late trajectory steps whose total EMA weight "
                                    "is below this (each adapted statistic moves by at most cutoff "
                                    "x its spread; 1e-7 is below float32 rounding; 0 = all T).",
-                                   low=0.0, high=0.5)
+                                   low=0.0, high=0.5, setting="noise_cutoff")
+    # 'eval' (paper): the adapted copy is used with its adapted running statistics.
+    # 'train' (FedISCA code): the copy stays in train mode, so it uses per-batch statistics.
     noise_teacher_mode: str = _key("noise-teacher-mode", "eval",
                                    "Noise-adapted teacher used with its adapted statistics "
                                    "(eval, paper) or per-batch statistics (train, FedISCA code).",
-                                   choices=("eval", "train"))
+                                   choices=("eval", "train"), setting="noise_teacher_mode")
+    # Ensemble teacher F_k. 'prob' (default): F_k(x) = mean_i softmax(f_i(x)), the paper's
+    # formula, which averages the client outputs as probabilities like the clustering step
+    # does. 'logit': softmax(mean_i f_i(x)) as in FedISCA's code; a prototype found it
+    # over-confident (one member dominates) and it collapsed to one class on RetinaMNIST.
     ensemble: str = _key("ensemble", "prob", "Ensemble teacher: mean of member probabilities "
                          "(prob, paper's F_k) or of logits (logit, FedISCA code).",
-                         choices=("prob", "logit"))
+                         choices=("prob", "logit"), setting="ensemble")
+    # How R_BN combines ensemble members (each member: sum over its BN layers).
+    # 'mean' (default): average over members, so the CE/BN balance does not depend on the
+    # cluster size (clusters of 1 and of 8 clients get the same effective alpha_BN).
+    # 'sum': FedISCA's code, which makes the BN term grow linearly with the cluster size.
     bn_reduction: str = _key("bn-reduction", "mean", "R_BN over cluster members: mean (does not "
                              "grow with cluster size) or sum (FedISCA code).",
-                             choices=("mean", "sum"))
-    jitter: int = _key("jitter", 2, "Random roll of synthetic images, pixels.", low=0, high=8)
-    kmeans_n_init: int = _key("kmeans-n-init", 10, "K-means restarts.", low=1)
+                             choices=("mean", "sum"), setting="bn_reduction")
+    # Random roll jitter (pixels, both axes, uniform in [-jitter, jitter]) applied to the images
+    # before each synthesis forward pass (DeepInversion/FedISCA use 2 for 28x28 / 32x32).
+    jitter: int = _key("jitter", 2, "Random roll of synthetic images, pixels.", low=0, high=8,
+                       setting="jitter")
+    # K-means restarts (scikit-learn ``n_init``); the best inertia is kept.
+    kmeans_n_init: int = _key("kmeans-n-init", 10, "K-means restarts.", low=1,
+                              setting="kmeans_n_init")
+    # What the clients are clustered on (see clustering_alternatives.py): 'predictions' (paper,
+    # K-means on the noise prediction matrices), 'parameters' (ablation: K-means on the
+    # flattened model parameters) or 'hierarchical' (ablation, CFL-style: complete-linkage
+    # clustering of the cosine similarity of the updates w_i - w^(0)).
     cluster_on: str = _key("cluster-on", "predictions",
                            "What clusters the clients: predictions (paper: K-means on the "
                            "softmax outputs on noise), parameters (K-means on the flattened "
                            "model parameters) or hierarchical (CFL: complete-linkage clustering "
                            "of the cosine similarity of the updates w_i - w^(0)).",
-                           choices=("predictions", "parameters", "hierarchical"))
+                           choices=CLUSTER_ON, setting="cluster_on")
+    # Fraction of each synthetic batch used as the validation split I^val (fixed index split).
     bilevel_val_fraction: float = _key("bilevel-val-fraction", 0.2,
                                        "Share of each synthetic batch used as I^val (paper: 0.2).",
-                                       low=0.0, low_open=True, high=0.9)
+                                       low=0.0, low_open=True, high=0.9, setting="val_fraction")
+    # eta_G, SGD learning rate of the cluster models G_k (Eq. 7). The paper does not give it;
+    # 0.01 is the usual KD student rate (DENSE); FedISCA's 1e-3 is meant for 100 x 500 steps,
+    # while FedBiCross by default makes only T=500 steps.
     student_lr: float = _key("student-lr", 0.01, "eta_G, SGD rate of the cluster models (Eq. 7).",
-                             low=0.0, low_open=True)
+                             low=0.0, low_open=True, setting="student_lr")
+    # Heavy-ball momentum of the inner SGD step. The hypergradient stays exact with momentum,
+    # since the old momentum buffer does not depend on the current w.
     student_momentum: float = _key("student-momentum", 0.9, "Momentum of the inner SGD step.",
-                                   low=0.0, high=0.999)
+                                   low=0.0, high=0.999, setting="student_momentum")
+    # L2 weight decay of the inner SGD step (FedISCA/DENSE: 5e-4); it does not depend on w either.
     student_weight_decay: float = _key("student-weight-decay", 5e-4,
-                                       "Weight decay of the inner SGD step.", low=0.0)
+                                       "Weight decay of the inner SGD step.", low=0.0,
+                                       setting="student_weight_decay")
+    # eta_w, learning rate of the cross-cluster weights (Eq. 8). With 'unit' normalisation it is
+    # the L2 length of one outer step before the simplex projection: 0.01 x T=500 steps lets a
+    # weight travel the whole simplex a few times, but not in a handful of steps.
     weight_lr: float = _key("weight-lr", 0.01, "eta_w, step of the cross-cluster weights (Eq. 8).",
-                            low=0.0)
+                            low=0.0, setting="weight_lr")
+    # 'unit' (default): the hypergradient is centred (its component along (1,...,1) does not
+    # change the simplex projection) and scaled to unit L2 norm each step. The raw one-step
+    # hypergradient is -eta_G * <g_val, g_j> and spans orders of magnitude over a run (about
+    # 660 at the first step, 0.004 later in a prototype): a fixed eta_w either saturates at once
+    # or never moves. 'none': the raw hypergradient (the paper's literal Eq. 8).
     hypergrad_norm: str = _key("hypergrad-norm", "unit",
                                "Hypergradient centred and scaled to unit norm each step (unit) "
-                               "or raw (none, Eq. 8 literally).", choices=("unit", "none"))
+                               "or raw (none, Eq. 8 literally).", choices=("unit", "none"),
+                               setting="hypergrad_normalisation")
+    # G_k^(0): 'random' (Algorithm 1, line 11) or 'cluster-average', the data-size weighted
+    # parameter average of the cluster's members (they share the initial model w^(0), as in
+    # FedAvg). A deviation for small server budgets: with a few hundred inner steps a randomly
+    # initialised ResNet-18 is still far from its teachers.
     student_init: str = _key("student-init", "random",
                              "G_k^(0): random (Algorithm 1) or cluster-average (data-size "
                              "weighted average of the cluster's client models).",
-                             choices=("random", "cluster-average"))
+                             choices=("random", "cluster-average"), setting="student_init")
+    # BatchNorm of G_k during server KD: 'train' normalises with the synthetic batch's
+    # statistics and moves G_k's running statistics towards the synthetic images (FedISCA's
+    # code; the paper is silent); 'eval' normalises with G_k's running statistics and never
+    # changes them, so G_k is trained as it is evaluated on real images; 'keep' normalises
+    # with batch statistics like 'train' but leaves the running statistics as they were. With
+    # student_init='cluster-average' those are the members' averaged real-data statistics.
     student_bn: str = _key("student-bn", "train",
                            "BatchNorm of G_k during server KD: train (batch statistics, running "
                            "statistics follow the synthetic images; FedISCA code), keep (batch "
                            "statistics, running statistics left as they were) or eval (running "
                            "statistics in the forwards, frozen); keep/eval pair with "
                            "cluster-average.",
-                           choices=("train", "keep", "eval"))
+                           choices=("train", "keep", "eval"), setting="student_bn")
+    # How the cross-cluster weights w_k are obtained: 'bilevel' (paper, Eq. 8, start at 1/K),
+    # or fixed ablations: 'intra' (one-hot own cluster), 'uniform' (1/K), 'similarity'
+    # (row-normalised cosine similarity of the clustering centroids).
     weights_mode: str = _key("weights-mode", "bilevel",
                              "Cross-cluster weights: learnt (bilevel, paper) or fixed ablations "
                              "intra (one-hot), uniform (1/K), similarity (centroid cosine).",
-                             choices=("bilevel", "intra", "uniform", "similarity"))
+                             choices=("bilevel", "intra", "uniform", "similarity"),
+                             setting="weights_mode")
 
     # --- multi-round references (fedavg-r, fedprox-r; Flower's FedAvg / FedProx) -----------
     rounds: int = _key("rounds", 10, "R, communication rounds of fedavg-r / fedprox-r.",
@@ -353,9 +462,8 @@ class RunConfig:
             raise ConfigError(f"site-nodes: {err}") from err
         if self.output_dir and not Path(self.output_dir).is_absolute():
             raise ConfigError(f"output-dir must be an absolute path, got {self.output_dir!r}")
-        if self.kd_batch and (self.kd_batch < 2 or self.synth_batch % self.kd_batch):
-            raise ConfigError(f"kd-batch={self.kd_batch} must be 0 or a divisor >= 2 of "
-                              f"synth-batch={self.synth_batch}")
+        if (problem := kd_batch_problem(self.kd_batch, self.synth_batch)) is not None:
+            raise ConfigError(f"kd-batch {problem}")
         _ = self.method_list  # validates the names of `methods`
         if self.resume and not self.run_name:
             raise ConfigError("resume=true needs run-name (the run folder to continue)")

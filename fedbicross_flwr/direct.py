@@ -87,7 +87,7 @@ class DirectTransport:
 
     def train_round(self, cfg: RunConfig, state: StateDict, server_round: int) -> PhaseResult:
         """One round of fedavg-r / fedprox-r: every client trains from the global ``state``."""
-        from fedbicross_flwr.multiround import round_config
+        from fedbicross_flwr.methods.fedavg import round_config
 
         config = round_config(cfg, server_round)
         result, round_own = self._phase_result(), {}

@@ -15,7 +15,6 @@ import shutil
 import time
 from pathlib import Path
 from collections.abc import Callable
-from typing import Protocol
 
 import torch
 
@@ -26,6 +25,7 @@ from fedbicross_flwr.knowledge import knowledge_markdown, write_knowledge
 from fedbicross_flwr.logging_utils import (add_file_handler, log, position_text,
                                             remove_handler, run_position)
 from fedbicross_flwr.methods import MethodInput, get_method
+from fedbicross_flwr.methods.fedavg import is_multiround, run_rounds
 from fedbicross_flwr.model import probe_for
 # The protocol types live in fedbicross_flwr.protocol; importing them from here keeps working.
 from fedbicross_flwr.protocol import (ClientFailure, ClientReply, ClientUpload,  # noqa: F401
@@ -35,17 +35,8 @@ from fedbicross_flwr.results import (create_run_dir, summarize, write_clients_cs
                                      write_summary_md)
 from fedbicross_flwr.site import example_bounds
 from fedbicross_flwr.training import resolve_device
+from fedbicross_flwr.transport import Transport
 from fedbicross_flwr.uploads_checkpoint import checkpointed_uploads
-
-
-class Transport(Protocol):
-    """How the server reaches the clients."""
-
-    def collect_models(self, cfg: RunConfig, init: StateDict) -> PhaseResult:
-        """Phase 1: every client trains once from ``init``; replies are :class:`ClientReply`."""
-
-    def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
-        """Phase 3: send each partition its model; replies are metric dicts."""
 
 
 def dataset_shape(cfg: RunConfig) -> tuple[int, int, float | None]:
@@ -122,8 +113,6 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     # Phase 1: one upload per client -------------------------------------------------------
     t0 = time.perf_counter()
     log(logging.INFO, "%sphase 1/3: local training on the clients", position_text())
-    from fedbicross_flwr.multiround import is_multiround, run_rounds  # imports this module
-
     phase1 = (run_rounds(cfg, transport, init, run_dir) if is_multiround(cfg.method)
               else transport.collect_models(cfg, init))  # fedavg-r/fedprox-r: R rounds
     times["phase1-local-training"] = time.perf_counter() - t0

@@ -120,9 +120,9 @@ class GridTransport:
         The strategy's ``configure_train`` samples every connected node and puts
         ``server-round`` (and FedProx's ``proximal-mu``) into the message config; the
         round's local epochs and each node's partition are added here. Aggregation happens in
-        :mod:`fedbicross_flwr.multiround` (the same function in both engines).
+        :mod:`fedbicross_flwr.methods.fedavg` (the same function in both engines).
         """
-        from fedbicross_flwr.multiround import flower_strategy, round_config
+        from fedbicross_flwr.methods.fedavg import flower_strategy, round_config
 
         nodes = self._bind(cfg)
         pid_of = {nid: pid for pid, nid in self.node_of.items()} if self.bound else {}

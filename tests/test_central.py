@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-import fedbicross_flwr.central as central_module
+import fedbicross_flwr.methods.central as central_module
 from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import load_dataset

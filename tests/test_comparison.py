@@ -47,7 +47,7 @@ def test_comparison_table_hand_computed(tmp_path) -> None:
 
 def test_methods_key_is_validated() -> None:
     from fedbicross_flwr.config import MULTIROUND_NAMES
-    from fedbicross_flwr.multiround import MULTIROUND_METHODS
+    from fedbicross_flwr.methods.fedavg import MULTIROUND_METHODS
 
     assert set(MULTIROUND_NAMES) == set(MULTIROUND_METHODS)  # the config's copy of the names
     assert RunConfig(methods=" local, fedbicross ").method_list == ["local", "fedbicross"]

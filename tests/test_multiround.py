@@ -16,7 +16,7 @@ from fedbicross_flwr.config import ConfigError, RunConfig
 from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.direct import DirectTransport, run_direct_methods
 from fedbicross_flwr.inprocess import run_in_process
-from fedbicross_flwr.multiround import round_config, round_epochs
+from fedbicross_flwr.methods.fedavg import round_config, round_epochs
 from fedbicross_flwr.training import proximal_term
 
 

@@ -173,7 +173,7 @@ def make_clients(cfg: BenchConfig, device: torch.device) -> list[nn.Module]:
 def _settings(cfg: BenchConfig, dtype: str | None = None) -> FedBiCrossSettings:
     return FedBiCrossSettings(num_clusters=cfg.num_clusters, synth_steps=cfg.steps,
                               synth_batch=cfg.batch, seed=cfg.seed,
-                              mixed_precision="bf16" if (dtype or cfg.dtype) == "bf16" else "none",
+                              mixed_precision="bf16" if (dtype or cfg.dtype) == "bf16" else "fp32",
                               compile=cfg.compile)
 
 
@@ -313,7 +313,7 @@ def _count_real_flops(cfg, settings, members, trajectories, labels, adapted_all,
                                                       settings.noise_momentum))
         # One forward per member for the first L of the T steps (Eq. 3 cutoff).
         flops["noise_adaptation"] += f * effective_steps(
-            T, 1.0 - settings.noise_momentum, settings.noise_cutoff) / T
+            T, settings.noise_momentum, settings.noise_cutoff) / T
         teacher = EnsembleTeacher(members[k], settings.ensemble, "eval")
         noise_teacher = EnsembleTeacher(adapted_all[k], settings.ensemble, "eval")
         _, f = count_flops(lambda: (teacher_soft_labels(teacher, trajectories[k][-1:], 1.0),
@@ -382,7 +382,7 @@ def _reference_and_checks(cfg, report, members, trajectories, labels, adapted_al
                                                   fp32)
         for name, s in _variants(cfg, settings, fp32):
             terms, grad = _real_synthesis_grad(members[k], xt, yk, offsets[0], s)
-            rtol = TIGHT_RTOL if s.mixed_precision == "none" else LOOSE_RTOL
+            rtol = TIGHT_RTOL if s.mixed_precision == "fp32" else LOOSE_RTOL
             checks.append(Check(f"synthesis cluster {k}: {name} vs reference-fp32", {
                 "CE": rel_err(terms[0], ref_terms[0], 1.0), "R_BN": rel_err(terms[1], ref_terms[1], 1.0),
                 "R_TV": rel_err(terms[2], ref_terms[2], 1.0), "grad_x": rel_err(grad, ref_grad)}, rtol))
@@ -410,7 +410,7 @@ def _reference_and_checks(cfg, report, members, trajectories, labels, adapted_al
         students = [copy.deepcopy(m) for m in initial_students]
         to_channels_last(students)
         trainer = OnlineBilevelTrainer(students, s, w0.numpy(), device)
-        if s.mixed_precision == "none":  # float32 soft labels of the stored teachers, step t
+        if s.mixed_precision == "fp32":  # float32 soft labels of the stored teachers, step t
             pf, pn = [], []
             for k in range(K):
                 teacher = EnsembleTeacher(members[k], s.ensemble, "eval")
@@ -427,7 +427,7 @@ def _reference_and_checks(cfg, report, members, trajectories, labels, adapted_al
         ref_delta = torch.cat([(a.detach() - b.detach()).flatten() for st, st0 in
                                zip(ref_students, initial_students)
                                for a, b in zip(st.parameters(), st0.parameters())])
-        tight = s.mixed_precision == "none"
+        tight = s.mixed_precision == "fp32"
         checks.append(Check(f"bi-level step {t}/{T}: {name} vs reference-fp32", {
             "student_update": rel_err(real_delta, ref_delta), "val_loss": rel_err(val, ref_val, 1.0),
             "weights": rel_err(trainer.weights, ref.weights)},
@@ -446,7 +446,7 @@ def _reference_and_checks(cfg, report, members, trajectories, labels, adapted_al
     # first member: this is what checks the cutoff.
     (ref_copy,) = noise_adapted_copy(ref_members[0][:1], perturbed(trajectories[0].float()),
                                      settings.noise_momentum)
-    used = effective_steps(T, 1.0 - settings.noise_momentum, settings.noise_cutoff)
+    used = effective_steps(T, settings.noise_momentum, settings.noise_cutoff)
     for name, s in _variants(cfg, settings, fp32):
         if s.mixed_precision == settings.mixed_precision:
             real_copy = adapted_all[0][0]
@@ -455,7 +455,7 @@ def _reference_and_checks(cfg, report, members, trajectories, labels, adapted_al
                                               cutoff=s.noise_cutoff)
         checks.append(Check(f"noise adaptation ({used} of {T} steps): {name} vs reference-fp32", {
             "bn_statistics": rel_err(_bn_statistics(real_copy), _bn_statistics(ref_copy))},
-            TIGHT_RTOL if s.mixed_precision == "none" else LOOSE_RTOL))
+            TIGHT_RTOL if s.mixed_precision == "fp32" else LOOSE_RTOL))
     ref_ms = {"synthesis": synth_ms, "noise_adaptation": noise_ms,
               "soft_labels": 0.0,  # recomputed inside every reference KD step instead
               "bilevel": bilevel_ms}

@@ -25,7 +25,7 @@ from .losses import (
 )
 from .method import FedBiCrossResult, run_fedbicross
 from .noise_adapt import noise_adapted_copy, teacher_soft_labels
-from .settings import FedBiCrossSettings, cpu_budget_settings
+from .settings import FedBiCrossSettings, settings_from_config
 from .synthesis import EnsembleTeacher, synthesize_trajectory
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "InnerStepResult",
     "OnlineBilevelTrainer",
     "cluster_clients",
-    "cpu_budget_settings",
     "inner_step_and_hypergradient",
     "kd_kl",
     "kd_loss",
@@ -47,6 +46,7 @@ __all__ = [
     "personalization_loss",
     "project_to_simplex",
     "run_fedbicross",
+    "settings_from_config",
     "synthesize_trajectory",
     "teacher_soft_labels",
     "tv_loss",

@@ -176,7 +176,7 @@ def inner_step_and_hypergradient(
     weight_decay: float = 0.0,
     momentum_buffers: dict[str, Tensor] | None = None,
     compute_hypergradient: bool = True,
-    mixed_precision: str = "none",
+    mixed_precision: str = "fp32",
     bn_mode: str = "train",
 ) -> InnerStepResult:
     """Inner update (Eq. 7) of one cluster model, in place, and the exact hypergradient (Eq. 8).

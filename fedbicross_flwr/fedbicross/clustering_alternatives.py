@@ -27,10 +27,9 @@ import torch
 from sklearn.cluster import AgglomerativeClustering
 from torch import Tensor, nn
 
+from ..config import CLUSTER_ON
 from ..logging_utils import log
 from .clustering import cluster_clients
-
-CLUSTER_ON = ("predictions", "parameters", "hierarchical")
 
 
 def initial_model_state(factory: Callable[[], nn.Module], seed: int) -> dict[str, Tensor]:

@@ -5,7 +5,6 @@ Stage 2 (online bi-level cross-cluster KD), i.e. Algorithm 1 lines 1-15.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from logging import INFO
@@ -20,6 +19,7 @@ from ..logging_utils import StagePlan, log
 from ..model import build_resnet18, weighted_average
 from .bilevel import OnlineBilevelTrainer, fixed_weights
 from .checkpoint import StageCheckpoints, fingerprint
+from .stages import StageRunner, StageTimer
 from .clustering_alternatives import assign_clusters
 from .clustering import (
     cluster_centroids,
@@ -31,6 +31,9 @@ from .noise_adapt import noise_adapted_copy, teacher_soft_labels
 from .settings import FedBiCrossSettings
 from .synthesis import EnsembleTeacher, synthesize_trajectory
 from .utils import derive_seed
+
+
+STAGES = ("clustering", "synthesis", "noise_adaptation", "soft_labels", "bilevel")
 
 
 @dataclass
@@ -150,169 +153,134 @@ def run_fedbicross(
     num_clients = len(client_models)
     if not 1 <= s.num_clusters <= num_clients:
         raise ValueError(f"num_clusters must be in [1, N={num_clients}], got {s.num_clusters}")
-    times: dict[str, float] = {
-        "clustering": 0.0, "synthesis": 0.0, "noise_adaptation": 0.0, "soft_labels": 0.0,
-        "bilevel": 0.0,
-    }
     # Frozen working copies: callers' models keep their device, mode and requires_grad flags.
     clients = [copy.deepcopy(m).to(device).eval().requires_grad_(False) for m in client_models]
-    ckpt = StageCheckpoints(checkpoint_dir, fingerprint(
+    factory = student_factory or (lambda: build_resnet18(in_channels, num_classes))
+    stages = StageRunner(StageCheckpoints(checkpoint_dir, fingerprint(
         asdict(s), client_models,
         {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size,
          "client_weights": None if client_weights is None else list(map(float, client_weights)),
-         "student": None if student_factory is None else repr(student_factory())}))
+         "student": None if student_factory is None else repr(student_factory())})),
+        device, STAGES)
 
     plan = StagePlan(algorithm_stages(s.num_clusters, s.server_epochs))
 
     # --- Stage 1a: clustering by output similarity on noise (Algorithm 1, lines 1-3) ----------
     plan.begin(plan.names[0])
-    start = time.perf_counter()
-    saved = ckpt.load("clustering")
-    if saved is None:
-        preds = noise_predictions(clients, s.noise_samples, in_channels, derive_seed(s.seed, 0),
-                                  device, image_size=image_size)  # (N, M * C)
-        assignment = assign_clusters(s.cluster_on, clients, preds, s.num_clusters, s.seed, s.kmeans_n_init,
-                                     student_factory or (lambda: build_resnet18(in_channels, num_classes)))
-        degenerate = log_clustering(assignment, preds, num_classes)
-        ckpt.save("clustering", {"preds": preds, "assignment": assignment, "degenerate": degenerate})
-    else:
-        preds, assignment, degenerate = saved["preds"], saved["assignment"], saved["degenerate"]
-        log(INFO, "clustering restored from checkpoint: %s", assignment.tolist())
+    clustering = stages.run("clustering", lambda: _cluster(clients, s, in_channels, num_classes,
+                                                           image_size, factory, device),
+                            timed_as="clustering")
+    preds, assignment = clustering["preds"], clustering["assignment"]  # (N, M * C), (N,)
     centroids = cluster_centroids(preds, assignment, s.num_clusters)  # (K, M * C)
     members = [[clients[i] for i in np.flatnonzero(assignment == k)] for k in range(s.num_clusters)]
-    times["clustering"] = time.perf_counter() - start
 
-    # --- Stage 2 set-up: G_k^(0) random, w_k^(0) (Algorithm 1, lines 11-12) --------------------
-    factory = student_factory or (lambda: build_resnet18(in_channels, num_classes))
+    # --- Stage 2 set-up: G_k^(0), w_k^(0) (Algorithm 1, lines 11-12) ---------------------------
     students = init_cluster_models(factory, s.num_clusters, s.seed, device)
     if s.student_init == "cluster-average":
-        sizes = np.ones(num_clients) if client_weights is None else np.asarray(client_weights)
-        for k, student in enumerate(students):
-            idx = np.flatnonzero(assignment == k)
-            student.load_state_dict(weighted_average([clients[i].state_dict() for i in idx],
-                                                   sizes[idx].tolist()))
+        _average_into_students(students, clients, assignment, client_weights)
     initial_weights = fixed_weights(
         s.weights_mode, s.num_clusters, similarity_weights(centroids) if s.weights_mode == "similarity" else None
     )
     log(INFO, "Initial cross-cluster weights (%s): %s", s.weights_mode, np.round(initial_weights, 3).tolist())
     trainer = OnlineBilevelTrainer(students, s, initial_weights, device)
+    record = stages.resume_epochs(s.server_epochs, students, trainer)
 
-    histories: list[dict[str, np.ndarray]] = []
-    synthesis_diagnostics: list[list[dict[str, Any]]] = []
-    examples: list[Tensor] = []
-    example_labels: list[Tensor] = []
-    first_epoch = 0
-    for epoch in reversed(range(s.server_epochs)):  # the latest finished server epoch, if any
-        state = ckpt.load(f"epoch{epoch}-bilevel")
-        if state is not None:
-            for student, weights in zip(students, state["students"]):
-                student.load_state_dict(weights)
-            trainer.weights = state["weights"].to(device)
-            trainer.momentum_buffers = [{name: b.to(device) for name, b in buffers.items()}
-                                        for buffers in state["momentum_buffers"]]
-            histories, synthesis_diagnostics = state["histories"], state["synthesis"]
-            examples, example_labels = state["examples"], state["example_labels"]
-            times.update(state["times"])
-            first_epoch = epoch + 1
-            log(INFO, "server epochs 1..%d restored from checkpoint", first_epoch)
-            break
-
-    for epoch in range(first_epoch, s.server_epochs):
-        trajectories, teacher_probs, noise_probs, epoch_diag = [], [], [], []
-        examples, example_labels = [], []
-        for k in range(s.num_clusters):
-            tag = f"epoch {epoch + 1}/{s.server_epochs} cluster {k}"
-            plan.begin(stage_name("1b", k, epoch, s.server_epochs))
-            saved = ckpt.load(f"epoch{epoch}-cluster{k}")
-            if saved is not None:
-                log(INFO, "%s: synthesis and soft labels restored from checkpoint", tag)
-                trajectory, labels, diag = (saved["trajectory"].to(device),
-                                            saved["labels"].to(device), saved["diag"])
-                probs_f, probs_fn = saved["teacher_probs"].to(device), saved["noise_probs"].to(device)
-                for stage in ("synthesis", "noise_adaptation", "soft_labels"):
-                    times[stage] += saved["times"][stage]
-            else:
-                stage_times = {}
-                # --- Stage 1b: trajectory synthesis with fresh noise (lines 4-8) -----------------
-                start = time.perf_counter()
-                trajectory, labels, diag = synthesize_trajectory(
-                    members[k], num_classes, in_channels, s, derive_seed(s.seed, 3, epoch, k),
-                    device, image_size=image_size, progress=progress, tag=tag,
-                )  # (T, B, C_in, H, W), (B,)
-                stage_times["synthesis"] = time.perf_counter() - start
-
-                # --- Stage 1c: noise-adapted teacher (line 9) -------------------------------------
-                plan.begin(stage_name("1c", k, epoch, s.server_epochs))
-                start = time.perf_counter()
-                adapted = noise_adapted_copy(members[k], trajectory, s.noise_momentum,
-                                             s.noise_teacher_mode, s.mixed_precision,
-                                             cutoff=s.noise_cutoff)
-                stage_times["noise_adaptation"] = time.perf_counter() - start
-
-                # Teachers are frozen: soft labels at temperature tau for every step, computed once.
-                start = time.perf_counter()
-                teacher = EnsembleTeacher(members[k], s.ensemble, "eval")
-                noise_teacher = EnsembleTeacher(adapted, s.ensemble, s.noise_teacher_mode)
-                probs_f = teacher_soft_labels(teacher, trajectory, s.tau, s.label_chunk,
-                                              s.mixed_precision)  # (T, B, C)
-                probs_fn = teacher_soft_labels(noise_teacher, trajectory, s.tau, s.label_chunk,
-                                               s.mixed_precision)  # (T, B, C)
-                del adapted, noise_teacher
-                stage_times["soft_labels"] = time.perf_counter() - start
-                for stage, seconds in stage_times.items():
-                    times[stage] += seconds
-                ckpt.save(f"epoch{epoch}-cluster{k}", {
-                    "trajectory": trajectory.detach().cpu(), "labels": labels.cpu(), "diag": diag,
-                    "teacher_probs": probs_f.cpu(), "noise_probs": probs_fn.cpu(),
-                    "times": stage_times})
-            epoch_diag.append(diag)
-            examples.append(trajectory[-1, : s.num_examples].detach().cpu())
-            example_labels.append(labels[: s.num_examples].cpu())
-            teacher_probs.append(probs_f)
-            noise_probs.append(probs_fn)
-            trajectories.append(trajectory)
-        synthesis_diagnostics.append(epoch_diag)
+    for epoch in range(record.next_epoch, s.server_epochs):
+        # --- Stage 1b-1c per cluster: synthesis with fresh noise, noise-adapted teacher, frozen
+        # teachers' soft labels (lines 4-9) ----------------------------------------------------
+        clusters = [stages.run(f"epoch{epoch}-cluster{k}", lambda k=k: _synthesize_cluster(
+            members[k], s, num_classes, in_channels, image_size, epoch, k, device, progress,
+            plan))
+            for k in range(s.num_clusters)]
+        record.add_synthesis(clusters, s.num_examples)
 
         # --- Stage 2: online bi-level cross-cluster KD (lines 13-15) ----------------------------
         plan.begin(stage_name("2", None, epoch, s.server_epochs))
-        start = time.perf_counter()
-        for kd_pass in range(s.kd_passes):
-            tag = f"epoch {epoch + 1}/{s.server_epochs}" + (
-                f" pass {kd_pass + 1}/{s.kd_passes}" if s.kd_passes > 1 else "")
-            histories.append(trainer.run_epoch(trajectories, teacher_probs, noise_probs,
-                                               progress=progress, tag=tag))
-        times["bilevel"] += time.perf_counter() - start
-        del trajectories, teacher_probs, noise_probs  # free the device before the next epoch
-        if ckpt.enabled:
-            ckpt.save(f"epoch{epoch}-bilevel", {
-                "students": [{n: v.detach().cpu().clone() for n, v in st.state_dict().items()}
-                             for st in students],
-                "weights": trainer.weights.cpu(),
-                "momentum_buffers": [{n: b.cpu() for n, b in buffers.items()}
-                                     for buffers in trainer.momentum_buffers],
-                "histories": histories, "synthesis": synthesis_diagnostics,
-                "examples": examples, "example_labels": example_labels, "times": dict(times)})
-            # The epoch's synthesis and the previous epoch's state are superseded.
-            ckpt.drop([f"epoch{epoch}-cluster{k}" for k in range(s.num_clusters)]
-                      + ([f"epoch{epoch - 1}-bilevel"] if epoch else []))
+        with stages.timed("bilevel"):
+            for kd_pass in range(s.kd_passes):
+                tag = f"epoch {epoch + 1}/{s.server_epochs}" + (
+                    f" pass {kd_pass + 1}/{s.kd_passes}" if s.kd_passes > 1 else "")
+                record.histories.append(trainer.run_epoch(
+                    [c["trajectory"] for c in clusters], [c["teacher_probs"] for c in clusters],
+                    [c["noise_probs"] for c in clusters], progress=progress, tag=tag))
+        del clusters  # free the device before the next epoch
+        stages.finish_epoch(epoch, s.num_clusters, students, trainer, record)
 
     plan.finish()
-    weight_history = np.concatenate([h["weights"] for h in histories])  # (E * T, K, K)
+    weight_history = np.concatenate([h["weights"] for h in record.histories])  # (E * T, K, K)
     diagnostics: dict[str, Any] = {
-        "stage_times_s": times,
+        "stage_times_s": stages.times,
         "cluster_sizes": np.bincount(assignment, minlength=s.num_clusters).tolist(),
-        "degenerate_clients": degenerate,
+        "degenerate_clients": clustering["degenerate"],
         "initial_weights": initial_weights,
         "final_weights": weight_history[-1],
-        "synthesis": synthesis_diagnostics,
-        "val_loss": np.concatenate([h["val_loss"] for h in histories]),
-        "source_loss": np.concatenate([h["source_loss"] for h in histories]),
+        "synthesis": record.synthesis,
+        "val_loss": np.concatenate([h["val_loss"] for h in record.histories]),
+        "source_loss": np.concatenate([h["source_loss"] for h in record.histories]),
     }
     log(INFO, "FedBiCross server done; stage wall times (s): %s",
-        {name: round(value, 1) for name, value in times.items()})
+        {name: round(value, 1) for name, value in stages.times.items()})
     cluster_models = [
         {name: value.detach().cpu().clone() for name, value in student.state_dict().items()}
         for student in students
     ]
-    return FedBiCrossResult(cluster_models, assignment, weight_history, examples, example_labels,
-                            diagnostics)
+    return FedBiCrossResult(cluster_models, assignment, weight_history, record.examples,
+                            record.example_labels, diagnostics)
+
+
+def _cluster(clients: list[nn.Module], s: FedBiCrossSettings, in_channels: int,
+             num_classes: int, image_size: int, factory: Callable[[], nn.Module],
+             device: torch.device) -> dict[str, Any]:
+    """Stage 1a: noise predictions, cluster assignment and the clients that look degenerate."""
+    preds = noise_predictions(clients, s.noise_samples, in_channels, derive_seed(s.seed, 0),
+                              device, image_size=image_size)  # (N, M * C)
+    assignment = assign_clusters(s.cluster_on, clients, preds, s.num_clusters, s.seed,
+                                 s.kmeans_n_init, factory)
+    degenerate = log_clustering(assignment, preds, num_classes)
+    return {"preds": preds, "assignment": assignment, "degenerate": degenerate}
+
+
+def _synthesize_cluster(members: list[nn.Module], s: FedBiCrossSettings, num_classes: int,
+                        in_channels: int, image_size: int, epoch: int, k: int,
+                        device: torch.device, progress: bool,
+                        plan: StagePlan | None = None) -> dict[str, Any]:
+    """Stages 1b-1c for cluster k in server epoch ``epoch``: the trajectory x^(1..T), its
+    labels, the frozen teachers' soft labels at temperature tau, and each part's wall time.
+    ``plan`` logs the stages' position in the run."""
+    tag = f"epoch {epoch + 1}/{s.server_epochs} cluster {k}"
+    timer = StageTimer()
+    if plan is not None:
+        plan.begin(stage_name("1b", k, epoch, s.server_epochs))
+    with timer("synthesis"):  # trajectory synthesis with fresh noise (lines 4-8)
+        trajectory, labels, diag = synthesize_trajectory(
+            members, num_classes, in_channels, s, derive_seed(s.seed, 3, epoch, k),
+            device, image_size=image_size, progress=progress, tag=tag,
+        )  # (T, B, C_in, H, W), (B,)
+    if plan is not None:
+        plan.begin(stage_name("1c", k, epoch, s.server_epochs))
+    with timer("noise_adaptation"):  # noise-adapted teacher (line 9)
+        adapted = noise_adapted_copy(members, trajectory, s.noise_momentum,
+                                     s.noise_teacher_mode, s.mixed_precision,
+                                     cutoff=s.noise_cutoff)
+    with timer("soft_labels"):  # teachers are frozen: soft labels for every step, computed once
+        teacher = EnsembleTeacher(members, s.ensemble, "eval")
+        noise_teacher = EnsembleTeacher(adapted, s.ensemble, s.noise_teacher_mode)
+        probs_f = teacher_soft_labels(teacher, trajectory, s.tau, s.label_chunk,
+                                      s.mixed_precision)  # (T, B, C)
+        probs_fn = teacher_soft_labels(noise_teacher, trajectory, s.tau, s.label_chunk,
+                                       s.mixed_precision)  # (T, B, C)
+        del adapted, noise_teacher
+    return {"trajectory": trajectory.detach(), "labels": labels, "diag": diag,
+            "teacher_probs": probs_f, "noise_probs": probs_fn, "times": timer.times}
+
+
+def _average_into_students(students: list[nn.Module], clients: list[nn.Module],
+                           assignment: np.ndarray,
+                           client_weights: Sequence[float] | None) -> None:
+    """``student-init='cluster-average'``: G_k^(0) = the data-size weighted average of cluster
+    k's client models (default: equal weights)."""
+    sizes = np.ones(len(clients)) if client_weights is None else np.asarray(client_weights)
+    for k, student in enumerate(students):
+        idx = np.flatnonzero(assignment == k)
+        student.load_state_dict(weighted_average([clients[i].state_dict() for i in idx],
+                                                 sizes[idx].tolist()))

@@ -46,9 +46,9 @@ def effective_steps(steps: int, beta: float, cutoff: float) -> int:
 def noise_adapted_copy(
     members: Sequence[nn.Module],
     trajectory: Tensor,
-    momentum: float = 0.1,
+    beta: float = 0.9,
     mode: str = "eval",
-    mixed_precision: str = "none",
+    mixed_precision: str = "fp32",
     cutoff: float = 0.0,
 ) -> list[nn.Module]:
     """Deep copies of the members with BN statistics adapted to the trajectory (Eq. 3).
@@ -76,8 +76,9 @@ def noise_adapted_copy(
         Original client models; they are not modified.
     trajectory : Tensor
         (T, B, C_in, H, W) stored synthesis trajectory x^(1..T).
-    momentum : float
-        PyTorch BN momentum = 1 - beta (paper beta = 0.9 -> 0.1).
+    beta : float
+        The momentum of Eq. 3, the weight of the old statistic (paper: 0.9); the BN layers
+        get PyTorch's ``momentum = 1 - beta``.
     mode : str
         'eval' (paper): the copies are returned in eval mode, i.e. they predict with the adapted
         running statistics. 'train' (FedISCA's code): BN layers are left in train mode, so the
@@ -94,7 +95,8 @@ def noise_adapted_copy(
     """
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
-    steps = effective_steps(trajectory.shape[0], 1.0 - momentum, cutoff)
+    steps = effective_steps(trajectory.shape[0], beta, cutoff)
+    momentum = 1.0 - beta  # PyTorch weighs the NEW batch statistic
     copies = []
     for member in members:
         adapted = copy.deepcopy(member)
@@ -119,7 +121,7 @@ def teacher_soft_labels(
     trajectory: Tensor,
     tau: float,
     chunk: int = 8,
-    mixed_precision: str = "none",
+    mixed_precision: str = "fp32",
     fold_bn: bool = True,
 ) -> Tensor:
     """Probabilities of a frozen teacher at temperature tau for every trajectory step, once.

@@ -1,42 +1,34 @@
-"""Registry of server methods: ``name -> function(MethodInput) -> MethodOutput``.
+"""The server methods, one module each, and their registry ``name -> function(MethodInput)``.
 
 Every method receives the same client uploads and returns one model per client, which then
 goes through the same personalization round and the same evaluation.
+
+``fedavg1``, ``fedavg-r``, ``fedprox-r``  :mod:`.fedavg` (one-shot and multi-round FedAvg/FedProx)
+``local``                                 :mod:`.local` (no federation)
+``central``                               :mod:`.central` (pooled-data upper bound, simulation)
+``fedbicross``                            :mod:`.fedbicross` (glue to the algorithm core)
+``fedisca``, ``dense``, ``coboosting``,   :mod:`.baselines` (the paper's data-free baselines)
+``dafl``
+
+The heavy methods are imported when first called: the FedBiCross stack (sklearn, matplotlib)
+and the baselines are not needed by the others.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
+
 from fedbicross_flwr.methods.base import (ClientUpload, MethodInput, MethodOutput, ServerMethod,
                                           StateDict)
-from fedbicross_flwr.methods.simple import fedavg1, local
-
-def _fedbicross(inp: MethodInput) -> MethodOutput:
-    # imported lazily: the FedBiCross stack (sklearn, matplotlib) is not needed by the others
-    from fedbicross_flwr.methods.fedbicross import fedbicross
-
-    return fedbicross(inp)
+from fedbicross_flwr.methods.fedavg import fedavg1, fedavg_r
+from fedbicross_flwr.methods.local import local
 
 
-def _fedavg_r(inp: MethodInput) -> MethodOutput:
-    # fedavg-r / fedprox-r: phase 1 is R rounds (fedbicross_flwr.multiround); this averages R
-    from fedbicross_flwr.multiround import fedavg_r
-
-    return fedavg_r(inp)
-
-
-def _central(inp: MethodInput) -> MethodOutput:
-    from fedbicross_flwr.central import central
-
-    return central(inp)
-
-
-def _baseline(module: str, name: str) -> ServerMethod:
-    """A registry entry that imports fedbicross_flwr.baselines.<module> only when called."""
+def _lazy(module: str, name: str) -> ServerMethod:
+    """A registry entry that imports ``fedbicross_flwr.methods.<module>`` only when called."""
 
     def run(inp: MethodInput) -> MethodOutput:
-        from importlib import import_module
-
-        return getattr(import_module(f"fedbicross_flwr.baselines.{module}"), name)(inp)
+        return getattr(import_module(f"fedbicross_flwr.methods.{module}"), name)(inp)
 
     run.__name__ = name
     return run
@@ -45,14 +37,14 @@ def _baseline(module: str, name: str) -> ServerMethod:
 REGISTRY: dict[str, ServerMethod] = {
     "fedavg1": fedavg1,
     "local": local,
-    "fedbicross": _fedbicross,
-    "fedavg-r": _fedavg_r,
-    "fedprox-r": _fedavg_r,
-    "central": _central,
-    "fedisca": _baseline("fedisca", "fedisca"),
-    "dense": _baseline("dense", "dense"),
-    "coboosting": _baseline("coboosting", "coboosting"),
-    "dafl": _baseline("dafl", "dafl"),
+    "fedbicross": _lazy("fedbicross", "fedbicross"),
+    "fedavg-r": fedavg_r,  # phase 1 is R rounds (fedavg.run_rounds); this averages round R
+    "fedprox-r": fedavg_r,
+    "central": _lazy("central", "central"),
+    "fedisca": _lazy("baselines.fedisca", "fedisca"),
+    "dense": _lazy("baselines.dense", "dense"),
+    "coboosting": _lazy("baselines.coboosting", "coboosting"),
+    "dafl": _lazy("baselines.dafl", "dafl"),
 }
 
 

@@ -1,8 +1,9 @@
 """FedBiCross as a server method: Stages 1-2 on the server, Stage 3 by ``train.personalize``.
 
-The algorithm lives in :mod:`fedbicross_flwr.fedbicross` (plain PyTorch). This adapter maps the
-run config onto :class:`FedBiCrossSettings`, sends each client its cluster model G_k, and
-writes the method's artefacts into the run folder:
+The algorithm lives in :mod:`fedbicross_flwr.fedbicross` (plain PyTorch). This adapter takes
+its settings from the run config (:func:`~fedbicross_flwr.fedbicross.settings.
+settings_from_config`), sends each client its cluster model G_k, and writes the method's
+artefacts into the run folder:
 
 ``clusters.csv``                 partition-id -> cluster
 ``weights.csv`` / ``weights.png`` cross-cluster weight history (one row per bi-level step)
@@ -17,53 +18,14 @@ import logging
 
 import numpy as np
 
-from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.fedbicross.method import run_fedbicross
 from fedbicross_flwr.fedbicross.plots import (plot_weight_history, save_synthetic_grid,
                                               save_weight_history_csv)
-from fedbicross_flwr.fedbicross.settings import FedBiCrossSettings
+from fedbicross_flwr.fedbicross.settings import settings_from_config
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput
 from fedbicross_flwr.model import build_resnet18
 from fedbicross_flwr.results import write_json
-
-
-def settings_from_config(cfg: RunConfig, num_clusters: int | None = None) -> FedBiCrossSettings:
-    """Run-config keys -> algorithm settings (paper notation -> torch conventions)."""
-    return FedBiCrossSettings(
-        num_clusters=num_clusters or cfg.num_clusters,
-        noise_samples=cfg.noise_samples,
-        kmeans_n_init=cfg.kmeans_n_init,
-        cluster_on=cfg.cluster_on,
-        synth_steps=cfg.synth_steps,
-        synth_batch=cfg.synth_batch,
-        synth_lr=cfg.synth_lr,
-        tv_weight=cfg.tv_weight,
-        bn_weight=cfg.bn_weight,
-        bn_reduction=cfg.bn_reduction,
-        ensemble=cfg.ensemble,
-        jitter=cfg.jitter,
-        # Eq. 3 weighs the OLD statistics by beta; torch's momentum weighs the NEW batch.
-        noise_momentum=1.0 - cfg.noise_momentum,
-        noise_cutoff=cfg.noise_ema_cutoff,
-        noise_teacher_mode=cfg.noise_teacher_mode,
-        val_fraction=cfg.bilevel_val_fraction,
-        tau=cfg.kd_temperature,
-        student_lr=cfg.student_lr,
-        student_momentum=cfg.student_momentum,
-        student_weight_decay=cfg.student_weight_decay,
-        weight_lr=cfg.weight_lr,
-        hypergrad_normalisation=cfg.hypergrad_norm,
-        weights_mode=cfg.weights_mode,
-        student_init=cfg.student_init,
-        student_bn=cfg.student_bn,
-        server_epochs=cfg.server_epochs,
-        kd_passes=cfg.kd_passes,
-        kd_batch=cfg.kd_batch,
-        seed=cfg.seed,
-        mixed_precision="bf16" if cfg.precision == "bf16" else "none",
-        compile=cfg.compile,
-    )
 
 
 def fedbicross(inp: MethodInput) -> MethodOutput:

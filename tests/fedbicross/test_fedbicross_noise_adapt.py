@@ -24,7 +24,7 @@ def test_reverse_order_bn_update_hand_computed():
     #   x^(1): (1, 2) -> mean 0.9*0.56 + 0.1*1 = 0.604,   var 0.9*1.01 + 0.1*2 = 1.109
     # (forward order would give 0.661 and 1.071)
     # Execute
-    (adapted,) = noise_adapted_copy([member], _trajectory(), momentum=0.1, mode="eval")
+    (adapted,) = noise_adapted_copy([member], _trajectory(), beta=0.9, mode="eval")
     # Assert
     bn = adapted[0]
     assert bn.running_mean.item() == pytest.approx(0.604)
@@ -54,29 +54,29 @@ def test_cutoff_skips_the_late_steps_hand_computed():
     #                      x^(1): (1, 2) -> mean 0.5*1 + 0.5*1 = 1,   var 0.5*1.5 + 0.5*2 = 1.75
     # (all three steps: mean 1.5, var 1.625)
     # Execute
-    (cut,) = noise_adapted_copy([member], _trajectory(), momentum=0.5, cutoff=0.3)
-    (full,) = noise_adapted_copy([member], _trajectory(), momentum=0.5)
+    (cut,) = noise_adapted_copy([member], _trajectory(), beta=0.5, cutoff=0.3)
+    (full,) = noise_adapted_copy([member], _trajectory(), beta=0.5)
     # Assert
     assert (cut[0].running_mean.item(), cut[0].running_var.item()) == pytest.approx((1.0, 1.75))
     assert (full[0].running_mean.item(), full[0].running_var.item()) == pytest.approx((1.5, 1.625))
     with pytest.raises(ValueError, match="cutoff"):
-        noise_adapted_copy([member], _trajectory(), momentum=0.5, cutoff=1.0)
+        noise_adapted_copy([member], _trajectory(), beta=0.5, cutoff=1.0)
 
 
 def test_cutoff_error_is_bounded_by_the_skipped_weight_times_the_spread():
     # Prepare: a conv-BN net, T = 40, beta = 0.9, cutoff 0.05 -> L = 29; the per-step batch
-    # statistics s_t of every BN layer (momentum 1 keeps exactly the last batch's).
+    # statistics s_t of every BN layer (beta 0 keeps exactly the last batch's).
     member = make_tiny(0).eval()
     gen = torch.Generator().manual_seed(3)
     trajectory = torch.randn(40, 6, 1, 5, 5, generator=gen) * torch.linspace(3, 0.5, 40).view(
         40, 1, 1, 1, 1)
     names = [n for n, b in member.named_buffers() if "running" in n]
-    per_step = [dict(noise_adapted_copy([member], trajectory[t:t + 1], momentum=1.0)[0]
+    per_step = [dict(noise_adapted_copy([member], trajectory[t:t + 1], beta=0.0)[0]
                      .named_buffers()) for t in range(40)]
     original = dict(member.named_buffers())
     # Execute
-    (cut,) = noise_adapted_copy([member], trajectory, momentum=0.1, cutoff=0.05)
-    (full,) = noise_adapted_copy([member], trajectory, momentum=0.1)
+    (cut,) = noise_adapted_copy([member], trajectory, beta=0.9, cutoff=0.05)
+    (full,) = noise_adapted_copy([member], trajectory, beta=0.9)
     # Assert: diff = sum_{t > L} (1-beta) beta^(t-1) (original - s_t), so
     # |diff| <= beta^L * max_{t > L} |original - s_t| (the bound the docstring states)
     L = effective_steps(40, 0.9, 0.05)
@@ -94,8 +94,8 @@ def test_train_mode_variant_keeps_bn_in_train_mode_and_uses_batch_statistics():
     member = make_tiny(0)
     trajectory = torch.randn(4, 6, 1, 5, 5, generator=torch.Generator().manual_seed(0))
     # Execute
-    (paper,) = noise_adapted_copy([member], trajectory, 0.1, "eval")
-    (fedisca,) = noise_adapted_copy([member], trajectory, 0.1, "train")
+    (paper,) = noise_adapted_copy([member], trajectory, 0.9, "eval")
+    (fedisca,) = noise_adapted_copy([member], trajectory, 0.9, "train")
     p_paper = teacher_soft_labels(EnsembleTeacher([paper], bn_mode="eval"), trajectory, tau=1.0)
     p_fedisca = teacher_soft_labels(EnsembleTeacher([fedisca], bn_mode="train"), trajectory, tau=1.0)
     # Assert: same adapted statistics, different predictions (batch vs running statistics)

@@ -6,8 +6,8 @@ One ensemble of ALL clients; each of ``fedisca-epochs`` server epochs e:
    synthesis, :func:`~..fedbicross.synthesis.synthesize_trajectory`, with the same keys:
    synth-steps, synth-batch, synth-lr, tv-weight, bn-weight, bn-reduction, ensemble, jitter);
 2. noise adaptation: the noise-adapted copy's BN statistics are updated by forwarding the
-   trajectory in reverse order (:func:`~..fedbicross.noise_adapt.noise_adapted_copy`, momentum
-   1 - ``noise-momentum``). As in the reference, ONE adapted copy lives through all epochs: each
+   trajectory in reverse order (:func:`~..fedbicross.noise_adapt.noise_adapted_copy`, beta =
+   ``noise-momentum``). As in the reference, ONE adapted copy lives through all epochs: each
    epoch continues from the previous epoch's adapted statistics;
 3. KD: one SGD step per trajectory step t = 0..T-1 (in order; ``kd-batch`` < B: B / kd-batch
    steps on consecutive slices of the batch) on
@@ -31,13 +31,13 @@ from logging import INFO
 
 import torch
 
-from ..fedbicross.losses import kd_loss
-from ..fedbicross.noise_adapt import noise_adapted_copy, teacher_soft_labels
-from ..fedbicross.synthesis import EnsembleTeacher, synthesize_trajectory
-from ..fedbicross.utils import autocast_context, derive_seed
-from ..logging_utils import log
-from ..methods.base import MethodInput, MethodOutput
-from ..methods.fedbicross import settings_from_config
+from ...fedbicross.losses import kd_loss
+from ...fedbicross.noise_adapt import noise_adapted_copy, teacher_soft_labels
+from ...fedbicross.settings import settings_from_config
+from ...fedbicross.synthesis import EnsembleTeacher, synthesize_trajectory
+from ...fedbicross.utils import autocast_context, derive_seed
+from ...logging_utils import log
+from ...methods.base import MethodInput, MethodOutput
 from .common import client_models, finish, initial_student, step_schedule
 from .generator import full_precision
 

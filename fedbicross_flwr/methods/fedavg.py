@@ -1,4 +1,6 @@
-"""Multi-round references: FedAvg and FedProx over R rounds, on the one-shot app's clients.
+"""FedAvg as server methods: one-shot ``fedavg1`` and the multi-round ``fedavg-r``/``fedprox-r``.
+
+``fedavg1`` sends every client the data-size weighted average of the one-shot uploads.
 
 Users compare one-shot methods against what many rounds buy. ``fedavg-r`` and ``fedprox-r``
 replace phase 1 of the one-shot protocol by R communication rounds; everything else is the
@@ -31,15 +33,16 @@ import csv
 import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, StateDict
 from fedbicross_flwr.model import probe_for, weighted_average
-
-if TYPE_CHECKING:  # the server module imports this one
-    from fedbicross_flwr.server import PhaseResult, Transport
+from fedbicross_flwr.protocol import (ClientFailure, PhaseResult, num_examples_problem,
+                                      validate_upload)
+from fedbicross_flwr.site import example_bounds
+from fedbicross_flwr.transport import Transport
 
 # method name -> Flower strategy it reproduces
 MULTIROUND_METHODS = {"fedavg-r": "FedAvg", "fedprox-r": "FedProx"}
@@ -80,17 +83,14 @@ def flower_strategy(cfg: RunConfig, num_nodes: int) -> Any:
     return FedAvg(**common)
 
 
-def run_rounds(cfg: RunConfig, transport: "Transport", init: StateDict,
-               run_dir: Path | None = None) -> "PhaseResult":
+def run_rounds(cfg: RunConfig, transport: Transport, init: StateDict,
+               run_dir: Path | None = None) -> PhaseResult:
     """Rounds 1..R; returns round R's replies (the uploads phase 2 aggregates).
 
     Every round's uploads are checked like one-shot uploads (a rejected or missing client is
     left out of that round's average and listed as a failure). ``rounds.csv`` in ``run_dir``
     records, per round, how many clients answered and their mean local accuracies.
     """
-    from fedbicross_flwr.protocol import ClientFailure, num_examples_problem, validate_upload
-    from fedbicross_flwr.site import example_bounds
-
     if not hasattr(transport, "train_round"):
         raise RuntimeError(f"method {cfg.method!r} needs a transport with train_round "
                            f"(multi-round); {type(transport).__name__} has none")
@@ -147,14 +147,27 @@ def _write_rounds_csv(path: Path, history: list[dict[str, Any]]) -> None:
         writer.writerows(history)
 
 
-def fedavg_r(inp: MethodInput) -> MethodOutput:
-    """Phase 2 of fedavg-r / fedprox-r: FedAvg's aggregation of round R's uploads."""
+def _average_for_all(inp: MethodInput, diagnostics: dict[str, Any]) -> MethodOutput:
+    """FedAvg's aggregation: the data-size weighted average of the uploads, sent to all."""
     weights = [float(u.num_examples) for u in inp.uploads]
     avg = weighted_average([u.state for u in inp.uploads], weights)
-    cfg = inp.cfg
-    log(logging.INFO, "%s: global model after round %d = average of %d client models",
-        cfg.method, cfg.rounds, len(weights))
     return MethodOutput(models={u.partition_id: avg for u in inp.uploads},
                         clusters={u.partition_id: 0 for u in inp.uploads},
-                        diagnostics={"rounds": cfg.rounds, "round-epochs": round_epochs(cfg),
-                                     "proximal-mu": proximal_mu(cfg), "weights": weights})
+                        diagnostics={**diagnostics, "weights": weights})
+
+
+def fedavg1(inp: MethodInput) -> MethodOutput:
+    """FedAvg with a single round: the data-size weighted average sent to every client."""
+    out = _average_for_all(inp, {})
+    log(logging.INFO, "fedavg1: averaged %d models with weights %s", len(inp.uploads),
+        out.diagnostics["weights"])
+    return out
+
+
+def fedavg_r(inp: MethodInput) -> MethodOutput:
+    """Phase 2 of fedavg-r / fedprox-r: FedAvg's aggregation of round R's uploads."""
+    cfg = inp.cfg
+    log(logging.INFO, "%s: global model after round %d = average of %d client models",
+        cfg.method, cfg.rounds, len(inp.uploads))
+    return _average_for_all(inp, {"rounds": cfg.rounds, "round-epochs": round_epochs(cfg),
+                                  "proximal-mu": proximal_mu(cfg)})

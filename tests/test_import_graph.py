@@ -1,0 +1,131 @@
+"""The package has no import cycle, counting imports inside functions and ``if`` blocks too.
+
+The graph is read from the source with :mod:`ast` (no module is imported), over the project's
+packages ``fedbicross_flwr``, ``server_app`` and ``client_app``. An edge A -> B means module A
+names module B in an ``import`` or ``from ... import`` anywhere in its file. Importing a
+submodule is not counted as an import of its parent package's ``__init__``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("fedbicross_flwr", "server_app", "client_app")
+
+
+def project_modules(root: Path) -> dict[str, tuple[Path, bool]]:
+    """Dotted module name -> (file, is a package ``__init__``)."""
+    mods = {}
+    for pkg in PACKAGES:
+        for path in sorted((root / pkg).rglob("*.py")):
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            is_pkg = parts[-1] == "__init__"
+            mods[".".join(parts[:-1] if is_pkg else parts)] = (path, is_pkg)
+    return mods
+
+
+def _resolve(name: str, mods: dict[str, tuple[Path, bool]]) -> str | None:
+    """The longest project module that ``name`` (a module or a name inside one) refers to."""
+    while name and name not in mods:
+        name = name.rpartition(".")[0]
+    return name or None
+
+
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """Module -> the project modules it imports (every import statement in the file)."""
+    mods = project_modules(root)
+    graph: dict[str, set[str]] = {}
+    for name, (path, is_pkg) in mods.items():
+        package = name if is_pkg else name.rpartition(".")[0]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:  # relative: level 1 = this package, 2 = its parent, ...
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                # ``from pkg import sub`` imports the submodule; ``from mod import obj`` the module
+                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in mods else base
+                           for alias in node.names]
+            else:
+                continue
+            deps |= {dep for t in targets if (dep := _resolve(t, mods)) and dep != name}
+        graph[name] = deps
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle ``[a, b, ..., a]`` of the directed graph, or None (iterative DFS)."""
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    for start in sorted(graph):
+        if state.get(start):
+            continue
+        path, stack = [start], [iter(sorted(graph.get(start, ())))]
+        state[start] = 1
+        while stack:
+            nxt = next(stack[-1], None)
+            if nxt is None:
+                state[path.pop()] = 2
+                stack.pop()
+            elif state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            elif not state.get(nxt):
+                state[nxt] = 1
+                path.append(nxt)
+                stack.append(iter(sorted(graph.get(nxt, ()))))
+    return None
+
+
+def test_the_project_has_no_import_cycle() -> None:
+    graph = import_graph(ROOT)
+    assert len(graph) > 50  # the walk saw the package (not an empty folder)
+    assert find_cycle(graph) is None, " -> ".join(find_cycle(graph) or [])
+
+
+def test_the_graph_sees_imports_inside_functions_and_relative_imports() -> None:
+    graph = import_graph(ROOT)
+    # an import at the top of a package __init__
+    assert "fedbicross_flwr.methods.fedavg" in graph["fedbicross_flwr.methods"]
+    # baselines use relative imports (``from ...fedbicross.losses import kd_kl``)
+    assert "fedbicross_flwr.fedbicross.losses" in graph["fedbicross_flwr.methods.baselines.dafl"]
+    # cli imports distill_check inside a function (``from fedbicross_flwr import distill_check``)
+    assert "fedbicross_flwr.distill_check" in graph["fedbicross_flwr.cli"]
+
+
+def test_protocol_imports_nothing_from_the_package() -> None:
+    assert import_graph(ROOT)["fedbicross_flwr.protocol"] == set()
+
+
+@pytest.mark.parametrize("graph, expected", [
+    ({"a": {"b"}, "b": {"c"}, "c": {"a"}}, ["a", "b", "c", "a"]),
+    ({"a": {"b"}, "b": set(), "c": {"d"}, "d": {"c"}}, ["c", "d", "c"]),
+    ({"a": {"a"}}, ["a", "a"]),
+])
+def test_the_cycle_finder_finds_a_cycle(graph, expected) -> None:
+    assert find_cycle(graph) == expected
+
+
+def test_the_cycle_finder_accepts_a_dag() -> None:
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set(), "d": {"a"}}) is None
+
+
+def test_a_function_level_import_closes_a_cycle(tmp_path: Path, monkeypatch) -> None:
+    # Prepare: a synthetic project where the cycle is hidden by an import inside a function
+    pkg = tmp_path / "fedbicross_flwr"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "server.py").write_text("from fedbicross_flwr.methods import run\n")
+    (pkg / "methods.py").write_text("def run():\n    from . import server\n")
+    for other in PACKAGES[1:]:
+        (tmp_path / other).mkdir()
+    # Act
+    cycle = find_cycle(import_graph(tmp_path))
+    # Assert
+    assert cycle == ["fedbicross_flwr.methods", "fedbicross_flwr.server",
+                     "fedbicross_flwr.methods"]
