@@ -6,11 +6,15 @@ logs through :func:`log` from this file (same signature as ``flwr.common.logger.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 try:  # Flower present: share its logger, so `flwr run` shows our lines in the run log.
     from flwr.common.logger import FLOWER_LOGGER as LOGGER
@@ -70,6 +74,21 @@ def run_position(label: str) -> Iterator[None]:
         yield
     finally:
         del _POSITION[depth:]
+
+
+def keeps_position(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorator: the position labels ``fn`` pushes (its stages) are gone when it returns or
+    raises, so a failed run does not leave its stage in later log lines."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        depth = len(_POSITION)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            del _POSITION[depth:]
+
+    return wrapper
 
 
 def position_text() -> str:

@@ -88,6 +88,20 @@ def test_algorithm_stages_and_run_position(caplog) -> None:
     assert "[method 2/3 fedbicross] stage 4 of 6: Stage 1b synthesis, cluster 1" in caplog.text
 
 
+def test_a_failed_run_leaves_no_stage_in_the_position() -> None:
+    from fedbicross_flwr.logging_utils import keeps_position
+
+    @keeps_position
+    def failing_run() -> None:
+        StagePlan(["a", "b"]).begin("b")
+        assert position_text() == "[stage 2/2 b] "
+        raise RuntimeError("a stage fails")
+
+    with pytest.raises(RuntimeError):
+        failing_run()
+    assert position_text() == ""
+
+
 def test_cadence_every_tenth_and_every_30_seconds(monkeypatch) -> None:
     clock = iter([0.0, 1.0, 2.0, 40.0, 41.0, 42.0])
     monkeypatch.setattr("fedbicross_flwr.logging_utils.time.perf_counter", lambda: next(clock))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..logging_utils import StagePlan, log
+from ..logging_utils import StagePlan, keeps_position, log
 from ..model import build_resnet18, weighted_average
 from .bilevel import OnlineBilevelTrainer, fixed_weights
 from .checkpoint import StageCheckpoints, fingerprint
@@ -102,6 +102,7 @@ def algorithm_stages(num_clusters: int, server_epochs: int) -> list[str]:
     return names
 
 
+@keeps_position
 def run_fedbicross(
     client_models: Sequence[nn.Module],
     in_channels: int,
