@@ -25,16 +25,23 @@ def test_attack_score_direction_and_chance() -> None:
         attack_score(np.zeros(3), np.zeros(0))
 
 
-def test_audit_of_a_finished_run(tmp_path, capsys) -> None:
-    # Prepare: a tiny one-process run whose clients go to a client cache
+def _tiny_preset(tmp_path, n_train: int, **keys) -> "Path":
+    """A one-process run preset on a tiny custom archive, with ``keys`` on top."""
     preset = tmp_path / "run.toml"
     preset.write_text(tomli_w.dumps({
-        "dataset": "custom", "data-path": str(make_archive(tmp_path / "site.npz", n_train=40,
-                                                           n_val=6, n_test=24)),
-        "in-channels": 1, "num-classes": 3, "num-clients": 2, "alpha": 1.0,
-        "min-partition-size": 5, "local-epochs": 1, "pers-epochs": 0, "batch-size": 16,
-        "local-lr": 0.01, "output-dir": str(tmp_path / "runs"), "run-name": "audit",
-        "progress": False, "node-wait-timeout": 0.0, "device": "cpu", "method": "fedavg1"}))
+        "dataset": "custom", "data-path": str(make_archive(tmp_path / "site.npz",
+                                                           n_train=n_train, n_val=6, n_test=24)),
+        "in-channels": 1, "num-classes": 3, "alpha": 1.0, "min-partition-size": 5,
+        "local-epochs": 1, "batch-size": 16, "local-lr": 0.01,
+        "output-dir": str(tmp_path / "runs"), "progress": False, "node-wait-timeout": 0.0,
+        "device": "cpu", **keys}))
+    return preset
+
+
+def test_audit_of_a_finished_run(tmp_path, capsys) -> None:
+    # Prepare: a tiny one-process run whose clients go to a client cache
+    preset = _tiny_preset(tmp_path, n_train=40, **{"num-clients": 2, "pers-epochs": 0,
+                                                   "run-name": "audit", "method": "fedavg1"})
     cache = tmp_path / "cache"
     assert main(["run", "--preset", str(preset), "--client-cache", str(cache)]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -68,16 +75,10 @@ def test_audit_of_a_finished_run(tmp_path, capsys) -> None:
 
 def test_audit_of_a_fedbicross_run_covers_synthetic_and_personalized(tmp_path, capsys) -> None:
     # Prepare: a tiny FedBiCross run that keeps its checkpoints
-    preset = tmp_path / "run.toml"
-    preset.write_text(tomli_w.dumps({
-        "dataset": "custom", "data-path": str(make_archive(tmp_path / "site.npz", n_train=45,
-                                                           n_val=6, n_test=24)),
-        "in-channels": 1, "num-classes": 3, "num-clients": 3, "alpha": 1.0,
-        "min-partition-size": 5, "local-epochs": 1, "pers-epochs": 1, "batch-size": 16,
-        "local-lr": 0.01, "output-dir": str(tmp_path / "runs"), "run-name": "fbc",
-        "progress": False, "node-wait-timeout": 0.0, "device": "cpu", "method": "fedbicross",
+    preset = _tiny_preset(tmp_path, n_train=45, **{
+        "num-clients": 3, "pers-epochs": 1, "run-name": "fbc", "method": "fedbicross",
         "num-clusters": 2, "noise-samples": 8, "synth-steps": 2, "synth-batch": 8,
-        "server-epochs": 1, "keep-checkpoints": True}))
+        "server-epochs": 1, "keep-checkpoints": True})
     cache = tmp_path / "cache"
     assert main(["run", "--preset", str(preset), "--client-cache", str(cache)]) == 0
     (run_dir,) = (tmp_path / "runs").iterdir()
