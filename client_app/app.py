@@ -25,7 +25,7 @@ from fedbicross_flwr.client import (checked_reply_metrics, run_local_training,
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import DataError
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.model import build_resnet18
+from fedbicross_flwr.model import build_resnet18, load_resnet18
 from fedbicross_flwr.site import assigned_node_config, load_site, site_partition_id
 from fedbicross_flwr.training import resolve_device
 
@@ -111,9 +111,8 @@ def personalize(msg: Message, context: Context) -> Message:
     else:
         raise RuntimeError(f"partition {site.partition_id}: no local model in the node state "
                            "(phase 1 did not run on this node in this run)")
-    own = build_resnet18(site.in_channels, site.num_classes)
-    own.load_state_dict(own_state)
-    received = build_resnet18(site.in_channels, site.num_classes)
+    own = load_resnet18(own_state)
+    received = build_resnet18(site.in_channels, site.num_classes, cfg.model_width)
     received.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     personal, metrics = run_personalization(cfg, site, own, received, device)
     metrics = checked_reply_metrics(msg.metadata.message_type, metrics)

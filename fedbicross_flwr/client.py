@@ -83,7 +83,7 @@ def initial_state(cfg: RunConfig, in_channels: int, num_classes: int) -> dict[st
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        return build_resnet18(in_channels, num_classes).state_dict()
+        return build_resnet18(in_channels, num_classes, cfg.model_width).state_dict()
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -150,7 +150,7 @@ def run_local_training(cfg: RunConfig, site: SiteData, device: torch.device,
         raise ValueError(f"partition {site.partition_id} has {site.n_train} training samples; "
                          "at least 2 are needed")
     seed = client_seed(cfg, site.partition_id) + 7919 * server_round
-    model = build_resnet18(site.in_channels, site.num_classes)
+    model = build_resnet18(site.in_channels, site.num_classes, cfg.model_width)
     model.load_state_dict(init if init is not None else
                           initial_state(cfg, site.in_channels, site.num_classes))
     opt = SGDSettings(cfg.local_epochs if epochs is None else epochs, cfg.local_lr,

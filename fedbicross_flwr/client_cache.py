@@ -22,7 +22,8 @@ from fedbicross_flwr.checkpoint_io import CheckpointRefused, load_plain, save_pl
 from fedbicross_flwr.logging_utils import log
 
 # Keys that change what phase 1 produces.
-PRODUCER_KEYS = ("dataset", "data-dir", "data-path", "in-channels", "num-classes", "seed",
+PRODUCER_KEYS = ("dataset", "data-dir", "data-path", "in-channels", "num-classes",
+                 "model-width", "seed",
                  "num-clients", "alpha", "min-partition-size", "val-fraction", "local-epochs",
                  "local-lr", "local-momentum", "local-weight-decay", "batch-size", "precision",
                  "eval-precision")

@@ -63,7 +63,7 @@ CLUSTER_ON = ("predictions", "parameters", "hierarchical")
 # Server methods are registered in fedbicross_flwr.methods; the names are repeated here so
 # that a typo fails at config time without importing torch.
 METHOD_NAMES = ("fedavg1", "local", "fedbicross", "fedavg-r", "fedprox-r", "central",
-                "fedisca", "dense", "coboosting", "dafl")
+                "fedisca", "dense", "coboosting", "dafl", "cluster-fedavg")
 MULTIROUND_NAMES = ("fedavg-r", "fedprox-r")  # they retrain the clients in phase 1
 
 
@@ -97,6 +97,12 @@ class RunConfig:
     num_classes: int = _key("num-classes", 0,
                             "Number of classes; 0 = from the dataset's metadata (needed for "
                             "custom).", low=0, high=1000)
+    # Base channel count w of the CIFAR-style ResNet-18 every client and server model uses:
+    # stages of w, 2w, 4w, 8w channels (paper: 64). Forward FLOPs grow about with w^2.
+    model_width: int = _key("model-width", 64,
+                            "Base channel count w of ResNet-18 (stages w, 2w, 4w, 8w; paper: "
+                            "64). Forward FLOPs grow about with w^2: 16 costs about 1/16 of 64.",
+                            low=4, high=128)
     # In FedBiCross: the master seed of the noise images, K-means, labels, jitter, the I^val
     # split and the cluster-model initialisation.
     seed: int = _key("seed", 0, "Seed of the partition, the models and every sampler.", low=0,

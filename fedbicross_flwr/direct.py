@@ -20,7 +20,7 @@ from fedbicross_flwr.client import run_local_training, run_personalization
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import load_dataset
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.model import build_resnet18
+from fedbicross_flwr.model import build_resnet18, load_resnet18
 from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
 from fedbicross_flwr.server import run_methods, run_server
 from fedbicross_flwr.site import SiteData, site_from_partition
@@ -59,10 +59,7 @@ class DirectTransport:
                                                             reply["metrics"])
                 self._phase1.failures = [ClientFailure(**f) for f in cached["failures"]]
                 for pid, state in cached["own"].items():
-                    model = build_resnet18(self.sites[pid].in_channels,
-                                           self.sites[pid].num_classes)
-                    model.load_state_dict(state)
-                    self.own_models[pid] = model
+                    self.own_models[pid] = load_resnet18(state)
                 return self._phase1
         result = self._phase_result()
         for site in self.sites:
@@ -119,7 +116,7 @@ class DirectTransport:
             if pid not in models:
                 continue
             try:
-                received = build_resnet18(site.in_channels, site.num_classes)
+                received = build_resnet18(site.in_channels, site.num_classes, cfg.model_width)
                 received.load_state_dict(models[pid])
                 _, metrics = run_personalization(cfg, site, self.active_own[pid], received,
                                                  self.device)

@@ -37,7 +37,7 @@ from fedbicross_flwr.data import DatasetArrays, load_dataset
 from fedbicross_flwr.knowledge import agreement, retention
 from fedbicross_flwr.logging_utils import add_file_handler, log, remove_handler
 from fedbicross_flwr.methods import ClientUpload, MethodInput, get_method
-from fedbicross_flwr.model import build_resnet18
+from fedbicross_flwr.model import build_resnet18, load_resnet18
 from fedbicross_flwr.site import to_tensors
 from fedbicross_flwr.training import SGDSettings, predict_logits, resolve_device, train_local
 
@@ -45,7 +45,7 @@ from fedbicross_flwr.training import SGDSettings, predict_logits, resolve_device
 DISTILLING_METHODS = ("fedbicross", "fedisca", "dense", "coboosting", "dafl")
 
 #: Run-config keys reported in each row (the budget and the synthesis settings).
-REPORTED_KEYS = ("synth-steps", "synth-batch", "kd-batch", "synth-lr", "bn-weight", "kd-passes",
+REPORTED_KEYS = ("model-width", "synth-steps", "synth-batch", "kd-batch", "synth-lr", "bn-weight", "kd-passes",
                  "server-epochs", "kd-temperature", "student-lr", "fedisca-epochs",
                  "gen-epochs", "dafl-epochs")
 
@@ -84,10 +84,11 @@ def central_teacher(ds: DatasetArrays, cfg: RunConfig, epochs: int, device: torc
     ``batch-size``, ``precision``) for ``epochs`` epochs, seeded by ``seed``. A cached file
     whose checksum does not match is retrained.
     """
-    name = (f"teacher-{ds.name}-seed{cfg.seed}-e{epochs}-lr{cfg.local_lr:g}"
+    width = "" if cfg.model_width == 64 else f"-w{cfg.model_width}"
+    name = (f"teacher-{ds.name}{width}-seed{cfg.seed}-e{epochs}-lr{cfg.local_lr:g}"
             f"-b{cfg.batch_size}-{cfg.precision}")
     path, digest_path = cache_dir / f"{name}.pt", cache_dir / f"{name}.sha256"
-    model = build_resnet18(ds.in_channels, ds.num_classes)
+    model = build_resnet18(ds.in_channels, ds.num_classes, cfg.model_width)
     if path.is_file():
         recorded = digest_path.read_text().strip() if digest_path.is_file() else None
         try:
@@ -99,7 +100,7 @@ def central_teacher(ds: DatasetArrays, cfg: RunConfig, epochs: int, device: torc
     x, y = to_tensors(ds.train.images, ds.train.labels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        model = build_resnet18(ds.in_channels, ds.num_classes)
+        model = build_resnet18(ds.in_channels, ds.num_classes, cfg.model_width)
     opt = SGDSettings(epochs, cfg.local_lr, cfg.local_momentum, cfg.local_weight_decay,
                       cfg.batch_size, seed=cfg.seed)
     train_local(model, x, y, opt, device, cfg.precision, desc="[teacher]", progress=cfg.progress)
@@ -147,8 +148,7 @@ def run_check(cfg: RunConfig, synthesis: str, teacher_epochs: int, out_dir: Path
     if not cfg.keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
-    student = build_resnet18(ds.in_channels, ds.num_classes)
-    student.load_state_dict(output.models[0])
+    student = load_resnet18(output.models[0])
     student_logits = predict_logits(student, x_test, device, precision=cfg.eval_precision).float().cpu()
     student_acc = float((student_logits.argmax(1) == y_test).float().mean())
     values = mcfg.to_run_config()

@@ -74,15 +74,14 @@ DISTILLING_METHODS: dict[str, str] = {"fedbicross": "config", "fedisca": "config
                                       "dense": "logit", "coboosting": "logit", "dafl": "logit"}
 
 
-def _member_outputs(states: Sequence[dict[str, Tensor]], x: Tensor, in_channels: int,
-                    num_classes: int, device: torch.device, precision: str) -> Tensor:
-    """(n_models, n, C) float32 logits of each state on ``x``, on CPU."""
-    from fedbicross_flwr.model import build_resnet18
+def _member_outputs(states: Sequence[dict[str, Tensor]], x: Tensor, device: torch.device,
+                    precision: str) -> Tensor:
+    """(n_models, n, C) float32 logits of each state on ``x``, on CPU (shape from the state)."""
+    from fedbicross_flwr.model import load_resnet18
 
     out = []
     for state in states:
-        model = build_resnet18(in_channels, num_classes)
-        model.load_state_dict(state)
+        model = load_resnet18(state)
         out.append(predict_logits(model, x, device, precision=precision).float().cpu())
     return torch.stack(out)
 
@@ -139,7 +138,7 @@ def knowledge_report(method: str, ensemble: str, uploads: Sequence[Any], models:
     kind = ensemble if DISTILLING_METHODS.get(method, "config") == "config" else "logit"
     x, y = test
     pids = [u.partition_id for u in uploads]
-    logits = _member_outputs([u.state for u in uploads], x, in_channels, num_classes, device,
+    logits = _member_outputs([u.state for u in uploads], x, device,
                              precision)  # (N, n, C)
     all_probs = _ensemble(logits, kind)  # (n, C)
     num_clusters = max(clusters.values()) + 1 if clusters else 1
@@ -158,7 +157,7 @@ def knowledge_report(method: str, ensemble: str, uploads: Sequence[Any], models:
             teacher = mixture_probs(cluster_probs, w)
         else:
             w, teacher = None, (cluster_probs[k] if final_weights is not None else all_probs)
-        received = _member_outputs([models[members[0]]], x, in_channels, num_classes, device,
+        received = _member_outputs([models[members[0]]], x, device,
                                    precision)[0]  # (n, C)
         entry: dict[str, Any] = {
             "cluster": k, "members": members,
@@ -175,14 +174,14 @@ def knowledge_report(method: str, ensemble: str, uploads: Sequence[Any], models:
             start = weighted_average([u.state for u in taught_by],
                                      [float(u.num_examples) for u in taught_by])
             entry["start-acc"] = accuracy_of(_member_outputs(
-                [start], x, in_channels, num_classes, device, precision)[0].softmax(1), y)
+                [start], x, device, precision)[0].softmax(1), y)
         if synthetic is not None and k < len(synthetic.get("images", [])):
             images = synthetic["images"][k]
             t_syn = _ensemble(_member_outputs(
                 [u.state for u in uploads if clusters.get(u.partition_id, 0) == k]
                 if final_weights is not None else [u.state for u in uploads],
-                images, in_channels, num_classes, device, precision), kind)
-            s_syn = _member_outputs([models[members[0]]], images, in_channels, num_classes,
+                images, device, precision), kind)
+            s_syn = _member_outputs([models[members[0]]], images,
                                     device, precision)[0]
             entry["agreement-synthetic"] = agreement(s_syn, t_syn)
             entry["synthetic-images"] = int(len(images))
@@ -210,7 +209,10 @@ def knowledge_report(method: str, ensemble: str, uploads: Sequence[Any], models:
     stages["retention-vs-all-client-ensemble"] = (
         retention(stages["received-acc"], all_acc) if stages["received-acc"] is not None
         else None)
+    from fedbicross_flwr.model import resnet18_shape
+
     return {"method": method, "split": "official test", "n-test": int(len(y)),
+            "model-width": resnet18_shape(uploads[0].state)[2],
             "teacher-ensemble": kind, "stages": stages, "clusters": per_cluster}
 
 

@@ -12,11 +12,35 @@ from functools import partial
 
 import torch
 from torch import nn
-from torchvision.models import resnet18
+from torchvision.models.resnet import BasicBlock, ResNet
 
 
-def build_resnet18(in_channels: int, num_classes: int) -> nn.Module:
-    """Return a CIFAR-style ResNet-18.
+PAPER_WIDTH = 64  # base channel count of ResNet-18 (paper); run-config key `model-width`
+
+
+class _CifarResNet18(ResNet):
+    """torchvision's ResNet-18 with stage widths w, 2w, 4w, 8w (two BasicBlocks each).
+
+    torchvision hard-codes the stage widths 64, 128, 256, 512; :meth:`_make_layer` scales them
+    by ``width / 64``. The stem and the classifier that torchvision builds at width 64 are
+    replaced (see :func:`build_resnet18`), so at ``width = 64`` the random stream, hence every
+    initial weight, is exactly that of ``torchvision.models.resnet18`` with its stem replaced.
+    """
+
+    def __init__(self, width: int, num_classes: int) -> None:
+        self._width = width
+        super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
+
+    def _make_layer(self, block: type[BasicBlock], planes: int, blocks: int, stride: int = 1,
+                    dilate: bool = False) -> nn.Sequential:
+        if planes == PAPER_WIDTH:  # the first stage: its input is the stem's w channels
+            self.inplanes = self._width
+        return super()._make_layer(block, planes * self._width // PAPER_WIDTH, blocks, stride,
+                                   dilate)
+
+
+def build_resnet18(in_channels: int, num_classes: int, width: int = PAPER_WIDTH) -> nn.Module:
+    """Return a CIFAR-style ResNet-18 of base width ``width``.
 
     Parameters
     ----------
@@ -24,6 +48,9 @@ def build_resnet18(in_channels: int, num_classes: int) -> nn.Module:
         1 for grey-scale datasets (e.g. BreastMNIST), 3 for RGB (e.g. RetinaMNIST).
     num_classes : int
         Size of the output layer.
+    width : int
+        Base channel count w: the stem and stage 1 have w channels, stages 2-4 have 2w, 4w and
+        8w (paper and default: 64). Forward FLOPs grow about with w^2 (see :func:`forward_flops`).
 
     Returns
     -------
@@ -35,10 +62,52 @@ def build_resnet18(in_channels: int, num_classes: int) -> nn.Module:
         raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    model = resnet18(weights=None, num_classes=num_classes)
-    model.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    if width < 1:
+        raise ValueError(f"model width must be a positive integer, got {width}")
+    model = _CifarResNet18(width, num_classes)
+    model.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
+    if width != PAPER_WIDTH:  # torchvision built these at width 64 (a BN draws no random number)
+        model.bn1 = nn.BatchNorm2d(width)
+        model.fc = nn.Linear(8 * width, num_classes)
     return model
+
+
+def resnet18_shape(state: dict[str, torch.Tensor]) -> tuple[int, int, int]:
+    """``(in_channels, num_classes, width)`` of a :func:`build_resnet18` state dict."""
+    stem = state["conv1.weight"]  # (w, in_channels, 3, 3)
+    return int(stem.shape[1]), int(state["fc.weight"].shape[0]), int(stem.shape[0])
+
+
+def load_resnet18(state: dict[str, torch.Tensor]) -> nn.Module:
+    """A :func:`build_resnet18` model holding ``state``; its shape is read from the state."""
+    model = build_resnet18(*resnet18_shape(state))
+    model.load_state_dict(state)
+    return model
+
+
+def forward_flops(in_channels: int, num_classes: int, width: int = PAPER_WIDTH,
+                  image_size: int = 28) -> int:
+    """FLOPs of one image's forward pass (2 per multiply-add, convolutions and the classifier).
+
+    The formula of the architecture, written out: the stem (3x3, ``in_channels`` -> w at full
+    resolution), per stage s = 1..4 of c_s = 2^(s-1) w channels two BasicBlocks of two 3x3
+    convolutions each (the first of stages 2-4 at stride 2 from c_(s-1) channels, with a 1x1
+    stride-2 shortcut), and the 8w -> C classifier. BatchNorm, ReLU and pooling are not
+    counted (as ``torch.utils.flop_counter`` does not). Every term but the stem's is
+    proportional to w^2.
+    """
+    side, flops = image_size, 2 * image_size * image_size * in_channels * width * 9
+    c_in = width
+    for stage in range(4):
+        c = width << stage
+        if stage:
+            side = (side + 1) // 2  # 3x3 stride 2, padding 1 (28 -> 14 -> 7 -> 4)
+            flops += 2 * side * side * c_in * c  # the 1x1 stride-2 shortcut
+        area = side * side
+        flops += 2 * area * 9 * (c_in * c + 3 * c * c)  # four 3x3 convolutions
+        c_in = c
+    return flops + 2 * 8 * width * num_classes
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -83,7 +152,7 @@ MAX_ABS_PROBE_LOGIT = 1e6  # a wide margin; not measured on models trained at pa
 
 @torch.no_grad()
 def probe_problem(state: dict[str, torch.Tensor], in_channels: int, num_classes: int,
-                  image_size: int = 28) -> str | None:
+                  image_size: int = 28, width: int = PAPER_WIDTH) -> str | None:
     """Why a model's forward pass on a fixed probe batch is unusable, or None.
 
     The probe is :data:`PROBE_BATCH` images of N(0, 1) noise in the normalised input space,
@@ -99,8 +168,10 @@ def probe_problem(state: dict[str, torch.Tensor], in_channels: int, num_classes:
         The federation's image channels and classes.
     image_size : int
         Side of the probe images.
+    width : int
+        The run's ``model-width``.
     """
-    model = build_resnet18(in_channels, num_classes)
+    model = build_resnet18(in_channels, num_classes, width)
     try:
         model.load_state_dict(state)
     except (RuntimeError, KeyError) as err:
@@ -119,6 +190,5 @@ def probe_problem(state: dict[str, torch.Tensor], in_channels: int, num_classes:
 
 def probe_for(reference: dict[str, torch.Tensor]) -> Callable[[dict[str, torch.Tensor]], str | None]:
     """:func:`probe_problem` for models shaped like ``reference`` (a ResNet-18 state dict)."""
-    in_channels = int(reference["conv1.weight"].shape[1])
-    num_classes = int(reference["fc.weight"].shape[0])
-    return partial(probe_problem, in_channels=in_channels, num_classes=num_classes)
+    in_channels, num_classes, width = resnet18_shape(reference)
+    return partial(probe_problem, in_channels=in_channels, num_classes=num_classes, width=width)

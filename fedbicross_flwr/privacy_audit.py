@@ -116,12 +116,10 @@ def audit_models(sites: dict[int, SiteData], states: dict[int, dict[str, torch.T
     test split (non-members); the calibrated attack uses ``references``' models of the OTHER
     clients (the uploads: they never saw client i's images).
     """
-    from fedbicross_flwr.model import build_resnet18
+    from fedbicross_flwr.model import load_resnet18
 
     def model_of(state: dict[str, torch.Tensor], site: SiteData) -> nn.Module:
-        model = build_resnet18(site.in_channels, site.num_classes)
-        model.load_state_dict(state)
-        return model
+        return load_resnet18(state)
 
     audits = []
     for pid, state in sorted(states.items()):

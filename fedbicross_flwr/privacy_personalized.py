@@ -88,15 +88,12 @@ def personalized_models(cfg: RunConfig, sites: dict[int, SiteData], own: dict[in
                         ) -> tuple[dict[int, StateDict], dict[int, dict[str, float]]]:
     """Phase 3 again for every client with an own and a received model: (states, metrics)."""
     from fedbicross_flwr.client import run_personalization
-    from fedbicross_flwr.model import build_resnet18
+    from fedbicross_flwr.model import load_resnet18
 
     states, metrics = {}, {}
     for pid in sorted(set(own) & set(received) & set(sites)):
         site = sites[pid]
-        f_i = build_resnet18(site.in_channels, site.num_classes)
-        f_i.load_state_dict(own[pid])
-        g = build_resnet18(site.in_channels, site.num_classes)
-        g.load_state_dict(received[pid])
+        f_i, g = load_resnet18(own[pid]), load_resnet18(received[pid])
         student, metrics[pid] = run_personalization(cfg, site, f_i, g, device)
         states[pid] = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
     return states, metrics

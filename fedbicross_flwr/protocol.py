@@ -101,7 +101,7 @@ def validate_upload(state: Any, reference: StateDict,
     """Why an uploaded state dict is refused, or None if it is a usable model.
 
     Checks, in order: a mapping of tensors with exactly the reference's keys; the classifier's
-    number of classes; every tensor's shape and dtype; finite values; magnitudes within
+    number of classes; the model width (the first convolution's channels); every tensor's shape and dtype; finite values; magnitudes within
     :data:`MAX_ABS_WEIGHT` (parameters), :data:`MAX_ABS_RUNNING_MEAN` and
     :data:`MAX_RUNNING_VAR` (BatchNorm statistics); BatchNorm ``running_var`` > 0 and
     ``num_batches_tracked`` >= 0; finally ``probe`` (e.g. a forward pass on a fixed batch).
@@ -135,6 +135,12 @@ def validate_upload(state: Any, reference: StateDict,
         if got != want and len(got) == 2 and got[1:] == want[1:]:
             return (f"different number of classes: {key} has shape {got}, expected {want} "
                     f"({got[0]} classes instead of {want[0]})")
+    stem = next(k for k, v in reference.items() if v.ndim == 4)  # the first convolution
+    got, want = tuple(state[stem].shape), tuple(reference[stem].shape)
+    if got != want and len(got) == 4 and got[1:] == want[1:]:
+        return (f"different model width: {stem} has {got[0]} output channels, the run's "
+                f"model-width is {want[0]} (set model-width={got[0]} on the server, or retrain "
+                f"the client at width {want[0]})")
     for key, ref in reference.items():
         got = state[key]
         if tuple(got.shape) != tuple(ref.shape):

@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-channels", type=int, default=1)
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--width", type=int, default=64,
+                        help="ResNet-18 base width w (run-config model-width; paper: 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="device peak for the FLOP/s ratio (0: estimate)")
@@ -50,7 +52,7 @@ def run_command(args: argparse.Namespace) -> int:
                           steps=args.steps, ref_steps=args.ref_steps, device=args.device,
                           dtype=args.dtype, model=args.model, in_channels=args.in_channels,
                           num_classes=args.num_classes, image_size=args.image_size,
-                          seed=args.seed, peak_tflops=args.peak_tflops, check=not args.no_check,
+                          width=args.width, seed=args.seed, peak_tflops=args.peak_tflops, check=not args.no_check,
                           compile=args.compile)
     except ValueError as err:
         print(f"bench: {err}")

@@ -80,6 +80,8 @@ class BenchConfig:
         'bf16' (autocast) or 'fp32' for the real path; the reference is always float32.
     model : str
         'resnet18' (paper) or 'tiny' (tests).
+    width : int
+        Base width w of the ResNet-18 (run-config ``model-width``; paper: 64).
     peak_tflops : float
         Device peak for the FLOP/s ratio; 0 estimates it (see ``estimate_peak_flops``).
     check : bool
@@ -99,6 +101,7 @@ class BenchConfig:
     in_channels: int = 1
     num_classes: int = 10
     image_size: int = 28
+    width: int = 64
     seed: int = 0
     peak_tflops: float = 0.0
     check: bool = True
@@ -107,7 +110,7 @@ class BenchConfig:
     compile: bool = False  # torch.compile the members inside synthesis (settings.compile)
 
     def __post_init__(self) -> None:
-        for name in ("num_clients", "num_clusters", "steps", "ref_steps", "in_channels"):
+        for name in ("num_clients", "num_clusters", "steps", "ref_steps", "in_channels", "width"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch < 2 or self.num_classes < 2 or self.image_size < 4:
@@ -153,7 +156,8 @@ def make_clients(cfg: BenchConfig, device: torch.device) -> list[nn.Module]:
     for i in range(cfg.num_clients):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(cfg.seed, 100, i))
-            model = (build_resnet18(cfg.in_channels, cfg.num_classes) if cfg.model == "resnet18"
+            model = (build_resnet18(cfg.in_channels, cfg.num_classes, cfg.width)
+                     if cfg.model == "resnet18"
                      else TinyNet(cfg.in_channels, cfg.num_classes))
             calib = torch.randn(16, cfg.in_channels, cfg.image_size, cfg.image_size) * 0.5
         for m in model.modules():
@@ -179,7 +183,7 @@ def _settings(cfg: BenchConfig, dtype: str | None = None) -> FedBiCrossSettings:
 
 def _student_factory(cfg: BenchConfig):
     if cfg.model == "resnet18":
-        return lambda: build_resnet18(cfg.in_channels, cfg.num_classes)
+        return lambda: build_resnet18(cfg.in_channels, cfg.num_classes, cfg.width)
     return lambda: TinyNet(cfg.in_channels, cfg.num_classes)
 
 

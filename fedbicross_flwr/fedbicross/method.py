@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..logging_utils import StagePlan, keeps_position, log
-from ..model import build_resnet18, weighted_average
+from ..model import build_resnet18, resnet18_shape, weighted_average
 from .bilevel import OnlineBilevelTrainer, fixed_weights
 from .checkpoint import StageCheckpoints, fingerprint
 from .stages import StageRunner, StageTimer
@@ -134,7 +134,8 @@ def run_fedbicross(
     progress : bool
         Log progress lines.
     student_factory : callable, optional
-        Builds one cluster model; default ``build_resnet18(in_channels, num_classes)``.
+        Builds one cluster model; default: a ``build_resnet18`` of the clients' shape (their
+        ``model-width`` included).
     image_size : int
         Height = width of the images.
     client_weights : Sequence[float], optional
@@ -156,7 +157,7 @@ def run_fedbicross(
         raise ValueError(f"num_clusters must be in [1, N={num_clients}], got {s.num_clusters}")
     # Frozen working copies: callers' models keep their device, mode and requires_grad flags.
     clients = [copy.deepcopy(m).to(device).eval().requires_grad_(False) for m in client_models]
-    factory = student_factory or (lambda: build_resnet18(in_channels, num_classes))
+    factory = student_factory or _resnet18_like(client_models[0])
     stages = StageRunner(StageCheckpoints(checkpoint_dir, fingerprint(
         asdict(s), client_models,
         {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size,
@@ -168,8 +169,9 @@ def run_fedbicross(
 
     # --- Stage 1a: clustering by output similarity on noise (Algorithm 1, lines 1-3) ----------
     plan.begin(plan.names[0])
-    clustering = stages.run("clustering", lambda: _cluster(clients, s, in_channels, num_classes,
-                                                           image_size, factory, device),
+    clustering = stages.run("clustering", lambda: cluster_clients(clients, s, in_channels,
+                                                                  num_classes, image_size,
+                                                                  factory, device),
                             timed_as="clustering")
     preds, assignment = clustering["preds"], clustering["assignment"]  # (N, M * C), (N,)
     centroids = cluster_centroids(preds, assignment, s.num_clusters)  # (K, M * C)
@@ -229,10 +231,21 @@ def run_fedbicross(
                             record.example_labels, diagnostics)
 
 
-def _cluster(clients: list[nn.Module], s: FedBiCrossSettings, in_channels: int,
-             num_classes: int, image_size: int, factory: Callable[[], nn.Module],
-             device: torch.device) -> dict[str, Any]:
-    """Stage 1a: noise predictions, cluster assignment and the clients that look degenerate."""
+def _resnet18_like(client: nn.Module) -> Callable[[], nn.Module]:
+    """Builds ResNet-18s of a client's shape (channels, classes and ``model-width``)."""
+    in_channels, num_classes, width = resnet18_shape(client.state_dict())
+    return lambda: build_resnet18(in_channels, num_classes, width)
+
+
+def cluster_clients(clients: list[nn.Module], s: FedBiCrossSettings, in_channels: int,
+                    num_classes: int, image_size: int, factory: Callable[[], nn.Module],
+                    device: torch.device) -> dict[str, Any]:
+    """Stage 1a (Algorithm 1, lines 1-3): noise predictions, cluster assignment and the
+    clients that look degenerate.
+
+    ``clients`` are frozen eval-mode models on ``device``; returns ``preds`` (N, M * C),
+    ``assignment`` (N,) and ``degenerate`` (the clients that predict one class on noise).
+    """
     preds = noise_predictions(clients, s.noise_samples, in_channels, derive_seed(s.seed, 0),
                               device, image_size=image_size)  # (N, M * C)
     assignment = assign_clusters(s.cluster_on, clients, preds, s.num_clusters, s.seed,

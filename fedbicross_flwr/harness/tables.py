@@ -15,7 +15,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-BASELINES = ("fedavg1", "dafl", "dense", "fedisca", "coboosting")
+BASELINES = ("fedavg1", "dafl", "dense", "fedisca", "coboosting", "cluster-fedavg")
 REFERENCES = ("local", "fedavg-r", "fedprox-r", "central")
 MAJORITY = "majority class"
 VIEWS = {

@@ -9,6 +9,8 @@ goes through the same personalization round and the same evaluation.
 ``fedbicross``                            :mod:`.fedbicross` (glue to the algorithm core)
 ``fedisca``, ``dense``, ``coboosting``,   :mod:`.baselines` (the paper's data-free baselines)
 ``dafl``
+``cluster-fedavg``                        :mod:`.cluster_fedavg` (FedBiCross's clusters, averaged:
+                                          the null row of its server stage)
 
 The heavy methods are imported when first called: the FedBiCross stack (sklearn, matplotlib)
 and the baselines are not needed by the others.
@@ -45,6 +47,7 @@ REGISTRY: dict[str, ServerMethod] = {
     "dense": _lazy("baselines.dense", "dense"),
     "coboosting": _lazy("baselines.coboosting", "coboosting"),
     "dafl": _lazy("baselines.dafl", "dafl"),
+    "cluster-fedavg": _lazy("cluster_fedavg", "cluster_fedavg"),
 }
 
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch import nn
 
 from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.model import build_resnet18
 from fedbicross_flwr.protocol import ClientUpload, StateDict
 
 __all__ = ["ClientUpload", "MethodInput", "MethodOutput", "ServerMethod", "StateDict"]
@@ -25,6 +29,11 @@ class MethodInput:
     device: torch.device  # where the server-side computation runs
     run_dir: Path  # the run folder, for the method's own artefacts (plots, CSVs)
 
+    def new_model(self) -> nn.Module:
+        """A freshly initialised ResNet-18 of the run's shape (its ``model-width``), drawn from
+        the global RNG."""
+        return build_resnet18(self.in_channels, self.num_classes, self.cfg.model_width)
+
 
 @dataclass
 class MethodOutput:
@@ -36,3 +45,13 @@ class MethodOutput:
 
 
 ServerMethod = Callable[[MethodInput], MethodOutput]
+
+
+def write_clusters_csv(run_dir: Path, clusters: dict[int, int]) -> Path:
+    """``clusters.csv`` of a clustering method: one ``partition-id,cluster`` row per client."""
+    path = run_dir / "clusters.csv"
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["partition-id", "cluster"])
+        writer.writerows(sorted(clusters.items()))
+    return path

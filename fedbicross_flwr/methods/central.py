@@ -28,7 +28,6 @@ from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import DatasetArrays, load_dataset
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput
-from fedbicross_flwr.model import build_resnet18
 from fedbicross_flwr.partition import make_client_splits
 from fedbicross_flwr.site import to_tensors
 from fedbicross_flwr.training import SGDSettings, accuracy, train_local
@@ -69,7 +68,7 @@ def central(inp: MethodInput) -> MethodOutput:
     pids = [u.partition_id for u in inp.uploads]
     idx = pooled_indices(ds, cfg, pids, {u.partition_id: u.num_examples for u in inp.uploads})
     x, y = to_tensors(ds.train.images[idx], ds.train.labels[idx])
-    model = build_resnet18(inp.in_channels, inp.num_classes)
+    model = inp.new_model()
     model.load_state_dict(initial_state(cfg, inp.in_channels, inp.num_classes))
     opt = SGDSettings(cfg.local_epochs, cfg.local_lr, cfg.local_momentum,
                       cfg.local_weight_decay, cfg.batch_size,

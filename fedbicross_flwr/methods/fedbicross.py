@@ -13,7 +13,6 @@ artefacts into the run folder:
 
 from __future__ import annotations
 
-import csv
 import logging
 
 import numpy as np
@@ -23,8 +22,8 @@ from fedbicross_flwr.fedbicross.plots import (plot_weight_history, save_syntheti
                                               save_weight_history_csv)
 from fedbicross_flwr.fedbicross.settings import settings_from_config
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.methods.base import MethodInput, MethodOutput
-from fedbicross_flwr.model import build_resnet18
+from fedbicross_flwr.methods.base import MethodInput, MethodOutput, write_clusters_csv
+from fedbicross_flwr.model import load_resnet18
 from fedbicross_flwr.results import write_json
 
 
@@ -36,11 +35,7 @@ def fedbicross(inp: MethodInput) -> MethodOutput:
         log(logging.WARNING, "only %d client models for num-clusters=%d: using K=%d",
             len(inp.uploads), cfg.num_clusters, k)
     settings = settings_from_config(cfg, num_clusters=k)
-    models = []
-    for upload in inp.uploads:
-        model = build_resnet18(inp.in_channels, inp.num_classes)
-        model.load_state_dict(upload.state)
-        models.append(model)
+    models = [load_resnet18(upload.state) for upload in inp.uploads]
     result = run_fedbicross(models, inp.in_channels, inp.num_classes, settings, inp.device,
                             progress=cfg.progress,
                             client_weights=[u.num_examples for u in inp.uploads],
@@ -49,10 +44,7 @@ def fedbicross(inp: MethodInput) -> MethodOutput:
     clusters = {pid: int(c) for pid, c in zip(pids, result.assignment)}
 
     # Artefacts -------------------------------------------------------------------------------
-    with (inp.run_dir / "clusters.csv").open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["partition-id", "cluster"])
-        writer.writerows(sorted(clusters.items()))
+    write_clusters_csv(inp.run_dir, clusters)
     save_weight_history_csv(result.weight_history, inp.run_dir / "weights.csv")
     plot_weight_history(result.weight_history, inp.run_dir / "weights.png",
                         steps_per_epoch=settings.synth_steps * settings.kd_passes)

@@ -13,7 +13,7 @@ from ...fedbicross.plots import save_synthetic_grid
 from ...fedbicross.utils import derive_seed
 from ...logging_utils import log
 from ...methods.base import MethodInput, MethodOutput, StateDict
-from ...model import build_resnet18, weighted_average
+from ...model import load_resnet18, weighted_average
 from ...results import write_json
 
 
@@ -21,9 +21,7 @@ def client_models(inp: MethodInput) -> list[nn.Module]:
     """The uploaded f_i as frozen eval-mode models on ``inp.device`` (uploads are not touched)."""
     models = []
     for upload in inp.uploads:
-        model = build_resnet18(inp.in_channels, inp.num_classes)
-        model.load_state_dict(upload.state)
-        models.append(model.to(inp.device).eval().requires_grad_(False))
+        models.append(load_resnet18(upload.state).to(inp.device).eval().requires_grad_(False))
     return models
 
 
@@ -36,7 +34,7 @@ def initial_student(inp: MethodInput, tag: int) -> nn.Module:
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(inp.cfg.seed, tag))
-        student = build_resnet18(inp.in_channels, inp.num_classes)
+        student = inp.new_model()
     if inp.cfg.student_init == "cluster-average":
         student.load_state_dict(weighted_average([u.state for u in inp.uploads],
                                                  [float(u.num_examples) for u in inp.uploads]))
