@@ -14,7 +14,8 @@ from fedbicross_flwr.harness.report import write_report
 from fedbicross_flwr.harness.runner import (default_cell_runner, direct_transports, is_finished,
                                             run_dir_of, run_grid)
 from fedbicross_flwr.harness.spec import load_grid_preset
-from fedbicross_flwr.harness.tables import gap_closed, gap_table, paper_table
+from fedbicross_flwr.harness.tables import (gap_closed, gap_table, paper_table,
+                                            retention_table)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -217,6 +218,32 @@ def test_gap_table_is_the_share_of_the_majority_to_central_gap(tmp_path) -> None
     assert gap_closed(0.3, 0.4, 0.35) is None  # central below the majority rate: no gap
     assert gap_closed(0.5, 0.435, 0.44) is None  # within a point of it: no meaningful ratio
     assert gap_closed(0.5, 0.435, 0.45) == pytest.approx((0.5 - 0.435) / (0.45 - 0.435))
+
+
+FLOW_CSV = """\
+dataset,alpha,num-clients,num-clusters,row,method,seed,official-after,teacher-acc,start-acc,received-acc,after-acc,agreement-synthetic
+digits,0.1,5,2,fedbicross,fedbicross,0,0.7,0.6,,0.3,0.7,0.9
+digits,0.1,5,2,fedbicross,fedbicross,1,0.8,0.5,,0.4,0.8,0.8
+digits,0.1,5,,dense,dense,0,0.5,0.4,0.2,0.1,0.5,
+digits,0.1,5,,fedavg1,fedavg1,0,0.5,,,,,
+digits,0.5,5,,dense,dense,0,0.5,0.9,,0.9,0.9,
+"""
+
+
+def test_retention_table_follows_the_knowledge_from_teacher_to_personalized(tmp_path) -> None:
+    path = tmp_path / "cells.csv"
+    path.write_text(FLOW_CSV)
+    lines = retention_table(read_cells_csv(path), "digits", 0.1, 5).splitlines()
+    assert lines[0] == ("| method | teacher ceiling | start | received | after personalization "
+                        "| retention | agreement on synthetic |")
+    kept = [0.3 / 0.6, 0.4 / 0.5]  # received / teacher per seed, then mean ± sample std
+    mean, std = 50 * (kept[0] + kept[1]), 100 * abs(kept[0] - kept[1]) / 2 ** 0.5
+    assert lines[2] == "| dense | 40.00 (1 seed) | 20.00 (1 seed) | 10.00 (1 seed) | " \
+                       "50.00 (1 seed) | 25.00 (1 seed) | - |"
+    assert lines[3] == (f"| fedbicross (K=2) | 55.00 ± 7.07 | - | 35.00 ± 7.07 | 75.00 ± 7.07 | "
+                        f"{mean:.2f} ± {std:.2f} | 85.00 ± 7.07 |")
+    assert len(lines) == 4  # fedavg1 distils nothing: no row
+    assert retention_table(read_cells_csv(path), "retinamnist", 0.1, 5) == ""
 
 
 @pytest.mark.parametrize("preset", sorted((ROOT / "conf").glob("grid-*.toml")),

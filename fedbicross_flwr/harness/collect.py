@@ -1,4 +1,5 @@
-"""One CSV row per finished cell, read back from the cells' ``summary.json``."""
+"""One CSV row per finished cell, read back from the cells' ``summary.json`` and, for the
+distilling methods, ``knowledge.json`` (where the knowledge goes, official test split)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,18 @@ METRICS = {
     "acc-personal-after-mean": "personal-after",
     "majority-rate": "majority-rate",
 }
+# knowledge.json "stages" key -> CSV column (client-weighted means over the clusters)
+KNOWLEDGE = {
+    "all-client-ensemble-acc": "ensemble-acc",
+    "teacher-acc": "teacher-acc",
+    "start-acc": "start-acc",
+    "received-acc": "received-acc",
+    "after-acc": "after-acc",
+    "agreement-synthetic": "agreement-synthetic",
+}
 COLUMNS = ["dataset", "alpha", "num-clients", "num-clusters", "row", "method", "seed",
-           *METRICS.values(), "clients-completed", "wall-s", "run-dir"]
+           *METRICS.values(), *KNOWLEDGE.values(), "clients-completed", "wall-s",
+           "server-s", "run-dir"]
 
 
 def cell_rows(spec: GridSpec, out_dir: Path) -> list[dict[str, Any]]:
@@ -33,13 +44,18 @@ def cell_rows(spec: GridSpec, out_dir: Path) -> list[dict[str, Any]]:
         run_dir = run_dir_of(out_dir, cell)
         summary = json.loads((run_dir / "summary.json").read_text())
         times = summary.get("wall-times-s") or {}
+        knowledge_path = run_dir / "knowledge.json"
+        stages = (json.loads(knowledge_path.read_text()).get("stages") or {}
+                  if knowledge_path.is_file() else {})
         rows.append({
             "dataset": cell.dataset, "alpha": cell.alpha, "num-clients": cell.num_clients,
             "num-clusters": "" if cell.num_clusters is None else cell.num_clusters,
             "row": cell.row, "method": spec.row(cell.row).method, "seed": cell.seed,
             **{col: summary.get(key) for key, col in METRICS.items()},
+            **{col: stages.get(key) for key, col in KNOWLEDGE.items()},
             "clients-completed": summary.get("num-completed"),
             "wall-s": round(sum(float(v) for v in times.values()), 1) if times else None,
+            "server-s": times.get("phase2-server-method"),
             "run-dir": str(run_dir.relative_to(out_dir)),
         })
     return rows
@@ -58,7 +74,7 @@ def write_cells_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
 def read_cells_csv(path: Path) -> list[dict[str, Any]]:
     """Back from ``cells.csv``: numbers as numbers, empty cells as None."""
     ints = {"num-clients", "num-clusters", "seed", "clients-completed"}
-    floats = {"alpha", "wall-s", *METRICS.values()}
+    floats = {"alpha", "wall-s", "server-s", *METRICS.values(), *KNOWLEDGE.values()}
     out = []
     with path.open() as fh:
         for raw in csv.DictReader(fh):

@@ -1,8 +1,10 @@
 """Everything a grid writes next to its ``runs/`` folder.
 
 ``cells.csv``                   one row per finished cell (see :mod:`.collect`)
-``tables.md``                   the paper's Tables I-III layout, three views, the ranking of
-                                the one-shot methods per column (:mod:`.ordering`), links
+``tables.md``                   the paper's Tables I-III layout, three views, where the
+                                knowledge goes per column (teacher, start, received,
+                                personalized), the ranking of the one-shot methods per column
+                                (:mod:`.ordering`), links
 ``accuracy-vs-alpha-n<N>.png``  accuracy against alpha per method (official test)
 ``fig2-clustering.png``         bar chart like the paper's Fig. 2
 """
@@ -19,7 +21,7 @@ from fedbicross_flwr.harness.ordering import ranking_tables
 from fedbicross_flwr.harness.plots import accuracy_vs_alpha, fig2_bars
 from fedbicross_flwr.harness.runner import run_dir_of
 from fedbicross_flwr.harness.spec import GridSpec
-from fedbicross_flwr.harness.tables import paper_tables, row_label
+from fedbicross_flwr.harness.tables import paper_tables, retention_tables, row_label
 from fedbicross_flwr.logging_utils import log
 
 ARTEFACTS = ("synthetic.png", "weights.png", "rounds.csv", "clusters.csv")
@@ -49,6 +51,18 @@ def artefact_links(spec: GridSpec, out_dir: Path) -> str:
         lines.append(f"| {cell.describe()} | [{rel}]({rel}/summary.md) | "
                      f"{', '.join(links) or '-'} | {weights if weights is not None else '-'} |")
     return "\n".join(lines)
+
+
+def retention_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Lines of the knowledge-flow section (teacher, start, received, personalized); none
+    when no finished cell has a ``knowledge.json``."""
+    tables = retention_tables(rows)
+    if not tables:
+        return []
+    return ["## Where the knowledge goes, per column", "",
+            "For every distilling row: the teacher ceiling, the student's start, the received "
+            "model and the model after personalization (official test split, mean ± std over "
+            "seeds, from each run's knowledge.json).", "", tables, ""]
 
 
 def ranking_section(rows: list[dict[str, Any]]) -> list[str]:
@@ -82,6 +96,7 @@ def write_report(spec: GridSpec, out_dir: Path) -> Path:
         "evaluation. All cells: `cells.csv`.",
         "",
         paper_tables(rows) if rows else "(no finished cells yet)",
+        *retention_section(rows),
         *ranking_section(rows),
         "## Figures",
         "",

@@ -160,3 +160,51 @@ def paper_tables(rows: list[dict[str, Any]], views: tuple[str, ...] = tuple(VIEW
                              f"`central` closed (official test, after personalization), %\n\n"
                              f"{gap_table(rows, n, view)}\n")
     return "\n".join(parts)
+
+
+# Knowledge-flow columns of cells.csv (harness.collect.KNOWLEDGE), in the order the knowledge
+# travels: teacher -> start of the student -> received model -> personalized model.
+FLOW = (("teacher-acc", "teacher ceiling"), ("start-acc", "start"),
+        ("received-acc", "received"), ("after-acc", "after personalization"))
+
+
+def retention_table(rows: list[dict[str, Any]], dataset: str, alpha: float,
+                    num_clients: int) -> str:
+    """Where the knowledge goes in one column, for every distilling row (mean ± std over seeds).
+
+    Per row: the accuracy of the teacher it distils from (FedBiCross: each cluster's mixture
+    of ensembles under its final cross-cluster weights; the one-model methods: the ensemble of
+    all clients), of the student's start (the cluster average with
+    ``student-init='cluster-average'``; none from a random start), of the received model and
+    of the model after personalization, all on the official test split; then retention =
+    received / teacher, and the student's agreement with its teacher on the final synthetic
+    images. Empty when no row of the column has a ``knowledge.json``.
+    """
+    rows = [r for r in rows if r["dataset"] == dataset and r["alpha"] == alpha
+            and r["num-clients"] == num_clients and r.get("teacher-acc") is not None]
+    if not rows:
+        return ""
+    lines = ["| method | " + " | ".join(name for _, name in FLOW)
+             + " | retention | agreement on synthetic |", "|---|" + "---|" * (len(FLOW) + 2)]
+    for _, label in _order(rows):
+        mine = [r for r in rows if row_label(r) == label]
+        cells = [_fmt([r[key] for r in mine if r.get(key) is not None]) for key, _ in FLOW]
+        kept = [r["received-acc"] / r["teacher-acc"] for r in mine
+                if r.get("received-acc") is not None and r["teacher-acc"]]
+        cells.append(_fmt(kept))
+        cells.append(_fmt([r["agreement-synthetic"] for r in mine
+                           if r.get("agreement-synthetic") is not None]))
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def retention_tables(rows: list[dict[str, Any]]) -> str:
+    """:func:`retention_table` for every (N, dataset, alpha) column that has one."""
+    parts = []
+    columns = list(dict.fromkeys((r["num-clients"], r["dataset"], r["alpha"]) for r in rows))
+    for n, d, a in columns:
+        table = retention_table(rows, d, a, n)
+        if table:
+            parts.append(f"### N = {n}, {d} α={a:g}: where the knowledge goes (official test, "
+                         f"%; retention = received / teacher)\n\n{table}\n")
+    return "\n".join(parts)
