@@ -131,7 +131,8 @@ def save_synthetic_grid(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     # The pictured images as tensors too (``knowledge.json`` measures the student on them).
-    torch.save({"images": [x.detach().float().cpu() for x in images_per_cluster]},
+    # clone(): a slice of a trajectory is a view, and torch.save writes a view's whole storage.
+    torch.save({"images": [x.detach().float().cpu().clone() for x in images_per_cluster]},
                path.with_suffix(".pt"))
     return path
 

@@ -67,8 +67,10 @@ class EpochRecord:
     def add_synthesis(self, clusters: Sequence[dict[str, Any]], num_examples: int) -> None:
         """One epoch's per-cluster synthesis results: diagnostics and a few final images."""
         self.synthesis.append([c["diag"] for c in clusters])
-        self.examples = [c["trajectory"][-1, :num_examples].detach().cpu() for c in clusters]
-        self.example_labels = [c["labels"][:num_examples].cpu() for c in clusters]
+        # clone(): views would keep each whole (T, B, C, H, W) trajectory alive (and saved).
+        self.examples = [c["trajectory"][-1, :num_examples].detach().cpu().clone()
+                         for c in clusters]
+        self.example_labels = [c["labels"][:num_examples].cpu().clone() for c in clusters]
 
 
 class StageRunner:

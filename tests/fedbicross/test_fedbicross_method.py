@@ -56,6 +56,12 @@ def test_end_to_end_with_tiny_resnet18_clients(tmp_path):
     assert plot_weight_history(result.weight_history, tmp_path / "w.png", steps_per_epoch=3).stat().st_size > 0
     grid = save_synthetic_grid(result.synthetic_examples, tmp_path / "grid.png", result.synthetic_labels)
     assert grid.stat().st_size > 0
+    # The examples own their storage: synthetic.pt holds them, not the whole trajectory.
+    for x in result.synthetic_examples:
+        assert x.untyped_storage().nbytes() == x.numel() * x.element_size()
+    saved = torch.load(tmp_path / "grid.pt", weights_only=True)["images"]
+    assert all(torch.equal(a, b) for a, b in zip(saved, result.synthetic_examples))
+    assert (tmp_path / "grid.pt").stat().st_size < 4 * 2 * 4 * 28 * 28 + 4096
 
 
 def _tiny_run(**overrides):
