@@ -176,7 +176,8 @@ def _target_agreement(diagnostics: dict[str, Any]) -> float | None:
 
 
 def plot_rows(csv_path: Path, png_path: Path) -> Path:
-    """Retention against the method's wall time, one marker per row, labelled T x B / kd."""
+    """Retention against the method's wall time, one marker per row, labelled T, B / kd-batch,
+    a_BN, passes and the width when it is not 64."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -191,7 +192,10 @@ def plot_rows(csv_path: Path, png_path: Path) -> Path:
                    [float(r["retention"]) for r in mine], label=synthesis)
         for r in mine:
             passes = f" x{r['kd-passes']} passes" if r.get("kd-passes") not in ("1", None) else ""
-            ax.annotate(f"T{r['synth-steps']} B{r['synth-batch']} a{r['bn-weight']}{passes}",
+            kd = f"/{r['kd-batch']}" if r.get("kd-batch") not in ("0", "", None) else ""
+            width = f" w{r['model-width']}" if r.get("model-width") not in ("64", "", None) else ""
+            ax.annotate(f"T{r['synth-steps']} B{r['synth-batch']}{kd} a{r['bn-weight']}{passes}"
+                        f"{width}",
                         (float(r["method-seconds"]) / 60, float(r["retention"])), fontsize=6)
     ax.axhline(0.9, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("server-stage wall time (min)")
