@@ -24,7 +24,8 @@ from fedbicross_flwr.data import DataError, load_dataset
 from fedbicross_flwr.knowledge import knowledge_markdown, write_knowledge
 from fedbicross_flwr.logging_utils import (add_file_handler, log, position_text,
                                             remove_handler, run_position)
-from fedbicross_flwr.methods import MethodInput, get_method
+from fedbicross_flwr.methods import get_method
+from fedbicross_flwr.methods.base import MethodInput
 from fedbicross_flwr.methods.fedavg import is_multiround, run_rounds
 from fedbicross_flwr.model import probe_for
 # The protocol types live in fedbicross_flwr.protocol; importing them from here keeps working.

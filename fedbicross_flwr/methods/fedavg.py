@@ -38,19 +38,16 @@ from typing import Any
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, StateDict
+from fedbicross_flwr.methods.catalog import method_spec
 from fedbicross_flwr.model import probe_for, weighted_average
 from fedbicross_flwr.protocol import (ClientFailure, PhaseResult, num_examples_problem,
                                       validate_upload)
 from fedbicross_flwr.site import example_bounds
 from fedbicross_flwr.transport import Transport
 
-# method name -> Flower strategy it reproduces
-MULTIROUND_METHODS = {"fedavg-r": "FedAvg", "fedprox-r": "FedProx"}
-
-
 def is_multiround(method: str) -> bool:
     """True for the methods whose phase 1 is R rounds instead of one upload."""
-    return method in MULTIROUND_METHODS
+    return method_spec(method).multiround
 
 
 def round_epochs(cfg: RunConfig) -> int:
@@ -95,7 +92,7 @@ def run_rounds(cfg: RunConfig, transport: Transport, init: StateDict,
         raise RuntimeError(f"method {cfg.method!r} needs a transport with train_round "
                            f"(multi-round); {type(transport).__name__} has none")
     log(logging.INFO, "%s: %d rounds of %d local epochs (%s, proximal-mu=%g)", cfg.method,
-        cfg.rounds, round_epochs(cfg), MULTIROUND_METHODS[cfg.method], proximal_mu(cfg))
+        cfg.rounds, round_epochs(cfg), method_spec(cfg.method).strategy, proximal_mu(cfg))
     state, history, failures = init, [], []
     probe, sizes = probe_for(init), None
     for rnd in range(1, cfg.rounds + 1):
