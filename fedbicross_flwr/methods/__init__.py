@@ -26,7 +26,12 @@ from typing import TYPE_CHECKING
 from fedbicross_flwr.methods.catalog import CATALOG, MethodSpec, method_names, method_spec
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from fedbicross_flwr.config import RunConfig
     from fedbicross_flwr.methods.base import ServerMethod
+    from fedbicross_flwr.protocol import PhaseResult, StateDict
+    from fedbicross_flwr.transport import Transport
 
 
 def get_method(name: str) -> "ServerMethod":
@@ -37,4 +42,16 @@ def get_method(name: str) -> "ServerMethod":
     return method
 
 
-__all__ = ["CATALOG", "MethodSpec", "get_method", "method_names", "method_spec"]
+def collect_uploads(cfg: "RunConfig", transport: "Transport", init: "StateDict",
+                    run_dir: "Path | None" = None) -> "PhaseResult":
+    """Phase 1 of ``cfg.method``: one upload per client (``transport.collect_models``), or, for
+    a multi-round method, R rounds of ``transport.train_round`` (:func:`.fedavg.run_rounds`)."""
+    if method_spec(cfg.method).multiround:
+        from fedbicross_flwr.methods.fedavg import run_rounds
+
+        return run_rounds(cfg, transport, init, run_dir)
+    return transport.collect_models(cfg, init)
+
+
+__all__ = ["CATALOG", "MethodSpec", "collect_uploads", "get_method", "method_names",
+           "method_spec"]

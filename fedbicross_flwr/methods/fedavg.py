@@ -16,7 +16,7 @@ loss) and uploads; the server averages the valid uploads weighted by their train
 for personalization; it is computed by the registry method :func:`fedavg_r` (phase 2), so the
 uploads of round R go through the same validation as one-shot uploads.
 
-On the Flower Grid (``server_app``), each round's messages are built by Flower's built-in
+On the Flower Grid (:class:`fedbicross_flwr.grid_transport.GridTransport`), each round's messages are built by Flower's built-in
 ``flwr.serverapp.strategy.FedAvg`` / ``FedProx`` (``configure_train``: node sampling with
 fraction 1.0, ``server-round`` and FedProx's ``proximal-mu`` injected); the in-process runner
 builds the same config without Flower. Both engines aggregate with the same function
@@ -44,11 +44,6 @@ from fedbicross_flwr.protocol import (ClientFailure, PhaseResult, num_examples_p
                                       validate_upload)
 from fedbicross_flwr.site import example_bounds
 from fedbicross_flwr.transport import Transport
-
-def is_multiround(method: str) -> bool:
-    """True for the methods whose phase 1 is R rounds instead of one upload."""
-    return method_spec(method).multiround
-
 
 def round_epochs(cfg: RunConfig) -> int:
     """Local epochs per round: ``round-epochs``, or ceil(local-epochs / rounds) when 0."""
@@ -88,9 +83,6 @@ def run_rounds(cfg: RunConfig, transport: Transport, init: StateDict,
     left out of that round's average and listed as a failure). ``rounds.csv`` in ``run_dir``
     records, per round, how many clients answered and their mean local accuracies.
     """
-    if not hasattr(transport, "train_round"):
-        raise RuntimeError(f"method {cfg.method!r} needs a transport with train_round "
-                           f"(multi-round); {type(transport).__name__} has none")
     log(logging.INFO, "%s: %d rounds of %d local epochs (%s, proximal-mu=%g)", cfg.method,
         cfg.rounds, round_epochs(cfg), method_spec(cfg.method).strategy, proximal_mu(cfg))
     state, history, failures = init, [], []
