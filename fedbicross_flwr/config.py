@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedbicross_flwr.methods.catalog import method_names
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -60,11 +62,6 @@ def kd_batch_problem(kd_batch: int, synth_batch: int) -> str | None:
 CLUSTER_ON = ("predictions", "parameters", "hierarchical")
 
 
-# Server methods are registered in fedbicross_flwr.methods; the names are repeated here so
-# that a typo fails at config time without importing torch.
-METHOD_NAMES = ("fedavg1", "local", "fedbicross", "fedavg-r", "fedprox-r", "central",
-                "fedisca", "dense", "coboosting", "dafl", "cluster-fedavg")
-MULTIROUND_NAMES = ("fedavg-r", "fedprox-r")  # they retrain the clients in phase 1
 
 
 @dataclass(frozen=True)
@@ -73,7 +70,7 @@ class RunConfig:
 
     # --- what to run ---------------------------------------------------------------------
     method: str = _key("method", "fedavg1", "Server method (registry name).",
-                       choices=METHOD_NAMES)
+                       choices=method_names())
     methods: str = _key("methods", "",
                         "Comma-separated server methods run in ONE run on the same client "
                         "uploads (phase 1 once; then per method: server method and "
@@ -491,16 +488,17 @@ class RunConfig:
             and last (it retrains the clients, whose f_i the later methods would then use).
         """
         names = [m.strip() for m in self.methods.split(",") if m.strip()] or [self.method]
+        known, multiround = method_names(), method_names(kind="multi-round")
         for name in names:
-            if name not in METHOD_NAMES:
+            if name not in known:
                 raise ConfigError(f"run-config key 'methods': unknown method {name!r}; known: "
-                                  f"{', '.join(METHOD_NAMES)}")
+                                  f"{', '.join(known)}")
         if len(set(names)) < len(names):
             raise ConfigError(f"run-config key 'methods' names a method twice: {self.methods!r}")
-        rounds = [i for i, m in enumerate(names) if m in MULTIROUND_NAMES]
+        rounds = [i for i, m in enumerate(names) if m in multiround]
         if len(rounds) > 1 or (rounds and rounds[0] != len(names) - 1):
             raise ConfigError(f"run-config key 'methods': a multi-round method "
-                              f"({', '.join(MULTIROUND_NAMES)}) retrains the clients, so at most "
+                              f"({', '.join(multiround)}) retrains the clients, so at most "
                               f"one may be listed, as the last; got {self.methods!r}")
         return names
 

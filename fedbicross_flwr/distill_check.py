@@ -36,13 +36,11 @@ from fedbicross_flwr.config import ConfigError, RunConfig
 from fedbicross_flwr.data import DatasetArrays, load_dataset
 from fedbicross_flwr.knowledge import agreement, retention
 from fedbicross_flwr.logging_utils import add_file_handler, log, remove_handler
-from fedbicross_flwr.methods import ClientUpload, MethodInput, get_method
+from fedbicross_flwr.methods import get_method, method_names
+from fedbicross_flwr.methods.base import ClientUpload, MethodInput
 from fedbicross_flwr.model import build_resnet18, load_resnet18
 from fedbicross_flwr.site import to_tensors
 from fedbicross_flwr.training import SGDSettings, predict_logits, resolve_device, train_local
-
-#: The server methods that distil from synthetic data (the only ones the check applies to).
-DISTILLING_METHODS = ("fedbicross", "fedisca", "dense", "coboosting", "dafl")
 
 #: Run-config keys reported in each row (the budget and the synthesis settings).
 REPORTED_KEYS = ("model-width", "synth-steps", "synth-batch", "kd-batch", "synth-lr", "bn-weight", "kd-passes",
@@ -112,8 +110,9 @@ def central_teacher(ds: DatasetArrays, cfg: RunConfig, epochs: int, device: torc
 
 def method_config(cfg: RunConfig, synthesis: str, run_name: str, output_dir: Path) -> RunConfig:
     """The run config the method sees: one client, one cluster, a random student start."""
-    if synthesis not in DISTILLING_METHODS:
-        raise ConfigError(f"--synthesis must be one of {DISTILLING_METHODS}, got {synthesis!r}")
+    if synthesis not in method_names(distils=True):  # the only ones the check applies to
+        raise ConfigError(f"--synthesis must be one of {method_names(distils=True)}, "
+                          f"got {synthesis!r}")
     return cfg.replace(method=synthesis, num_clients=1, min_clients=0, num_clusters=1,
                        student_init="random", run_name=run_name, resume=False,
                        output_dir=str(output_dir))
@@ -238,7 +237,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``fedbicross distill-check``."""
     parser.add_argument("--dataset", default="digits", help="dataset key (run-config `dataset`)")
     parser.add_argument("--synthesis", default="fedbicross",
-                        help=f"comma-separated methods, from {', '.join(DISTILLING_METHODS)}")
+                        help=f"comma-separated methods, from {', '.join(method_names(distils=True))}")
     parser.add_argument("--preset", help="a TOML file of run-config keys (conf/*.toml)")
     parser.add_argument("--run-config", default="", help="overrides, as for `flwr run`")
     parser.add_argument("--teacher-epochs", type=int, default=15,

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.methods.catalog import CATALOG, method_names
 from fedbicross_flwr.model import weighted_average
 from fedbicross_flwr.training import predict_logits
 
@@ -68,12 +69,6 @@ def retention(student_acc: float, teacher_acc: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # knowledge.json of a run
 # ---------------------------------------------------------------------------------------------
-#: Server methods that distil from synthetic data, and the ensemble their teacher uses
-#: ('config': the run config's `ensemble` key; the generator methods average logits).
-DISTILLING_METHODS: dict[str, str] = {"fedbicross": "config", "fedisca": "config",
-                                      "dense": "logit", "coboosting": "logit", "dafl": "logit"}
-
-
 def _member_outputs(states: Sequence[dict[str, Tensor]], x: Tensor, device: torch.device,
                     precision: str) -> Tensor:
     """(n_models, n, C) float32 logits of each state on ``x``, on CPU (shape from the state)."""
@@ -104,7 +99,7 @@ def knowledge_report(method: str, ensemble: str, uploads: Sequence[Any], models:
     Parameters
     ----------
     method : str
-        Server method (a key of :data:`DISTILLING_METHODS`).
+        Server method (a distilling one of :mod:`fedbicross_flwr.methods.catalog`).
     ensemble : str
         The run config's ``ensemble`` ('prob' or 'logit'), used where the method follows it.
     uploads : Sequence[ClientUpload]
@@ -135,7 +130,8 @@ def knowledge_report(method: str, ensemble: str, uploads: Sequence[Any], models:
         JSON-serialisable: per cluster the teacher ceilings, agreement, received and
         personalized accuracy and retention; ``stages``: the client-weighted means.
     """
-    kind = ensemble if DISTILLING_METHODS.get(method, "config") == "config" else "logit"
+    spec = CATALOG.get(method)
+    kind = ensemble if spec is None or spec.teacher_ensemble == "config" else "logit"
     x, y = test
     pids = [u.partition_id for u in uploads]
     logits = _member_outputs([u.state for u in uploads], x, device,
@@ -253,7 +249,7 @@ def write_knowledge(run_dir: Path, cfg: Any, uploads: Sequence[Any], out: Any,
     from fedbicross_flwr.results import write_json
     from fedbicross_flwr.site import to_tensors
 
-    if cfg.method not in DISTILLING_METHODS:
+    if cfg.method not in method_names(distils=True):
         return None
     try:
         ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,

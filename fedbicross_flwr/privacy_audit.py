@@ -213,11 +213,11 @@ def synthetic_part(run_dir: Path, cfg: RunConfig, train: torch.Tensor, test: tor
                    control: torch.Tensor | None, n_pairs: int
                    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """(b): nearest training vs nearest test image of every synthetic image of the run."""
-    from fedbicross_flwr.knowledge import DISTILLING_METHODS
+    from fedbicross_flwr.methods.catalog import method_names
     from fedbicross_flwr.privacy_nearest import nearest_audit, to_pixels
 
     path = run_dir / "synthetic.pt"
-    if cfg.method not in DISTILLING_METHODS:
+    if cfg.method not in method_names(distils=True):
         return {"available": False, "reason": f"method {cfg.method!r} synthesizes no images"}, None
     if not path.is_file():
         return {"available": False, "reason": f"run {run_dir.name} has no synthetic.pt"}, None

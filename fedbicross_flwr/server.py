@@ -1,9 +1,10 @@
 """The one-shot protocol on the server, independent of how messages travel.
 
 Phase 1 collects every client's single upload, phase 2 runs the configured server method
-(registry), phase 3 sends each client its own model for ``train.personalize`` and collects the
-metrics; then the run folder is written. A :class:`Transport` carries the two client phases:
-Flower's Grid in ``server_app`` (simulation or deployment), or plain function calls in
+(:mod:`fedbicross_flwr.methods`), phase 3 sends each client its own model for
+``train.personalize`` and collects the metrics; then the run folder is written. A
+:class:`Transport` carries the client phases: Flower's Grid in
+:mod:`fedbicross_flwr.grid_transport` (simulation or deployment), or plain function calls in
 :mod:`fedbicross_flwr.direct` (one process, no Flower, e.g. on the GPU machine).
 """
 
@@ -24,8 +25,8 @@ from fedbicross_flwr.data import DataError, load_dataset
 from fedbicross_flwr.knowledge import knowledge_markdown, write_knowledge
 from fedbicross_flwr.logging_utils import (add_file_handler, log, position_text,
                                             remove_handler, run_position)
-from fedbicross_flwr.methods import MethodInput, get_method
-from fedbicross_flwr.methods.fedavg import is_multiround, run_rounds
+from fedbicross_flwr.methods import collect_uploads, get_method
+from fedbicross_flwr.methods.base import MethodInput
 from fedbicross_flwr.model import probe_for
 # The protocol types live in fedbicross_flwr.protocol; importing them from here keeps working.
 from fedbicross_flwr.protocol import (ClientFailure, ClientReply, ClientUpload,  # noqa: F401
@@ -113,8 +114,7 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     # Phase 1: one upload per client -------------------------------------------------------
     t0 = time.perf_counter()
     log(logging.INFO, "%sphase 1/3: local training on the clients", position_text())
-    phase1 = (run_rounds(cfg, transport, init, run_dir) if is_multiround(cfg.method)
-              else transport.collect_models(cfg, init))  # fedavg-r/fedprox-r: R rounds
+    phase1 = collect_uploads(cfg, transport, init, run_dir)  # fedavg-r/fedprox-r: R rounds
     times["phase1-local-training"] = time.perf_counter() - t0
     failures = list(phase1.failures)
     uploads, local_metrics = [], {}

@@ -1,7 +1,8 @@
 """How the server reaches the clients: the :class:`Transport` interface of the protocol.
 
-Flower's Grid in ``server_app`` (simulation or deployment) and plain function calls in
-:mod:`fedbicross_flwr.direct` (one process, no Flower) implement it. It lives below the server
+Flower's Grid (:class:`fedbicross_flwr.grid_transport.GridTransport`, simulation or
+deployment) and plain function calls (:class:`fedbicross_flwr.direct.DirectTransport`, one
+process, no Flower) implement it. It lives below the server
 and the methods, so both can name it without importing each other.
 """
 
@@ -18,6 +19,10 @@ class Transport(Protocol):
 
     def collect_models(self, cfg: RunConfig, init: StateDict) -> PhaseResult:
         """Phase 1: every client trains once from ``init``; replies are ``ClientReply``."""
+
+    def train_round(self, cfg: RunConfig, state: StateDict, server_round: int) -> PhaseResult:
+        """Round ``server_round`` of a multi-round method (its phase 1 is R of them): every
+        client trains from the global model ``state``; replies are ``ClientReply``."""
 
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
         """Phase 3: send each partition its model; replies are metric dicts."""

@@ -12,7 +12,8 @@ from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import load_dataset
 from fedbicross_flwr.direct import run_direct_methods
-from fedbicross_flwr.methods import ClientUpload, MethodInput, get_method
+from fedbicross_flwr.methods import get_method
+from fedbicross_flwr.methods.base import ClientUpload, MethodInput
 from fedbicross_flwr.site import site_from_partition
 
 

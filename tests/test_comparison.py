@@ -46,10 +46,11 @@ def test_comparison_table_hand_computed(tmp_path) -> None:
 
 
 def test_methods_key_is_validated() -> None:
-    from fedbicross_flwr.config import MULTIROUND_NAMES
-    from fedbicross_flwr.methods.fedavg import MULTIROUND_METHODS
+    from fedbicross_flwr.methods.catalog import method_names, method_spec
 
-    assert set(MULTIROUND_NAMES) == set(MULTIROUND_METHODS)  # the config's copy of the names
+    assert method_names(kind="multi-round") == ("fedavg-r", "fedprox-r")  # one list, the catalog
+    assert [method_spec(m).strategy for m in method_names(kind="multi-round")] == ["FedAvg",
+                                                                                "FedProx"]
     assert RunConfig(methods=" local, fedbicross ").method_list == ["local", "fedbicross"]
     assert RunConfig(method="central").method_list == ["central"]
     assert RunConfig(methods="local,fedavg-r").method_list == ["local", "fedavg-r"]

@@ -11,7 +11,7 @@ from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.direct import run_direct_methods
 from fedbicross_flwr.knowledge import (accuracy_of, agreement, knowledge_report, mixture_probs,
                                        retention)
-from fedbicross_flwr.methods import ClientUpload
+from fedbicross_flwr.methods.base import ClientUpload
 from fedbicross_flwr.model import build_resnet18
 
 

@@ -83,7 +83,7 @@ def test_the_probe_forward_refuses_a_model_that_passes_every_bound(reference) ->
 def test_an_unusable_outgoing_model_stops_the_run_naming_the_extreme_upload(reference,
                                                                           tmp_path) -> None:
     # Prepare: two accepted uploads; a "method" output with a zero BN variance
-    from fedbicross_flwr.methods import ClientUpload
+    from fedbicross_flwr.methods.base import ClientUpload
     from fedbicross_flwr.model import probe_for
     from fedbicross_flwr.server import check_outgoing_models
 

@@ -12,7 +12,8 @@ import statistics
 from collections import defaultdict
 from typing import Any
 
-from fedbicross_flwr.harness.tables import BASELINES, row_group, row_label
+from fedbicross_flwr.harness.tables import row_group, row_label
+from fedbicross_flwr.methods.catalog import table_rows
 
 
 def _by_column(rows: list[dict[str, Any]], metric: str
@@ -29,19 +30,20 @@ def _by_column(rows: list[dict[str, Any]], metric: str
 def ranking_tables(rows: list[dict[str, Any]], metric: str = "official-after") -> str:
     """Markdown: the ranking table, then the ablation table; empty without a FedBiCross row."""
     by_column = _by_column(rows, metric)
+    baselines = table_rows("baseline")
     groups = {row_label(r): row_group(r) for r in rows}
     lines = []
     for (dataset, alpha, n), methods in by_column.items():
         ours = [m for m in methods if groups[m] == "ours"]
         one_shot = {m: statistics.fmean(v.values()) for m, v in methods.items()
-                    if m in BASELINES or m in ours}
+                    if m in baselines or m in ours}
         ranking = sorted(one_shot, key=one_shot.get, reverse=True)
         listing = ", ".join(f"{m} {one_shot[m]:.2f}" for m in ranking)
         for mine in ours:
-            base = {m: s for m, s in one_shot.items() if m in BASELINES}
+            base = {m: s for m, s in one_shot.items() if m in baselines}
             best = max(base, key=base.get) if base else None
             wins = []
-            for b in BASELINES:
+            for b in baselines:
                 shared = set(methods[mine]) & set(methods.get(b, {}))
                 if shared:
                     won = sum(methods[mine][s] > methods[b][s] for s in shared)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-BASELINES = ("fedavg1", "dafl", "dense", "fedisca", "coboosting", "cluster-fedavg")
-REFERENCES = ("local", "fedavg-r", "fedprox-r", "central")
+from fedbicross_flwr.methods.catalog import table_rows
+
 MAJORITY = "majority class"
 VIEWS = {
     "official-after": "official test split, after personalization (the paper's metric)",
@@ -34,7 +34,7 @@ def row_label(row: dict[str, Any]) -> str:
 
 def row_group(row: dict[str, Any]) -> str:
     """baseline / ours / ablation / reference, as in the paper's tables."""
-    if row["row"] in BASELINES:
+    if row["row"] in table_rows("baseline"):
         return "baseline"
     if row["row"] == "fedbicross":
         return "ours"
@@ -46,7 +46,7 @@ def row_group(row: dict[str, Any]) -> str:
 def _order(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(group, label) in table order: groups as in the paper, rows in first-seen order."""
     rank = {"baseline": 0, "ours": 1, "ablation": 2, "reference": 3}
-    fixed = {name: i for i, name in enumerate(BASELINES + REFERENCES)}
+    fixed = {name: i for i, name in enumerate(table_rows("baseline") + table_rows("reference"))}
     seen: dict[tuple[str, str], tuple] = {}
     for i, r in enumerate(rows):
         key = (row_group(r), row_label(r))

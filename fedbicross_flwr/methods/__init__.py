@@ -1,7 +1,8 @@
-"""The server methods, one module each, and their registry ``name -> function(MethodInput)``.
+"""The server methods, one module each, looked up by name through :mod:`.catalog`.
 
 Every method receives the same client uploads and returns one model per client, which then
-goes through the same personalization round and the same evaluation.
+goes through the same personalization round and the same evaluation (:mod:`.base` holds the
+contract: :class:`~.base.MethodInput`, :class:`~.base.MethodOutput`).
 
 ``fedavg1``, ``fedavg-r``, ``fedprox-r``  :mod:`.fedavg` (one-shot and multi-round FedAvg/FedProx)
 ``local``                                 :mod:`.local` (no federation)
@@ -12,58 +13,45 @@ goes through the same personalization round and the same evaluation.
 ``cluster-fedavg``                        :mod:`.cluster_fedavg` (FedBiCross's clusters, averaged:
                                           the null row of its server stage)
 
-The heavy methods are imported when first called: the FedBiCross stack (sklearn, matplotlib)
-and the baselines are not needed by the others.
+This package's ``__init__`` imports no torch: a method's module is imported when the method is
+first looked up, so the heavy ones (the FedBiCross stack with sklearn and matplotlib, the
+baselines) are not needed by the others.
 """
 
 from __future__ import annotations
 
 from importlib import import_module
+from typing import TYPE_CHECKING
 
-from fedbicross_flwr.methods.base import (ClientUpload, MethodInput, MethodOutput, ServerMethod,
-                                          StateDict)
-from fedbicross_flwr.methods.fedavg import fedavg1, fedavg_r
-from fedbicross_flwr.methods.local import local
+from fedbicross_flwr.methods.catalog import CATALOG, MethodSpec, method_names, method_spec
 
+if TYPE_CHECKING:
+    from pathlib import Path
 
-def _lazy(module: str, name: str) -> ServerMethod:
-    """A registry entry that imports ``fedbicross_flwr.methods.<module>`` only when called."""
-
-    def run(inp: MethodInput) -> MethodOutput:
-        return getattr(import_module(f"fedbicross_flwr.methods.{module}"), name)(inp)
-
-    run.__name__ = name
-    return run
+    from fedbicross_flwr.config import RunConfig
+    from fedbicross_flwr.methods.base import ServerMethod
+    from fedbicross_flwr.protocol import PhaseResult, StateDict
+    from fedbicross_flwr.transport import Transport
 
 
-REGISTRY: dict[str, ServerMethod] = {
-    "fedavg1": fedavg1,
-    "local": local,
-    "fedbicross": _lazy("fedbicross", "fedbicross"),
-    "fedavg-r": fedavg_r,  # phase 1 is R rounds (fedavg.run_rounds); this averages round R
-    "fedprox-r": fedavg_r,
-    "central": _lazy("central", "central"),
-    "fedisca": _lazy("baselines.fedisca", "fedisca"),
-    "dense": _lazy("baselines.dense", "dense"),
-    "coboosting": _lazy("baselines.coboosting", "coboosting"),
-    "dafl": _lazy("baselines.dafl", "dafl"),
-    "cluster-fedavg": _lazy("cluster_fedavg", "cluster_fedavg"),
-}
+def get_method(name: str) -> "ServerMethod":
+    """The function of method ``name`` (its module imported now), with the known names in the
+    error."""
+    module, function = method_spec(name).function.split(":")
+    method: ServerMethod = getattr(import_module(f"fedbicross_flwr.methods.{module}"), function)
+    return method
 
 
-def register(name: str, fn: ServerMethod) -> None:
-    """Add a method (names are unique)."""
-    if name in REGISTRY:
-        raise ValueError(f"method {name!r} is already registered")
-    REGISTRY[name] = fn
+def collect_uploads(cfg: "RunConfig", transport: "Transport", init: "StateDict",
+                    run_dir: "Path | None" = None) -> "PhaseResult":
+    """Phase 1 of ``cfg.method``: one upload per client (``transport.collect_models``), or, for
+    a multi-round method, R rounds of ``transport.train_round`` (:func:`.fedavg.run_rounds`)."""
+    if method_spec(cfg.method).multiround:
+        from fedbicross_flwr.methods.fedavg import run_rounds
+
+        return run_rounds(cfg, transport, init, run_dir)
+    return transport.collect_models(cfg, init)
 
 
-def get_method(name: str) -> ServerMethod:
-    """Look a method up by name, with the known names in the error."""
-    if name not in REGISTRY:
-        raise KeyError(f"unknown method {name!r}; registered: {sorted(REGISTRY)}")
-    return REGISTRY[name]
-
-
-__all__ = ["REGISTRY", "ClientUpload", "MethodInput", "MethodOutput", "ServerMethod",
-           "StateDict", "get_method", "register"]
+__all__ = ["CATALOG", "MethodSpec", "collect_uploads", "get_method", "method_names",
+           "method_spec"]

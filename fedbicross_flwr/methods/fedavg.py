@@ -16,7 +16,7 @@ loss) and uploads; the server averages the valid uploads weighted by their train
 for personalization; it is computed by the registry method :func:`fedavg_r` (phase 2), so the
 uploads of round R go through the same validation as one-shot uploads.
 
-On the Flower Grid (``server_app``), each round's messages are built by Flower's built-in
+On the Flower Grid (:class:`fedbicross_flwr.grid_transport.GridTransport`), each round's messages are built by Flower's built-in
 ``flwr.serverapp.strategy.FedAvg`` / ``FedProx`` (``configure_train``: node sampling with
 fraction 1.0, ``server-round`` and FedProx's ``proximal-mu`` injected); the in-process runner
 builds the same config without Flower. Both engines aggregate with the same function
@@ -38,20 +38,12 @@ from typing import Any
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, StateDict
+from fedbicross_flwr.methods.catalog import method_spec
 from fedbicross_flwr.model import probe_for, weighted_average
 from fedbicross_flwr.protocol import (ClientFailure, PhaseResult, num_examples_problem,
                                       validate_upload)
 from fedbicross_flwr.site import example_bounds
 from fedbicross_flwr.transport import Transport
-
-# method name -> Flower strategy it reproduces
-MULTIROUND_METHODS = {"fedavg-r": "FedAvg", "fedprox-r": "FedProx"}
-
-
-def is_multiround(method: str) -> bool:
-    """True for the methods whose phase 1 is R rounds instead of one upload."""
-    return method in MULTIROUND_METHODS
-
 
 def round_epochs(cfg: RunConfig) -> int:
     """Local epochs per round: ``round-epochs``, or ceil(local-epochs / rounds) when 0."""
@@ -91,11 +83,8 @@ def run_rounds(cfg: RunConfig, transport: Transport, init: StateDict,
     left out of that round's average and listed as a failure). ``rounds.csv`` in ``run_dir``
     records, per round, how many clients answered and their mean local accuracies.
     """
-    if not hasattr(transport, "train_round"):
-        raise RuntimeError(f"method {cfg.method!r} needs a transport with train_round "
-                           f"(multi-round); {type(transport).__name__} has none")
     log(logging.INFO, "%s: %d rounds of %d local epochs (%s, proximal-mu=%g)", cfg.method,
-        cfg.rounds, round_epochs(cfg), MULTIROUND_METHODS[cfg.method], proximal_mu(cfg))
+        cfg.rounds, round_epochs(cfg), method_spec(cfg.method).strategy, proximal_mu(cfg))
     state, history, failures = init, [], []
     probe, sizes = probe_for(init), None
     for rnd in range(1, cfg.rounds + 1):
