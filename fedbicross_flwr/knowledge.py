@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.catalog import CATALOG, method_names
-from fedbicross_flwr.model import weighted_average
+from fedbicross_flwr.model import resnet18_shape, weighted_average
 from fedbicross_flwr.training import predict_logits
 
 
@@ -205,8 +205,6 @@ def knowledge_report(method: str, ensemble: str, uploads: Sequence[Any], models:
     stages["retention-vs-all-client-ensemble"] = (
         retention(stages["received-acc"], all_acc) if stages["received-acc"] is not None
         else None)
-    from fedbicross_flwr.model import resnet18_shape
-
     return {"method": method, "split": "official test", "n-test": int(len(y)),
             "model-width": resnet18_shape(uploads[0].state)[2],
             "teacher-ensemble": kind, "stages": stages, "clusters": per_cluster}

@@ -18,7 +18,7 @@ from fedbicross_flwr.fedbicross.method import cluster_clients
 from fedbicross_flwr.fedbicross.settings import settings_from_config
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, write_clusters_csv
-from fedbicross_flwr.model import build_resnet18, load_resnet18, weighted_average
+from fedbicross_flwr.model import load_resnet18, weighted_average
 
 
 def cluster_fedavg(inp: MethodInput) -> MethodOutput:
@@ -28,9 +28,8 @@ def cluster_fedavg(inp: MethodInput) -> MethodOutput:
     settings = settings_from_config(cfg, num_clusters=k)
     clients = [load_resnet18(u.state).to(inp.device).eval().requires_grad_(False)
                for u in inp.uploads]
-    clustering = cluster_clients(
-        clients, settings, inp.in_channels, inp.num_classes, 28,
-        lambda: build_resnet18(inp.in_channels, inp.num_classes, cfg.model_width), inp.device)
+    clustering = cluster_clients(clients, settings, inp.in_channels, inp.num_classes, 28,
+                                 inp.new_model, inp.device)
     assignment = np.asarray(clustering["assignment"])  # (N,)
     models, clusters = {}, {}
     for c in range(k):
