@@ -135,13 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="simulated clients (default: num-clients of the config)")
     sim.add_argument("--timeout", type=float, default=6 * 3600.0, help="seconds")
     table = sub.add_parser("config-table", help="print the run-config keys as a Markdown "
-                           "table; --write puts it into README.md and the defaults into "
+                           "table; --write puts it into docs/CONFIG.md and the defaults into "
                            "pyproject.toml", parents=[debug])
     table.add_argument("--write", action="store_true",
-                       help="rewrite README.md's table and pyproject.toml's "
+                       help="rewrite docs/CONFIG.md's table and pyproject.toml's "
                        "[tool.flwr.app.config] instead of printing")
     table.add_argument("--root", type=Path, default=Path("."),
-                       help="the project folder holding README.md and pyproject.toml")
+                       help="the project folder holding docs/CONFIG.md and pyproject.toml")
     bench = sub.add_parser("bench", help="time the FedBiCross server stage against a "
                            "reference-style implementation on the same inputs (docs/BENCHMARKS.md)",
                            parents=[debug])

@@ -3,7 +3,7 @@
 The keys live in ``[tool.flwr.app.config]`` of ``pyproject.toml`` (Flower only accepts overrides
 of keys that exist there) and in the presets under ``conf/``. :class:`RunConfig` is the single
 typed view of them; each field's metadata holds its key, its allowed range and a one-line doc,
-so the README table and the pyproject defaults are checked against this file by the tests.
+so docs/CONFIG.md's table and the pyproject defaults are checked against this file by the tests.
 
 An invalid value fails here, before any data is read or any model is trained, with a
 :class:`ConfigError` that names the key and what it accepts.
@@ -636,7 +636,7 @@ def parse_overrides(text: str) -> dict[str, Any]:
 
 
 def markdown_table() -> str:
-    """The README's run-config table, generated from the dataclass."""
+    """docs/CONFIG.md's run-config table, generated from the dataclass."""
     rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(RunConfig):
         m = f.metadata

@@ -1,7 +1,7 @@
-"""What mirrors :mod:`fedbicross_flwr.config`: the README's key table and pyproject's defaults.
+"""What mirrors :mod:`fedbicross_flwr.config`: docs/CONFIG.md's key table and pyproject's defaults.
 
 ``fedbicross config-table`` prints the table; ``fedbicross config-table --write`` rewrites the
-README section between ``<!-- config-table:start -->`` and ``<!-- config-table:end -->`` and the
+section of ``docs/CONFIG.md`` between ``<!-- config-table:start -->`` and ``<!-- config-table:end -->`` and the
 ``[tool.flwr.app.config]`` section of ``pyproject.toml`` (the last section of that file, which
 Flower reads the keys and defaults from). Run it after adding, removing or changing a key.
 """
@@ -13,6 +13,7 @@ from pathlib import Path
 from fedbicross_flwr.config import ConfigError, RunConfig, markdown_table
 
 START, END = "<!-- config-table:start -->", "<!-- config-table:end -->"
+TABLE_DOC = Path("docs") / "CONFIG.md"  # relative to the project folder
 PYPROJECT_SECTION = "[tool.flwr.app.config]\n"
 
 
@@ -25,7 +26,7 @@ def readme_with_table(text: str) -> str:
         The markers are missing, repeated or out of order.
     """
     if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
-        raise ConfigError(f"the README needs one {START} line before one {END} line")
+        raise ConfigError(f"{TABLE_DOC} needs one {START} line before one {END} line")
     head, rest = text.split(START)
     _, tail = rest.split(END)
     return f"{head}{START}\n{markdown_table()}\n{END}{tail}"
@@ -51,8 +52,8 @@ def pyproject_with_defaults(text: str) -> str:
 
 
 def write_mirrors(root: Path) -> list[Path]:
-    """Rewrite ``root``/README.md's table and ``root``/pyproject.toml's defaults; the files."""
-    readme, pyproject = root / "README.md", root / "pyproject.toml"
+    """Rewrite ``root``/docs/CONFIG.md's table and ``root``/pyproject.toml's defaults; the files."""
+    readme, pyproject = root / TABLE_DOC, root / "pyproject.toml"
     for path in (readme, pyproject):
         if not path.is_file():
             raise ConfigError(f"{path} does not exist (--root names the project folder)")

@@ -14,14 +14,15 @@ def test_config_table(capsys) -> None:
 def test_config_table_write_regenerates_readme_table_and_pyproject_defaults(tmp_path,
                                                                           capsys) -> None:
     # Prepare: a stale table between the markers, a stale default, text around both kept
-    (tmp_path / "README.md").write_text("# Title\n<!-- config-table:start -->\n| old |\n"
-                                        "<!-- config-table:end -->\n## After\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "CONFIG.md").write_text("# Title\n<!-- config-table:start -->\n"
+                                                 "| old |\n<!-- config-table:end -->\n## After\n")
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n\n'
                                              '[tool.flwr.app.config]\nalpha = 7.0\n')
     # Execute
     assert main(["config-table", "--write", "--root", str(tmp_path)]) == 0
     # Assert
-    readme = (tmp_path / "README.md").read_text()
+    readme = (tmp_path / "docs" / "CONFIG.md").read_text()
     assert readme == (f"# Title\n<!-- config-table:start -->\n{markdown_table()}\n"
                       "<!-- config-table:end -->\n## After\n")
     pyproject = tomllib.loads((tmp_path / "pyproject.toml").read_text())
@@ -32,7 +33,8 @@ def test_config_table_write_regenerates_readme_table_and_pyproject_defaults(tmp_
 
 def test_config_table_write_refuses_a_readme_without_markers(tmp_path, capsys) -> None:
     # Prepare
-    (tmp_path / "README.md").write_text("# no markers\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "CONFIG.md").write_text("# no markers\n")
     (tmp_path / "pyproject.toml").write_text("[tool.flwr.app.config]\nalpha = 7.0\n")
     # Execute / Assert: one line, exit 2, nothing written
     assert main(["config-table", "--write", "--root", str(tmp_path)]) == 2

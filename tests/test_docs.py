@@ -1,17 +1,50 @@
-"""The README documents every run-config key exactly as the code defines it."""
+"""The docs describe the code as it is: the key table, the methods table and every link."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from fedbicross_flwr.config import markdown_table
+from fedbicross_flwr.methods.catalog import CATALOG
 
 ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def test_readme_config_table_is_current() -> None:
-    readme = (ROOT / "README.md").read_text()
-    start = readme.index("<!-- config-table:start -->") + len("<!-- config-table:start -->")
-    end = readme.index("<!-- config-table:end -->")
-    assert readme[start:end].strip() == markdown_table(), (
-        "README run-config table is stale: regenerate it with `fedbicross config-table`")
+def between(text: str, name: str) -> str:
+    """The text between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    start = text.index(f"<!-- {name}:start -->") + len(f"<!-- {name}:start -->")
+    return text[start:text.index(f"<!-- {name}:end -->")].strip()
+
+
+def test_config_doc_table_is_current() -> None:
+    text = (ROOT / "docs" / "CONFIG.md").read_text()
+    assert between(text, "config-table") == markdown_table(), (
+        "docs/CONFIG.md's run-config table is stale: regenerate it with "
+        "`fedbicross config-table --write`")
+
+
+def test_readme_methods_table_names_every_catalog_method_with_its_kind() -> None:
+    rows = between((ROOT / "README.md").read_text(), "methods-table").splitlines()[2:]
+    table = {}
+    for row in rows:
+        name, kind = (cell.strip() for cell in row.strip("|").split("|")[:2])
+        table[name.strip("`")] = kind
+    assert table == {name: spec.kind for name, spec in CATALOG.items()}
+
+
+def test_every_relative_link_of_the_docs_resolves() -> None:
+    broken = []
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            if not (doc.parent / target).exists():
+                broken.append(f"{doc.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
+
+
+def test_docs_name_no_path_of_a_development_machine() -> None:
+    for doc in DOCS:
+        assert not re.search(r"(?<![\w.])/(work|home|root|Users)/", doc.read_text()), doc.name

@@ -4,7 +4,7 @@
 config.RunConfig` field tagged ``setting=<name>`` becomes the settings field ``<name>``, with the
 same default (the paper's value where the paper gives one), the same range and the same choices.
 The keys, their defaults and their meaning are therefore written once, in
-:mod:`fedbicross_flwr.config` (and the README's table generated from it). The settings use the
+:mod:`fedbicross_flwr.config` (and docs/CONFIG.md's table generated from it). The settings use the
 algorithm's names (``tau`` for ``kd-temperature``, ``val_fraction`` for ``bilevel-val-fraction``,
 ``noise_momentum`` = beta of Eq. 3, ...). The only fields without a run-config key are the
 engineering constants in :data:`ENGINEERING_FIELDS`.
