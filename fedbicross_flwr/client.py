@@ -26,19 +26,9 @@ from torch import nn
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import build_resnet18
+from fedbicross_flwr.protocol import REPLY_METRICS
 from fedbicross_flwr.site import SiteData
 from fedbicross_flwr.training import SGDSettings, accuracy, personalize, train_local
-
-
-# What a client may report, per message type: aggregates over its data (accuracies, counts,
-# loss, time), never a per-sample value. Adding a name here adds it to what leaves a site.
-REPLY_METRICS: dict[str, frozenset[str]] = {
-    "train": frozenset({"num-examples", "train-loss", "val-acc", "test-acc",
-                        "test-acc-personal", "n-test", "n-test-personal", "train-seconds"}),
-    "train.personalize": frozenset({"num-examples", "acc-before", "acc-personal-before",
-                                    "val-acc-before", "acc-after", "acc-personal-after",
-                                    "val-acc-after"}),
-}
 
 
 class ReplyMetricsError(ValueError):

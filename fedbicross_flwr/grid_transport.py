@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedbicross_flwr.config import RunConfig, parse_site_nodes
@@ -21,15 +22,69 @@ from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
 
 
-def client_error(reply: Message, phase: str, pid: int | None = None) -> ClientFailure | None:
-    """The failure a client reported in its ``config`` record (e.g. unusable site data)."""
-    config = reply.content["config"] if "config" in reply.content else {}
-    if "error" not in config:
-        return None
-    if "partition-id" in config:
-        pid = int(config["partition-id"])
-    return ClientFailure(pid, str(reply.metadata.src_node_id), phase,
-                         f"client error: {config['error']}")
+class ReplyError(ValueError):
+    """A reply that cannot be read: its site fails with this reason, the run goes on."""
+
+
+@dataclass
+class Reply:
+    """One reply, read: what the site says it is and what it sent (not yet checked)."""
+
+    node: int  # the Flower node id the reply came from (set by the SuperLink)
+    partition_id: int | None  # the partition the reply names, when it names one
+    error: str | None  # the error the client reported instead of a result
+    state: StateDict | None  # the model (``train`` replies)
+    metrics: dict[str, Any]  # the metric record, values as sent (checked by the server)
+
+
+def _partition_id(value: Any) -> int:
+    """A reply's ``partition-id``: a whole number, or ReplyError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ReplyError(f"partition-id {value!r} is not a whole number")
+    return int(value)
+
+
+def read_reply(reply: Message, message_type: str) -> Reply:
+    """Read one reply of any phase, the one place that does; anything malformed is a
+    :class:`ReplyError` naming what is wrong.
+
+    An error reply (Flower's, or the client's own ``error`` in its config record) is read into
+    ``error``. Otherwise a ``train`` reply must carry an ``arrays`` ArrayRecord, a ``metrics``
+    MetricRecord and a ``partition-id``; a ``train.personalize`` reply a ``metrics`` record
+    (its ``partition-id`` is optional). Metric values are kept as sent: their names, types
+    and ranges are the server's check (:func:`fedbicross_flwr.protocol.metrics_problem`).
+    """
+    try:
+        return _read(reply, message_type)
+    except ReplyError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever a site sends, it fails alone
+        raise ReplyError(f"malformed {message_type} reply: {type(err).__name__}: {err}"
+                         ) from None
+
+
+def _read(reply: Message, message_type: str) -> Reply:
+    node = int(reply.metadata.src_node_id)
+    if reply.has_error():
+        return Reply(node, None, f"error reply: {reply.error.reason}", None, {})
+    content = reply.content
+    config = content["config"] if "config" in content else {}
+    if not isinstance(config, ConfigRecord):
+        raise ReplyError(f"its config is a {type(config).__name__}, not a ConfigRecord")
+    pid = _partition_id(config["partition-id"]) if "partition-id" in config else None
+    if "error" in config:
+        return Reply(node, pid, f"client error: {config['error']}", None, {})
+    if "metrics" not in content or not isinstance(content["metrics"], MetricRecord):
+        raise ReplyError(f"the {message_type} reply has no metrics record")
+    metrics = dict(content["metrics"].items())
+    state = None
+    if message_type == "train":
+        if pid is None:
+            raise ReplyError("the train reply names no partition-id")
+        if "arrays" not in content or not isinstance(content["arrays"], ArrayRecord):
+            raise ReplyError("the train reply has no arrays record (an ArrayRecord)")
+        state = content["arrays"].to_torch_state_dict()
+    return Reply(node, pid, None, state, metrics)
 
 
 class GridTransport:
@@ -144,27 +199,21 @@ class GridTransport:
         pid_of = {nid: pid for pid, nid in self.node_of.items()} if self.bound else {}
         claims: dict[int, list[int]] = {}  # unbound: partition-id -> nodes claiming it
         answered = set()
-        for reply in replies:
-            nid = reply.metadata.src_node_id
+        for message in replies:
+            nid = message.metadata.src_node_id
             answered.add(nid)
             expected = pid_of.get(nid)
-            if reply.has_error():
-                result.failures.append(ClientFailure(expected, str(nid), "train",
-                                                     f"error reply: {reply.error.reason}"))
-                continue
-            if (failure := client_error(reply, "train")) is not None:
-                if self.bound:
-                    failure.partition_id = expected
-                result.failures.append(failure)
-                continue
             try:
-                pid = int(reply.content["config"]["partition-id"])
-                state = reply.content["arrays"].to_torch_state_dict()
-                metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
-            except (KeyError, TypeError, ValueError) as err:
-                result.failures.append(ClientFailure(expected, str(nid), "train",
-                                                     f"malformed reply: {err!r}"))
+                reply = read_reply(message, "train")
+            except ReplyError as err:
+                result.failures.append(ClientFailure(expected, str(nid), "train", str(err)))
                 continue
+            if reply.error is not None:
+                pid = expected if self.bound else reply.partition_id
+                result.failures.append(ClientFailure(pid, str(nid), "train", reply.error))
+                continue
+            pid, state, metrics = reply.partition_id, reply.state, reply.metrics
+            assert pid is not None and state is not None  # read_reply: a train reply has both
             if self.bound and pid != expected:
                 result.failures.append(ClientFailure(
                     expected, str(nid), "train",
@@ -204,27 +253,27 @@ class GridTransport:
                                                 "config": self._config(pid)}),
                                     dst_node_id=nid, message_type="train.personalize"))
         result = PhaseResult()
-        for reply in self._send(messages, cfg):
-            nid = reply.metadata.src_node_id
+        for message in self._send(messages, cfg):
+            nid = message.metadata.src_node_id
             pid = pid_of.get(nid)
             if pid is None:
                 continue  # not a node this phase instructed
-            if reply.has_error():
+            try:
+                reply = read_reply(message, "train.personalize")
+            except ReplyError as err:
+                result.failures.append(ClientFailure(pid, str(nid), "personalize", str(err)))
+                continue
+            if reply.error is not None:
                 result.failures.append(ClientFailure(pid, str(nid), "personalize",
-                                                     f"error reply: {reply.error.reason}"))
+                                                     reply.error))
                 continue
-            if (failure := client_error(reply, "personalize", pid)) is not None:
-                failure.partition_id = pid
-                result.failures.append(failure)
-                continue
-            config = reply.content["config"] if "config" in reply.content else {}
-            if "partition-id" in config and int(config["partition-id"]) != pid:
+            if reply.partition_id is not None and reply.partition_id != pid:
                 result.failures.append(ClientFailure(
                     pid, str(nid), "personalize",
                     f"spoofed partition-id: node {nid} replied as partition "
-                    f"{config['partition-id']} to partition {pid}'s model; reply refused"))
+                    f"{reply.partition_id} to partition {pid}'s model; reply refused"))
                 continue
-            result.replies[pid] = {k: float(v) for k, v in reply.content["metrics"].items()}
+            result.replies[pid] = reply.metrics
         for nid, pid in pid_of.items():
             if pid not in result.replies and not any(f.partition_id == pid
                                                      for f in result.failures):
@@ -233,4 +282,4 @@ class GridTransport:
         return result
 
 
-__all__ = ["GridTransport", "client_error"]
+__all__ = ["GridTransport", "Reply", "ReplyError", "read_reply"]

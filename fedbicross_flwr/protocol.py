@@ -6,7 +6,9 @@ the server, the transports, the methods and the tests can all depend on it witho
 * :class:`ClientUpload` - a client's single accepted upload, as a server method sees it;
 * :class:`ClientReply` - a phase-1 reply as a transport delivers it (not yet checked);
 * :class:`ClientFailure` / :class:`PhaseResult` - what one phase brought back;
-* :func:`validate_upload` - why an uploaded state dict is refused, or None.
+* :data:`REPLY_METRICS` - the metric names a client may send, per message type;
+* :func:`validate_upload` - why an uploaded state dict is refused, or None;
+* :func:`metrics_problem` - why a reply's metrics are refused (name, type, range), or None.
 """
 
 from __future__ import annotations
@@ -28,6 +30,33 @@ StateDict = dict[str, torch.Tensor]
 MAX_ABS_WEIGHT = 1e4  # parameters (conv/linear weights and biases, BN affine)
 MAX_ABS_RUNNING_MEAN = 1e6  # BN running_mean
 MAX_RUNNING_VAR = 1e12  # BN running_var (a standard deviation of 1e6)
+MAX_BATCHES_TRACKED = 10**9  # BN num_batches_tracked: a billion training steps
+MAX_COUNT = 10**9  # a reported number of examples (n-test, n-test-personal)
+
+# What a client may report, per message type: aggregates over its data (accuracies, counts,
+# a loss, a time), never per-example values or per-class counts. The ClientApp sends exactly
+# these names (client.checked_reply_metrics) and the server accepts exactly these names, each
+# in its range (metrics_problem).
+REPLY_METRICS: dict[str, frozenset[str]] = {
+    "train": frozenset({"num-examples", "train-loss", "val-acc", "test-acc",
+                        "test-acc-personal", "n-test", "n-test-personal", "train-seconds"}),
+    "train.personalize": frozenset({"num-examples", "acc-before", "acc-personal-before",
+                                    "val-acc-before", "acc-after", "acc-personal-after",
+                                    "val-acc-after"}),
+}
+# The range of each metric. "accuracy": a fraction in [0, 1] on the official test split, never
+# missing (every site has one); "accuracy-or-nan": in [0, 1], or NaN when its evaluation set is
+# empty (the validation split, the label-following split); "count": a whole number in
+# [0, MAX_COUNT]; "examples": num-examples (num_examples_problem); "loss" and "seconds": >= 0,
+# finite ("loss" may be NaN: no training step was made).
+METRIC_KINDS: dict[str, str] = {
+    "num-examples": "examples", "train-loss": "loss", "val-acc": "accuracy-or-nan",
+    "test-acc": "accuracy", "test-acc-personal": "accuracy-or-nan", "n-test": "count",
+    "n-test-personal": "count", "train-seconds": "seconds", "acc-before": "accuracy",
+    "acc-personal-before": "accuracy-or-nan", "val-acc-before": "accuracy-or-nan",
+    "acc-after": "accuracy", "acc-personal-after": "accuracy-or-nan",
+    "val-acc-after": "accuracy-or-nan",
+}
 
 
 @dataclass(frozen=True)
@@ -96,6 +125,68 @@ def num_examples_problem(value: Any, bound: int | None) -> str | None:
     return None
 
 
+def metrics_problem(message_type: str, metrics: Any,
+                    n_test_personal: float | None = None) -> str | None:
+    """Why a reply's ``metrics`` are refused by the server, or None.
+
+    The names must be exactly :data:`REPLY_METRICS` of ``message_type``, every value one real
+    number (not a bool, a list or a string) within its :data:`METRIC_KINDS` range. The
+    label-following accuracies may be NaN only when their split is empty (``n-test-personal``
+    = 0: in phase 1 the reply's own, in phase 3 ``n_test_personal``, the site's phase-1
+    count); ``num-examples`` is checked by :func:`num_examples_problem`, with its bound.
+    """
+    allowed = REPLY_METRICS[message_type]
+    if not isinstance(metrics, Mapping):
+        return f"the {message_type} metrics are a {type(metrics).__name__}, not a record"
+    extra, missing = sorted(map(str, set(metrics) - allowed)), sorted(allowed - set(metrics))
+    if extra or missing:
+        return (f"{message_type} metrics must be exactly {sorted(allowed)}: not allowed "
+                f"{extra[:5]}{' ...' if len(extra) > 5 else ''}, missing {missing}")
+    for name in sorted(allowed):
+        value = metrics[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return f"metric {name} is a {type(value).__name__}, not one number"
+        kind, value = METRIC_KINDS[name], float(value)
+        if math.isnan(value) and kind in ("accuracy-or-nan", "loss"):
+            continue
+        if kind == "examples":
+            continue  # bounded by num_examples_problem, which knows the partition's size
+        if not math.isfinite(value):
+            return f"metric {name}={value!r} is not finite"
+        if kind.startswith("accuracy") and not 0.0 <= value <= 1.0:
+            return f"metric {name}={value!r} is not an accuracy in [0, 1]"
+        if kind == "count" and (value != int(value) or not 0 <= value <= MAX_COUNT):
+            return f"metric {name}={value!r} is not a whole number in [0, {MAX_COUNT}]"
+        if kind in ("loss", "seconds") and value < 0:
+            return f"metric {name}={value!r} is negative"
+    personal = {"train": ("test-acc-personal",),
+                "train.personalize": ("acc-personal-before", "acc-personal-after")}[message_type]
+    if message_type == "train":
+        n_test_personal = float(metrics["n-test-personal"])
+        if metrics["n-test-personal"] > metrics["n-test"]:
+            return (f"metric n-test-personal={metrics['n-test-personal']!r} exceeds "
+                    f"n-test={metrics['n-test']!r} (the label-following split is a part of "
+                    "the test split)")
+    for name in personal:
+        if math.isnan(float(metrics[name])) and n_test_personal:
+            return (f"metric {name} is NaN, but the site's label-following split has "
+                    f"n-test-personal={n_test_personal:g} examples")
+    return None
+
+
+def upload_problem(reply: ClientReply, reference: StateDict,
+                   probe: Callable[[StateDict], str | None] | None,
+                   max_examples: int | None) -> str | None:
+    """Why a phase-1 (or one round's) reply is refused, or None: :func:`validate_upload` on
+    its model, :func:`num_examples_problem` on its FedAvg weight (bounded by
+    ``max_examples``), then :func:`metrics_problem` on every metric."""
+    return (validate_upload(reply.state, reference, probe)
+            or num_examples_problem(reply.metrics.get("num-examples")
+                                    if isinstance(reply.metrics, Mapping) else None,
+                                    max_examples)
+            or metrics_problem("train", reply.metrics))
+
+
 def validate_upload(state: Any, reference: StateDict,
                     probe: Callable[[StateDict], str | None] | None = None) -> str | None:
     """Why an uploaded state dict is refused, or None if it is a usable model.
@@ -104,7 +195,7 @@ def validate_upload(state: Any, reference: StateDict,
     number of classes; the model width (the first convolution's channels); every tensor's shape and dtype; finite values; magnitudes within
     :data:`MAX_ABS_WEIGHT` (parameters), :data:`MAX_ABS_RUNNING_MEAN` and
     :data:`MAX_RUNNING_VAR` (BatchNorm statistics); BatchNorm ``running_var`` > 0 and
-    ``num_batches_tracked`` >= 0; finally ``probe`` (e.g. a forward pass on a fixed batch).
+    ``num_batches_tracked`` in [0, :data:`MAX_BATCHES_TRACKED`]; finally ``probe`` (e.g. a forward pass on a fixed batch).
 
     Parameters
     ----------
@@ -159,6 +250,9 @@ def _value_problem(key: str, tensor: torch.Tensor) -> str | None:
     if not tensor.is_floating_point():
         if key.endswith("num_batches_tracked") and int(tensor.min()) < 0:
             return f"{key} is negative ({int(tensor.min())})"
+        if key.endswith("num_batches_tracked") and int(tensor.max()) > MAX_BATCHES_TRACKED:
+            return (f"{key} is {int(tensor.max())}, above the bound {MAX_BATCHES_TRACKED} "
+                    "training steps")
         return None
     if not bool(torch.isfinite(tensor).all()):
         return f"{key} contains NaN or Inf values"

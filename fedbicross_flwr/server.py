@@ -30,8 +30,8 @@ from fedbicross_flwr.methods.base import MethodInput
 from fedbicross_flwr.model import probe_for
 # The protocol types live in fedbicross_flwr.protocol; importing them from here keeps working.
 from fedbicross_flwr.protocol import (ClientFailure, ClientReply, ClientUpload,  # noqa: F401
-                                      PhaseResult, StateDict, num_examples_problem,
-                                      validate_upload)
+                                      PhaseResult, StateDict, metrics_problem,
+                                      num_examples_problem, upload_problem, validate_upload)
 from fedbicross_flwr.results import (create_run_dir, summarize, write_clients_csv, write_json,
                                      write_summary_md)
 from fedbicross_flwr.site import example_bounds
@@ -122,10 +122,7 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     sizes = example_bounds(cfg, phase1.num_partitions)
     for pid in sorted(phase1.replies):
         reply: ClientReply = phase1.replies[pid]
-        problem = validate_upload(reply.state, init, probe)
-        if problem is None:
-            problem = num_examples_problem(reply.metrics.get("num-examples"),
-                                           cfg.max_num_examples or sizes.get(pid))
+        problem = upload_problem(reply, init, probe, cfg.max_num_examples or sizes.get(pid))
         if problem is not None:
             failures.append(ClientFailure(pid, phase1.partitions.get(pid, "-"), "train",
                                           f"rejected upload: {problem}"))
@@ -163,6 +160,7 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
         position_text())
     phase3 = transport.personalize(cfg, out.models)
     times["phase3-personalization"] = time.perf_counter() - t0
+    phase3.failures.extend(refuse_bad_metrics(phase3, local_metrics, phase1.partitions))
     failures.extend(phase3.failures)
     for f in phase3.failures:
         log(logging.WARNING, "client %s (node %s) missing in phase 3: %s", f.partition_id,
@@ -202,6 +200,24 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     log(logging.INFO, "done: paper metric (official test, mean over clients, after "
         "personalization) %s; results in %s", _pct(summary["acc-after-mean"]), run_dir)
     return run_dir
+
+
+def refuse_bad_metrics(phase3: PhaseResult, local_metrics: dict[int, dict[str, float]],
+                       nodes: dict[int, str]) -> list[ClientFailure]:
+    """Remove the phase-3 replies whose metrics are refused (:func:`metrics_problem`, and
+    ``num-examples`` equal to the site's phase-1 count); their failures, with the reason."""
+    refused = []
+    for pid in sorted(phase3.replies):
+        metrics, own = phase3.replies[pid], local_metrics.get(pid, {})
+        problem = metrics_problem("train.personalize", metrics, own.get("n-test-personal"))
+        if problem is None and metrics["num-examples"] != own.get("num-examples"):
+            problem = (f"metric num-examples={metrics['num-examples']!r} differs from the "
+                       f"{own.get('num-examples')!r} the site uploaded with in phase 1")
+        if problem is not None:
+            del phase3.replies[pid]
+            refused.append(ClientFailure(pid, nodes.get(pid, "-"), "personalize",
+                                         f"rejected metrics: {problem}"))
+    return refused
 
 
 def check_outgoing_models(method: str, models: dict[int, StateDict],

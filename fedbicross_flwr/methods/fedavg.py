@@ -40,8 +40,7 @@ from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, StateDict
 from fedbicross_flwr.methods.catalog import method_spec
 from fedbicross_flwr.model import probe_for, weighted_average
-from fedbicross_flwr.protocol import (ClientFailure, PhaseResult, num_examples_problem,
-                                      validate_upload)
+from fedbicross_flwr.protocol import ClientFailure, PhaseResult, upload_problem
 from fedbicross_flwr.site import example_bounds
 from fedbicross_flwr.transport import Transport
 
@@ -93,13 +92,15 @@ def run_rounds(cfg: RunConfig, transport: Transport, init: StateDict,
             sizes = example_bounds(cfg, phase.num_partitions)
         valid = {}
         for pid, reply in sorted(phase.replies.items()):
-            problem = validate_upload(reply.state, init, probe) or num_examples_problem(
-                reply.metrics.get("num-examples"), cfg.max_num_examples or sizes.get(pid))
+            problem = upload_problem(reply, init, probe,
+                                     cfg.max_num_examples or sizes.get(pid))
             if problem is None:
                 valid[pid] = reply
             else:
                 log(logging.WARNING, "round %d, partition %d: rejected upload: %s", rnd, pid,
                     problem)
+                phase.failures.append(ClientFailure(pid, phase.partitions.get(pid, "-"),
+                                                    "train", f"rejected upload: {problem}"))
         history.append(_round_row(rnd, valid, len(phase.failures)))
         if len(valid) < cfg.effective_min_clients:
             raise RuntimeError(f"round {rnd}: only {len(valid)} usable client models, "

@@ -1,0 +1,152 @@
+"""One hostile site can neither crash nor falsify a run: every reply is read in one place
+(``grid_transport.read_reply``) and every metric the server reads is checked for name, type
+and range (``protocol.metrics_problem``); a bad site fails alone, named, with its reason.
+
+One in-process run (real ServerApp/ClientApp, fedavg1, 9 nodes): nodes 0 and 8 are honest;
+in phase 1, node 1 sends its arrays as a ConfigRecord, node 2 an error with partition-id 'x',
+node 3 val-acc = 1e9; in phase 3, node 4 reports acc-after = 1e9, node 5 acc-after = NaN,
+node 6 sends no metrics record, node 7 partition-id 'x'.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedbicross_flwr.inprocess import run_in_process
+from fedbicross_flwr.protocol import (MAX_BATCHES_TRACKED, REPLY_METRICS, metrics_problem,
+                                      validate_upload)
+from tests.conftest import make_archive
+
+GOOD_TRAIN = {"num-examples": 40.0, "train-loss": 0.7, "val-acc": float("nan"), "test-acc": 0.5,
+              "test-acc-personal": 0.25, "n-test": 60.0, "n-test-personal": 12.0,
+              "train-seconds": 1.5}
+GOOD_PERS = {"num-examples": 40.0, "acc-before": 0.5, "acc-personal-before": 0.5,
+             "val-acc-before": 0.5, "acc-after": 0.75, "acc-personal-after": 1.0,
+             "val-acc-after": float("nan")}
+
+
+def test_the_good_metrics_pass_and_cover_every_allowed_name() -> None:
+    assert set(GOOD_TRAIN) == REPLY_METRICS["train"]
+    assert set(GOOD_PERS) == REPLY_METRICS["train.personalize"]
+    assert metrics_problem("train", GOOD_TRAIN) is None
+    assert metrics_problem("train.personalize", GOOD_PERS, n_test_personal=12.0) is None
+
+
+@pytest.mark.parametrize(("phase", "change", "reason"), [
+    ("train", {"val-acc": 1e9}, "val-acc=1000000000.0 is not an accuracy in [0, 1]"),
+    ("train", {"test-acc": 7.0}, "test-acc=7.0 is not an accuracy in [0, 1]"),
+    ("train", {"test-acc": float("nan")}, "test-acc=nan is not finite"),
+    ("train", {"n-test": 60.5}, "n-test=60.5 is not a whole number"),
+    ("train", {"n-test-personal": 61.0}, "n-test-personal=61.0 exceeds n-test=60.0"),
+    ("train", {"test-acc-personal": float("nan")}, "test-acc-personal is NaN, but"),
+    ("train", {"train-seconds": -1.0}, "train-seconds=-1.0 is negative"),
+    ("train", {"label-0": 3.0}, "not allowed ['label-0']"),
+    ("train", {"val-acc": [0.5, 0.5]}, "val-acc is a list, not one number"),
+    ("train", {"val-acc": True}, "val-acc is a bool"),
+    ("train.personalize", {"acc-after": 1e9}, "acc-after=1000000000.0 is not an accuracy"),
+    ("train.personalize", {"acc-before": -5.0}, "acc-before=-5.0 is not an accuracy"),
+    ("train.personalize", {"acc-after": float("nan")}, "acc-after=nan is not finite"),
+    ("train.personalize", {"acc-personal-after": float("nan")}, "acc-personal-after is NaN"),
+])
+def test_each_bad_metric_is_refused_with_its_name(phase, change, reason) -> None:
+    good = GOOD_TRAIN if phase == "train" else GOOD_PERS
+    problem = metrics_problem(phase, {**good, **change}, n_test_personal=12.0)
+    assert problem is not None and reason in problem
+
+
+def test_a_missing_metric_and_a_non_record_are_refused() -> None:
+    partial = {k: v for k, v in GOOD_PERS.items() if k != "acc-after"}
+    assert "missing ['acc-after']" in metrics_problem("train.personalize", partial)
+    assert "not a record" in metrics_problem("train", [1.0, 2.0])
+    # an empty label-following split: NaN is the honest value there
+    assert metrics_problem("train.personalize", {**GOOD_PERS, "acc-personal-after":
+                                                 float("nan")}, n_test_personal=0.0) is None
+
+
+def test_num_batches_tracked_is_bounded() -> None:
+    from fedbicross_flwr.model import build_resnet18
+
+    reference = build_resnet18(1, 3, width=8).state_dict()
+    state = {k: v.clone() for k, v in reference.items()}
+    state["bn1.num_batches_tracked"] = torch.tensor(2**62)
+    assert f"above the bound {MAX_BATCHES_TRACKED}" in validate_upload(state, reference)
+    state["bn1.num_batches_tracked"] = torch.tensor(MAX_BATCHES_TRACKED)
+    assert validate_upload(state, reference) is None
+
+
+def _in_phase(message_type: str, forge):
+    """A node behaviour that forges its reply to ``message_type``, honest otherwise."""
+    def behaviour(msg, ctx, call):
+        if msg.metadata.message_type != message_type:
+            return call(msg, ctx)
+        reply = call(msg, ctx)
+        content = RecordDict(dict(reply.content.items()))
+        for name, part in forge(reply).items():
+            if part is None:
+                del content[name]
+            else:
+                content[name] = part
+        return Message(content, reply_to=msg)
+    return behaviour
+
+
+def _metrics(reply: Message, **changes) -> MetricRecord:
+    return MetricRecord({**dict(reply.content["metrics"].items()), **changes})
+
+
+@pytest.fixture(scope="module")
+def hostile_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("replies")
+    train = lambda forge: _in_phase("train", forge)  # noqa: E731
+    pers = lambda forge: _in_phase("train.personalize", forge)  # noqa: E731
+    behaviours = {
+        1: train(lambda r: dict(arrays=ConfigRecord({"conv1.weight": [0.0] * 10}))),
+        2: train(lambda r: dict(config=ConfigRecord({"error": "boom", "partition-id": "x"}))),
+        3: train(lambda r: dict(metrics=_metrics(r, **{"val-acc": 1e9}))),
+        4: pers(lambda r: dict(metrics=_metrics(r, **{"acc-after": 1e9}))),
+        5: pers(lambda r: dict(metrics=_metrics(r, **{"acc-after": float("nan")}))),
+        6: pers(lambda r: dict(metrics=None)),
+        7: pers(lambda r: dict(config=ConfigRecord({"partition-id": "x"}))),
+    }
+    cfg = {"dataset": "custom", "in-channels": 1, "num-classes": 3, "alpha": 100.0,
+           "min-partition-size": 5, "local-epochs": 1, "pers-epochs": 1, "batch-size": 16,
+           "local-lr": 0.01, "output-dir": str(tmp / "runs"), "run-name": "replies",
+           "progress": False, "node-wait-timeout": 0.0, "device": "cpu", "min-clients": 2,
+           "method": "fedavg1", "model-width": 8, "num-clients": 9,
+           "data-path": str(make_archive(tmp / "d.npz", n_train=180))}
+    return run_in_process(cfg, num_nodes=9, behaviours=behaviours)
+
+
+def test_every_hostile_site_fails_alone_with_its_reason(hostile_run) -> None:
+    _, run_dir = hostile_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    reasons = {f["partition_id"]: (f["phase"], f["reason"]) for f in summary["failures"]}
+    assert sorted(reasons) == [1, 2, 3, 4, 5, 6, 7]
+    assert reasons[1][0] == "train" and "no arrays record" in reasons[1][1]
+    assert reasons[2][0] == "train" and "partition-id 'x' is not a whole number" in reasons[2][1]
+    assert reasons[3][0] == "train" and "val-acc=1000000000.0 is not an accuracy" in reasons[3][1]
+    assert reasons[4] == ("personalize", "rejected metrics: metric acc-after=1000000000.0 is "
+                                         "not an accuracy in [0, 1]")
+    assert reasons[5] == ("personalize", "rejected metrics: metric acc-after=nan is not finite")
+    assert reasons[6][0] == "personalize" and "no metrics record" in reasons[6][1]
+    assert reasons[7][0] == "personalize" and "partition-id 'x'" in reasons[7][1]
+
+
+def test_the_means_are_over_the_honest_sites_only(hostile_run) -> None:
+    _, run_dir = hostile_run
+    with (run_dir / "clients.csv").open() as fh:
+        rows = {int(r["partition-id"]): r for r in csv.DictReader(fh)}
+    assert {p: r["status"] for p, r in rows.items()} == {
+        0: "ok", 1: "missing", 2: "missing", 3: "missing", 4: "missing", 5: "missing",
+        6: "missing", 7: "missing", 8: "ok"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    honest = [float(rows[p]["acc-after"]) for p in (0, 8)]
+    assert summary["num-completed"] == 2
+    assert math.isclose(summary["acc-after-mean"], sum(honest) / 2, rel_tol=1e-9)
+    assert all(0.0 <= a <= 1.0 for a in honest)
