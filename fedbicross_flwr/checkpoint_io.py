@@ -17,6 +17,7 @@ import hashlib
 import os
 import pickle
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,10 @@ _NUMPY = "__numpy__"  # a numpy array saved as {_NUMPY: tensor}
 
 class CheckpointRefused(RuntimeError):
     """A checkpoint file that is missing, altered, not plain data, or holds bad values."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint file could not be written (a full disk, a read-only folder)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -78,9 +83,30 @@ def save_plain(payload: Any, path: Path) -> str:
     """Write ``to_plain(payload)`` atomically (temporary file + rename); returns its sha256."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(to_plain(payload), tmp)
-    os.replace(tmp, path)
+    plain = to_plain(payload)
+    try:
+        torch.save(plain, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
+        raise CheckpointWriteError(
+            f"cannot write {path.name} in {path.parent}: {' '.join(str(err).split())[:200]} "
+            f"(it needs about {tensor_bytes(plain) / 2**20:.0f} MiB, {free / 2**20:.0f} MiB "
+            "are free there); the partial file is removed and the earlier checkpoints are "
+            "kept: free space, then rerun with resume=true") from err
     return sha256_file(path)
+
+
+def tensor_bytes(payload: Any) -> int:
+    """Bytes of all tensors in a plain payload (about the size of its file)."""
+    if isinstance(payload, torch.Tensor):
+        return payload.numel() * payload.element_size()
+    if isinstance(payload, dict):
+        return sum(tensor_bytes(v) for v in payload.values())
+    if isinstance(payload, (list, tuple)):
+        return sum(tensor_bytes(v) for v in payload)
+    return 0
 
 
 def load_plain(path: Path, sha256: str | None) -> Any:

@@ -48,17 +48,22 @@ def build_config(preset: str | None, overrides: str, pyproject: Path | None = No
 
 def preflight(cfg: RunConfig) -> None:
     """Check what a run needs before any work starts: the output folder can be created and
-    written, and the dataset the server would read loads and matches the config.
+    written, the device exists, the dataset the server would read loads and matches the
+    config, and its training split can be partitioned among the clients.
 
     Raises
     ------
     ConfigError
-        The output folder is not a directory or cannot be written.
+        The output folder is not a directory or cannot be written, or the device is absent.
     DataError
         The dataset is unknown, missing, corrupt or inconsistent with the config.
+    PartitionError
+        The dataset's training split cannot be partitioned among ``num-clients`` clients.
     """
     from fedbicross_flwr.data import load_dataset
+    from fedbicross_flwr.partition import make_client_splits
     from fedbicross_flwr.results import default_output_dir
+    from fedbicross_flwr.training import resolve_device
 
     base = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
     if base.exists() and not base.is_dir():
@@ -70,10 +75,13 @@ def preflight(cfg: RunConfig) -> None:
     except OSError as err:
         raise ConfigError(f"output-dir {base} cannot be created or written: "
                           f"{err.strerror or err}") from err
+    resolve_device(cfg.device)
     if cfg.dataset == "custom" and not cfg.data_path:
         return  # a deployment: every site reads (and checks) its own archive
-    load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
-                 cfg.in_channels, cfg.num_classes)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
+                      cfg.in_channels, cfg.num_classes)
+    make_client_splits(ds.train.labels, ds.test.labels, ds.num_classes, cfg.num_clients,
+                       cfg.alpha, cfg.seed, cfg.val_fraction, cfg.min_partition_size)
 
 
 def is_user_error(err: BaseException) -> bool:

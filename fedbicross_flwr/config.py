@@ -467,6 +467,10 @@ class RunConfig:
             raise ConfigError(f"output-dir must be an absolute path, got {self.output_dir!r}")
         if (problem := kd_batch_problem(self.kd_batch, self.synth_batch)) is not None:
             raise ConfigError(f"kd-batch {problem}")
+        if self.run_name and (self.run_name in (".", "..") or "/" in self.run_name
+                              or "\\" in self.run_name or "\0" in self.run_name):
+            raise ConfigError(f"run-name must be one folder name inside output-dir (no '/', "
+                              f"'\\' or '..'), got {self.run_name!r}")
         _ = self.method_list  # validates the names of `methods`
         if self.resume and not self.run_name:
             raise ConfigError("resume=true needs run-name (the run folder to continue)")
@@ -488,6 +492,9 @@ class RunConfig:
             and last (it retrains the clients, whose f_i the later methods would then use).
         """
         names = [m.strip() for m in self.methods.split(",") if m.strip()] or [self.method]
+        if self.methods.strip() and not self.methods.replace(",", "").strip():
+            raise ConfigError(f"run-config key 'methods' names no method: {self.methods!r} "
+                              "(leave it empty to run `method` alone)")
         known, multiround = method_names(), method_names(kind="multi-round")
         for name in names:
             if name not in known:

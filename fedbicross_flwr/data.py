@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -114,11 +115,13 @@ def embedded_dir() -> Path:
 
 def resolve_data_dir(data_dir: str) -> Path:
     """``data-dir`` if set, else ``$FEDBICROSS_DATA_DIR``, else the embedded archive folder."""
-    if data_dir:
-        return Path(data_dir).expanduser().resolve()
-    env = os.environ.get("FEDBICROSS_DATA_DIR", "")
-    if env:
-        return Path(env).expanduser().resolve()
+    for value, what in ((data_dir, "data-dir"),
+                        (os.environ.get("FEDBICROSS_DATA_DIR", ""), "$FEDBICROSS_DATA_DIR")):
+        if value:
+            try:
+                return Path(value).expanduser().resolve()
+            except (OSError, RuntimeError) as err:  # RuntimeError: a symlink loop (3.10-3.12)
+                raise DataError(f"{what} {value!r} cannot be resolved: {err}") from err
     return embedded_dir()
 
 
@@ -258,11 +261,13 @@ def load_npz_archive(path: Path, in_channels: int, num_classes: int,
     if in_channels not in (1, 3) or num_classes < 2:
         raise DataError(f"a custom archive needs in-channels in {{1, 3}} and num-classes >= 2 "
                         f"in the run config (got {in_channels}, {num_classes})")
-    if not path.is_file():
-        raise DataError(f"data archive not found: {path}")
+    if (problem := _not_a_file(path)) is not None:
+        raise DataError(f"data archive not found: {path}" if problem == "not found"
+                        else f"data archive {path} {problem}")
     if not zipfile.is_zipfile(path):  # np.load would try it as .npy or pickle instead
         raise DataError(f"cannot read data archive {path}: not an npz (zip) file "
                         f"({path.stat().st_size} bytes: empty, truncated or another format)")
+    check_declared_sizes(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
             content = {k: npz[k] for k in npz.files}
@@ -283,6 +288,79 @@ def load_npz_archive(path: Path, in_channels: int, num_classes: int,
     dataset = DatasetArrays(name, in_channels, num_classes, **splits)
     _check_consistency(dataset, str(path))
     return dataset
+
+
+def _not_a_file(path: Path) -> str | None:
+    """What is wrong with ``path`` as an archive to read (missing, a folder, a FIFO, ...)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "not found"
+    except OSError as err:
+        return f"cannot be opened: {err.strerror or err}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a character device" if stat.S_ISCHR(mode) else "a block device"
+            if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
+    return f"is {kind}, not an npz file"
+
+
+def memory_bytes() -> int:
+    """This machine's physical memory in bytes (0 when it cannot be read)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_declared_sizes(path: Path, limit: int | None = None) -> int:
+    """Read every array's shape and dtype from the npz headers, before loading any of them.
+
+    An npz member declares its size in its header, and a compressed member can declare far
+    more than the file holds. Loading such an archive would take minutes and the memory it
+    declares before it could be refused, so the sizes are added up first.
+
+    Parameters
+    ----------
+    path : Path
+        An npz (zip) archive.
+    limit : int, optional
+        Most bytes the arrays may declare together; default half the physical memory.
+
+    Returns
+    -------
+    int
+        The declared bytes of all arrays.
+
+    Raises
+    ------
+    DataError
+        A member that is not a ``.npy`` array, a header that cannot be read, or declared sizes
+        above ``limit``.
+    """
+    limit = limit if limit is not None else (memory_bytes() // 2 or 2**62)
+    total, sizes = 0, {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                with archive.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(fh, max_header_size=10_000)
+                nbytes = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+                sizes[info.filename.removesuffix(".npy")] = (tuple(shape), nbytes)
+                total += nbytes
+    except (ValueError, zipfile.BadZipFile, OSError) as err:
+        raise DataError(f"cannot read data archive {path}: {err}") from err
+    if total > limit:
+        largest = max(sizes, key=lambda k: sizes[k][1])
+        raise DataError(f"data archive {path} declares {total / 2**30:.1f} GiB of arrays "
+                        f"({largest}: shape {sizes[largest][0]}), more than the "
+                        f"{limit / 2**30:.1f} GiB this machine can load (half its memory); "
+                        "refused before loading")
+    return total
 
 
 def integer_labels(labels: np.ndarray, what: str) -> np.ndarray:

@@ -29,32 +29,49 @@ class ClientSplit:
     personal_test_idx: np.ndarray  # into the official test split (evaluation view 2)
 
 
+class PartitionError(ValueError):
+    """The training split cannot be partitioned as the run config asks."""
+
+
 def dirichlet_partition(labels: np.ndarray, num_partitions: int, alpha: float, seed: int,
                         min_partition_size: int) -> list[np.ndarray]:
     """Per-class Dirichlet(alpha) partition of ``labels`` into ``num_partitions`` parts.
 
-    Every index lands in exactly one partition. Raises ``ValueError`` (from flwr-datasets,
-    rephrased) when no draw reaches ``min_partition_size`` after 10 attempts.
+    Every index lands in exactly one partition.
+
+    Raises
+    ------
+    PartitionError
+        The split is empty, has fewer samples than ``num_partitions`` x
+        ``min_partition_size``, or no draw reaches ``min_partition_size`` after 10 attempts
+        (flwr-datasets' error, rephrased).
     """
     import datasets
     from flwr_datasets.partitioner import DirichletPartitioner
 
+    what = (f"{len(labels)} training samples into {num_partitions} clients (alpha={alpha}, "
+            f"min-partition-size={min_partition_size})")
+    if len(labels) == 0:
+        raise PartitionError("the training split is empty: there is nothing to partition")
     if num_partitions == 1:
         return [np.arange(len(labels))]
+    if len(labels) < num_partitions * max(min_partition_size, 1):
+        raise PartitionError(f"cannot partition {what}: every client needs at least "
+                             f"max(min-partition-size, 1) samples; use at most "
+                             f"{len(labels) // max(min_partition_size, 1)} clients or lower "
+                             "min-partition-size")
     table = datasets.Dataset.from_dict({"label": labels.astype(np.int64),
                                         "idx": np.arange(len(labels))})
-    partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
-                                       alpha=alpha, min_partition_size=min_partition_size,
-                                       self_balancing=False, shuffle=True, seed=seed)
-    partitioner.dataset = table
     try:
+        partitioner = DirichletPartitioner(num_partitions=num_partitions, partition_by="label",
+                                           alpha=alpha, min_partition_size=min_partition_size,
+                                           self_balancing=False, shuffle=True, seed=seed)
+        partitioner.dataset = table
         parts = [np.sort(np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64))
                  for i in range(num_partitions)]
     except ValueError as err:
-        raise ValueError(f"Dirichlet partition failed for {len(labels)} samples, "
-                         f"{num_partitions} clients, alpha={alpha}, min-partition-size="
-                         f"{min_partition_size}: {err} Lower min-partition-size or use fewer "
-                         "clients.") from err
+        raise PartitionError(f"Dirichlet partition failed for {what}: {err} Lower "
+                             "min-partition-size or use fewer clients.") from err
     return parts
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedbicross_flwr.config import ConfigError
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import is_channels_last
 
@@ -25,7 +26,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' but no CUDA device is available")
+        raise ConfigError("device='cuda' but torch sees no CUDA device on this machine (use "
+                          "device='auto' or 'cpu')")
     return torch.device(name)
 
 

@@ -116,7 +116,52 @@ CASES: list[tuple[str, Callable[[Path], dict], str]] = [
     ("output folder is a file", lambda t: {"output-dir": a_file(t)}, "is not a directory"),
     ("output folder under a file", lambda t: {"output-dir": a_file(t) + "/runs"},
      "cannot be created or written"),
+    ("run-name leaving output-dir", lambda t: {"run-name": "../../escape"},
+     "run-name must be one folder name inside output-dir"),
+    ("absolute run-name", lambda t: {"run-name": str(t / "elsewhere")},
+     "run-name must be one folder name inside output-dir"),
+    ("methods naming no method", lambda t: {"methods": " , "}, "'methods' names no method"),
+    ("empty train split", lambda t: {"data-path": archive(t, lambda a: a.update(
+        train_images=np.zeros((0, 28, 28), np.uint8), train_labels=np.zeros((0, 1), np.int64)))},
+     "the training split is empty"),
+    ("more clients than samples", lambda t: {"dataset": "digits", "in-channels": 0,
+                                             "num-classes": 0, "num-clients": 2000},
+     "cannot partition 1077 training samples into 2000 clients"),
+    ("data-dir symlink loop", lambda t: {"dataset": "retinamnist", "in-channels": 0,
+                                         "num-classes": 0, "data-dir": symlink_loop(t)},
+     "cannot be resolved"),
+    ("data-path a folder", lambda t: {"data-path": str(t)}, "is a folder, not an npz file"),
+    ("data-path a FIFO", lambda t: {"data-path": fifo(t)}, "is a FIFO (named pipe)"),
+    ("data-path a device", lambda t: {"data-path": "/dev/zero"},
+     "is a character device, not an npz file"),
+    ("archive declaring too much memory", lambda t: {"data-path": declaring(t, (10**12, 28))},
+     "GiB of arrays (train_images: shape (1000000000000, 28)), more than"),
 ]
+
+
+def symlink_loop(tmp: Path) -> str:
+    (tmp / "loop-a").symlink_to(tmp / "loop-b")
+    (tmp / "loop-b").symlink_to(tmp / "loop-a")
+    return str(tmp / "loop-a")
+
+
+def fifo(tmp: Path) -> str:
+    os.mkfifo(tmp / "pipe.npz")
+    return str(tmp / "pipe.npz")
+
+
+def declaring(tmp: Path, shape: tuple[int, ...]) -> str:
+    """An npz whose ``train_images`` header declares ``shape`` (uint8) over a few bytes."""
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": shape})
+    path = tmp / "declaring.npz"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive_:
+        archive_.writestr("train_images.npy", header.getvalue() + bytes(1000))
+    return str(path)
 
 
 @pytest.fixture
@@ -190,3 +235,54 @@ def test_debug_prints_the_traceback(tmp_path, capsys) -> None:
     assert err.strip().splitlines()[-1].startswith("error: data archive not found")
     assert main(["--debug", "run", "--preset", str(preset)]) == 1
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("engine", ["direct", "grid"])
+def test_cuda_without_a_gpu_is_one_line_in_both_engines(engine, tmp_path, capsys,
+                                                        no_training) -> None:
+    run = {**BASE, "data-path": str(make_archive(tmp_path / "site.npz", n_train=20)),
+           "output-dir": str(tmp_path / "runs"), "device": "cuda"}
+    preset = tmp_path / "preset.toml"
+    preset.write_text(tomli_w.dumps(run))
+    code, err = one_line_error(capsys, ["run", "--engine", engine, "--preset", str(preset)])
+    assert code == 2 and "device='cuda' but torch sees no CUDA device" in err
+    assert no_training == []
+
+
+def test_a_run_name_never_leaves_output_dir(tmp_path, capsys) -> None:
+    run = {**BASE, "data-path": str(make_archive(tmp_path / "site.npz", n_train=20)),
+           "output-dir": str(tmp_path / "a" / "b" / "runs"), "run-name": "../../escape"}
+    preset = tmp_path / "preset.toml"
+    preset.write_text(tomli_w.dumps(run))
+    assert one_line_error(capsys, ["run", "--preset", str(preset)])[0] == 2
+    assert not (tmp_path / "a" / "escape").exists() and not (tmp_path / "a").exists()
+
+
+def test_bench_reports_a_bad_argument_on_stderr(capsys) -> None:
+    assert main(["bench", "--clients", "-1"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("configuration error: bench:")
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_file(
+        tmp_path, monkeypatch) -> None:
+    import errno
+
+    import torch
+
+    from fedbicross_flwr import checkpoint_io
+    from fedbicross_flwr.cli import error_line, is_user_error
+
+    def full_disk(obj, path):  # torch.save on a full disk: part of the file, then ENOSPC
+        Path(path).write_bytes(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", full_disk)
+    with pytest.raises(checkpoint_io.CheckpointWriteError) as caught:
+        checkpoint_io.save_plain({"w": torch.zeros(1024, 1024)}, tmp_path / "uploads.pt")
+    line = error_line(caught.value)
+    assert is_user_error(caught.value) and "\n" not in line
+    assert f"cannot write uploads.pt in {tmp_path}: [Errno 28] No space left" in line
+    assert "it needs about 4 MiB" in line and "rerun with resume=true" in line
+    assert list(tmp_path.iterdir()) == []  # no uploads.pt.tmp left behind

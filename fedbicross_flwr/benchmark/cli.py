@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -55,7 +56,7 @@ def run_command(args: argparse.Namespace) -> int:
                           width=args.width, seed=args.seed, peak_tflops=args.peak_tflops, check=not args.no_check,
                           compile=args.compile)
     except ValueError as err:
-        print(f"bench: {err}")
+        print(f"configuration error: bench: {err}", file=sys.stderr)
         return 2
     if args.scaling:
         from .scaling import format_sweep, parse_sweep, run_sweep
