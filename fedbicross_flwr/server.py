@@ -138,7 +138,9 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
         raise RuntimeError(f"only {len(uploads)} usable client models, min-clients is "
                            f"{cfg.effective_min_clients}; see {run_dir / 'failures.json'}")
 
-    uploads = checkpointed_uploads(run_dir, uploads, cfg.resume, init, probe)
+    uploads = checkpointed_uploads(run_dir, uploads, cfg.resume, init, probe,
+                                   {pid: cfg.max_num_examples or sizes.get(pid)
+                                    for pid in phase1.replies})
 
     # Phase 2: the server method ---------------------------------------------------------------
     t0 = time.perf_counter()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -35,16 +35,24 @@ def save_uploads(uploads: list[ClientUpload], path: Path) -> None:
 
 
 def load_uploads(path: Path, reference: StateDict,
-                 probe: Callable[[StateDict], str | None] | None = None) -> list[ClientUpload]:
-    """The checkpointed uploads, each validated again.
+                 probe: Callable[[StateDict], str | None] | None = None,
+                 max_examples: Mapping[int, int | None] | None = None) -> list[ClientUpload]:
+    """The checkpointed uploads, each validated again, as if its client had just sent it.
+
+    Parameters
+    ----------
+    max_examples : mapping, optional
+        Partition -> the most training examples it can have (as for a live reply).
 
     Raises
     ------
     CheckpointRefused
-        Missing or altered file (sha256), not plain tensor data, an unknown layout, or an
-        upload that :func:`validate_upload` or the num-examples check refuses (named by
-        partition and reason).
+        Missing or altered file (sha256), a path that is not a file, not plain tensor data, an
+        unknown layout, or an upload that :func:`validate_upload` or the num-examples check
+        refuses (named by partition and reason).
     """
+    if path.exists() and not path.is_file():
+        raise CheckpointRefused(f"checkpoint {path} is not a file")
     sha_file = _sha_path(path)
     sha = sha_file.read_text().strip() if sha_file.is_file() else None
     payload = load_plain(path, sha)
@@ -57,7 +65,8 @@ def load_uploads(path: Path, reference: StateDict,
             raise CheckpointRefused(f"checkpoint {path}: upload {i} has no partition_id")
         pid = item["partition_id"]
         problem = (validate_upload(item.get("state"), reference, probe)
-                   or num_examples_problem(item.get("num_examples"), None))
+                   or num_examples_problem(item.get("num_examples"),
+                                           (max_examples or {}).get(pid)))
         if problem is not None:
             raise CheckpointRefused(f"checkpoint {path}: the upload of partition {pid} is "
                                     f"refused: {problem}")
@@ -69,20 +78,24 @@ def load_uploads(path: Path, reference: StateDict,
 
 def checkpointed_uploads(run_dir: Path, uploads: list[ClientUpload], resume: bool,
                          reference: StateDict,
-                         probe: Callable[[StateDict], str | None] | None = None
+                         probe: Callable[[StateDict], str | None] | None = None,
+                         max_examples: Mapping[int, int | None] | None = None
                          ) -> list[ClientUpload]:
     """Keep the phase-1 uploads in ``checkpoints/uploads.pt``; a resumed run reuses them.
 
-    A refused checkpoint (see :func:`load_uploads`) is logged with its reason; the run's
-    ``checkpoints/`` folder is set aside as ``checkpoints-refused-<time>/`` (its server-stage
-    checkpoints were made from those uploads) and the server stage restarts from scratch with
-    the new uploads.
+    A refused checkpoint (see :func:`load_uploads`), or one that holds other partitions than
+    this run's phase 1 accepted (a site dropped or added: the run never goes on silently with
+    other sites), or another ``num-examples`` for a partition, is logged with its reason; the
+    run's ``checkpoints/`` folder is set aside as ``checkpoints-refused-<time>/`` (its
+    server-stage checkpoints were made from those uploads) and the server stage restarts from
+    scratch with the new uploads.
     """
     folder = run_dir / "checkpoints"
     path = folder / "uploads.pt"
-    if resume and path.is_file():
+    if resume and path.exists():
         try:
-            saved = load_uploads(path, reference, probe)
+            saved = load_uploads(path, reference, probe, max_examples)
+            _same_sites(path, saved, uploads)
         except CheckpointRefused as err:
             aside = run_dir / f"checkpoints-refused-{time.strftime('%Y%m%d-%H%M%S')}"
             folder.rename(aside)
@@ -99,6 +112,22 @@ def checkpointed_uploads(run_dir: Path, uploads: list[ClientUpload], resume: boo
             return saved
     save_uploads(uploads, path)
     return uploads
+
+
+def _same_sites(path: Path, saved: list[ClientUpload], fresh: list[ClientUpload]) -> None:
+    """Refuse checkpointed uploads of other partitions, or other counts, than phase 1's."""
+    have, want = ({u.partition_id: u.num_examples for u in saved},
+                  {u.partition_id: u.num_examples for u in fresh})
+    if have.keys() != want.keys():
+        raise CheckpointRefused(
+            f"checkpoint {path} holds the uploads of partitions {sorted(have)}, but this run's "
+            f"phase 1 accepted partitions {sorted(want)} (missing {sorted(want.keys() - have)}, "
+            f"extra {sorted(have.keys() - want)})")
+    for pid in sorted(have):
+        if have[pid] != want[pid]:
+            raise CheckpointRefused(
+                f"checkpoint {path}: partition {pid} has num-examples={have[pid]}, but it "
+                f"reported {want[pid]} in this run's phase 1")
 
 
 def _sha_path(path: Path) -> Path:

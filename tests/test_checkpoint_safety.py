@@ -152,3 +152,69 @@ def test_a_client_cache_entry_holding_a_pickle_is_refused(tmp_path, tiny_run_con
     # Execute / Assert: a cache miss (retrain), and the payload never ran
     assert client_cache.load(tmp_path, cfg) is None
     assert not marker.exists()
+
+
+def _resume_with(run_dir, reference, fresh, caplog, bounds=None):
+    with caplog.at_level(logging.WARNING):
+        return checkpointed_uploads(run_dir, fresh, True, reference, probe_for(reference),
+                                    bounds)
+
+
+def _interrupted(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    checkpointed_uploads(run_dir, _uploads(reference), False, reference)
+    (run_dir / "checkpoints" / "clustering.pt").write_bytes(b"made from the old uploads")
+    return run_dir, run_dir / "checkpoints" / "uploads.pt"
+
+
+def test_a_checkpointed_count_is_bounded_as_a_live_reply_is(tmp_path, reference,
+                                                            caplog) -> None:
+    # Prepare: num-examples 1e9 for partition 1, with a recomputed sha256
+    run_dir, path = _interrupted(tmp_path, reference)
+    plain = _plain(_uploads(reference))
+    plain["uploads"][1]["num_examples"] = 10**9
+    _forge(path, plain)
+    fresh = _uploads(reference, scale=0.5)
+    # Execute / Assert: the partition's bound refuses it, and the stage restarts
+    with pytest.raises(CheckpointRefused, match="num-examples=1000000000 exceeds the 11"):
+        load_uploads(path, reference, max_examples={0: 10, 1: 11})
+    assert _resume_with(run_dir, reference, fresh, caplog, {0: 10, 1: 11}) == fresh
+    assert "exceeds the 11 training examples" in caplog.text
+    assert len(list(run_dir.glob("checkpoints-refused-*"))) == 1
+
+
+def test_a_checkpoint_missing_a_partition_is_refused_not_used(tmp_path, reference,
+                                                              caplog) -> None:
+    # Prepare: the checkpoint holds partition 0 only (its sha256 recomputed)
+    run_dir, path = _interrupted(tmp_path, reference)
+    plain = _plain(_uploads(reference)[:1])
+    _forge(path, plain)
+    fresh = _uploads(reference, scale=0.5)  # phase 1 of the resumed run: partitions 0 and 1
+    # Execute
+    used = _resume_with(run_dir, reference, fresh, caplog)
+    # Assert: both sites' new uploads, never the checkpoint's single one
+    assert used == fresh
+    assert "holds the uploads of partitions [0], but this run's phase 1 accepted partitions " \
+           "[0, 1] (missing [1], extra [])" in caplog.text
+    assert not (run_dir / "checkpoints" / "clustering.pt").exists()
+
+
+def test_a_checkpoint_with_another_count_for_a_partition_is_refused(tmp_path, reference,
+                                                                   caplog) -> None:
+    run_dir, path = _interrupted(tmp_path, reference)
+    fresh = [ClientUpload(u.partition_id, u.state, u.num_examples + (u.partition_id == 1))
+             for u in _uploads(reference, scale=0.5)]
+    assert _resume_with(run_dir, reference, fresh, caplog) == fresh
+    assert "partition 1 has num-examples=11, but it reported 12" in caplog.text
+
+
+def test_an_upload_checkpoint_that_is_a_folder_is_refused_in_one_line(tmp_path, reference,
+                                                                      caplog) -> None:
+    run_dir, path = _interrupted(tmp_path, reference)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(CheckpointRefused, match="uploads.pt is not a file"):
+        load_uploads(path, reference)
+    fresh = _uploads(reference, scale=0.5)
+    assert _resume_with(run_dir, reference, fresh, caplog) == fresh
+    assert path.is_file() and "is not a file" in caplog.text
