@@ -66,3 +66,54 @@ def test_each_flwr_home_gets_its_own_local_superlink_ports(tmp_path) -> None:
              int(first["FLWR_LOCAL_CONTROL_API_PORT"])}
     assert len(ports) == 2 and all(1024 < p < 65536 for p in ports)
     assert env["FLWR_LOCAL_CONTROL_API_PORT"] == first["FLWR_LOCAL_CONTROL_API_PORT"]
+
+
+def test_waiting_for_a_run_reads_its_status_when_the_log_stream_ends(tmp_path,
+                                                                     monkeypatch) -> None:
+    import subprocess
+    import time
+
+    from fedbicross_flwr import simulation
+
+    calls = []
+
+    def status(run_id, home):  # "running" while the stand-in log stream is open
+        calls.append(time.monotonic())
+        return ("running", "") if log.poll() is None else ("finished:completed", "")
+
+    monkeypatch.setattr(simulation, "run_status", status)
+    # Execute: a log stream that ends after 1 s; the safety check would come after 120 s
+    log = subprocess.Popen(["sleep", "1"])
+    start = time.monotonic()
+    result = simulation.wait_for_final_status("7", tmp_path, log, start + 60)
+    # Assert: one status read, right after the stream ended (no polling while it ran)
+    assert result == ("finished:completed", "")
+    assert len(calls) == 1 and 0.9 < calls[0] - start < 10
+
+
+def test_waiting_backs_off_when_the_log_stream_ended_early(tmp_path, monkeypatch) -> None:
+    import subprocess
+    import time
+
+    from fedbicross_flwr import simulation
+
+    calls = []
+
+    def status(run_id, home):
+        calls.append(time.monotonic())
+        return ("running", "") if len(calls) < 4 else ("finished:failed", "boom")
+
+    monkeypatch.setattr(simulation, "run_status", status)
+    log = subprocess.Popen(["true"])
+    log.wait()
+    start = time.monotonic()
+    result = simulation.wait_for_final_status("7", tmp_path, log, start + 60,
+                                              backoff=(0.1, 0.4))
+    gaps = [b - a for a, b in zip([start, *calls], calls)]
+    assert result == ("finished:failed", "boom") and len(calls) == 4
+    assert gaps[1] > 1.5 * 0.1 and gaps[2] > 1.5 * 0.2 and gaps[3] < 2 * 0.4 + 0.5
+    # and a run that never finishes ends at the deadline
+    calls.clear()
+    monkeypatch.setattr(simulation, "run_status", lambda run_id, home: ("running", ""))
+    assert simulation.wait_for_final_status("7", tmp_path, log, time.monotonic() + 0.5,
+                                            backoff=(0.1, 0.1)) == ("timeout", "")
