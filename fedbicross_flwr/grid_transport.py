@@ -15,11 +15,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
 from fedbicross_flwr.config import RunConfig, parse_site_nodes
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
+
+
+POLL_SECONDS = 3.0  # between pulls of the replies (as Flower's send_and_receive)
+# Error replies the SuperLink makes itself when a node never answers (the message or its reply
+# expired, or the node stopped sending heartbeats).
+SUPERLINK_ERRORS = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+                              ErrorCode.NODE_UNAVAILABLE})
 
 
 class ReplyError(ValueError):
@@ -66,6 +74,8 @@ def read_reply(reply: Message, message_type: str) -> Reply:
 def _read(reply: Message, message_type: str) -> Reply:
     node = int(reply.metadata.src_node_id)
     if reply.has_error():
+        if reply.error.code in SUPERLINK_ERRORS:  # the SuperLink's: the site never answered
+            return Reply(node, None, f"no reply ({reply.error.reason})", None, {})
         return Reply(node, None, f"error reply: {reply.error.reason}", None, {})
     content = reply.content
     config = content["config"] if "config" in content else {}
@@ -105,6 +115,7 @@ class GridTransport:
         self.bound = False  # node_of fixed by the server before phase 1
         self.num_partitions = 0  # > 0: the nodes train the server's partitions of the dataset
         self._phase1: PhaseResult | None = None  # phase 1's replies, shared by every method
+        self.offline: set[int] = set()  # nodes that went offline during the last _send
 
     def _wait_for_nodes(self, cfg: RunConfig) -> list[int]:
         deadline = time.monotonic() + cfg.node_wait_timeout
@@ -148,8 +159,55 @@ class GridTransport:
         return ConfigRecord(values)
 
     def _send(self, messages: list[Message], cfg: RunConfig) -> list[Message]:
-        timeout = cfg.round_timeout or None
-        return list(self.grid.send_and_receive(messages, timeout=timeout))
+        """Push ``messages`` and pull their replies until every one has answered, its node
+        went offline (Flower stopped receiving its heartbeats), or ``round-timeout`` passed.
+
+        An error reply that the SuperLink makes (an expired message) comes from the
+        SuperLink's own node id; its ``src_node_id`` is set to the node the instruction went
+        to, so the failure names that site. A failed pull (e.g. the SuperLink's
+        database busy under load) is retried, never taken as a lost reply. Nodes that went
+        offline are listed in :attr:`offline`.
+        """
+        dst_of = dict(zip(self.grid.push_messages(messages),
+                          (m.metadata.dst_node_id for m in messages)))
+        waiting = {mid for mid in dst_of if mid}
+        deadline = time.monotonic() + cfg.round_timeout if cfg.round_timeout else None
+        replies: list[Message] = []
+        self.offline = set()
+        while waiting:
+            try:
+                pulled = list(self.grid.pull_messages(sorted(waiting)))
+                online = set(self.grid.get_node_ids())
+            except Exception as err:  # noqa: BLE001 - a busy SuperLink: retry, lose nothing
+                log(logging.WARNING, "pulling replies failed (%s: %s); retrying",
+                    type(err).__name__, err)
+                pulled, online = [], {dst_of[mid] for mid in waiting}
+            for reply in pulled:
+                mid = reply.metadata.reply_to_message_id
+                if mid not in waiting:
+                    continue
+                replies.append(reply)
+                if reply.metadata.src_node_id == SUPERLINK_NODE_ID:  # made by the SuperLink
+                    reply.metadata.__dict__["_src_node_id"] = dst_of[mid]
+                elif reply.metadata.src_node_id != dst_of[mid]:
+                    continue  # another node answered: refused downstream; wait for the real one
+                waiting.discard(mid)
+            gone = {mid for mid in waiting if dst_of[mid] not in online}
+            for mid in sorted(gone):
+                log(logging.WARNING, "node %d went offline (its heartbeats stopped) before "
+                    "it replied", dst_of[mid])
+                self.offline.add(dst_of[mid])
+            waiting -= gone
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(POLL_SECONDS)
+        return replies
+
+    def _no_reply(self, nid: int, cfg: RunConfig) -> str:
+        """Why node ``nid`` sent no reply in the last :meth:`_send`."""
+        if nid in self.offline:
+            return "no reply: the node went offline (Flower stopped receiving its heartbeats)"
+        return f"no reply within round-timeout={cfg.round_timeout}s"
 
     def collect_models(self, cfg: RunConfig, init: StateDict) -> PhaseResult:
         """Phase 1, once per run: later methods (``methods``) get the same replies; the nodes
@@ -234,8 +292,7 @@ class GridTransport:
                 self.node_of[pid] = claimants[0]
         for nid in sorted(set(nodes) - answered):
             result.failures.append(ClientFailure(pid_of.get(nid), str(nid), "train",
-                                                 f"no reply within round-timeout="
-                                                 f"{cfg.round_timeout}s"))
+                                                 self._no_reply(nid, cfg)))
         if self.bound:
             result.partitions = {pid: str(nid) for pid, nid in self.node_of.items()}
             for pid, nid in sorted(self.node_of.items()):
@@ -278,7 +335,7 @@ class GridTransport:
             if pid not in result.replies and not any(f.partition_id == pid
                                                      for f in result.failures):
                 result.failures.append(ClientFailure(pid, str(nid), "personalize",
-                                                     "no reply within round-timeout"))
+                                                     self._no_reply(nid, cfg)))
         return result
 
 

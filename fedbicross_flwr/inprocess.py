@@ -59,6 +59,7 @@ class InProcessGrid(Grid):
         self._run = Run.create_empty(run_id)
         self.sent: list[Message] = []
         self.replies: list[Message] = []
+        self._inbox: dict[str, Message] = {}  # message id -> its reply, until pulled
         set_task_identity(run_id)
 
     # --- Grid API ---------------------------------------------------------------------------
@@ -78,15 +79,11 @@ class InProcessGrid(Grid):
         return list(self.node_ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("InProcessGrid only supports send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("InProcessGrid only supports send_and_receive")
-
-    def send_and_receive(self, messages: Iterable[Message], *,
-                         timeout: float | None = None) -> Iterable[Message]:
-        replies = []
+        """Deliver each message now (the nodes answer at once); its id, as Flower's."""
+        ids = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's grids do
+            ids.append(msg.metadata.message_id)
             self.sent.append(msg)
             nid = msg.metadata.dst_node_id
             if nid not in self.contexts:
@@ -95,10 +92,25 @@ class InProcessGrid(Grid):
             behaviour = self.behaviours.get(nid)
             reply = (behaviour(msg, context, self._call) if behaviour
                      else self._call(msg, context))
-            if reply is not None:
-                replies.append(reply)
+            if reply is PENDING:  # the node has not answered (yet): nothing to pull
+                continue
+            if reply is None:  # the node never answers: the SuperLink's expiry reply
+                reply = Message(Error(ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+                                      "Error: Reply Message Unavailable - The reply message "
+                                      "has expired."), reply_to=msg)
+                reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+            self._inbox[msg.metadata.message_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """The replies to ``message_ids`` that arrived (each returned once)."""
+        replies = [self._inbox.pop(mid) for mid in message_ids if mid in self._inbox]
         self.replies.extend(replies)
         return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(list(self.push_messages(messages)))
 
     def _call(self, msg: Message, context: Context) -> Message:
         try:
@@ -106,6 +118,12 @@ class InProcessGrid(Grid):
         except Exception as err:  # noqa: BLE001 - the runtime turns exceptions into errors
             reason = f"{type(err).__name__}: {err}\n{traceback.format_exc()}"
             return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason), reply_to=msg)
+
+
+# A node behaviour returns PENDING for a reply that has not arrived (a node that hangs or went
+# offline; remove it from ``grid.node_ids`` for the latter), None for one that never will (the
+# SuperLink then answers with its expiry error, as Flower's does).
+PENDING: Any = object()
 
 
 def run_in_process(run_config: dict[str, Any], num_nodes: int,

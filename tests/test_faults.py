@@ -133,8 +133,8 @@ def test_client_lost_in_personalization_is_missing_not_zero(tiny_run_config) -> 
     assert summary["acc-after-mean"] == pytest.approx(expected)
     assert summary["num-completed"] == 2
     lost = [f for f in summary["failures"] if f["phase"] == "personalize"]
-    assert [(f["partition_id"], f["reason"]) for f in lost] == [(1, "no reply within "
-                                                                    "round-timeout")]
+    assert [(f["partition_id"], f["reason"]) for f in lost] == [
+        (1, "no reply (Error: Reply Message Unavailable - The reply message has expired.)")]
 
 
 def test_client_exception_in_phase_one_is_logged_and_left_out(tiny_run_config, caplog) -> None:

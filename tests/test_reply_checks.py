@@ -150,3 +150,65 @@ def test_the_means_are_over_the_honest_sites_only(hostile_run) -> None:
     assert summary["num-completed"] == 2
     assert math.isclose(summary["acc-after-mean"], sum(honest) / 2, rel_tol=1e-9)
     assert all(0.0 <= a <= 1.0 for a in honest)
+
+
+def _small_run(tmp, name: str, **extra) -> dict:
+    return {"dataset": "custom", "in-channels": 1, "num-classes": 3, "alpha": 100.0,
+            "min-partition-size": 5, "local-epochs": 1, "pers-epochs": 1, "batch-size": 16,
+            "local-lr": 0.01, "output-dir": str(tmp / "runs"), "run-name": name,
+            "progress": False, "node-wait-timeout": 0.0, "device": "cpu", "min-clients": 2,
+            "method": "fedavg1", "model-width": 8, "num-clients": 3,
+            "data-path": str(make_archive(tmp / "d.npz", n_train=90)), **extra}
+
+
+def test_a_node_that_goes_offline_fails_at_once_not_at_the_timeout(tmp_path,
+                                                                   monkeypatch) -> None:
+    import time
+
+    from fedbicross_flwr import grid_transport
+    from fedbicross_flwr.inprocess import PENDING
+
+    monkeypatch.setattr(grid_transport, "POLL_SECONDS", 0.05)
+    holder = {}
+
+    def killed(msg, ctx, call):  # SIGKILL in phase 1: no reply, and its heartbeats stop
+        if msg.metadata.message_type == "train":
+            holder["grid"].node_ids.remove(msg.metadata.dst_node_id)
+            return PENDING
+        return call(msg, ctx)
+
+    from fedbicross_flwr import inprocess
+
+    real_init = inprocess.InProcessGrid.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        holder["grid"] = self
+
+    monkeypatch.setattr(inprocess.InProcessGrid, "__init__", init)
+    start = time.monotonic()
+    _, run_dir = run_in_process(_small_run(tmp_path, "offline", **{"round-timeout": 3600.0}),
+                                num_nodes=3, behaviours={1: killed})
+    assert time.monotonic() - start < 600  # not the hour of round-timeout
+    (failure,) = json.loads((run_dir / "summary.json").read_text())["failures"]
+    assert failure["partition_id"] == 1
+    assert failure["reason"] == ("no reply: the node went offline (Flower stopped receiving "
+                                 "its heartbeats)")
+
+
+def test_a_failed_pull_is_retried_and_loses_no_honest_reply(tmp_path, monkeypatch) -> None:
+    from fedbicross_flwr import grid_transport, inprocess
+
+    monkeypatch.setattr(grid_transport, "POLL_SECONDS", 0.01)
+    real_pull, failures = inprocess.InProcessGrid.pull_messages, []
+
+    def busy_once(self, message_ids):  # the SuperLink's sqlite under load: HTTP 500 once
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("500: database is locked")
+        return real_pull(self, message_ids)
+
+    monkeypatch.setattr(inprocess.InProcessGrid, "pull_messages", busy_once)
+    _, run_dir = run_in_process(_small_run(tmp_path, "busy"), num_nodes=3)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert failures == [1] and summary["failures"] == [] and summary["num-completed"] == 3
