@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -70,9 +71,9 @@ class Deployment:
         assert out.returncode == 0, f"{cmd} failed:\n{out.stdout}\n{out.stderr}"
         return out.stdout
 
-    def start(self, name: str, *cmd: str) -> subprocess.Popen:
+    def start(self, name: str, *cmd: str, **env: str) -> subprocess.Popen:
         log = (self.root / f"{name}.log").open("w")
-        proc = subprocess.Popen(list(cmd), env=self.env(name), stdout=log,
+        proc = subprocess.Popen(list(cmd), env={**self.env(name), **env}, stdout=log,
                                 stderr=subprocess.STDOUT, cwd=ROOT)
         self.procs.append(proc)
         return proc
@@ -135,26 +136,22 @@ def test_secured_loopback_federation_runs_fedbicross(deployment, tmp_path) -> No
     for site in sites[:4]:  # the rogue key is never registered
         d.run("operator", FLWR, "supernode", "register", str(keys / f"{site}.pub"),
               "hospitals", "--name", site)
+    # every site pins the app it reviewed: this checkout, hashed as `flwr run` bundles it
+    reviewed = d.run("site0", sys.executable, "-m", "fedbicross_flwr.supernode_gate", "hash",
+                     str(ROOT)).strip()
+    pins = tmp_path / "pinned-apps.txt"
+    pins.write_text(f"# the reviewed fedbicross-flwr checkout\n{reviewed}\n")
     for i, port in enumerate(site_ports[:4]):
         d.start(f"site{i}", str(DEPLOY / "start_supernode.sh"), f"127.0.0.1:{link_port}",
                 str(certs / "ca.crt"), str(keys / f"site{i}"), str(data[i]), str(i),
-                str(tmp_path / "out" / f"site{i}"), str(port))
+                str(tmp_path / "out" / f"site{i}"), str(port), PINNED_APPS=str(pins))
     rogue = d.start("rogue", str(DEPLOY / "start_supernode.sh"), f"127.0.0.1:{link_port}",
                     str(certs / "ca.crt"), str(keys / "rogue"), str(data[0]), "9",
                     str(tmp_path / "out" / "rogue"), str(site_ports[4]))
     run_config = tmp_path / "run.toml"
     run_config.write_text(tomli_w.dumps({**TINY_FEDBICROSS,
                                          "output-dir": str(tmp_path / "results")}))
-    started = json.loads(d.run("operator", FLWR, "run", str(ROOT), "hospitals",
-                               "--run-config", str(run_config), "--format", "json"))
-    run_id = str(started["run-id"])
-    deadline, status = time.monotonic() + 600, {}
-    while time.monotonic() < deadline:
-        status = json.loads(d.run("operator", FLWR, "list", "hospitals", "--run-id", run_id,
-                                  "--format", "json"))["runs"][0]
-        if status["status"].startswith("finished"):
-            break
-        time.sleep(3)
+    run_id, status = flwr_run(d, ROOT, run_config)
 
     # Assert: the unregistered SuperNode was refused and exited -----------------------------
     assert rogue.wait(timeout=120) != 0
@@ -180,6 +177,43 @@ def test_secured_loopback_federation_runs_fedbicross(deployment, tmp_path) -> No
     assert f"https://127.0.0.1:{link_port}" in d.log("superlink")
     assert link.poll() is None
     assert os.path.isfile(certs / "ca.crt")
+    for i in range(4):
+        assert f"app bundle sha256 {reviewed} is pinned" in d.log(f"site{i}")
+
+    # Execute: the operator ships a modified app (one line more in the ClientApp) ---------
+    modified = tmp_path / "modified-app"
+    shutil.copytree(ROOT, modified, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "outputs", "docs", "__pycache__", "*.egg-info", ".pytest_cache"))
+    with (modified / "client_app" / "app.py").open("a") as fh:
+        fh.write("\nSENT_TO_THE_OPERATOR = True  # what a site did not review\n")
+    changed = d.run("site0", sys.executable, "-m", "fedbicross_flwr.supernode_gate", "hash",
+                    str(modified)).strip()
+    run_config.write_text(tomli_w.dumps({**TINY_FEDBICROSS, "run-name": "modified",
+                                         "output-dir": str(tmp_path / "results")}))
+    bad_id, bad_status = flwr_run(d, modified, run_config)
+    # Assert: every site refused it, named its hash, and ran none of it
+    assert changed != reviewed
+    assert bad_status["status"] == "finished:failed", bad_status
+    for i in range(4):
+        assert f"app bundle sha256 {changed} is NOT in the pinned apps" in d.log(f"site{i}")
+        assert not (tmp_path / "out" / f"site{i}" / f"own-model-run{bad_id}.pt").exists()
+    failures = json.loads((tmp_path / "results" / "modified" / "failures.json").read_text())
+    assert len(failures) == 4 and all("FAB" in f["reason"] for f in failures), failures
+
+
+def flwr_run(d: Deployment, app: Path, run_config: Path) -> tuple[str, dict]:
+    """``flwr run`` ``app`` on the federation and wait for its final status."""
+    started = json.loads(d.run("operator", FLWR, "run", str(app), "hospitals",
+                               "--run-config", str(run_config), "--format", "json"))
+    run_id = str(started["run-id"])
+    deadline, status = time.monotonic() + 600, {}
+    while time.monotonic() < deadline:
+        status = json.loads(d.run("operator", FLWR, "list", "hospitals", "--run-id", run_id,
+                                  "--format", "json"))["runs"][0]
+        if status["status"].startswith("finished"):
+            break
+        time.sleep(3)
+    return run_id, status
 
 
 def test_deploy_doc_uses_the_kit_as_it_is() -> None:

@@ -8,6 +8,11 @@ names are pinned here, independently of the code's allowlist, so widening what a
 needs this file to change too. The leak the guard exists for (each training label sent as a
 metric ``label-<i>``) is injected into the real ClientApp: the reply check below must catch it,
 and the ClientApp itself must refuse to send it.
+
+What this guards against is an accident in this project's code. In a deployment the ClientApp
+a site runs comes in the app bundle (FAB) that the operator's ``flwr run`` ships, so an
+operator could change the code and hide data in an allowed metric or buffer; a site pins the
+bundle it has reviewed with ``fedbicross_flwr.supernode_gate`` (docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -139,3 +144,30 @@ def test_the_client_app_refuses_to_send_labels_as_metrics(tmp_path, monkeypatch)
         checked_reply_metrics("train", {k: v for k, v in good.items() if k != "val-acc"})
     with pytest.raises(ReplyMetricsError, match="must be one real number, got bool"):
         checked_reply_metrics("train", {**good, "val-acc": True})
+
+
+def test_an_upload_is_exactly_an_independent_retraining_of_the_model(grid_and_config) -> None:
+    # Prepare: partition 0's phase-1 upload from the run above
+    import torch
+
+    from fedbicross_flwr.client import initial_state
+    from fedbicross_flwr.data import load_dataset
+    from fedbicross_flwr.site import site_from_partition
+
+    grid, run_config = grid_and_config
+    (upload,) = [r for r in grid.replies if r.metadata.message_type == "train"
+                 and int(r.content["config"]["partition-id"]) == 0]
+    sent = upload.content["arrays"].to_torch_state_dict()
+    # Execute: the same client code trains partition 0 again, here (same seed, CPU)
+    cfg = RunConfig.from_run_config(run_config)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
+                      cfg.in_channels, cfg.num_classes)
+    site = site_from_partition(ds, cfg, 0, 3)
+    model, _ = run_local_training(cfg, site, torch.device("cpu"),
+                                  initial_state(cfg, 1, 3))
+    own = model.state_dict()
+    # Assert: the arrays sent are that model's state dict, no more, bit for bit
+    assert list(sent) == list(own)
+    for name, tensor in own.items():
+        assert sent[name].dtype == tensor.dtype and sent[name].shape == tensor.shape, name
+        assert torch.equal(sent[name], tensor), name
