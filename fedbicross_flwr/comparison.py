@@ -3,7 +3,9 @@
 One row per method, read from each method's ``summary.json``: the mean client accuracy in the
 official view (the paper's metric: the official test split) and in the label-following view
 (a test set drawn like the client's own labels), on the received model (before
-personalization) and after personalization. The majority-class rate of the official test
+personalization) and after personalization, next to what the method cost: megabytes each
+client sent and received over the run, model exchanges (round trips of a model), and the
+server stage's seconds. The majority-class rate of the official test
 split is the floor a useful model must beat.
 
 ``<run-name>-comparison/``
@@ -28,6 +30,15 @@ COLUMNS = {
 }
 
 
+# cost column -> key of summary.json's "cost" (bytes per client each way, over the whole run)
+COST = {
+    "bytes-up-per-client": "bytes-up-per-client",
+    "bytes-down-per-client": "bytes-down-per-client",
+    "model-exchanges": "model-exchanges",
+    "server-seconds": "server-seconds",
+}
+
+
 def comparison_rows(run_dirs: dict[str, Path]) -> list[dict[str, Any]]:
     """One row per method (in the order given) from its run folder's ``summary.json``."""
     rows = []
@@ -39,6 +50,7 @@ def comparison_rows(run_dirs: dict[str, Path]) -> list[dict[str, Any]]:
                      "local-official": summary.get("local-test-acc-mean"),
                      "local-label-following": summary.get("local-test-acc-personal-mean"),
                      "majority-rate": summary.get("majority-rate"),
+                     **{col: (summary.get("cost") or {}).get(key) for col, key in COST.items()},
                      "dataset": summary.get("dataset"), "run-dir": str(run_dir)})
     return rows
 
@@ -47,16 +59,25 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
 
 
+def _num(value: float | None, scale: float, digits: int) -> str:
+    return "n/a" if value is None else f"{value * scale:.{digits}f}"
+
+
 def comparison_markdown(rows: list[dict[str, Any]]) -> str:
     """The table as Markdown: accuracies in %, the paper's metric in bold."""
     lines = ["| method | clients | official: received | official: after pers. (paper metric) "
-             "| label-following: received | label-following: after pers. |",
-             "|---|---|---|---|---|---|"]
+             "| label-following: received | label-following: after pers. | MB up per client "
+             "| MB down per client | model exchanges | server s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['clients']} | {_pct(r['official-received'])} | "
                      f"**{_pct(r['official-after'])}** | "
                      f"{_pct(r['label-following-received'])} | "
-                     f"{_pct(r['label-following-after'])} |")
+                     f"{_pct(r['label-following-after'])} | "
+                     f"{_num(r.get('bytes-up-per-client'), 1e-6, 2)} | "
+                     f"{_num(r.get('bytes-down-per-client'), 1e-6, 2)} | "
+                     f"{_num(r.get('model-exchanges'), 1, 0)} | "
+                     f"{_num(r.get('server-seconds'), 1, 0)} |")
     if rows:
         first = rows[0]
         lines += ["",
@@ -79,7 +100,7 @@ def write_comparison(out_dir: Path, run_dirs: dict[str, Path]) -> str:
 
     rows = comparison_rows(run_dirs)
     fields = ["method", "clients", *COLUMNS, "local-official", "local-label-following",
-              "majority-rate", "dataset", "run-dir"]
+              "majority-rate", *COST, "dataset", "run-dir"]
     with (out_dir / "comparison.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()

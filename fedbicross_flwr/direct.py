@@ -17,6 +17,7 @@ from torch import nn
 
 from fedbicross_flwr import client_cache
 from fedbicross_flwr.client import run_local_training, run_personalization
+from fedbicross_flwr.communication import state_bytes
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import load_dataset
 from fedbicross_flwr.logging_utils import log
@@ -60,7 +61,7 @@ class DirectTransport:
                 self._phase1.failures = [ClientFailure(**f) for f in cached["failures"]]
                 for pid, state in cached["own"].items():
                     self.own_models[pid] = load_resnet18(state)
-                return self._phase1
+                return _formula_traffic(self._phase1, state_bytes(init))
         result = self._phase_result()
         for site in self.sites:
             try:
@@ -73,7 +74,7 @@ class DirectTransport:
             result.replies[site.partition_id] = ClientReply(
                 site.partition_id, {k: v.detach().clone() for k, v in
                                     model.state_dict().items()}, metrics)
-        self._phase1 = result
+        self._phase1 = _formula_traffic(result, state_bytes(init))
         if self.cache_dir is not None:
             client_cache.save(self.cache_dir, cfg, {  # plain data: loaded weights-only
                 "replies": {pid: {"state": r.state, "metrics": r.metrics}
@@ -102,7 +103,7 @@ class DirectTransport:
                 site.partition_id, {k: v.detach().clone() for k, v in
                                     model.state_dict().items()}, metrics)
         self.active_own = round_own
-        return result
+        return _formula_traffic(result, state_bytes(state))
 
     def _phase_result(self) -> PhaseResult:
         """An empty phase-1 result: every site trains its partition of the run's dataset."""
@@ -125,7 +126,16 @@ class DirectTransport:
                                                      _reason(err)))
                 continue
             result.replies[pid] = metrics
+        result.bytes_down = {pid: state_bytes(state) for pid, state in models.items()}
+        result.bytes_up = {pid: 0 for pid in result.replies}  # metrics only, no arrays
         return result
+
+
+def _formula_traffic(result: PhaseResult, sent: int) -> PhaseResult:
+    """Phase-1 style traffic by formula: ``sent`` bytes to every site, its model back."""
+    result.bytes_down = {pid: sent for pid in result.partitions}
+    result.bytes_up = {pid: state_bytes(r.state) for pid, r in result.replies.items()}
+    return result
 
 
 def _reason(err: Exception) -> str:

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
+from fedbicross_flwr.communication import message_bytes
 from fedbicross_flwr.config import RunConfig, parse_site_nodes
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
@@ -116,6 +117,8 @@ class GridTransport:
         self.num_partitions = 0  # > 0: the nodes train the server's partitions of the dataset
         self._phase1: PhaseResult | None = None  # phase 1's replies, shared by every method
         self.offline: set[int] = set()  # nodes that went offline during the last _send
+        self.bytes_down: dict[int, int] = {}  # node -> bytes of the last _send's message to it
+        self.bytes_up: dict[int, int] = {}  # node -> bytes of its reply
 
     def _wait_for_nodes(self, cfg: RunConfig) -> list[int]:
         deadline = time.monotonic() + cfg.node_wait_timeout
@@ -168,6 +171,8 @@ class GridTransport:
         database busy under load) is retried, never taken as a lost reply. Nodes that went
         offline are listed in :attr:`offline`.
         """
+        self.bytes_down = {m.metadata.dst_node_id: message_bytes(m) for m in messages}
+        self.bytes_up = {}
         dst_of = dict(zip(self.grid.push_messages(messages),
                           (m.metadata.dst_node_id for m in messages)))
         waiting = {mid for mid in dst_of if mid}
@@ -192,6 +197,7 @@ class GridTransport:
                 elif reply.metadata.src_node_id != dst_of[mid]:
                     continue  # another node answered: refused downstream; wait for the real one
                 waiting.discard(mid)
+                self.bytes_up[dst_of[mid]] = message_bytes(reply)
             gone = {mid for mid in waiting if dst_of[mid] not in online}
             for mid in sorted(gone):
                 log(logging.WARNING, "node %d went offline (its heartbeats stopped) before "
@@ -202,6 +208,13 @@ class GridTransport:
                 break
             time.sleep(POLL_SECONDS)
         return replies
+
+    def _traffic(self, result: PhaseResult) -> None:
+        """The last :meth:`_send`'s measured bytes, per partition of a known node."""
+        pid_of = {nid: pid for pid, nid in self.node_of.items()}
+        result.measured = True
+        result.bytes_down = {pid_of[n]: b for n, b in self.bytes_down.items() if n in pid_of}
+        result.bytes_up = {pid_of[n]: b for n, b in self.bytes_up.items() if n in pid_of}
 
     def _no_reply(self, nid: int, cfg: RunConfig) -> str:
         """Why node ``nid`` sent no reply in the last :meth:`_send`."""
@@ -293,6 +306,7 @@ class GridTransport:
         for nid in sorted(set(nodes) - answered):
             result.failures.append(ClientFailure(pid_of.get(nid), str(nid), "train",
                                                  self._no_reply(nid, cfg)))
+        self._traffic(result)
         if self.bound:
             result.partitions = {pid: str(nid) for pid, nid in self.node_of.items()}
             for pid, nid in sorted(self.node_of.items()):
@@ -336,6 +350,7 @@ class GridTransport:
                                                      for f in result.failures):
                 result.failures.append(ClientFailure(pid, str(nid), "personalize",
                                                      self._no_reply(nid, cfg)))
+        self._traffic(result)
         return result
 
 

@@ -96,12 +96,17 @@ class PhaseResult:
     partitions (a deployment without ``site-nodes``). ``num_partitions`` > 0 says that the
     clients trained partition ``pid`` of ``num_partitions`` of the run's dataset, as the
     server assigned them (simulation), so the server knows each partition's size.
+    ``bytes_down`` / ``bytes_up`` are the phase's traffic per partition
+    (:mod:`fedbicross_flwr.communication`).
     """
 
     replies: dict[int, Any] = field(default_factory=dict)  # partition-id -> reply
     failures: list[ClientFailure] = field(default_factory=list)
     partitions: dict[int, str] = field(default_factory=dict)  # partition-id -> node address
     num_partitions: int = 0
+    bytes_down: dict[int, int] = field(default_factory=dict)  # partition-id -> bytes sent to it
+    bytes_up: dict[int, int] = field(default_factory=dict)  # partition-id -> bytes it sent
+    measured: bool = False  # bytes of the real messages (Flower), else the arrays' formula
 
 
 def num_examples_problem(value: Any, bound: int | None) -> str | None:

@@ -25,7 +25,8 @@ from fedbicross_flwr.data import project_root
 CLIENT_COLUMNS = [
     "partition-id", "cluster", "n-train", "n-test", "n-test-personal",
     "local-val-acc", "local-test-acc", "local-test-acc-personal",
-    "acc-before", "acc-after", "acc-personal-before", "acc-personal-after", "status",
+    "acc-before", "acc-after", "acc-personal-before", "acc-personal-after",
+    "train-seconds", "bytes-up", "bytes-down", "status",
 ]
 
 

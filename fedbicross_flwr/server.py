@@ -20,12 +20,13 @@ from collections.abc import Callable
 import torch
 
 from fedbicross_flwr.client import initial_state
+from fedbicross_flwr.communication import add_traffic
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.data import DataError, load_dataset
 from fedbicross_flwr.knowledge import knowledge_markdown, write_knowledge
 from fedbicross_flwr.logging_utils import (add_file_handler, log, position_text,
                                             remove_handler, run_position)
-from fedbicross_flwr.methods import collect_uploads, get_method
+from fedbicross_flwr.methods import collect_uploads, get_method, method_spec
 from fedbicross_flwr.methods.base import MethodInput
 from fedbicross_flwr.model import probe_for
 # The protocol types live in fedbicross_flwr.protocol; importing them from here keeps working.
@@ -169,6 +170,8 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
             f.node, f.reason)
 
     # Results ----------------------------------------------------------------------------------
+    traffic_up = add_traffic(dict(phase1.bytes_up), phase3.bytes_up)
+    traffic_down = add_traffic(dict(phase1.bytes_down), phase3.bytes_down)
     rows = []
     expected = set(phase1.partitions) | {f.partition_id for f in failures
                                          if f.partition_id is not None}
@@ -180,12 +183,15 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
             "n-test-personal": lm.get("n-test-personal"), "local-val-acc": lm.get("val-acc"),
             "local-test-acc": lm.get("test-acc"),
             "local-test-acc-personal": lm.get("test-acc-personal"),
+            "train-seconds": lm.get("train-seconds"),
             **({k: pm.get(k) for k in ("acc-before", "acc-after", "acc-personal-before",
                                         "acc-personal-after")} if pm else {}),
+            "bytes-up": traffic_up.get(pid), "bytes-down": traffic_down.get(pid),
             "status": "ok" if pm else "missing",
         })
     write_clients_csv(run_dir / "clients.csv", rows)
     summary = summarize(rows, cfg, {"majority-rate": majority, "wall-times-s": times,
+                                    "cost": cost_summary(cfg, rows, times, phase1.measured),
                                     "failures": [f.__dict__ for f in failures],
                                     "method-diagnostics": out.diagnostics})
     knowledge = write_knowledge(run_dir, cfg, uploads, out, rows, in_channels, num_classes,
@@ -202,6 +208,27 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     log(logging.INFO, "done: paper metric (official test, mean over clients, after "
         "personalization) %s; results in %s", _pct(summary["acc-after-mean"]), run_dir)
     return run_dir
+
+
+def cost_summary(cfg: RunConfig, rows: list[dict], times: dict[str, float],
+                 measured: bool) -> dict[str, object]:
+    """What the run cost: bytes per client each way, model exchanges, compute seconds.
+
+    A model exchange is one round trip of a model: R training rounds for a multi-round
+    method, one upload for a one-shot method, plus the personalization round.
+    """
+    def mean(key: str) -> float | None:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return sum(values) / len(values) if values else None
+
+    rounds = cfg.rounds if method_spec(cfg.method).multiround else 1
+    return {"bytes-up-per-client": mean("bytes-up"), "bytes-down-per-client": mean("bytes-down"),
+            "model-exchanges": rounds + 1,
+            "bytes-counted-from": "flower messages" if measured else "model arrays (formula)",
+            "server-seconds": times.get("phase2-server-method"),
+            "client-train-seconds-mean": mean("train-seconds"),
+            "phase1-seconds": times.get("phase1-local-training"),
+            "phase3-seconds": times.get("phase3-personalization")}
 
 
 def refuse_bad_metrics(phase3: PhaseResult, local_metrics: dict[int, dict[str, float]],

@@ -19,9 +19,9 @@ from fedbicross_flwr.summary_figure import read_weight_history, summary_figure
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _summary(path: Path, method: str, before: float, after: float) -> Path:
+def _summary(path: Path, method: str, before: float, after: float, **more) -> Path:
     path.mkdir(parents=True)
-    (path / "summary.json").write_text(json.dumps({
+    (path / "summary.json").write_text(json.dumps({**more,
         "method": method, "dataset": "digits", "num-completed": 5, "num-clients": 5,
         "acc-before-mean": before, "acc-after-mean": after,
         "acc-personal-before-mean": before / 2, "acc-personal-after-mean": None,
@@ -33,13 +33,16 @@ def _summary(path: Path, method: str, before: float, after: float) -> Path:
 def test_comparison_table_hand_computed(tmp_path) -> None:
     # Prepare: two methods' summary.json
     dirs = {"local": _summary(tmp_path / "a", "local", 0.25, 0.3),
-            "fedbicross": _summary(tmp_path / "b", "fedbicross", 0.4012, 0.45678)}
+            "fedbicross": _summary(tmp_path / "b", "fedbicross", 0.4012, 0.45678, cost={
+                "bytes-up-per-client": 2_846_000, "bytes-down-per-client": 5_690_123,
+                "model-exchanges": 2, "server-seconds": 373.4})}
     # Execute
     table = comparison_markdown(comparison_rows(dirs))
     # Assert: percentages with 2 decimals, missing as n/a, rows in the order given
     lines = table.splitlines()
-    assert lines[2] == "| local | 5/5 | 25.00 | **30.00** | 12.50 | n/a |"
-    assert lines[3] == "| fedbicross | 5/5 | 40.12 | **45.68** | 20.06 | n/a |"
+    assert lines[2] == "| local | 5/5 | 25.00 | **30.00** | 12.50 | n/a | n/a | n/a | n/a | n/a |"
+    assert lines[3] == ("| fedbicross | 5/5 | 40.12 | **45.68** | 20.06 | n/a | 2.85 | 5.69 | 2 "
+                        "| 373 |")
     assert lines[5] == ("Mean client accuracy (%) on digits. Majority-class rate of the official "
                         "test split: 10.17. The clients' own models before any server method: "
                         "official 25.00, label-following 50.00.")

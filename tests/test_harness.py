@@ -304,3 +304,27 @@ def test_grid_run_config_overrides_reach_every_cell_and_per_cell_keys_are_refuse
         with_overrides(spec, "seed=3")
     with pytest.raises(ConfigError, match="pers-lr"):
         with_overrides(spec, "pers-lr=-1")
+
+
+COST_CSV = """\
+dataset,alpha,num-clients,num-clusters,row,method,seed,official-after,server-s,bytes-up,bytes-down,model-exchanges
+digits,0.1,5,2,fedbicross,fedbicross,0,0.5,300.4,2000000,4000000,2
+digits,0.1,5,2,fedbicross,fedbicross,1,0.7,301.6,2000000,4000000,2
+digits,0.1,5,,fedavg-r,fedavg-r,0,0.6,2.0,20000000,22000000,11
+digits,0.1,5,,local,local,0,0.3,,,,
+"""
+
+
+def test_cost_table_puts_accuracy_and_cost_side_by_side(tmp_path) -> None:
+    from fedbicross_flwr.harness.tables import cost_table
+
+    path = tmp_path / "cells.csv"
+    path.write_text(COST_CSV)
+    lines = cost_table(read_cells_csv(path), "digits", 0.1, 5).splitlines()
+    assert lines[0] == ("| method | official after pers. | MB up per client | MB down per client "
+                        "| model exchanges | server s |")
+    body = {line.split(" | ")[0].strip("| "): line for line in lines[2:]}
+    assert body["fedbicross (K=2)"] == "| fedbicross (K=2) | 60.00 ± 14.14 | 2.00 | 4.00 | 2 | 301 |"
+    assert body["fedavg-r"] == "| fedavg-r | 60.00 (1 seed) | 20.00 | 22.00 | 11 | 2 |"
+    assert body["local"] == "| local | 30.00 (1 seed) | n/a | n/a | n/a | n/a |"
+    assert cost_table(read_cells_csv(path), "digits", 0.5, 5) == ""

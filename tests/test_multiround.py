@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -99,7 +100,21 @@ def test_both_engines_give_the_same_numbers(tiny_run_config) -> None:
             return list(csv.DictReader(fh))
 
     # Assert: same per-client accuracies, before and after personalization, both views
-    assert rows(grid_dir) == rows(direct_dir)
+    cost = ("train-seconds", "bytes-up", "bytes-down")
+    grid_rows, direct_rows = rows(grid_dir), rows(direct_dir)
+    assert ([{k: v for k, v in r.items() if k not in cost} for r in grid_rows]
+            == [{k: v for k, v in r.items() if k not in cost} for r in direct_rows])
+    # Assert: the bytes measured on the Flower messages match the arrays' formula (direct
+    # engine) to within the messages' framing: 2 rounds + personalization, each way
+    for g, d in zip(grid_rows, direct_rows):
+        for key in ("bytes-up", "bytes-down"):
+            measured, formula = int(g[key]), int(d[key])
+            assert abs(measured - formula) <= 0.01 * formula + 3 * 64 * 1024, (key, g, d)
+        assert int(d["bytes-down"]) == 3 * int(d["bytes-up"]) // 2  # 3 models down, 2 up
+    summary = json.loads((grid_dir / "summary.json").read_text())["cost"]
+    assert summary["model-exchanges"] == 3 and summary["bytes-counted-from"] == "flower messages"
+    assert summary["bytes-down-per-client"] == pytest.approx(
+        sum(int(g["bytes-down"]) for g in grid_rows) / len(grid_rows))
 
 
 def test_one_shot_method_after_multiround_keeps_phase_one_models(tiny_run_config) -> None:

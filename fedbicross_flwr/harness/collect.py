@@ -1,4 +1,5 @@
-"""One CSV row per finished cell, read back from the cells' ``summary.json`` and, for the
+"""One CSV row per finished cell, read back from the cells' ``summary.json`` (accuracies, and
+what the method cost: bytes per client, model exchanges, server seconds) and, for the
 distilling methods, ``knowledge.json`` (where the knowledge goes, official test split)."""
 
 from __future__ import annotations
@@ -30,9 +31,15 @@ KNOWLEDGE = {
     "after-acc": "after-acc",
     "agreement-synthetic": "agreement-synthetic",
 }
+# summary.json "cost" key -> CSV column (what the method cost each client, over the run)
+COST = {
+    "bytes-up-per-client": "bytes-up",
+    "bytes-down-per-client": "bytes-down",
+    "model-exchanges": "model-exchanges",
+}
 COLUMNS = ["dataset", "alpha", "num-clients", "num-clusters", "row", "method", "seed",
            *METRICS.values(), *KNOWLEDGE.values(), "clients-completed", "wall-s",
-           "server-s", "run-dir"]
+           "server-s", *COST.values(), "run-dir"]
 
 
 def cell_rows(spec: GridSpec, out_dir: Path) -> list[dict[str, Any]]:
@@ -56,6 +63,7 @@ def cell_rows(spec: GridSpec, out_dir: Path) -> list[dict[str, Any]]:
             "clients-completed": summary.get("num-completed"),
             "wall-s": round(sum(float(v) for v in times.values()), 1) if times else None,
             "server-s": times.get("phase2-server-method"),
+            **{col: (summary.get("cost") or {}).get(key) for key, col in COST.items()},
             "run-dir": str(run_dir.relative_to(out_dir)),
         })
     return rows
@@ -74,7 +82,8 @@ def write_cells_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
 def read_cells_csv(path: Path) -> list[dict[str, Any]]:
     """Back from ``cells.csv``: numbers as numbers, empty cells as None."""
     ints = {"num-clients", "num-clusters", "seed", "clients-completed"}
-    floats = {"alpha", "wall-s", "server-s", *METRICS.values(), *KNOWLEDGE.values()}
+    floats = {"alpha", "wall-s", "server-s", *METRICS.values(), *KNOWLEDGE.values(),
+              *COST.values()}
     out = []
     with path.open() as fh:
         for raw in csv.DictReader(fh):

@@ -21,7 +21,8 @@ from fedbicross_flwr.harness.ordering import ranking_tables
 from fedbicross_flwr.harness.plots import accuracy_vs_alpha, fig2_bars
 from fedbicross_flwr.harness.runner import run_dir_of
 from fedbicross_flwr.harness.spec import GridSpec
-from fedbicross_flwr.harness.tables import paper_tables, retention_tables, row_label
+from fedbicross_flwr.harness.tables import (cost_tables, paper_tables, retention_tables,
+                                            row_label)
 from fedbicross_flwr.logging_utils import log
 
 ARTEFACTS = ("synthetic.png", "weights.png", "rounds.csv", "clusters.csv")
@@ -65,6 +66,18 @@ def retention_section(rows: list[dict[str, Any]]) -> list[str]:
             "seeds, from each run's knowledge.json).", "", tables, ""]
 
 
+def cost_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Lines of the accuracy-and-cost section; none when no cell recorded its cost."""
+    tables = cost_tables(rows)
+    if not tables:
+        return []
+    return ["## Accuracy and cost, per column", "",
+            "Official test split after personalization (%, mean ± std over seeds) next to what "
+            "each method cost a client over the whole run: megabytes sent and received (Flower "
+            "messages, or the model arrays on the direct engine), model exchanges, and the "
+            "server stage's seconds.", "", tables, ""]
+
+
 def ranking_section(rows: list[dict[str, Any]]) -> list[str]:
     """Lines of the "where the paper's ordering holds" section; none without FedBiCross rows."""
     tables = ranking_tables(rows)
@@ -97,6 +110,7 @@ def write_report(spec: GridSpec, out_dir: Path) -> Path:
         "",
         paper_tables(rows) if rows else "(no finished cells yet)",
         *retention_section(rows),
+        *cost_section(rows),
         *ranking_section(rows),
         "## Figures",
         "",

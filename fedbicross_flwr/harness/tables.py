@@ -208,3 +208,44 @@ def retention_tables(rows: list[dict[str, Any]]) -> str:
             parts.append(f"### N = {n}, {d} α={a:g}: where the knowledge goes (official test, "
                          f"%; retention = received / teacher)\n\n{table}\n")
     return "\n".join(parts)
+
+
+def cost_table(rows: list[dict[str, Any]], dataset: str, alpha: float,
+               num_clients: int) -> str:
+    """Accuracy and cost side by side in one column, for every row (mean over seeds).
+
+    Per row: the official test accuracy after personalization (mean ± std over seeds), the
+    megabytes each client sent and received over the whole run, the model exchanges (round
+    trips of a model: R rounds or one upload, plus the personalization round) and the server
+    stage's seconds. Empty when no row of the column recorded its cost.
+    """
+    rows = [r for r in rows if r["dataset"] == dataset and r["alpha"] == alpha
+            and r["num-clients"] == num_clients]
+    if not any(r.get("bytes-up") is not None for r in rows):
+        return ""
+
+    def mean(values: list[float], scale: float, digits: int) -> str:
+        return f"{scale * statistics.fmean(values):.{digits}f}" if values else "n/a"
+
+    lines = ["| method | official after pers. | MB up per client | MB down per client | "
+             "model exchanges | server s |", "|---|---|---|---|---|---|"]
+    for _, label in _order(rows):
+        mine = [r for r in rows if row_label(r) == label]
+        got = {key: [r[key] for r in mine if r.get(key) is not None]
+               for key in ("official-after", "bytes-up", "bytes-down", "model-exchanges",
+                           "server-s")}
+        lines.append(f"| {label} | {_fmt(got['official-after'])} | "
+                     f"{mean(got['bytes-up'], 1e-6, 2)} | {mean(got['bytes-down'], 1e-6, 2)} | "
+                     f"{mean(got['model-exchanges'], 1, 0)} | {mean(got['server-s'], 1, 0)} |")
+    return "\n".join(lines)
+
+
+def cost_tables(rows: list[dict[str, Any]]) -> str:
+    """:func:`cost_table` for every (N, dataset, alpha) column that has one."""
+    parts = []
+    columns = list(dict.fromkeys((r["num-clients"], r["dataset"], r["alpha"]) for r in rows))
+    for n, d, a in columns:
+        table = cost_table(rows, d, a, n)
+        if table:
+            parts.append(f"### N = {n}, {d} α={a:g}: accuracy and cost\n\n{table}\n")
+    return "\n".join(parts)

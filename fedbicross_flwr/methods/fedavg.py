@@ -35,6 +35,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fedbicross_flwr.communication import add_traffic
 from fedbicross_flwr.config import RunConfig
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, StateDict
@@ -85,9 +86,13 @@ def run_rounds(cfg: RunConfig, transport: Transport, init: StateDict,
     log(logging.INFO, "%s: %d rounds of %d local epochs (%s, proximal-mu=%g)", cfg.method,
         cfg.rounds, round_epochs(cfg), method_spec(cfg.method).strategy, proximal_mu(cfg))
     state, history, failures = init, [], []
+    bytes_up: dict[int, int] = {}
+    bytes_down: dict[int, int] = {}
     probe, sizes = probe_for(init), None
     for rnd in range(1, cfg.rounds + 1):
         phase = transport.train_round(cfg, state, rnd)
+        add_traffic(bytes_up, phase.bytes_up)
+        add_traffic(bytes_down, phase.bytes_down)
         if sizes is None:
             sizes = example_bounds(cfg, phase.num_partitions)
         valid = {}
@@ -107,6 +112,7 @@ def run_rounds(cfg: RunConfig, transport: Transport, init: StateDict,
                                f"min-clients is {cfg.effective_min_clients}")
         if rnd == cfg.rounds:  # round R's uploads go to phase 2 (validated again there)
             phase.failures = failures + phase.failures
+            phase.bytes_up, phase.bytes_down = bytes_up, bytes_down  # all R rounds
             break
         failures += [ClientFailure(f.partition_id, f.node, f"train (round {rnd})", f.reason)
                      for f in phase.failures]
