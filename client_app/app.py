@@ -22,11 +22,11 @@ from flwr.clientapp import ClientApp
 
 from fedbicross_flwr.client import (checked_reply_metrics, run_local_training,
                                     run_personalization)
-from fedbicross_flwr.config import RunConfig
-from fedbicross_flwr.data import DataError
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.data.datasets import DataError
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import build_resnet18, load_resnet18
-from fedbicross_flwr.site import assigned_node_config, load_site, site_partition_id
+from fedbicross_flwr.data.site import assigned_node_config, load_site, site_partition_id
 from fedbicross_flwr.training import resolve_device
 
 app = ClientApp()

@@ -26,8 +26,8 @@ import time
 import traceback
 from pathlib import Path
 
-from fedbicross_flwr.config import (ConfigError, RunConfig, load_preset, markdown_table,
-                                    parse_overrides, tomllib)
+from fedbicross_flwr.config.run_config import (ConfigError, RunConfig, load_preset, markdown_table,
+                                               parse_overrides, tomllib)
 from fedbicross_flwr.logging_utils import log
 
 
@@ -57,8 +57,8 @@ def preflight(cfg: RunConfig) -> None:
     DataError
         The dataset is unknown, missing, corrupt or inconsistent with the config.
     """
-    from fedbicross_flwr.data import load_dataset
-    from fedbicross_flwr.results import default_output_dir
+    from fedbicross_flwr.data.datasets import load_dataset
+    from fedbicross_flwr.reports.results import default_output_dir
 
     base = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
     if base.exists() and not base.is_dir():
@@ -145,19 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time the FedBiCross server stage against a "
                            "reference-style implementation on the same inputs (docs/BENCHMARKS.md)",
                            parents=[debug])
-    from fedbicross_flwr.benchmark.cli import add_arguments
+    from fedbicross_flwr.experiments.benchmark.cli import add_arguments
 
     add_arguments(bench)
     grid = sub.add_parser("grid", help="run (or resume) an experiment grid from a preset "
                           "(conf/grid-*.toml) and write its CSV, tables and figures",
                           parents=[debug])
-    from fedbicross_flwr.harness import cli as grid_cli
+    from fedbicross_flwr.experiments.harness import cli as grid_cli
 
     grid_cli.add_arguments(grid)
     check = sub.add_parser("distill-check", help="distil ONE central teacher into a fresh "
                            "student from synthetic data only, and report the retention",
                            parents=[debug])
-    from fedbicross_flwr import distill_check
+    from fedbicross_flwr.experiments import distill_check
 
     distill_check.add_arguments(check)
     audit = sub.add_parser("privacy-audit", help="what a finished one-process run reveals: "
@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def privacy_audit_command(run_dir: Path, cache_dir: Path, device: str, pairs: int) -> int:
     """``fedbicross privacy-audit``: audit, write ``<run>/privacy-audit.*``, print the report."""
-    from fedbicross_flwr.privacy_audit import run_audit
-    from fedbicross_flwr.privacy_report import markdown
+    from fedbicross_flwr.privacy.audit import run_audit
+    from fedbicross_flwr.privacy.report import markdown
     from fedbicross_flwr.training import resolve_device
 
     if pairs < 1:
@@ -196,24 +196,24 @@ def run_command(args: argparse.Namespace) -> int:
         if not args.write:
             print(markdown_table())
             return 0
-        from fedbicross_flwr.config_table import write_mirrors
+        from fedbicross_flwr.config.table import write_mirrors
 
         for path in write_mirrors(args.root):
             print(f"updated {path}")
         return 0
     if args.command == "bench":
-        from fedbicross_flwr.benchmark.cli import run_command as bench_command
+        from fedbicross_flwr.experiments.benchmark.cli import run_command as bench_command
 
         return bench_command(args)
     if args.command == "grid":
-        from fedbicross_flwr.harness import cli as grid_cli
+        from fedbicross_flwr.experiments.harness import cli as grid_cli
 
         return grid_cli.run_command(args)
     if args.command == "privacy-audit":
         return privacy_audit_command(Path(args.run_dir), Path(args.client_cache), args.device,
                                      args.pairs)
 
-    from fedbicross_flwr.data import project_root
+    from fedbicross_flwr.data.datasets import project_root
 
     root = project_root()
     cfg, values = build_config(args.preset, args.run_config,
@@ -229,11 +229,11 @@ def run_command(args: argparse.Namespace) -> int:
         torch.set_num_threads(cfg.num_threads)
     start = time.perf_counter()
     if args.command == "distill-check":
-        from fedbicross_flwr import distill_check
+        from fedbicross_flwr.experiments import distill_check
 
         return distill_check.run_command(args, cfg)
     if args.command == "simulate":
-        from fedbicross_flwr.simulation import simulate
+        from fedbicross_flwr.engines.simulation import simulate
 
         overrides = {**(load_preset(args.preset) if args.preset else {}),
                      **parse_overrides(args.run_config)}
@@ -251,7 +251,7 @@ def run_command(args: argparse.Namespace) -> int:
         print(f"results: {result.run_dir}")
         return 0
     if args.engine == "direct" and (args.methods or args.client_cache or cfg.methods):
-        from fedbicross_flwr.direct import run_direct_methods
+        from fedbicross_flwr.engines.direct import run_direct_methods
 
         methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
                    else cfg.method_list)
@@ -267,11 +267,11 @@ def run_command(args: argparse.Namespace) -> int:
             print(f"comparison and summary picture: {comparison}")
         return 0
     if args.engine == "direct":
-        from fedbicross_flwr.direct import run_direct
+        from fedbicross_flwr.engines.direct import run_direct
 
         run_dir = run_direct(cfg)
     else:
-        from fedbicross_flwr.inprocess import run_in_process
+        from fedbicross_flwr.engines.inprocess import run_in_process
 
         _, run_dir = run_in_process(cfg.to_run_config(), cfg.num_clients)
     log(logging.INFO, "wall time %.1f s", time.perf_counter() - start)

@@ -23,10 +23,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import build_resnet18
-from fedbicross_flwr.site import SiteData
+from fedbicross_flwr.data.site import SiteData
 from fedbicross_flwr.training import SGDSettings, accuracy, personalize, train_local
 
 

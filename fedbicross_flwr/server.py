@@ -4,8 +4,8 @@ Phase 1 collects every client's single upload, phase 2 runs the configured serve
 (:mod:`fedbicross_flwr.methods`), phase 3 sends each client its own model for
 ``train.personalize`` and collects the metrics; then the run folder is written. A
 :class:`Transport` carries the client phases: Flower's Grid in
-:mod:`fedbicross_flwr.grid_transport` (simulation or deployment), or plain function calls in
-:mod:`fedbicross_flwr.direct` (one process, no Flower, e.g. on the GPU machine).
+:mod:`fedbicross_flwr.engines.grid_transport` (simulation or deployment), or plain function calls in
+:mod:`fedbicross_flwr.engines.direct` (one process, no Flower, e.g. on the GPU machine).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from collections.abc import Callable
 import torch
 
 from fedbicross_flwr.client import initial_state
-from fedbicross_flwr.config import RunConfig
-from fedbicross_flwr.data import DataError, load_dataset
-from fedbicross_flwr.knowledge import knowledge_markdown, write_knowledge
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.data.datasets import DataError, load_dataset
+from fedbicross_flwr.reports.knowledge import knowledge_markdown, write_knowledge
 from fedbicross_flwr.logging_utils import (add_file_handler, log, position_text,
                                             remove_handler, run_position)
 from fedbicross_flwr.methods import collect_uploads, get_method
@@ -32,12 +32,12 @@ from fedbicross_flwr.model import probe_for
 from fedbicross_flwr.protocol import (ClientFailure, ClientReply, ClientUpload,  # noqa: F401
                                       PhaseResult, StateDict, num_examples_problem,
                                       validate_upload)
-from fedbicross_flwr.results import (create_run_dir, summarize, write_clients_csv, write_json,
-                                     write_summary_md)
-from fedbicross_flwr.site import example_bounds
+from fedbicross_flwr.reports.results import (create_run_dir, summarize, write_clients_csv,
+                                             write_json, write_summary_md)
+from fedbicross_flwr.data.site import example_bounds
 from fedbicross_flwr.training import resolve_device
-from fedbicross_flwr.transport import Transport
-from fedbicross_flwr.uploads_checkpoint import checkpointed_uploads
+from fedbicross_flwr.engines.transport import Transport
+from fedbicross_flwr.storage.uploads_checkpoint import checkpointed_uploads
 
 
 def dataset_shape(cfg: RunConfig) -> tuple[int, int, float | None]:
@@ -85,7 +85,7 @@ def run_methods(cfg: RunConfig, transport: Transport) -> dict[str, Path]:
     dict[str, Path]
         Method -> run folder, and ``"comparison"`` -> the comparison folder (2+ methods).
     """
-    from fedbicross_flwr.comparison import write_comparison
+    from fedbicross_flwr.reports.comparison import write_comparison
 
     methods = cfg.method_list
     base = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.dataset}"

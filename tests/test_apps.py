@@ -12,7 +12,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client_app.app import OWN_MODEL, app as client_app
-from fedbicross_flwr.inprocess import run_in_process
+from fedbicross_flwr.engines.inprocess import run_in_process
 from fedbicross_flwr.model import build_resnet18
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from fedbicross_flwr.simulation import flwr_env, processes_of, stop_processes
+from fedbicross_flwr.engines.simulation import flwr_env, processes_of, stop_processes
 from tests.conftest import make_archive
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -187,7 +187,7 @@ def test_deploy_doc_uses_the_kit_as_it_is() -> None:
     import re
     import tomllib
 
-    from fedbicross_flwr.config import RunConfig
+    from fedbicross_flwr.config.run_config import RunConfig
 
     section = (ROOT / "docs" / "DEPLOY.md").read_text()
     block = section.split("```bash", 1)[1].split("```", 1)[0]

@@ -31,9 +31,9 @@ import urllib.request
 
 import pytest
 
-from fedbicross_flwr.superlink_gate import (DEFAULT_OPERATOR_NETWORKS, OperatorGate,
-                                            is_operator_address, is_site_path, parse_networks,
-                                            split_arguments)
+from fedbicross_flwr.deploy.superlink_gate import (DEFAULT_OPERATOR_NETWORKS, OperatorGate,
+                                                   is_operator_address, is_site_path,
+                                                   parse_networks, split_arguments)
 from tests.test_deploy_loopback import (DEPLOY, FLWR, ROOT, deployment, free_ports,  # noqa: F401
                                         wait_for_port)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbicross_flwr.simulation import processes_of, simulate
+from fedbicross_flwr.engines.simulation import processes_of, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,7 @@ def test_flwr_run_simulation_completes_and_writes_results(tiny_run_config, tmp_p
 
 def test_each_flwr_home_gets_its_own_local_superlink_ports(tmp_path) -> None:
     # Prepare / Execute
-    from fedbicross_flwr.simulation import flwr_env, local_superlink_ports
+    from fedbicross_flwr.engines.simulation import flwr_env, local_superlink_ports
 
     first = local_superlink_ports(tmp_path / "a")
     again = local_superlink_ports(tmp_path / "a")

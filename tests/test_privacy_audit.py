@@ -10,7 +10,7 @@ import pytest
 import tomli_w
 
 from fedbicross_flwr.cli import main
-from fedbicross_flwr.privacy_audit import attack_score
+from fedbicross_flwr.privacy.audit import attack_score
 from tests.conftest import make_archive
 
 

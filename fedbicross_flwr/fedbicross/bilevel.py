@@ -40,10 +40,11 @@ from ..logging_utils import Cadence, log, position_text, progress_text
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .losses import kd_loss, lambda_schedule
-from .settings import FedBiCrossSettings
-from .utils import (autocast_context, autocast_off, cpu_generator, derive_seed,
-                    to_channels_last, to_contiguous)
+from ..distill.losses import kd_loss
+from .losses import lambda_schedule
+from ..config.settings import FedBiCrossSettings
+from ..distill.utils import (autocast_context, autocast_off, cpu_generator, derive_seed,
+                             to_channels_last, to_contiguous)
 
 
 def project_to_simplex(v: Tensor) -> Tensor:

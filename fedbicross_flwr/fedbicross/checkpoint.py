@@ -16,7 +16,7 @@ leaves a half-written checkpoint, and ``manifest.json`` records a fingerprint of
 checkpoints belong to (settings, client models, shapes) plus each file's sha256. A checkpoint
 made for other inputs raises :class:`CheckpointMismatch` instead of being used silently; a
 file that is corrupt or altered (checksum mismatch), that is not plain tensor data (files are
-read with ``torch.load(weights_only=True)``, see :mod:`fedbicross_flwr.checkpoint_io`) or that
+read with ``torch.load(weights_only=True)``, see :mod:`fedbicross_flwr.storage.checkpoint_io`) or that
 holds NaN/Inf is reported and ignored, so that stage is recomputed.
 Every stage is seeded from the settings (no global RNG state), which is why a resumed run gives
 the same numbers as an uninterrupted one on CPU.
@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint_io import CheckpointRefused, load_plain, non_finite, save_plain
+from ..storage.checkpoint_io import CheckpointRefused, load_plain, non_finite, save_plain
 from ..logging_utils import log
 
 MANIFEST = "manifest.json"

@@ -17,7 +17,7 @@ from ..logging_utils import log
 from sklearn.cluster import KMeans
 from torch import nn
 
-from .utils import cpu_generator, model_dtype, preserved_modes
+from ..distill.utils import cpu_generator, model_dtype, preserved_modes
 
 
 @torch.no_grad()

@@ -27,10 +27,10 @@ from .clustering import (
     noise_predictions,
     similarity_weights,
 )
-from .noise_adapt import noise_adapted_copy, teacher_soft_labels
-from .settings import FedBiCrossSettings
-from .synthesis import EnsembleTeacher, synthesize_trajectory
-from .utils import derive_seed
+from ..distill.noise_adapt import noise_adapted_copy, teacher_soft_labels
+from ..config.settings import FedBiCrossSettings
+from ..distill.synthesis import EnsembleTeacher, synthesize_trajectory
+from ..distill.utils import derive_seed
 
 
 STAGES = ("clustering", "synthesis", "noise_adaptation", "soft_labels", "bilevel")

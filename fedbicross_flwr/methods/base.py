@@ -11,7 +11,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.model import build_resnet18
 from fedbicross_flwr.protocol import ClientUpload, StateDict
 

@@ -16,7 +16,7 @@ loss) and uploads; the server averages the valid uploads weighted by their train
 for personalization; it is computed by the registry method :func:`fedavg_r` (phase 2), so the
 uploads of round R go through the same validation as one-shot uploads.
 
-On the Flower Grid (:class:`fedbicross_flwr.grid_transport.GridTransport`), each round's messages are built by Flower's built-in
+On the Flower Grid (:class:`fedbicross_flwr.engines.grid_transport.GridTransport`), each round's messages are built by Flower's built-in
 ``flwr.serverapp.strategy.FedAvg`` / ``FedProx`` (``configure_train``: node sampling with
 fraction 1.0, ``server-round`` and FedProx's ``proximal-mu`` injected); the in-process runner
 builds the same config without Flower. Both engines aggregate with the same function
@@ -35,15 +35,15 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, StateDict
 from fedbicross_flwr.methods.catalog import method_spec
 from fedbicross_flwr.model import probe_for, weighted_average
 from fedbicross_flwr.protocol import (ClientFailure, PhaseResult, num_examples_problem,
                                       validate_upload)
-from fedbicross_flwr.site import example_bounds
-from fedbicross_flwr.transport import Transport
+from fedbicross_flwr.data.site import example_bounds
+from fedbicross_flwr.engines.transport import Transport
 
 def round_epochs(cfg: RunConfig) -> int:
     """Local epochs per round: ``round-epochs``, or ceil(local-epochs / rounds) when 0."""

@@ -25,7 +25,7 @@ from fedbicross_flwr.methods.baselines.generator import (  # noqa: E402
     information_entropy_loss,
     train_generator_round,
 )
-from fedbicross_flwr.fedbicross.utils import cpu_generator  # noqa: E402
+from fedbicross_flwr.distill.utils import cpu_generator  # noqa: E402
 
 STUDENT = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
 TEACHER = torch.tensor([[3.0, 0.0, 0.0], [2.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 1.0, 6.0]])

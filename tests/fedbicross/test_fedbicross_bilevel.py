@@ -14,8 +14,8 @@ from fedbicross_flwr.fedbicross.bilevel import (
     outer_update,
     project_to_simplex,
 )
-from fedbicross_flwr.fedbicross.losses import kd_loss
-from fedbicross_flwr.fedbicross.settings import FedBiCrossSettings
+from fedbicross_flwr.distill.losses import kd_loss
+from fedbicross_flwr.config.settings import FedBiCrossSettings
 
 
 @pytest.mark.parametrize(

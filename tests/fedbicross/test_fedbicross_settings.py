@@ -4,10 +4,9 @@ import dataclasses
 
 import pytest
 
-from fedbicross_flwr.config import CLUSTER_ON, RunConfig, _key
-from fedbicross_flwr.fedbicross.settings import (ENGINEERING_FIELDS, FedBiCrossSettings,
-                                                 settings_class, settings_from_config,
-                                                 tagged_fields)
+from fedbicross_flwr.config.run_config import CLUSTER_ON, RunConfig, _key
+from fedbicross_flwr.config.settings import (ENGINEERING_FIELDS, FedBiCrossSettings, settings_class,
+                                             settings_from_config, tagged_fields)
 
 
 def test_defaults_are_the_papers_values():

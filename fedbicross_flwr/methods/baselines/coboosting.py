@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...fedbicross.utils import autocast_context, cpu_generator, derive_seed
+from ...distill.utils import autocast_context, cpu_generator, derive_seed
 from ...logging_utils import log
-from ...methods.base import MethodInput, MethodOutput
+from ..base import MethodInput, MethodOutput
 from .common import client_models, finish, initial_student
 from .generator import (Generator, RoundSettings, SyntheticPool, ensemble_logits, kd_pass,
                         member_logits, train_generator_round)

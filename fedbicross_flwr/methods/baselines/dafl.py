@@ -24,10 +24,10 @@ from logging import INFO
 import torch
 import torch.nn.functional as F
 
-from ...fedbicross.losses import kd_kl
-from ...fedbicross.utils import autocast_context, cpu_generator, derive_seed
+from ...distill.losses import kd_kl
+from ...distill.utils import autocast_context, cpu_generator, derive_seed
 from ...logging_utils import log
-from ...methods.base import MethodInput, MethodOutput
+from ..base import MethodInput, MethodOutput
 from .common import client_models, finish, initial_student, step_schedule
 from .generator import (Generator, PenultimateHook, full_precision, ensemble_logits,
                         information_entropy_loss, member_logits)

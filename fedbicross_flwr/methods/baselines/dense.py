@@ -26,9 +26,9 @@ from logging import INFO
 
 import torch
 
-from ...fedbicross.utils import derive_seed
+from ...distill.utils import derive_seed
 from ...logging_utils import log
-from ...methods.base import MethodInput, MethodOutput
+from ..base import MethodInput, MethodOutput
 from .common import client_models, finish, initial_student
 from .generator import (Generator, RoundSettings, SyntheticPool, ensemble_logits, kd_pass,
                         member_logits, train_generator_round)

@@ -31,13 +31,13 @@ from logging import INFO
 
 import torch
 
-from ...fedbicross.losses import kd_loss
-from ...fedbicross.noise_adapt import noise_adapted_copy, teacher_soft_labels
-from ...fedbicross.settings import settings_from_config
-from ...fedbicross.synthesis import EnsembleTeacher, synthesize_trajectory
-from ...fedbicross.utils import autocast_context, derive_seed
+from ...distill.losses import kd_loss
+from ...distill.noise_adapt import noise_adapted_copy, teacher_soft_labels
+from ...config.settings import settings_from_config
+from ...distill.synthesis import EnsembleTeacher, synthesize_trajectory
+from ...distill.utils import autocast_context, derive_seed
 from ...logging_utils import log
-from ...methods.base import MethodInput, MethodOutput
+from ..base import MethodInput, MethodOutput
 from .common import client_models, finish, initial_student, step_schedule
 from .generator import full_precision
 

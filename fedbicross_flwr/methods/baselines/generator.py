@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...fedbicross.losses import BNStatsHook, kd_kl
-from ...fedbicross.utils import autocast_context, cpu_generator
+from ...distill.losses import BNStatsHook, kd_kl
+from ...distill.utils import autocast_context, cpu_generator
 
 
 def full_precision(t: Tensor) -> Tensor:

@@ -1,0 +1,3 @@
+"""Experiments: the harness of experiment grids (:mod:`.harness`, ``fedbicross grid``), the
+server-stage benchmark (:mod:`.benchmark`, ``fedbicross bench``) and the distillation check
+(:mod:`.distill_check`, ``fedbicross distill-check``)."""
