@@ -110,21 +110,10 @@ def forward_flops(in_channels: int, num_classes: int, width: int = PAPER_WIDTH,
     return flops + 2 * 8 * width * num_classes
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def is_channels_last(model: nn.Module) -> bool:
     """Whether the model's 4-D parameters are stored channels-last (NHWC) rather than NCHW."""
     return any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
                and not p.is_contiguous() for p in model.parameters())
-
-
-@torch.no_grad()
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter."""
-    return next(model.parameters()).device
 
 
 def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

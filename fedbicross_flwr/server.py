@@ -32,7 +32,7 @@ from fedbicross_flwr.model import probe_for
 from fedbicross_flwr.protocol import (ClientFailure, ClientReply, ClientUpload,  # noqa: F401
                                       PhaseResult, StateDict, num_examples_problem,
                                       validate_upload)
-from fedbicross_flwr.reports.results import (create_run_dir, summarize, write_clients_csv,
+from fedbicross_flwr.reports.results import (create_run_dir, percent, summarize, write_clients_csv,
                                              write_json, write_summary_md)
 from fedbicross_flwr.data.site import example_bounds
 from fedbicross_flwr.training import resolve_device
@@ -105,6 +105,19 @@ def run_methods(cfg: RunConfig, transport: Transport) -> dict[str, Path]:
 
 
 def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
+    """The three phases of one method into ``run_dir``; returns it.
+
+    Phase 1 collects one upload per client (each validated against w^(0) and its example
+    bound; the rejected ones become failures) and checkpoints them; phase 2 runs the server
+    method; phase 3 sends its models back for personalization. ``clients.csv``,
+    ``summary.json``/``.md`` and the knowledge report are then written.
+
+    Raises
+    ------
+    RuntimeError
+        Fewer usable uploads than ``min-clients``, or a method that returns no model for a
+        client.
+    """
     times: dict[str, float] = {}
     write_json(run_dir / "run_config.json", cfg.to_run_config())
     log(logging.INFO, "run folder %s; settings:\n%s", run_dir, cfg.summary())
@@ -116,26 +129,8 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     log(logging.INFO, "%sphase 1/3: local training on the clients", position_text())
     phase1 = collect_uploads(cfg, transport, init, run_dir)  # fedavg-r/fedprox-r: R rounds
     times["phase1-local-training"] = time.perf_counter() - t0
-    failures = list(phase1.failures)
-    uploads, local_metrics = [], {}
     probe = probe_for(init)  # a forward pass on a fixed batch: finite, bounded outputs
-    sizes = example_bounds(cfg, phase1.num_partitions)
-    for pid in sorted(phase1.replies):
-        reply: ClientReply = phase1.replies[pid]
-        problem = validate_upload(reply.state, init, probe)
-        if problem is None:
-            problem = num_examples_problem(reply.metrics.get("num-examples"),
-                                           cfg.max_num_examples or sizes.get(pid))
-        if problem is not None:
-            failures.append(ClientFailure(pid, phase1.partitions.get(pid, "-"), "train",
-                                          f"rejected upload: {problem}"))
-            log(logging.WARNING, "partition %d: rejected upload: %s", pid, problem)
-            continue
-        uploads.append(ClientUpload(pid, reply.state, int(reply.metrics["num-examples"])))
-        local_metrics[pid] = reply.metrics
-    for f in phase1.failures:
-        log(logging.WARNING, "client %s (node %s) left out in phase 1: %s", f.partition_id,
-            f.node, f.reason)
+    uploads, local_metrics, failures = _accepted_uploads(cfg, phase1, init, probe)
     if len(uploads) < cfg.effective_min_clients:
         write_json(run_dir / "failures.json", [f.__dict__ for f in failures])
         raise RuntimeError(f"only {len(uploads)} usable client models, min-clients is "
@@ -169,21 +164,7 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
             f.node, f.reason)
 
     # Results ----------------------------------------------------------------------------------
-    rows = []
-    expected = set(phase1.partitions) | {f.partition_id for f in failures
-                                         if f.partition_id is not None}
-    for pid in sorted(set(local_metrics) | expected):  # every partition, with its state
-        lm, pm = local_metrics.get(pid, {}), phase3.replies.get(pid)
-        rows.append({
-            "partition-id": pid, "cluster": out.clusters.get(pid),
-            "n-train": lm.get("num-examples"), "n-test": lm.get("n-test"),
-            "n-test-personal": lm.get("n-test-personal"), "local-val-acc": lm.get("val-acc"),
-            "local-test-acc": lm.get("test-acc"),
-            "local-test-acc-personal": lm.get("test-acc-personal"),
-            **({k: pm.get(k) for k in ("acc-before", "acc-after", "acc-personal-before",
-                                        "acc-personal-after")} if pm else {}),
-            "status": "ok" if pm else "missing",
-        })
+    rows = _client_rows(phase1, phase3, out.clusters, local_metrics, failures)
     write_clients_csv(run_dir / "clients.csv", rows)
     summary = summarize(rows, cfg, {"majority-rate": majority, "wall-times-s": times,
                                     "failures": [f.__dict__ for f in failures],
@@ -200,8 +181,59 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     if not cfg.keep_checkpoints:  # the run is finished: they could only be used to resume it
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     log(logging.INFO, "done: paper metric (official test, mean over clients, after "
-        "personalization) %s; results in %s", _pct(summary["acc-after-mean"]), run_dir)
+        "personalization) %s; results in %s", percent(summary["acc-after-mean"], "%"), run_dir)
     return run_dir
+
+
+def _accepted_uploads(cfg: RunConfig, phase1: PhaseResult, init: StateDict,
+                      probe: Callable[[StateDict], str | None]
+                      ) -> tuple[list[ClientUpload], dict[int, dict], list[ClientFailure]]:
+    """Phase 1's usable uploads, each client's metrics, and the failures (rejected included).
+
+    An upload is rejected when :func:`validate_upload` refuses its state against w^(0) or its
+    ``num-examples`` exceeds ``max-num-examples`` (else the partition's size bound).
+    """
+    failures = list(phase1.failures)
+    uploads, local_metrics = [], {}
+    sizes = example_bounds(cfg, phase1.num_partitions)
+    for pid in sorted(phase1.replies):
+        reply: ClientReply = phase1.replies[pid]
+        problem = validate_upload(reply.state, init, probe)
+        if problem is None:
+            problem = num_examples_problem(reply.metrics.get("num-examples"),
+                                           cfg.max_num_examples or sizes.get(pid))
+        if problem is not None:
+            failures.append(ClientFailure(pid, phase1.partitions.get(pid, "-"), "train",
+                                          f"rejected upload: {problem}"))
+            log(logging.WARNING, "partition %d: rejected upload: %s", pid, problem)
+            continue
+        uploads.append(ClientUpload(pid, reply.state, int(reply.metrics["num-examples"])))
+        local_metrics[pid] = reply.metrics
+    for f in phase1.failures:
+        log(logging.WARNING, "client %s (node %s) left out in phase 1: %s", f.partition_id,
+            f.node, f.reason)
+    return uploads, local_metrics, failures
+
+
+def _client_rows(phase1: PhaseResult, phase3: PhaseResult, clusters: dict[int, int],
+                 local_metrics: dict[int, dict], failures: list[ClientFailure]) -> list[dict]:
+    """One ``clients.csv`` row per partition (every one, failed ones with their state)."""
+    rows = []
+    expected = set(phase1.partitions) | {f.partition_id for f in failures
+                                         if f.partition_id is not None}
+    for pid in sorted(set(local_metrics) | expected):  # every partition, with its state
+        lm, pm = local_metrics.get(pid, {}), phase3.replies.get(pid)
+        rows.append({
+            "partition-id": pid, "cluster": clusters.get(pid),
+            "n-train": lm.get("num-examples"), "n-test": lm.get("n-test"),
+            "n-test-personal": lm.get("n-test-personal"), "local-val-acc": lm.get("val-acc"),
+            "local-test-acc": lm.get("test-acc"),
+            "local-test-acc-personal": lm.get("test-acc-personal"),
+            **({k: pm.get(k) for k in ("acc-before", "acc-after", "acc-personal-before",
+                                        "acc-personal-after")} if pm else {}),
+            "status": "ok" if pm else "missing",
+        })
+    return rows
 
 
 def check_outgoing_models(method: str, models: dict[int, StateDict],
@@ -272,7 +304,3 @@ def check_finite_models(method: str, models: dict[int, StateDict], run_dir: Path
             + (f"; {_most_extreme(uploads)}" if uploads else "")
             + f"; nothing was sent to the clients. The run folder {run_dir} and its checkpoints "
             "are kept.")
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"

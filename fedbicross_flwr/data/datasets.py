@@ -16,7 +16,6 @@ labels (N,) for the official train / val / test splits, plus its channel and cla
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -26,6 +25,8 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 import numpy as np
+
+from fedbicross_flwr.storage.digests import file_digest
 
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "assets"  # fedbicross_flwr/assets
 SPLITS = ("train", "val", "test")
@@ -120,15 +121,6 @@ def resolve_data_dir(data_dir: str) -> Path:
     if env:
         return Path(env).expanduser().resolve()
     return embedded_dir()
-
-
-def file_digest(path: Path, algorithm: str = "md5") -> str:
-    """Hex digest of a file (read in 1 MiB chunks)."""
-    digest = hashlib.new(algorithm)
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def md5sum(path: Path) -> str:

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from .synthesis import EnsembleTeacher
-from .utils import autocast_context, batchnorm_folded, frozen_buffers
+from ..training import autocast
+from .utils import batchnorm_folded, frozen_buffers
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
@@ -107,7 +108,7 @@ def noise_adapted_copy(
             bn.momentum = momentum  # also replaces a cumulative-average (None) momentum
             bn.train()  # only BN layers update statistics; nothing else changes behaviour
         for t in range(steps - 1, -1, -1):  # x^(L), ..., x^(1) (L = T without a cutoff)
-            with autocast_context(trajectory.device, mixed_precision):
+            with autocast(trajectory.device, mixed_precision):
                 adapted(trajectory[t])  # (B, C_in, H, W); output unused, BN buffers updated
         if mode == "eval":
             adapted.eval()
@@ -162,7 +163,7 @@ def teacher_soft_labels(
     with frozen_buffers(teacher.members):  # train-mode BN must not drift while predicting
         for start in range(0, steps, chunk):
             x = trajectory[start : start + chunk].flatten(0, 1)  # (c*B, C_in, H, W)
-            with autocast_context(trajectory.device, mixed_precision):
+            with autocast(trajectory.device, mixed_precision):
                 p = teacher.probs(x, tau)  # (c*B, C)
             out.append(p.to(torch.float64 if trajectory.dtype == torch.float64 else torch.float32))
     return torch.cat(out).reshape(steps, batch, -1)

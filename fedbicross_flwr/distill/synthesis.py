@@ -20,13 +20,8 @@ from torch import Tensor, nn
 
 from .losses import BNStatsHook, tv_loss
 from ..config.settings import FedBiCrossSettings
-from .utils import (autocast_context, cpu_generator, model_dtype, preserved_modes,
-                    to_channels_last)
-
-
-def _full_precision(t: Tensor) -> Tensor:
-    """Upcast autocast (bf16/fp16) outputs; keep float32/float64 as they are."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+from ..training import autocast
+from .utils import cpu_generator, full_precision, model_dtype, preserved_modes, to_channels_last
 
 
 class EnsembleTeacher:
@@ -83,7 +78,7 @@ class EnsembleTeacher:
             (B, C) log-probabilities (differentiable w.r.t. x).
         """
         self.set_modes()
-        logits = torch.stack([_full_precision(m(x)) for m in self.members])  # (n, B, C)
+        logits = torch.stack([full_precision(m(x)) for m in self.members])  # (n, B, C)
         if self.ensemble == "logit":
             return F.log_softmax(logits.mean(dim=0) / tau, dim=1)
         # log mean_i softmax(l_i / tau), computed stably in log space.
@@ -101,7 +96,7 @@ def balanced_labels(batch_size: int, num_classes: int, generator: torch.Generato
     return labels[torch.randperm(batch_size, generator=generator)]
 
 
-def initial_state(
+def synthesis_start(
     num_classes: int,
     in_channels: int,
     settings: FedBiCrossSettings,
@@ -109,6 +104,9 @@ def initial_state(
     image_size: int = 28,
 ) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
     """Seeded start of a synthesis run, drawn on CPU so it is the same on every device.
+
+    The labels, x^(0) and the jitter offsets; not the initial model state w^(0), which is
+    :func:`fedbicross_flwr.client.initial_state`.
 
     Returns
     -------
@@ -171,7 +169,7 @@ def deepinversion_loss(
         (3,) detached unweighted CE, R_BN, R_TV.
     """
     bn_hook.reset()
-    with autocast_context(x_jit.device, settings.mixed_precision):
+    with autocast(x_jit.device, settings.mixed_precision):
         log_p = teacher.log_probs(x_jit)  # (B, C)
     ce = F.nll_loss(log_p, labels)
     r_bn = bn_hook.loss(settings.bn_reduction)
@@ -238,7 +236,7 @@ def synthesize_trajectory(
     dtype = model_dtype(members[0])
     steps = settings.synth_steps
     # All random draws (labels, x^(0), jitter offsets) up front on CPU: identical on every device.
-    labels, x, offsets = initial_state(num_classes, in_channels, settings, seed, image_size)
+    labels, x, offsets = synthesis_start(num_classes, in_channels, settings, seed, image_size)
     labels = labels.to(device)  # (B,)
     # Channels-last images and weights select the fast convolution kernels (values unchanged).
     to_channels_last(members)
@@ -272,6 +270,19 @@ def synthesize_trajectory(
                     ce_v, bn_v, tv_v,
                 )
 
+    diagnostics = _final_diagnostics(members, settings, trajectory, labels, terms,
+                                     num_classes, start, progress, tag)
+    return trajectory, labels, diagnostics
+
+
+def _final_diagnostics(members: Sequence[nn.Module], settings: FedBiCrossSettings,
+                       trajectory: Tensor, labels: Tensor, terms: Tensor, num_classes: int,
+                       start: float, progress: bool, tag: str) -> dict[str, Any]:
+    """The ``diagnostics`` of :func:`synthesize_trajectory`, logged when ``progress``.
+
+    The per-step terms, and how the ensemble of ``members`` sees the un-jittered final
+    images x^(T) (accuracy on their targets, mean entropy).
+    """
     with torch.no_grad(), preserved_modes(members):
         final_p = EnsembleTeacher(members, settings.ensemble, "eval").probs(
             trajectory[-1])  # (B, C), on un-jittered x^(T)
@@ -296,4 +307,4 @@ def synthesize_trajectory(
             f"{tag}: " if tag else "", 100 * accuracy, 100 * diagnostics["chance_accuracy"],
             entropy, diagnostics["max_entropy"], diagnostics["wall_time_s"],
         )
-    return trajectory, labels, diagnostics
+    return diagnostics

@@ -12,7 +12,6 @@ from torch import nn
 
 from ..logging_utils import log
 from ..model import is_channels_last
-from ..training import autocast, autocast_off  # noqa: F401 - re-exported for the server stages
 
 
 def derive_seed(seed: int, *parts: int) -> int:
@@ -45,8 +44,9 @@ def cpu_generator(seed: int) -> torch.Generator:
     return generator
 
 
-# ``torch.autocast`` in bfloat16 when the precision is 'bf16', else a no-op: the client's helper.
-autocast_context = autocast
+def full_precision(t: torch.Tensor) -> torch.Tensor:
+    """Upcast autocast (bf16/fp16) outputs to float32; float32/float64 and others unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 @contextlib.contextmanager

@@ -31,7 +31,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedbicross_flwr.storage.checkpoint_io import CheckpointRefused, load_plain, save_plain
+from fedbicross_flwr.storage.checkpoint_io import (CheckpointRefused, load_with_sidecar,
+                                                  save_with_sidecar)
 from fedbicross_flwr.config.run_config import ConfigError, RunConfig
 from fedbicross_flwr.data.datasets import DatasetArrays, load_dataset
 from fedbicross_flwr.reports.knowledge import agreement, retention
@@ -88,9 +89,8 @@ def central_teacher(ds: DatasetArrays, cfg: RunConfig, epochs: int, device: torc
     path, digest_path = cache_dir / f"{name}.pt", cache_dir / f"{name}.sha256"
     model = build_resnet18(ds.in_channels, ds.num_classes, cfg.model_width)
     if path.is_file():
-        recorded = digest_path.read_text().strip() if digest_path.is_file() else None
         try:
-            model.load_state_dict(load_plain(path, recorded))
+            model.load_state_dict(load_with_sidecar(path, digest_path))
             log(logging.INFO, "distill-check: teacher loaded from %s", path)
             return model.eval()
         except CheckpointRefused as err:
@@ -104,7 +104,7 @@ def central_teacher(ds: DatasetArrays, cfg: RunConfig, epochs: int, device: torc
     train_local(model, x, y, opt, device, cfg.precision, desc="[teacher]", progress=cfg.progress)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     cache_dir.mkdir(parents=True, exist_ok=True)
-    digest_path.write_text(save_plain(state, path) + "\n")
+    save_with_sidecar(state, path, digest_path)
     return model.eval()
 
 

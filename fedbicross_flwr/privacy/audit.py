@@ -27,7 +27,6 @@ An AUC of 0.5 and a TPR at 1 % FPR of 0.01 mean the attacker does no better than
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass
 from logging import INFO, WARNING
 from pathlib import Path
@@ -40,6 +39,7 @@ from torch import nn
 
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.reports.results import finite_mean
 
 if TYPE_CHECKING:
     from fedbicross_flwr.data.site import SiteData
@@ -205,7 +205,7 @@ def membership_part(audits: list[ClientAudit]) -> dict[str, Any]:
     """(a)/(c) as JSON: every client and the means over clients."""
     rows = [audit_row(a) for a in audits]
     return {"clients": [asdict(a) for a in audits], "rows": rows,
-            "means": {k: _mean([r[k] for r in rows]) for k in rows[0]
+            "means": {k: finite_mean([r[k] for r in rows]) for k in rows[0]
                       if k.endswith(("auc", "fpr"))} if rows else {}}
 
 
@@ -273,8 +273,3 @@ def audit_row(a: ClientAudit) -> dict[str, float | int | None]:
             "loss-tpr-at-1pct-fpr": a.loss_attack.tpr_at_low_fpr,
             "calibrated-auc": cal.auc if cal else None,
             "calibrated-tpr-at-1pct-fpr": cal.tpr_at_low_fpr if cal else None}
-
-
-def _mean(values: list) -> float | None:
-    vals = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(vals) / len(vals) if vals else None

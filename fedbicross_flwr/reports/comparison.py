@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fedbicross_flwr.reports.results import percent
+
 # column -> key of summary.json
 COLUMNS = {
     "official-received": "acc-before-mean",
@@ -43,27 +45,23 @@ def comparison_rows(run_dirs: dict[str, Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
-
-
 def comparison_markdown(rows: list[dict[str, Any]]) -> str:
     """The table as Markdown: accuracies in %, the paper's metric in bold."""
     lines = ["| method | clients | official: received | official: after pers. (paper metric) "
              "| label-following: received | label-following: after pers. |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['clients']} | {_pct(r['official-received'])} | "
-                     f"**{_pct(r['official-after'])}** | "
-                     f"{_pct(r['label-following-received'])} | "
-                     f"{_pct(r['label-following-after'])} |")
+        lines.append(f"| {r['method']} | {r['clients']} | {percent(r['official-received'])} | "
+                     f"**{percent(r['official-after'])}** | "
+                     f"{percent(r['label-following-received'])} | "
+                     f"{percent(r['label-following-after'])} |")
     if rows:
         first = rows[0]
         lines += ["",
                   f"Mean client accuracy (%) on {first['dataset']}. Majority-class rate of the "
-                  f"official test split: {_pct(first['majority-rate'])}. The clients' own "
-                  f"models before any server method: official {_pct(first['local-official'])}, "
-                  f"label-following {_pct(first['local-label-following'])}."]
+                  f"official test split: {percent(first['majority-rate'])}. The clients' own "
+                  f"models before any server method: official {percent(first['local-official'])}, "
+                  f"label-following {percent(first['local-label-following'])}."]
     return "\n".join(lines)
 
 

@@ -164,34 +164,47 @@ def knowledge_report(method: str, ensemble: str, uploads: Sequence[Any], models:
             "agreement-real": agreement(received, teacher),
             "received-acc": accuracy_of(received.softmax(1), y),
         }
+        # the uploads that taught cluster k: its own (FedBiCross), else all of them
+        taught_by = [u for u in uploads if final_weights is None
+                     or clusters.get(u.partition_id, 0) == k]
         if student_init == "cluster-average":
-            taught_by = [u for u in uploads if final_weights is None
-                         or clusters.get(u.partition_id, 0) == k]
             start = weighted_average([u.state for u in taught_by],
                                      [float(u.num_examples) for u in taught_by])
             entry["start-acc"] = accuracy_of(_member_outputs(
                 [start], x, device, precision)[0].softmax(1), y)
         if synthetic is not None and k < len(synthetic.get("images", [])):
             images = synthetic["images"][k]
-            t_syn = _ensemble(_member_outputs(
-                [u.state for u in uploads if clusters.get(u.partition_id, 0) == k]
-                if final_weights is not None else [u.state for u in uploads],
-                images, device, precision), kind)
-            s_syn = _member_outputs([models[members[0]]], images,
-                                    device, precision)[0]
-            entry["agreement-synthetic"] = agreement(s_syn, t_syn)
+            entry["agreement-synthetic"] = _synthetic_agreement(
+                [u.state for u in taught_by], models[members[0]], images, kind, device,
+                precision)
             entry["synthetic-images"] = int(len(images))
         done = [after[p] for p in members if after.get(p) is not None]
         entry["after-acc"] = sum(done) / len(done) if done else None
         entry["retention"] = retention(entry["received-acc"], entry["teacher-acc"])
         per_cluster.append(entry)
+    return {"method": method, "split": "official test", "n-test": int(len(y)),
+            "model-width": resnet18_shape(uploads[0].state)[2],
+            "teacher-ensemble": kind, "stages": _stages(per_cluster, accuracy_of(all_probs, y)),
+            "clusters": per_cluster}
+
+
+def _synthetic_agreement(teachers: Sequence[dict[str, Tensor]], student: dict[str, Tensor],
+                         images: Tensor, kind: str, device: torch.device,
+                         precision: str) -> float:
+    """Agreement of the received model with the ensemble of its teachers on synthetic images."""
+    t_syn = _ensemble(_member_outputs(teachers, images, device, precision), kind)
+    s_syn = _member_outputs([student], images, device, precision)[0]
+    return agreement(s_syn, t_syn)
+
+
+def _stages(per_cluster: Sequence[dict[str, Any]], all_acc: float) -> dict[str, float | None]:
+    """The client-weighted means over the clusters of each stage of the knowledge flow."""
 
     def client_mean(key: str) -> float | None:
         vals = [(len(e["members"]), e[key]) for e in per_cluster if e.get(key) is not None]
         total = sum(n for n, _ in vals)
         return sum(n * v for n, v in vals) / total if total else None
 
-    all_acc = accuracy_of(all_probs, y)
     stages = {
         "all-client-ensemble-acc": all_acc,
         "teacher-acc": client_mean("teacher-acc"),
@@ -205,9 +218,7 @@ def knowledge_report(method: str, ensemble: str, uploads: Sequence[Any], models:
     stages["retention-vs-all-client-ensemble"] = (
         retention(stages["received-acc"], all_acc) if stages["received-acc"] is not None
         else None)
-    return {"method": method, "split": "official test", "n-test": int(len(y)),
-            "model-width": resnet18_shape(uploads[0].state)[2],
-            "teacher-ensemble": kind, "stages": stages, "clusters": per_cluster}
+    return stages
 
 
 def knowledge_markdown(report: dict[str, Any]) -> str:

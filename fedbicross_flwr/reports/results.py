@@ -93,9 +93,15 @@ def write_clients_csv(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
     return path
 
 
-def _mean(values: list[float]) -> float | None:
+def finite_mean(values: Iterable[float | None]) -> float | None:
+    """Mean of the finite values (None, NaN and inf left out); None if there is none."""
     vals = [v for v in values if v is not None and math.isfinite(v)]
     return sum(vals) / len(vals) if vals else None
+
+
+def percent(value: float | None, unit: str = "") -> str:
+    """A fraction as a percentage with two decimals (``unit`` appended), or "n/a" for None."""
+    return "n/a" if value is None else f"{100 * value:.2f}{unit}"
 
 
 def summarize(rows: list[dict[str, Any]], cfg: RunConfig, extra: dict[str, Any]) -> dict:
@@ -108,7 +114,7 @@ def summarize(rows: list[dict[str, Any]], cfg: RunConfig, extra: dict[str, Any])
     }
     for col in ("acc-after", "acc-before", "acc-personal-after", "acc-personal-before",
                 "local-test-acc", "local-test-acc-personal"):
-        summary[f"{col}-mean"] = _mean([r.get(col) for r in done])
+        summary[f"{col}-mean"] = finite_mean([r.get(col) for r in done])
     summary["paper-metric"] = summary["acc-after-mean"]
     summary.update(extra)
     return summary

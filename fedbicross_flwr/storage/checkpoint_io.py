@@ -13,7 +13,6 @@ This module imports nothing else from the package.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -23,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedbicross_flwr.storage.digests import file_digest
+
 _NUMPY = "__numpy__"  # a numpy array saved as {_NUMPY: tensor}
 
 
@@ -31,12 +32,8 @@ class CheckpointRefused(RuntimeError):
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """Hex sha256 of a file's bytes (the checksum every checkpoint record holds)."""
+    return file_digest(path, "sha256")
 
 
 def to_plain(payload: Any) -> Any:
@@ -81,6 +78,19 @@ def save_plain(payload: Any, path: Path) -> str:
     torch.save(to_plain(payload), tmp)
     os.replace(tmp, path)
     return sha256_file(path)
+
+
+def save_with_sidecar(payload: Any, path: Path, sidecar: Path) -> str:
+    """:func:`save_plain`, then the sha256 as one line of text in ``sidecar``; returns it."""
+    digest = save_plain(payload, path)
+    Path(sidecar).write_text(digest + "\n")
+    return digest
+
+
+def load_with_sidecar(path: Path, sidecar: Path) -> Any:
+    """:func:`load_plain` with the sha256 recorded in ``sidecar`` (refused if it is missing)."""
+    sidecar = Path(sidecar)
+    return load_plain(path, sidecar.read_text().strip() if sidecar.is_file() else None)
 
 
 def load_plain(path: Path, sha256: str | None) -> Any:

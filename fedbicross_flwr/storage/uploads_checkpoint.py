@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from fedbicross_flwr.storage.checkpoint_io import CheckpointRefused, load_plain, save_plain
+from fedbicross_flwr.storage.checkpoint_io import (CheckpointRefused, load_with_sidecar,
+                                                  save_with_sidecar)
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.protocol import (ClientUpload, StateDict, num_examples_problem,
                                       validate_upload)
@@ -28,10 +29,9 @@ FORMAT = 1
 def save_uploads(uploads: list[ClientUpload], path: Path) -> None:
     """Write the uploads and their sha256 (``<path>.sha256``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    digest = save_plain({"format": FORMAT, "uploads": [
+    save_with_sidecar({"format": FORMAT, "uploads": [
         {"partition_id": u.partition_id, "num_examples": u.num_examples, "state": u.state}
-        for u in uploads]}, path)
-    _sha_path(path).write_text(digest + "\n")
+        for u in uploads]}, path, _sha_path(path))
 
 
 def load_uploads(path: Path, reference: StateDict,
@@ -45,9 +45,7 @@ def load_uploads(path: Path, reference: StateDict,
         upload that :func:`validate_upload` or the num-examples check refuses (named by
         partition and reason).
     """
-    sha_file = _sha_path(path)
-    sha = sha_file.read_text().strip() if sha_file.is_file() else None
-    payload = load_plain(path, sha)
+    payload = load_with_sidecar(path, _sha_path(path))
     if not (isinstance(payload, dict) and payload.get("format") == FORMAT
             and isinstance(payload.get("uploads"), list)):
         raise CheckpointRefused(f"checkpoint {path} does not hold uploads in format {FORMAT}")

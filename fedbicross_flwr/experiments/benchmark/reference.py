@@ -200,11 +200,3 @@ class ReferenceBilevel:
                         b.copy_(buffers[0][name])
         self.weights = new_weights
         return val_losses, hypers
-
-
-def reference_soft_labels(teacher: Sequence[nn.Module], x: Tensor, ensemble: str,
-                          tau: float) -> Tensor:
-    """(B, C) teacher probabilities at temperature tau, member by member, float32."""
-    with torch.no_grad():
-        return _ensemble_log_probs(teacher, x, ensemble, tau).exp()
-

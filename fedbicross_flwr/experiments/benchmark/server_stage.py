@@ -24,6 +24,7 @@ import copy
 import math
 import statistics
 from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from ...distill.losses import BNStatsHook
 from ...fedbicross.method import init_cluster_models
 from ...distill.noise_adapt import effective_steps, noise_adapted_copy, teacher_soft_labels
 from ...config.settings import FedBiCrossSettings
-from ...distill.synthesis import (EnsembleTeacher, deepinversion_loss, initial_state, loss_members,
+from ...distill.synthesis import (EnsembleTeacher, deepinversion_loss, synthesis_start, loss_members,
                                   synthesize_trajectory)
 from ...distill.utils import derive_seed, preserved_modes, to_channels_last
 from ...model import build_resnet18
@@ -305,7 +306,7 @@ def _count_real_flops(cfg, settings, members, trajectories, labels, adapted_all,
                       initial_students, teacher_probs, noise_probs, device) -> dict[str, float]:
     """FLOPs of one trajectory step of the real path (synthesis, adaptation, labels, bi-level)."""
     K, T = cfg.num_clusters, cfg.steps
-    offsets = initial_state(cfg.num_classes, cfg.in_channels, settings, cfg.seed,
+    offsets = synthesis_start(cfg.num_classes, cfg.in_channels, settings, cfg.seed,
                             cfg.image_size)[2]
     flops = {"synthesis": 0.0, "noise_adaptation": 0.0, "soft_labels": 0.0, "bilevel": 0.0}
     for k in range(K):
@@ -351,7 +352,6 @@ def _bn_statistics(model: nn.Module) -> Tensor:
 def _reference_and_checks(cfg, report, members, trajectories, labels, adapted_all,
                           initial_students, teacher_probs, noise_probs, device) -> None:
     """Time the reference-style path and compare it with the real path on the same inputs."""
-    K, T = cfg.num_clusters, cfg.steps
     settings = _settings(cfg)
     fp32 = _settings(cfg, "fp32")
     gen = torch.Generator().manual_seed(cfg.seed + 7)
@@ -366,10 +366,36 @@ def _reference_and_checks(cfg, report, members, trajectories, labels, adapted_al
     ref_adapted = [_fp32_copies(a, grad=False) for a in adapted_all]
     checks: list[Check] = []
 
+    # the three parts in this order: ``perturbed`` draws from one generator
+    common = (cfg, settings, fp32, members, trajectories, perturbed, device, checks)
+    synth_ms = _synthesis_checks(*common, ref_members, labels)
+    bilevel_ms = _bilevel_checks(*common, ref_members, ref_adapted, adapted_all,
+                                 initial_students, teacher_probs, noise_probs)
+    noise_ms = _noise_adaptation_checks(*common, ref_members, adapted_all)
+    ref_ms = {"synthesis": synth_ms, "noise_adaptation": noise_ms,
+              "soft_labels": 0.0,  # recomputed inside every reference KD step instead
+              "bilevel": bilevel_ms}
+    ref_ms["total"] = sum(ref_ms.values())
+    report["reference_ms"] = ref_ms
+    real_ms = report["real_ms"]
+    report["speedup"] = {name: (ref_ms[name] / real_ms[name] if real_ms[name] > 0 else None)
+                         for name in ("synthesis", "bilevel", "total")}
+    report["checks"] = [{"name": c.name, "errors": c.errors, "rtol": c.rtol,
+                         "max_error": c.max_error, "passed": c.passed} for c in checks]
+    report["checks_passed"] = all(c.passed for c in checks)
+
+
+def _synthesis_checks(cfg: BenchConfig, settings: FedBiCrossSettings, fp32: FedBiCrossSettings,
+                      members: list[list[nn.Module]], trajectories: list[Tensor],
+                      perturbed: Callable[[Tensor], Tensor], device: torch.device,
+                      checks: list[Check], ref_members: list[list[nn.Module]],
+                      labels: list[Tensor]) -> float:
+    """Median ms of a reference synthesis step; checks at x^(T) of each cluster."""
+    K, T = cfg.num_clusters, cfg.steps
     # --- synthesis: timing of reference steps, then equality at x^(T) --------------------------
     synth_ms = 0.0
     for k in range(K):
-        lab, x0, offsets = initial_state(cfg.num_classes, cfg.in_channels, settings,
+        lab, x0, offsets = synthesis_start(cfg.num_classes, cfg.in_channels, settings,
                                          derive_seed(cfg.seed, 3, 0, k), cfg.image_size)
         x = x0.to(device).requires_grad_(True)
         opt = torch.optim.Adam([x], lr=settings.synth_lr)
@@ -391,6 +417,18 @@ def _reference_and_checks(cfg, report, members, trajectories, labels, adapted_al
                 "CE": rel_err(terms[0], ref_terms[0], 1.0), "R_BN": rel_err(terms[1], ref_terms[1], 1.0),
                 "R_TV": rel_err(terms[2], ref_terms[2], 1.0), "grad_x": rel_err(grad, ref_grad)}, rtol))
 
+    return synth_ms
+
+
+def _bilevel_checks(cfg: BenchConfig, settings: FedBiCrossSettings, fp32: FedBiCrossSettings,
+                    members: list[list[nn.Module]], trajectories: list[Tensor],
+                    perturbed: Callable[[Tensor], Tensor], device: torch.device,
+                    checks: list[Check], ref_members: list[list[nn.Module]],
+                    ref_adapted: list[list[nn.Module]], adapted_all: list[list[nn.Module]],
+                    initial_students: list[nn.Module], teacher_probs: list[Tensor],
+                    noise_probs: list[Tensor]) -> float:
+    """Median ms of a reference bi-level step; checks of one step t = ceil(T/2)."""
+    K, T = cfg.num_clusters, cfg.steps
     # --- bi-level: same students, step t = ceil(T/2) ---------------------------------------------
     t = (T + 1) // 2
     images = [traj[t - 1].float() for traj in trajectories]
@@ -440,6 +478,17 @@ def _reference_and_checks(cfg, report, members, trajectories, labels, adapted_al
             # direction: the weights are gated in float32 only.
             gating={"weights": tight}))
 
+    return bilevel_ms
+
+
+def _noise_adaptation_checks(cfg: BenchConfig, settings: FedBiCrossSettings,
+                             fp32: FedBiCrossSettings, members: list[list[nn.Module]],
+                             trajectories: list[Tensor], perturbed: Callable[[Tensor], Tensor],
+                             device: torch.device, checks: list[Check],
+                             ref_members: list[list[nn.Module]],
+                             adapted_all: list[list[nn.Module]]) -> float:
+    """Ms per step of the reference noise adaptation; checks of Eq. 3."""
+    K, T = cfg.num_clusters, cfg.steps
     # Noise adaptation the reference way: the same forwards in float32, NCHW.
     steps = min(cfg.ref_steps, T)
     _, dt = timed(lambda: [noise_adapted_copy(ref_members[k], trajectories[k][:steps].float(),
@@ -460,17 +509,7 @@ def _reference_and_checks(cfg, report, members, trajectories, labels, adapted_al
         checks.append(Check(f"noise adaptation ({used} of {T} steps): {name} vs reference-fp32", {
             "bn_statistics": rel_err(_bn_statistics(real_copy), _bn_statistics(ref_copy))},
             TIGHT_RTOL if s.mixed_precision == "fp32" else LOOSE_RTOL))
-    ref_ms = {"synthesis": synth_ms, "noise_adaptation": noise_ms,
-              "soft_labels": 0.0,  # recomputed inside every reference KD step instead
-              "bilevel": bilevel_ms}
-    ref_ms["total"] = sum(ref_ms.values())
-    report["reference_ms"] = ref_ms
-    real_ms = report["real_ms"]
-    report["speedup"] = {name: (ref_ms[name] / real_ms[name] if real_ms[name] > 0 else None)
-                         for name in ("synthesis", "bilevel", "total")}
-    report["checks"] = [{"name": c.name, "errors": c.errors, "rtol": c.rtol,
-                         "max_error": c.max_error, "passed": c.passed} for c in checks]
-    report["checks_passed"] = all(c.passed for c in checks)
+    return noise_ms
 
 
 def format_report(report: dict[str, Any]) -> str:

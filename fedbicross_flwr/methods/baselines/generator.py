@@ -26,12 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...distill.losses import BNStatsHook, kd_kl
-from ...distill.utils import autocast_context, cpu_generator
-
-
-def full_precision(t: Tensor) -> Tensor:
-    """Upcast autocast (bf16/fp16) outputs to float32; other dtypes unchanged."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+from ...distill.utils import cpu_generator, full_precision
+from ...training import autocast
+from ..base import MethodInput
+from .common import client_models, initial_student
 
 
 class Generator(nn.Module):
@@ -211,6 +209,24 @@ class RoundSettings:
     precision: str = "fp32"
 
 
+def generator_method_start(inp: MethodInput, tag: int, **variant: Any
+                           ) -> tuple[list[nn.Module], nn.Module, Generator, RoundSettings]:
+    """What DENSE and Co-Boosting start from: the frozen client models, the student (seeded
+    by ``tag``), a fresh generator and the round settings of the ``gen-*`` keys.
+
+    ``variant`` holds the method's own :class:`RoundSettings` fields (``bn_weight``,
+    ``bn_reduction``, ``hard_power``, ``adv_masked``, ``adv_tau``, ``grad_clip``).
+    """
+    cfg = inp.cfg
+    members = client_models(inp)
+    student = initial_student(inp, tag=tag)
+    generator = Generator(cfg.gen_latent, inp.in_channels).to(inp.device)
+    settings = RoundSettings(steps=cfg.gen_steps, batch=cfg.gen_batch, lr=cfg.gen_lr,
+                             latent=cfg.gen_latent, ce_weight=cfg.gen_ce_weight,
+                             adv_weight=cfg.gen_adv_weight, precision=cfg.precision, **variant)
+    return members, student, generator, settings
+
+
 def train_generator_round(
     generator: Generator,
     members: Sequence[nn.Module],
@@ -272,7 +288,7 @@ def train_generator_round(
         with BNStatsHook(members if use_bn else []) as bn_hook:
             for _ in range(settings.steps):
                 bn_hook.reset()
-                with autocast_context(device, settings.precision):
+                with autocast(device, settings.precision):
                     x = generator(z)  # (B, C_in, H, W)
                     t_logits = ensemble_logits(member_logits(members, x), member_weights)
                     s_logits = full_precision(student(x))
@@ -393,7 +409,7 @@ def kd_pass(
                 t_logits = teacher(images)
         else:
             t_logits = cached
-        with autocast_context(device, precision):
+        with autocast(device, precision):
             s_logits = full_precision(student(images))
         loss = kd_kl(s_logits, F.softmax(t_logits / tau, dim=1), tau)
         optimizer.zero_grad(set_to_none=True)
