@@ -23,12 +23,18 @@ import logging
 import sys
 import tempfile
 import time
+import tomllib
 import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from fedbicross_flwr.config.run_config import (ConfigError, RunConfig, load_preset, markdown_table,
-                                               parse_overrides, tomllib)
+from fedbicross_flwr.config.run_config import (
+    ConfigError,
+    RunConfig,
+    load_preset,
+    markdown_table,
+    parse_overrides,
+)
 from fedbicross_flwr.logging_utils import log
 
 
@@ -37,8 +43,6 @@ def build_config(preset: str | None, overrides: str, pyproject: Path | None = No
     """Defaults of pyproject.toml (if found) < preset < overrides, validated."""
     values: dict = {}
     if pyproject is not None and pyproject.is_file():
-        import tomllib
-
         with pyproject.open("rb") as fh:
             values.update(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
     if preset:
@@ -79,7 +83,8 @@ def preflight(cfg: RunConfig) -> None:
 
 def is_user_error(err: BaseException) -> bool:
     """A bad input to report in one line: the project's own errors (any exception class
-    defined in ``fedbicross_flwr``), ``OSError`` and invalid TOML."""
+    defined in ``fedbicross_flwr``), ``OSError`` and invalid TOML.
+    """
     if isinstance(err, (OSError, tomllib.TOMLDecodeError)):
         return True
     return any(cls.__module__.split(".")[0] == "fedbicross_flwr" for cls in type(err).__mro__)

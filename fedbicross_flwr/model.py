@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-
 PAPER_WIDTH = 64  # base channel count of ResNet-18 (paper); run-config key `model-width`
 
 
@@ -130,7 +129,7 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]
     out: dict[str, torch.Tensor] = {}
     for key, ref in states[0].items():
         acc = sum(s[key].double() * (w / total) for s, w in zip(states, weights))
-        out[key] = acc.round().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)
+        out[key] = acc.round().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)  # type: ignore[union-attr]
     return out
 
 

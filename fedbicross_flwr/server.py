@@ -14,30 +14,48 @@ import logging
 import math
 import shutil
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import DataError, load_dataset
-from fedbicross_flwr.reports.knowledge import knowledge_markdown, write_knowledge
-from fedbicross_flwr.logging_utils import (add_file_handler, log, position_text,
-                                            remove_handler, run_position)
+from fedbicross_flwr.data.site import example_bounds
+from fedbicross_flwr.engines.transport import Transport
+from fedbicross_flwr.logging_utils import (
+    add_file_handler,
+    log,
+    position_text,
+    remove_handler,
+    run_position,
+)
 from fedbicross_flwr.methods import collect_uploads, get_method
 from fedbicross_flwr.methods.base import MethodInput
 from fedbicross_flwr.model import probe_for
+
 # The protocol types live in fedbicross_flwr.protocol; importing them from here keeps working.
-from fedbicross_flwr.protocol import (ClientFailure, ClientReply, ClientUpload,  # noqa: F401
-                                      PhaseResult, StateDict, num_examples_problem,
-                                      validate_upload)
-from fedbicross_flwr.reports.results import (create_run_dir, percent, summarize, write_clients_csv,
-                                             write_json, write_summary_md)
-from fedbicross_flwr.data.site import example_bounds
-from fedbicross_flwr.training import resolve_device
-from fedbicross_flwr.engines.transport import Transport
+from fedbicross_flwr.protocol import (  # noqa: F401
+    ClientFailure,
+    ClientReply,
+    ClientUpload,
+    PhaseResult,
+    StateDict,
+    num_examples_problem,
+    validate_upload,
+)
+from fedbicross_flwr.reports.knowledge import knowledge_markdown, write_knowledge
+from fedbicross_flwr.reports.results import (
+    create_run_dir,
+    percent,
+    summarize,
+    write_clients_csv,
+    write_json,
+    write_summary_md,
+)
 from fedbicross_flwr.storage.uploads_checkpoint import checkpointed_uploads
+from fedbicross_flwr.training import resolve_device
 
 
 def dataset_shape(cfg: RunConfig) -> tuple[int, int, float | None]:

@@ -21,7 +21,7 @@ from fedbicross_flwr.server import run_methods, run_server
 app = ServerApp()
 
 
-@app.main()
+@app.main()  # type: ignore[arg-type]
 def main(grid: Grid, context: Context) -> Path:
     """Validate the run config, then run the three phases; returns the run folder.
 

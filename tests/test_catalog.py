@@ -10,8 +10,14 @@ import pytest
 
 from fedbicross_flwr.config.run_config import ConfigError, RunConfig
 from fedbicross_flwr.methods import get_method
-from fedbicross_flwr.methods.catalog import (CATALOG, MethodSpec, method_names, method_spec,
-                                             register, table_rows)
+from fedbicross_flwr.methods.catalog import (
+    CATALOG,
+    MethodSpec,
+    method_names,
+    method_spec,
+    register,
+    table_rows,
+)
 
 METHODS = Path(__file__).resolve().parents[1] / "fedbicross_flwr" / "methods"
 

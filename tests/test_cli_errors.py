@@ -43,7 +43,8 @@ def raw_file(tmp: Path, content: bytes) -> str:
 
 def unwritable_dir(tmp: Path) -> str:
     """A folder that cannot be created: under a read-only folder, or (as root, who may write
-    anywhere on a normal file system) under sysfs, which refuses new folders to everyone."""
+    anywhere on a normal file system) under sysfs, which refuses new folders to everyone.
+    """
     if os.geteuid() == 0:
         return "/sys/fedbicross-output"
     locked = tmp / "locked"

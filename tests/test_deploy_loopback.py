@@ -38,7 +38,7 @@ TINY_FEDBICROSS = {
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1."""
+    """N distinct free TCP ports on 127.0.0.1."""
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:

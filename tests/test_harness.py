@@ -11,11 +11,20 @@ import fedbicross_flwr.engines.direct as direct
 from fedbicross_flwr.config.run_config import ConfigError
 from fedbicross_flwr.experiments.harness.collect import read_cells_csv
 from fedbicross_flwr.experiments.harness.report import write_report
-from fedbicross_flwr.experiments.harness.runner import (default_cell_runner, direct_transports,
-                                                        is_finished, run_dir_of, run_grid)
+from fedbicross_flwr.experiments.harness.runner import (
+    default_cell_runner,
+    direct_transports,
+    is_finished,
+    run_dir_of,
+    run_grid,
+)
 from fedbicross_flwr.experiments.harness.spec import load_grid_preset
-from fedbicross_flwr.experiments.harness.tables import (gap_closed, gap_table, paper_table,
-                                                        retention_table)
+from fedbicross_flwr.experiments.harness.tables import (
+    gap_closed,
+    gap_table,
+    paper_table,
+    retention_table,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,13 +15,11 @@ from __future__ import annotations
 import numbers
 
 import pytest
-import torch
 
 import client_app.app as client_app_module
-from fedbicross_flwr.client import REPLY_METRICS, run_local_training
+from fedbicross_flwr.client import REPLY_METRICS
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.engines.inprocess import run_in_process
-from fedbicross_flwr.data.site import load_site
 
 ALLOWED = {"train": {"arrays", "metrics", "config"},
            "train.personalize": {"metrics", "config"}}

@@ -16,12 +16,12 @@ Built directly (tests, benchmarks) the settings are validated against the same r
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .run_config import ConfigError, RunConfig, _check_value, _coerce, kd_batch_problem
 
 # Settings that are not run-config keys: name -> (type, default, minimum).
-ENGINEERING_FIELDS: dict[str, tuple[type, Any, int]] = {
+ENGINEERING_FIELDS: dict[str, tuple[type[int], int, int]] = {
     "num_examples": (int, 16, 0),  # final synthetic images per cluster kept for a picture grid
     "label_chunk": (int, 8, 1),  # trajectory steps forwarded together for soft labels (memory)
 }
@@ -76,14 +76,67 @@ def settings_class(config_cls: type = RunConfig) -> type:
     return cls
 
 
-FedBiCrossSettings = settings_class(RunConfig)
+@dataclasses.dataclass(frozen=True, init=False)
+class SettingsFields:
+    """The static view of :class:`FedBiCrossSettings` for type checkers: its fields, in order.
+
+    The class itself is built from the run config at import (:func:`settings_class`), which
+    type checkers cannot follow; ``tests/fedbicross/test_fedbicross_settings.py`` checks that
+    these annotations are exactly its fields and types.
+    """
+
+    seed: int
+    mixed_precision: str
+    compile: bool
+    num_clusters: int
+    noise_samples: int
+    server_epochs: int
+    kd_passes: int
+    kd_batch: int
+    synth_steps: int
+    synth_batch: int
+    synth_lr: float
+    tv_weight: float
+    bn_weight: float
+    tau: float
+    noise_momentum: float
+    noise_cutoff: float
+    noise_teacher_mode: str
+    ensemble: str
+    bn_reduction: str
+    jitter: int
+    kmeans_n_init: int
+    cluster_on: str
+    val_fraction: float
+    student_lr: float
+    student_momentum: float
+    student_weight_decay: float
+    weight_lr: float
+    hypergrad_normalisation: str
+    student_init: str
+    student_bn: str
+    weights_mode: str
+    num_examples: int
+    label_chunk: int
+
+    def __init__(self, **fields: Any) -> None: ...  # noqa: D107 - see settings_class
+
+    def with_overrides(self, **overrides: Any) -> SettingsFields:
+        """Return a validated copy with some fields replaced (unknown names raise TypeError)."""
+        raise NotImplementedError  # the built class has the real method
 
 
-def settings_from_config(cfg: RunConfig, **overrides: Any) -> Any:
+if TYPE_CHECKING:
+    FedBiCrossSettings = SettingsFields
+else:
+    FedBiCrossSettings = settings_class(RunConfig)
+
+
+def settings_from_config(cfg: RunConfig, **overrides: Any) -> FedBiCrossSettings:
     """The FedBiCross settings of a run config (e.g. ``num_clusters=k`` as an override)."""
     values = {f.metadata["setting"]: getattr(cfg, f.name) for f in tagged_fields()}
     return FedBiCrossSettings(**{**values, **overrides})
 
 
-__all__ = ["ENGINEERING_FIELDS", "FedBiCrossSettings", "settings_class", "settings_from_config",
-           "tagged_fields"]
+__all__ = ["ENGINEERING_FIELDS", "FedBiCrossSettings", "SettingsFields", "settings_class",
+           "settings_from_config", "tagged_fields"]

@@ -227,7 +227,7 @@ def write_npz(dataset: DatasetArrays, path: Path) -> Path:
         s: ArraySplit = getattr(dataset, split)
         arrays[f"{split}_images"] = s.images
         arrays[f"{split}_labels"] = s.labels.reshape(-1, 1).astype(np.uint8)
-    np.savez_compressed(path, **arrays)
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]
     return path
 
 

@@ -19,10 +19,16 @@ import numpy as np
 import torch
 
 from fedbicross_flwr.config.run_config import RunConfig
-from fedbicross_flwr.data.datasets import (DataError, DatasetArrays, load_dataset, load_medmnist,
-                                           load_npz_archive, md5sum)
-from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.data.datasets import (
+    DataError,
+    DatasetArrays,
+    load_dataset,
+    load_medmnist,
+    load_npz_archive,
+    md5sum,
+)
 from fedbicross_flwr.data.partition import make_client_splits, split_validation
+from fedbicross_flwr.logging_utils import log
 
 
 def to_tensors(images: np.ndarray, labels: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,9 +57,11 @@ class SiteData:
 
     @property
     def n_train(self) -> int:
+        """Number of local training examples."""
         return int(self.y_train.shape[0])
 
     def label_histogram(self) -> list[int]:
+        """Local training examples per class (length ``num_classes``)."""
         return torch.bincount(self.y_train, minlength=self.num_classes).tolist()
 
 
@@ -125,7 +133,8 @@ def site_from_partition(ds: DatasetArrays, cfg: RunConfig, pid: int, n: int) -> 
 
 def partition_sizes(cfg: RunConfig, n: int) -> dict[int, int]:
     """Training-set size of each of the ``n`` simulation partitions (what clients report as
-    num-examples), or {} when this process cannot read the dataset."""
+    num-examples), or {} when this process cannot read the dataset.
+    """
     try:
         ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
                           cfg.in_channels, cfg.num_classes)

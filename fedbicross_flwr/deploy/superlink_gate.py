@@ -1,4 +1,4 @@
-"""The federation's SuperLink with the operator's APIs closed to the sites.
+r"""The federation's SuperLink with the operator's APIs closed to the sites.
 
 Flower 1.42 serves every SuperLink API on ONE HTTPS port, told apart only by the path:
 
@@ -20,7 +20,7 @@ with HTTP 403 otherwise, before any Flower code runs.
 
 Usage::
 
-    python -m fedbicross_flwr.deploy.superlink_gate [--operator-networks CIDR[,CIDR...]] \\
+    python -m fedbicross_flwr.deploy.superlink_gate [--operator-networks CIDR[,CIDR...]] \
         <flower-superlink arguments>
 """
 
@@ -129,6 +129,7 @@ class OperatorGate:
         return is_operator_address(client[0] if client else None, self.operator_networks)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """ASGI entry: pass allowed requests to Flower's app, answer 403 to the others."""
         if scope["type"] not in ("http", "websocket") or self.allows(scope):
             await self.app(scope, receive, send)
             return

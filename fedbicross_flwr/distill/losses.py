@@ -171,10 +171,10 @@ def _record_term(module: nn.BatchNorm2d, inputs: tuple[Tensor, ...], output: Ten
     one graph per member position (and per cluster size) instead of one per architecture.
     """
     mean, var = channel_moments(inputs[0])  # (C_l,), (C_l,) from (B, C_l, H, W)
-    r = (mean - module.running_mean.to(mean.dtype)).norm() + (
-        var - module.running_var.to(mean.dtype)
+    r = (mean - module.running_mean.to(mean.dtype)).norm() + (  # type: ignore[union-attr]
+        var - module.running_var.to(mean.dtype)  # type: ignore[union-attr]
     ).norm()
-    module._bn_stats_terms.append(r)
+    module._bn_stats_terms.append(r)  # type: ignore[operator, union-attr]
 
 
 class BNStatsHook:
@@ -215,7 +215,7 @@ class BNStatsHook:
                     self._layers[index].append(module)
                     if id(module) not in hooked:  # a model listed twice is hooked once
                         hooked.add(id(module))
-                        module._bn_stats_terms = []
+                        module._bn_stats_terms = []  # type: ignore[assignment]
                         self._handles.append(module.register_forward_hook(_record_term))
         return self
 
@@ -241,7 +241,7 @@ class BNStatsHook:
         """Forget the terms collected so far (call before each forward pass)."""
         for layers in self._layers:
             for module in layers:
-                module._bn_stats_terms = []
+                module._bn_stats_terms = []  # type: ignore[assignment]
 
     def per_model(self) -> Tensor:
         """(n_models,) sum over BN layers of r_l, for each model."""

@@ -15,8 +15,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .synthesis import EnsembleTeacher
 from ..training import autocast
+from .synthesis import EnsembleTeacher
 from .utils import batchnorm_folded, frozen_buffers
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm

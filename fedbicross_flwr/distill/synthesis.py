@@ -15,12 +15,12 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from ..logging_utils import Cadence, log, position_text, progress_text
 from torch import Tensor, nn
 
-from .losses import BNStatsHook, tv_loss
 from ..config.settings import FedBiCrossSettings
+from ..logging_utils import Cadence, log, position_text, progress_text
 from ..training import autocast
+from .losses import BNStatsHook, tv_loss
 from .utils import cpu_generator, full_precision, model_dtype, preserved_modes, to_channels_last
 
 
@@ -63,7 +63,7 @@ class EnsembleTeacher:
                         module.train()
 
     def log_probs(self, x: Tensor, tau: float = 1.0) -> Tensor:
-        """log F(x) at temperature tau.
+        """Log F(x) at temperature tau.
 
         Parameters
         ----------
@@ -135,7 +135,7 @@ def loss_members(members: Sequence[nn.Module], settings: FedBiCrossSettings) -> 
     cost is paid once per process and shape, not per member.
     """
     if settings.compile:
-        return [torch.compile(member) for member in members]
+        return [torch.compile(member) for member in members]  # type: ignore[misc]
     return list(members)
 
 

@@ -15,15 +15,15 @@ from pathlib import Path
 
 from torch import nn
 
-from fedbicross_flwr.storage import client_cache
 from fedbicross_flwr.client import run_local_training, run_personalization
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import load_dataset
+from fedbicross_flwr.data.site import SiteData, site_from_partition
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import build_resnet18, load_resnet18
 from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
 from fedbicross_flwr.server import run_methods, run_server
-from fedbicross_flwr.data.site import SiteData, site_from_partition
+from fedbicross_flwr.storage import client_cache
 from fedbicross_flwr.training import resolve_device
 
 
@@ -110,6 +110,7 @@ class DirectTransport:
                            num_partitions=len(self.sites))
 
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
+        """Phase 3 on every site: personalize from its model, return the metrics."""
         result = PhaseResult()
         for site in self.sites:
             pid = site.partition_id

@@ -23,13 +23,13 @@ from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, St
 
 def client_error(reply: Message, phase: str, pid: int | None = None) -> ClientFailure | None:
     """The failure a client reported in its ``config`` record (e.g. unusable site data)."""
-    config = reply.content["config"] if "config" in reply.content else {}
+    config = reply.content["config"] if "config" in reply.content else {}  # type: ignore[var-annotated]
     if "error" not in config:
         return None
     if "partition-id" in config:
-        pid = int(config["partition-id"])
+        pid = int(config["partition-id"])  # type: ignore[arg-type]
     return ClientFailure(pid, str(reply.metadata.src_node_id), phase,
-                         f"client error: {config['error']}")
+                         f"client error: {config['error']}")  # type: ignore[str-bytes-safe]
 
 
 class GridTransport:
@@ -98,7 +98,8 @@ class GridTransport:
 
     def collect_models(self, cfg: RunConfig, init: StateDict) -> PhaseResult:
         """Phase 1, once per run: later methods (``methods``) get the same replies; the nodes
-        keep their f_i in node state for every method's ``train.personalize``."""
+        keep their f_i in node state for every method's ``train.personalize``.
+        """
         if self._phase1 is not None:
             log(logging.INFO, "phase 1: reusing the %d client models trained for the first "
                 "method", len(self._phase1.replies))
@@ -158,9 +159,9 @@ class GridTransport:
                 result.failures.append(failure)
                 continue
             try:
-                pid = int(reply.content["config"]["partition-id"])
-                state = reply.content["arrays"].to_torch_state_dict()
-                metrics = {k: float(v) for k, v in reply.content["metrics"].items()}
+                pid = int(reply.content["config"]["partition-id"])  # type: ignore[arg-type]
+                state = reply.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+                metrics = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
             except (KeyError, TypeError, ValueError) as err:
                 result.failures.append(ClientFailure(expected, str(nid), "train",
                                                      f"malformed reply: {err!r}"))
@@ -196,6 +197,7 @@ class GridTransport:
         return result
 
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
+        """Phase 3 over the Grid: each partition's model to its node, the metrics back."""
         messages, pid_of = [], {}
         for pid, state in sorted(models.items()):
             nid = self.node_of[pid]
@@ -206,7 +208,7 @@ class GridTransport:
         result = PhaseResult()
         for reply in self._send(messages, cfg):
             nid = reply.metadata.src_node_id
-            pid = pid_of.get(nid)
+            pid = pid_of.get(nid)  # type: ignore[assignment]
             if pid is None:
                 continue  # not a node this phase instructed
             if reply.has_error():
@@ -217,14 +219,14 @@ class GridTransport:
                 failure.partition_id = pid
                 result.failures.append(failure)
                 continue
-            config = reply.content["config"] if "config" in reply.content else {}
-            if "partition-id" in config and int(config["partition-id"]) != pid:
+            config = reply.content["config"] if "config" in reply.content else {}  # type: ignore[var-annotated]
+            if "partition-id" in config and int(config["partition-id"]) != pid:  # type: ignore[arg-type]
                 result.failures.append(ClientFailure(
                     pid, str(nid), "personalize",
-                    f"spoofed partition-id: node {nid} replied as partition "
+                    f"spoofed partition-id: node {nid} replied as partition "  # type: ignore[str-bytes-safe]
                     f"{config['partition-id']} to partition {pid}'s model; reply refused"))
                 continue
-            result.replies[pid] = {k: float(v) for k, v in reply.content["metrics"].items()}
+            result.replies[pid] = {k: float(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
         for nid, pid in pid_of.items():
             if pid not in result.replies and not any(f.partition_id == pid
                                                      for f in result.failures):

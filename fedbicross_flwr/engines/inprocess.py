@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import random
 import traceback
-from pathlib import Path
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Message, RecordDict
@@ -63,28 +63,35 @@ class InProcessGrid(Grid):
 
     # --- Grid API ---------------------------------------------------------------------------
     def set_run(self, run: Run) -> None:
+        """Grid API: the run the messages belong to."""
         self._run = run
 
     @property
     def run(self) -> Run:
+        """Grid API: the current run."""
         return self._run
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
                        group_id: str, ttl: float | None = None) -> Message:
+        """Grid API: a message to ``dst_node_id``."""
         return Message(content, dst_node_id=dst_node_id, message_type=message_type,
                        group_id=group_id, ttl=ttl)
 
     def get_node_ids(self) -> Iterable[int]:
+        """Grid API: the simulated node ids."""
         return list(self.node_ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Grid API: not supported (use :meth:`send_and_receive`)."""
         raise NotImplementedError("InProcessGrid only supports send_and_receive")
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        """Grid API: not supported (use :meth:`send_and_receive`)."""
         raise NotImplementedError("InProcessGrid only supports send_and_receive")
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: float | None = None) -> Iterable[Message]:
+        """Grid API: deliver each message to its node's ClientApp and collect the replies."""
         replies = []
         for msg in messages:
             self.sent.append(msg)
@@ -121,4 +128,4 @@ def run_in_process(run_config: dict[str, Any], num_nodes: int,
     context = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={},
                       state=RecordDict(), run_config=dict(run_config))
     run_dir = main(grid, context)
-    return grid, run_dir
+    return grid, run_dir  # type: ignore[return-value]

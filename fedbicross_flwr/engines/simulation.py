@@ -34,6 +34,7 @@ class SimulationResult:
 
     @property
     def ok(self) -> bool:
+        """Whether the run finished and completed."""
         return self.status == "finished:completed"
 
 

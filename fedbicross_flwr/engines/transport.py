@@ -22,7 +22,8 @@ class Transport(Protocol):
 
     def train_round(self, cfg: RunConfig, state: StateDict, server_round: int) -> PhaseResult:
         """Round ``server_round`` of a multi-round method (its phase 1 is R of them): every
-        client trains from the global model ``state``; replies are ``ClientReply``."""
+        client trains from the global model ``state``; replies are ``ClientReply``.
+        """
 
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
         """Phase 3: send each partition its model; replies are metric dicts."""

@@ -1,4 +1,4 @@
-"""``fedbicross distill-check``: can a synthesis + KD engine distil ONE strong teacher?
+"""``fedbicross distill-check``: whether a synthesis + KD engine distils ONE strong teacher.
 
 Before any federated claim, the engine must carry what a single good teacher knows into a
 fresh student through synthetic data alone. This trains one ResNet-18 on the official train
@@ -31,16 +31,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedbicross_flwr.storage.checkpoint_io import (CheckpointRefused, load_with_sidecar,
-                                                  save_with_sidecar)
 from fedbicross_flwr.config.run_config import ConfigError, RunConfig
 from fedbicross_flwr.data.datasets import DatasetArrays, load_dataset
-from fedbicross_flwr.reports.knowledge import agreement, retention
+from fedbicross_flwr.data.site import to_tensors
 from fedbicross_flwr.logging_utils import add_file_handler, log, remove_handler
 from fedbicross_flwr.methods import get_method, method_names
 from fedbicross_flwr.methods.base import ClientUpload, MethodInput
 from fedbicross_flwr.model import build_resnet18, load_resnet18
-from fedbicross_flwr.data.site import to_tensors
+from fedbicross_flwr.reports.knowledge import agreement, retention
+from fedbicross_flwr.storage.checkpoint_io import (
+    CheckpointRefused,
+    load_with_sidecar,
+    save_with_sidecar,
+)
 from fedbicross_flwr.training import SGDSettings, predict_logits, resolve_device, train_local
 
 #: Run-config keys reported in each row (the budget and the synthesis settings).
@@ -167,7 +170,8 @@ def run_check(cfg: RunConfig, synthesis: str, teacher_epochs: int, out_dir: Path
 
 def _target_agreement(diagnostics: dict[str, Any]) -> float | None:
     """The teacher's agreement with its synthesis targets on the final images, if reported
-    (FedBiCross: ``synthesis-summary``; FedISCA: ``final_teacher_accuracy``)."""
+    (FedBiCross: ``synthesis-summary``; FedISCA: ``final_teacher_accuracy``).
+    """
     summary = diagnostics.get("synthesis-summary")
     if summary:
         return summary[-1].get("teacher-accuracy")
@@ -176,7 +180,8 @@ def _target_agreement(diagnostics: dict[str, Any]) -> float | None:
 
 def plot_rows(csv_path: Path, png_path: Path) -> Path:
     """Retention against the method's wall time, one marker per row, labelled T, B / kd-batch,
-    a_BN, passes and the width when it is not 64."""
+    a_BN, passes and the width when it is not 64.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -209,7 +214,8 @@ def plot_rows(csv_path: Path, png_path: Path) -> Path:
 
 def append_row(path: Path, row: dict[str, Any]) -> None:
     """Append one row to a CSV; a row with new columns rewrites the file with all of them
-    (older rows get empty cells there)."""
+    (older rows get empty cells there).
+    """
     rows: list[dict[str, Any]] = []
     fields = list(row)
     if path.is_file():

@@ -36,16 +36,18 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from ..logging_utils import Cadence, log, position_text, progress_text
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..distill.losses import kd_loss
-from .losses import lambda_schedule
 from ..config.settings import FedBiCrossSettings
+from ..distill.losses import kd_loss
 from ..distill.utils import cpu_generator, derive_seed, to_channels_last, to_contiguous
+from ..logging_utils import Cadence, log, position_text, progress_text
 from ..training import autocast, autocast_off
+from .losses import lambda_schedule
 
+# What torch's multi-tensor (``_foreach``) functions take and return.
+TensorList = tuple[Tensor, ...] | list[Tensor]
 
 def project_to_simplex(v: Tensor) -> Tensor:
     """Exact Euclidean projection onto the probability simplex (Duchi et al., ICML 2008).
@@ -152,7 +154,8 @@ def _cloned_buffers(model: nn.Module) -> dict[str, Tensor]:
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """<a, b> over all elements: one read of each tensor, no product tensor, for tensors of the
-    same memory layout (channels-last gradients are viewed in their storage order)."""
+    same memory layout (channels-last gradients are viewed in their storage order).
+    """
     if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) \
             and b.is_contiguous(memory_format=torch.channels_last):
         return torch.vdot(a.permute(0, 2, 3, 1).reshape(-1), b.permute(0, 2, 3, 1).reshape(-1))
@@ -237,7 +240,7 @@ def inner_step_and_hypergradient(
     model.train(bn_mode != "eval")
 
     # --- per-source losses L_j and gradients g_j at G ------------------------------------------
-    active = range(num_sources)
+    active: Sequence[int] = range(num_sources)
     if not compute_hypergradient:
         active = [j for j, w in enumerate(weights.tolist()) if w > 0.0]
     param_list = [params[n] for n in names]
@@ -322,7 +325,7 @@ def _source_gradients(
 def _inner_update(param_list: list[Tensor], names: list[str],
                   grads: dict[int, tuple[Tensor, ...]], weights: Tensor, device: torch.device,
                   lr: float, momentum: float, weight_decay: float,
-                  momentum_buffers: dict[str, Tensor] | None) -> list[Tensor]:
+                  momentum_buffers: dict[str, Tensor] | None) -> TensorList:
     """G - eta_G * (momentum-filtered) (sum_j w_j g_j + weight_decay * G), as new tensors.
 
     Multi-tensor (foreach) updates over all parameters at once; the weights stay on the
@@ -330,7 +333,7 @@ def _inner_update(param_list: list[Tensor], names: list[str],
     """
     w = weights.to(device=device, dtype=param_list[0].dtype)  # (K,)
     sources = list(grads)
-    direction = torch._foreach_mul(grads[sources[0]], w[sources[0]])
+    direction: TensorList = torch._foreach_mul(grads[sources[0]], w[sources[0]])
     for j in sources[1:]:
         torch._foreach_add_(direction, torch._foreach_mul(grads[j], w[j]))
     if weight_decay:
@@ -350,7 +353,7 @@ def _inner_update(param_list: list[Tensor], names: list[str],
 
 
 @torch.no_grad()
-def _commit(model: nn.Module, param_list: list[Tensor], new_values: list[Tensor],
+def _commit(model: nn.Module, param_list: list[Tensor], new_values: TensorList,
             source_buffers: dict[int, dict[str, Tensor]], weights: Tensor, bn_mode: str) -> None:
     """G^(t) = G' in place, and (``bn_mode`` 'train') the w-weighted BN running statistics."""
     torch._foreach_copy_(param_list, new_values)
@@ -359,7 +362,7 @@ def _commit(model: nn.Module, param_list: list[Tensor], new_values: list[Tensor]
             break
         if buffer.is_floating_point():
             w = weights.to(device=buffer.device, dtype=buffer.dtype)
-            buffer.copy_(sum(w[j] * source_buffers[j][name] for j in source_buffers))
+            buffer.copy_(sum(w[j] * source_buffers[j][name] for j in source_buffers))  # type: ignore[arg-type]
         else:  # num_batches_tracked: identical in every source copy
             buffer.copy_(next(iter(source_buffers.values()))[name])
 
@@ -593,7 +596,7 @@ class OnlineBilevelTrainer:
             )
             if self.learn_weights:
                 new_weights[k] = outer_update(
-                    self.weights[k], result.hypergradient, s.weight_lr, s.hypergrad_normalisation
+                    self.weights[k], result.hypergradient, s.weight_lr, s.hypergrad_normalisation  # type: ignore[arg-type]
                 )
             val_losses[k] = result.val_loss.to(torch.float64)
             source_losses[k] = result.source_losses.to(torch.float64)

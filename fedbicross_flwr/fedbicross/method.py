@@ -15,23 +15,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..config.settings import FedBiCrossSettings
+from ..distill.noise_adapt import noise_adapted_copy, teacher_soft_labels
+from ..distill.synthesis import EnsembleTeacher, synthesize_trajectory
+from ..distill.utils import derive_seed
 from ..logging_utils import StagePlan, keeps_position, log
 from ..model import build_resnet18, resnet18_shape, weighted_average
 from .bilevel import OnlineBilevelTrainer, fixed_weights
 from .checkpoint import StageCheckpoints, fingerprint
-from .stages import EpochRecord, StageRunner, StageTimer
-from .clustering_alternatives import assign_clusters
 from .clustering import (
     cluster_centroids,
     log_clustering,
     noise_predictions,
     similarity_weights,
 )
-from ..distill.noise_adapt import noise_adapted_copy, teacher_soft_labels
-from ..config.settings import FedBiCrossSettings
-from ..distill.synthesis import EnsembleTeacher, synthesize_trajectory
-from ..distill.utils import derive_seed
-
+from .clustering_alternatives import assign_clusters
+from .stages import EpochRecord, StageRunner, StageTimer
 
 STAGES = ("clustering", "synthesis", "noise_adaptation", "soft_labels", "bilevel")
 
@@ -92,7 +91,8 @@ def stage_name(stage: str, cluster: int | None, epoch: int, epochs: int) -> str:
 
 def algorithm_stages(num_clusters: int, server_epochs: int) -> list[str]:
     """The stages of Algorithm 1 in the order :func:`run_fedbicross` runs them: clustering,
-    then per server epoch synthesis and noise adaptation per cluster, and the bi-level KD."""
+    then per server epoch synthesis and noise adaptation per cluster, and the bi-level KD.
+    """
     names = [STAGE_NAMES["1a"]]
     for epoch in range(server_epochs):
         for k in range(num_clusters):
@@ -200,7 +200,7 @@ def _server_epoch(epoch: int, stages: StageRunner, record: EpochRecord,
     """One server epoch: Stages 1b-1c for every cluster, then Stage 2; checkpointed."""
     # --- Stage 1b-1c per cluster: synthesis with fresh noise, noise-adapted teacher, frozen
     # teachers' soft labels (lines 4-9) ----------------------------------------------------
-    clusters = [stages.run(f"epoch{epoch}-cluster{k}", lambda k=k: _synthesize_cluster(
+    clusters = [stages.run(f"epoch{epoch}-cluster{k}", lambda k=k: _synthesize_cluster(  # type: ignore[misc]
         members[k], s, num_classes, in_channels, image_size, epoch, k, device, progress,
         plan))
         for k in range(s.num_clusters)]
@@ -288,7 +288,8 @@ def _synthesize_cluster(members: list[nn.Module], s: FedBiCrossSettings, num_cla
                         plan: StagePlan | None = None) -> dict[str, Any]:
     """Stages 1b-1c for cluster k in server epoch ``epoch``: the trajectory x^(1..T), its
     labels, the frozen teachers' soft labels at temperature tau, and each part's wall time.
-    ``plan`` logs the stages' position in the run."""
+    ``plan`` logs the stages' position in the run.
+    """
     tag = f"epoch {epoch + 1}/{s.server_epochs} cluster {k}"
     timer = StageTimer()
     if plan is not None:
@@ -320,7 +321,8 @@ def _average_into_students(students: list[nn.Module], clients: list[nn.Module],
                            assignment: np.ndarray,
                            client_weights: Sequence[float] | None) -> None:
     """``student-init='cluster-average'``: G_k^(0) = the data-size weighted average of cluster
-    k's client models (default: equal weights)."""
+    k's client models (default: equal weights).
+    """
     sizes = np.ones(len(clients)) if client_weights is None else np.asarray(client_weights)
     for k, student in enumerate(students):
         idx = np.flatnonzero(assignment == k)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -31,7 +30,8 @@ class MethodInput:
 
     def new_model(self) -> nn.Module:
         """A freshly initialised ResNet-18 of the run's shape (its ``model-width``), drawn from
-        the global RNG."""
+        the global RNG.
+        """
         return build_resnet18(self.in_channels, self.num_classes, self.cfg.model_width)
 
 

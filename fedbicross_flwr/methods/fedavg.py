@@ -36,14 +36,19 @@ from pathlib import Path
 from typing import Any
 
 from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.data.site import example_bounds
+from fedbicross_flwr.engines.transport import Transport
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, StateDict
 from fedbicross_flwr.methods.catalog import method_spec
 from fedbicross_flwr.model import probe_for, weighted_average
-from fedbicross_flwr.protocol import (ClientFailure, PhaseResult, num_examples_problem,
-                                      validate_upload)
-from fedbicross_flwr.data.site import example_bounds
-from fedbicross_flwr.engines.transport import Transport
+from fedbicross_flwr.protocol import (
+    ClientFailure,
+    PhaseResult,
+    num_examples_problem,
+    validate_upload,
+)
+
 
 def round_epochs(cfg: RunConfig) -> int:
     """Local epochs per round: ``round-epochs``, or ceil(local-epochs / rounds) when 0."""
@@ -71,8 +76,8 @@ def flower_strategy(cfg: RunConfig, num_nodes: int) -> Any:
     common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": num_nodes,
               "min_available_nodes": num_nodes}
     if cfg.method == "fedprox-r":
-        return FedProx(**common, proximal_mu=cfg.proximal_mu)
-    return FedAvg(**common)
+        return FedProx(**common, proximal_mu=cfg.proximal_mu)  # type: ignore[arg-type]
+    return FedAvg(**common)  # type: ignore[arg-type]
 
 
 def run_rounds(cfg: RunConfig, transport: Transport, init: StateDict,
@@ -85,7 +90,9 @@ def run_rounds(cfg: RunConfig, transport: Transport, init: StateDict,
     """
     log(logging.INFO, "%s: %d rounds of %d local epochs (%s, proximal-mu=%g)", cfg.method,
         cfg.rounds, round_epochs(cfg), method_spec(cfg.method).strategy, proximal_mu(cfg))
-    state, history, failures = init, [], []
+    history: list[dict[str, Any]] = []
+    failures: list[ClientFailure] = []
+    state = init
     probe, sizes = probe_for(init), None
     for rnd in range(1, cfg.rounds + 1):
         phase = transport.train_round(cfg, state, rnd)

@@ -17,10 +17,10 @@ import logging
 
 import numpy as np
 
+from fedbicross_flwr.config.settings import settings_from_config
+from fedbicross_flwr.distill.plots import save_synthetic_grid
 from fedbicross_flwr.fedbicross.method import run_fedbicross
 from fedbicross_flwr.fedbicross.plots import plot_weight_history, save_weight_history_csv
-from fedbicross_flwr.distill.plots import save_synthetic_grid
-from fedbicross_flwr.config.settings import settings_from_config
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, write_clusters_csv
 from fedbicross_flwr.model import load_resnet18

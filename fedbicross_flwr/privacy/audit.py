@@ -171,12 +171,13 @@ def run_audit(run_dir: Path, cache_dir: Path, device: torch.device,
     """Audit a finished one-process run: (a) the uploads, (b) the synthetic images, (c) the
     personalized models; writes ``privacy-audit.{json,md,csv}`` and the pairs picture into the
     run folder and returns the report. A part that the run cannot support (a method without
-    synthetic images, no kept checkpoints) is reported with the reason, not raised."""
+    synthetic images, no kept checkpoints) is reported with the reason, not raised.
+    """
     import time
 
     from fedbicross_flwr.data.datasets import load_dataset
-    from fedbicross_flwr.privacy.report import write_report
     from fedbicross_flwr.data.site import site_from_partition, to_tensors
+    from fedbicross_flwr.privacy.report import write_report
 
     start = time.perf_counter()
     cfg, cached = stored_run(run_dir, cache_dir)
@@ -242,8 +243,12 @@ def personalized_part(run_dir: Path, cfg: RunConfig, sites: dict, cached: dict[s
                       uploads: dict[int, dict[str, torch.Tensor]], device: torch.device
                       ) -> dict[str, Any]:
     """(c): membership inference on the recomputed personalized models."""
-    from fedbicross_flwr.privacy.personalized import (NotRecomputable, personalized_models,
-                                                      received_models, reproduction)
+    from fedbicross_flwr.privacy.personalized import (
+        NotRecomputable,
+        personalized_models,
+        received_models,
+        reproduction,
+    )
 
     try:
         received = received_models(run_dir, cfg, {int(pid): reply for pid, reply

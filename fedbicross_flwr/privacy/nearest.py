@@ -99,7 +99,8 @@ def nearest(queries: np.ndarray, pool: PoolStats) -> tuple[np.ndarray, np.ndarra
 
 def equal_pools(n_train: int, n_test: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices of two pools of size min(n_train, n_test): the larger one subsampled without
-    replacement by ``numpy.random.default_rng(seed)``, the smaller one whole (sorted)."""
+    replacement by ``numpy.random.default_rng(seed)``, the smaller one whole (sorted).
+    """
     size = min(n_train, n_test)
     rng = np.random.default_rng(seed)
     pick = lambda n: np.sort(rng.choice(n, size, replace=False)) if n > size else np.arange(n)  # noqa: E731
@@ -178,7 +179,8 @@ def nearest_audit(synthetic: torch.Tensor, train: torch.Tensor, test: torch.Tens
 def save_pairs_picture(path: Path, synthetic_px: np.ndarray, train_px: np.ndarray,
                        test_px: np.ndarray, result: NearestResult, n_pairs: int = 8) -> Path:
     """The ``n_pairs`` synthetic images most similar to a training image: one row each,
-    synthetic | nearest training image | nearest test image, with the SSIMs."""
+    synthetic | nearest training image | nearest test image, with the SSIMs.
+    """
     import matplotlib
 
     matplotlib.use("Agg")

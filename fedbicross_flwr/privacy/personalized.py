@@ -46,8 +46,8 @@ def received_models(run_dir: Path, cfg: RunConfig, replies: dict[int, dict[str, 
         Another method, or a FedBiCross run whose bi-level checkpoint / clusters.csv is absent
         or refused.
     """
-    from fedbicross_flwr.storage.checkpoint_io import CheckpointRefused, load_plain
     from fedbicross_flwr.model import weighted_average
+    from fedbicross_flwr.storage.checkpoint_io import CheckpointRefused, load_plain
 
     if cfg.method == "local":
         return {pid: r["state"] for pid, r in replies.items()}

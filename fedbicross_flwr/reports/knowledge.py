@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.catalog import CATALOG, method_names
@@ -62,7 +62,7 @@ def agreement(student_logits: Tensor, teacher_probs: Tensor) -> float:
 
 
 def retention(student_acc: float, teacher_acc: float) -> float:
-    """student accuracy / teacher accuracy (NaN when the teacher scores 0)."""
+    """Student accuracy / teacher accuracy (NaN when the teacher scores 0)."""
     return student_acc / teacher_acc if teacher_acc > 0 else float("nan")
 
 
@@ -178,7 +178,7 @@ def knowledge_report(method: str, ensemble: str, uploads: Sequence[Any], models:
                 [u.state for u in taught_by], models[members[0]], images, kind, device,
                 precision)
             entry["synthetic-images"] = int(len(images))
-        done = [after[p] for p in members if after.get(p) is not None]
+        done = [a for p in members if (a := after.get(p)) is not None]
         entry["after-acc"] = sum(done) / len(done) if done else None
         entry["retention"] = retention(entry["received-acc"], entry["teacher-acc"])
         per_cluster.append(entry)
@@ -255,8 +255,8 @@ def write_knowledge(run_dir: Path, cfg: Any, uploads: Sequence[Any], out: Any,
     (a deployment on the sites' own archives), the file says why the flow is not measured.
     """
     from fedbicross_flwr.data.datasets import DataError, load_dataset
-    from fedbicross_flwr.reports.results import write_json
     from fedbicross_flwr.data.site import to_tensors
+    from fedbicross_flwr.reports.results import write_json
 
     if cfg.method not in method_names(distils=True):
         return None

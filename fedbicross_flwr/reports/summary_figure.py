@@ -45,7 +45,8 @@ def read_weight_history(path: Path) -> np.ndarray:
 
 def image_mosaic(images_per_cluster: list[torch.Tensor], per_row: int) -> np.ndarray:
     """K rows of up to ``per_row`` images (normalised mean 0.5, std 0.5) as one (H, W, C)
-    array in [0, 1], with a 1-pixel white gap; C is 1 (grey) or 3."""
+    array in [0, 1], with a 1-pixel white gap; C is 1 (grey) or 3.
+    """
     rows = []
     c, h, w = images_per_cluster[0].shape[1:]
     gap = 1

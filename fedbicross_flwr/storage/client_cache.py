@@ -18,8 +18,8 @@ import torch
 
 from fedbicross_flwr import __version__
 from fedbicross_flwr.config.run_config import RunConfig
-from fedbicross_flwr.storage.checkpoint_io import CheckpointRefused, load_plain, save_plain
 from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.storage.checkpoint_io import CheckpointRefused, load_plain, save_plain
 
 # Keys that change what phase 1 produces.
 PRODUCER_KEYS = ("dataset", "data-dir", "data-path", "in-channels", "num-classes",
@@ -37,13 +37,15 @@ def producer(cfg: RunConfig) -> dict[str, Any]:
 
 
 def cache_key(cfg: RunConfig) -> str:
+    """Short hash of :func:`producer`: the cache entry of a run config's clients."""
     blob = json.dumps(producer(cfg), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def load(cache_dir: Path, cfg: RunConfig) -> Any | None:
     """The cached payload (plain data), or None when absent, stale, altered or not plain tensor
-    data (logged)."""
+    data (logged).
+    """
     entry = cache_dir / cache_key(cfg)
     data, meta_path = entry / "clients.pt", entry / "meta.json"
     if not data.is_file() or not meta_path.is_file():
@@ -67,7 +69,8 @@ def load(cache_dir: Path, cfg: RunConfig) -> Any | None:
 
 def save(cache_dir: Path, cfg: RunConfig, payload: Any) -> Path:
     """Store ``payload`` (tensors, numpy arrays, plain containers) with its checksum; returns
-    the entry folder."""
+    the entry folder.
+    """
     entry = cache_dir / cache_key(cfg)
     entry.mkdir(parents=True, exist_ok=True)
     digest = save_plain(payload, entry / "clients.pt")

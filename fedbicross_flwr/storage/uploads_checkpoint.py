@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 
-from fedbicross_flwr.storage.checkpoint_io import (CheckpointRefused, load_with_sidecar,
-                                                  save_with_sidecar)
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.protocol import (ClientUpload, StateDict, num_examples_problem,
-                                      validate_upload)
+from fedbicross_flwr.protocol import ClientUpload, StateDict, num_examples_problem, validate_upload
+from fedbicross_flwr.storage.checkpoint_io import (
+    CheckpointRefused,
+    load_with_sidecar,
+    save_with_sidecar,
+)
 
 FORMAT = 1
 

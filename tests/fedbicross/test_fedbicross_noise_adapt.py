@@ -5,8 +5,11 @@ import torch
 from fbc_models import ConstantLogits, make_tiny
 from torch import nn
 
-from fedbicross_flwr.distill.noise_adapt import (effective_steps, noise_adapted_copy,
-                                                 teacher_soft_labels)
+from fedbicross_flwr.distill.noise_adapt import (
+    effective_steps,
+    noise_adapted_copy,
+    teacher_soft_labels,
+)
 from fedbicross_flwr.distill.synthesis import EnsembleTeacher
 
 

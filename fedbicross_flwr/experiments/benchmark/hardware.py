@@ -5,7 +5,7 @@ from __future__ import annotations
 import resource
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -15,13 +15,15 @@ _GPU_PEAKS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5
               "L40S": (362.0, 91.6), "A10": (125.0, 31.2)}
 
 
+_T = TypeVar("_T")
+
 def synchronize(device: torch.device) -> None:
     """Wait for queued device work (CUDA is asynchronous); a no-op on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float]:
+def timed(fn: Callable[[], _T], device: torch.device) -> tuple[_T, float]:
     """Run ``fn`` and return (its result, wall seconds), synchronising the device around it."""
     synchronize(device)
     start = time.perf_counter()
@@ -30,7 +32,7 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float
     return out, time.perf_counter() - start
 
 
-def count_flops(fn: Callable[[], object]) -> tuple[object, int]:
+def count_flops(fn: Callable[[], _T]) -> tuple[_T, int]:
     """Run ``fn`` under torch's FLOP counter (matmuls and convolutions, forward and backward)."""
     with FlopCounterMode(display=False) as counter:
         out = fn()
@@ -38,6 +40,7 @@ def count_flops(fn: Callable[[], object]) -> tuple[object, int]:
 
 
 def reset_peak_memory(device: torch.device) -> None:
+    """Reset the peak-memory counter of a CUDA device (no-op elsewhere)."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 

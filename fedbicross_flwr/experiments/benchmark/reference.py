@@ -18,18 +18,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...fedbicross.bilevel import outer_update
 from ...config.settings import FedBiCrossSettings
+from ...fedbicross.bilevel import outer_update
 
 
 def _ensemble_log_probs(members: Sequence[nn.Module], x: Tensor, ensemble: str,
                         tau: float = 1.0) -> Tensor:
-    """log of the ensemble teacher, one member after the other: (B, C)."""
+    """Log of the ensemble teacher, one member after the other: (B, C)."""
     logits = [member(x) for member in members]  # n x (B, C)
     if ensemble == "logit":
         return F.log_softmax(sum(logits) / len(logits) / tau, dim=1)
     probs = sum(F.softmax(z / tau, dim=1) for z in logits) / len(logits)  # (B, C)
-    return torch.log(probs)
+    return torch.log(probs)  # type: ignore[arg-type]
 
 
 def reference_synthesis_loss(
@@ -62,8 +62,8 @@ def reference_synthesis_loss(
             a = inputs[0]  # (B, C_l, H, W)
             mean = a.mean(dim=[0, 2, 3])
             var = a.permute(1, 0, 2, 3).reshape(a.shape[1], -1).var(dim=1, unbiased=False)
-            terms.append(torch.norm(mean - module.running_mean, 2)
-                         + torch.norm(var - module.running_var, 2))
+            terms.append(torch.norm(mean - module.running_mean, 2)  # type: ignore[operator]
+                         + torch.norm(var - module.running_var, 2))  # type: ignore[operator]
 
         handles = [m.register_forward_hook(hook) for m in member.modules()
                    if isinstance(m, nn.BatchNorm2d)]
@@ -74,18 +74,18 @@ def reference_synthesis_loss(
     if settings.ensemble == "logit":
         log_p = F.log_softmax(sum(logits) / len(logits), dim=1)
     else:
-        log_p = torch.log(sum(F.softmax(z, dim=1) for z in logits) / len(logits))
+        log_p = torch.log(sum(F.softmax(z, dim=1) for z in logits) / len(logits))  # type: ignore[arg-type]
     ce = F.nll_loss(log_p, labels)
     r_bn = sum(per_member_bn)
     if settings.bn_reduction == "mean":
-        r_bn = r_bn / len(members)
+        r_bn = r_bn / len(members)  # type: ignore[assignment]
     diff1 = x_jit[:, :, :, :-1] - x_jit[:, :, :, 1:]
     diff2 = x_jit[:, :, :-1, :] - x_jit[:, :, 1:, :]
     diff3 = x_jit[:, :, 1:, :-1] - x_jit[:, :, :-1, 1:]
     diff4 = x_jit[:, :, :-1, :-1] - x_jit[:, :, 1:, 1:]
     r_tv = torch.norm(diff1) + torch.norm(diff2) + torch.norm(diff3) + torch.norm(diff4)
     loss = ce + settings.tv_weight * r_tv + settings.bn_weight * r_bn
-    return loss, torch.stack([ce.detach(), r_bn.detach(), r_tv.detach()])
+    return loss, torch.stack([ce.detach(), r_bn.detach(), r_tv.detach()])  # type: ignore[union-attr]
 
 
 def reference_synthesis_step(
@@ -163,7 +163,7 @@ class ReferenceBilevel:
                 loss = _kd(student(x), pn, p, lam, s.tau)
                 student.zero_grad()
                 loss.backward()
-                grads.append([q.grad.detach().clone() for q in params])
+                grads.append([q.grad.detach().clone() for q in params])  # type: ignore[union-attr]
                 buffers.append({n: b.clone() for n, b in student.named_buffers()})
             w = self.weights[k].float()
             with torch.no_grad():
@@ -172,9 +172,9 @@ class ReferenceBilevel:
                     if s.student_momentum:
                         buf = self.momentum[k][i]
                         buf = d.clone() if buf is None else buf * s.student_momentum + d
-                        self.momentum[k][i] = buf
+                        self.momentum[k][i] = buf  # type: ignore[call-overload]
                         d = buf
-                    q -= s.student_lr * d
+                    q -= s.student_lr * d  # type: ignore[misc]
             # Validation at G' on a look-ahead copy (its BN update is thrown away).
             look_ahead = copy.deepcopy(student)
             look_ahead.load_state_dict(start_buffers, strict=False)
@@ -184,7 +184,7 @@ class ReferenceBilevel:
             val_loss = _kd(look_ahead(xv), pn, p, lam, s.tau)
             g_val = torch.autograd.grad(val_loss, list(look_ahead.parameters()))
             hyper = torch.stack([
-                -s.student_lr * sum((gv * gj).sum() for gv, gj in zip(g_val, grads[j]))
+                -s.student_lr * sum((gv * gj).sum() for gv, gj in zip(g_val, grads[j]))  # type: ignore[misc]
                 for j in range(K)
             ]).double()
             hypers[k] = hyper
@@ -195,7 +195,7 @@ class ReferenceBilevel:
             with torch.no_grad():  # BN running statistics: w-weighted mixture of the sources
                 for name, b in student.named_buffers():
                     if b.is_floating_point():
-                        b.copy_(sum(w[j].to(b.dtype) * buffers[j][name] for j in range(K)))
+                        b.copy_(sum(w[j].to(b.dtype) * buffers[j][name] for j in range(K)))  # type: ignore[arg-type]
                     else:
                         b.copy_(buffers[0][name])
         self.weights = new_weights

@@ -27,7 +27,8 @@ def run_sweep(cfg: BenchConfig, axis: str, values: list[int]) -> list[dict[str, 
     """Real path only (no reference), one benchmark per value; rows of ms and GFLOP per step."""
     rows = []
     for value in values:
-        run_cfg = replace(cfg, check=False, **{_AXES[axis]: value})
+        changes: dict[str, Any] = {_AXES[axis]: value}
+        run_cfg = replace(cfg, check=False, **changes)
         report = run_benchmark(run_cfg)
         row: dict[str, Any] = {"N": run_cfg.num_clients, "K": run_cfg.num_clusters,
                                "B": run_cfg.batch, "T": run_cfg.steps}

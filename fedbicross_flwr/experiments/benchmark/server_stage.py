@@ -23,26 +23,29 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-from dataclasses import asdict, dataclass, field, replace
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ...fedbicross.bilevel import OnlineBilevelTrainer, fixed_weights
-from ...distill.losses import BNStatsHook
-from ...fedbicross.method import init_cluster_models
-from ...distill.noise_adapt import effective_steps, noise_adapted_copy, teacher_soft_labels
 from ...config.settings import FedBiCrossSettings
-from ...distill.synthesis import (EnsembleTeacher, deepinversion_loss, synthesis_start, loss_members,
-                                  synthesize_trajectory)
+from ...distill.losses import BNStatsHook
+from ...distill.noise_adapt import effective_steps, noise_adapted_copy, teacher_soft_labels
+from ...distill.synthesis import (
+    EnsembleTeacher,
+    deepinversion_loss,
+    loss_members,
+    synthesis_start,
+    synthesize_trajectory,
+)
 from ...distill.utils import derive_seed, preserved_modes, to_channels_last
+from ...fedbicross.bilevel import OnlineBilevelTrainer, fixed_weights
+from ...fedbicross.method import init_cluster_models
 from ...model import build_resnet18
-from .hardware import (count_flops, estimate_peak_flops, peak_memory_mib, reset_peak_memory,
-                       timed)
-from .reference import ReferenceBilevel, reference_synthesis_loss, \
-    reference_synthesis_step
+from .hardware import count_flops, estimate_peak_flops, peak_memory_mib, reset_peak_memory, timed
+from .reference import ReferenceBilevel, reference_synthesis_loss, reference_synthesis_step
 
 TIGHT_RTOL = 5e-3
 LOOSE_RTOL = 0.15
@@ -62,6 +65,7 @@ class TinyNet(nn.Module):
         self.fc = nn.Linear(width, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, C) logits of (B, C_in, H, W) images."""
         return self.fc(self.features(x).mean(dim=(2, 3)))
 
 
@@ -133,10 +137,12 @@ class Check:
 
     @property
     def max_error(self) -> float:
+        """The largest gated relative error."""
         return max((e for n, e in self.errors.items() if self.gating.get(n, True)), default=0.0)
 
     @property
     def passed(self) -> bool:
+        """Whether every error is finite and the gated ones are within ``rtol``."""
         return all(math.isfinite(e) for e in self.errors.values()) and self.max_error <= self.rtol
 
 

@@ -72,9 +72,10 @@ def narrowed(spec: "GridSpec", datasets: str, alphas: str, seeds: str,
             wanted = {float(a) for a in items(alphas)}
         except ValueError:
             raise ConfigError(f"--alphas: {alphas!r} is not a list of numbers") from None
-        unknown = sorted(wanted - set(spec.alphas))
-        if unknown:
-            raise ConfigError(f"--alphas: {unknown} not in the preset's {list(spec.alphas)}")
+        unknown_alphas = sorted(wanted - set(spec.alphas))
+        if unknown_alphas:
+            raise ConfigError(f"--alphas: {unknown_alphas} not in the preset's "
+                              f"{list(spec.alphas)}")
         changes["alphas"] = tuple(a for a in spec.alphas if a in wanted)
     if items(seeds):
         if not all(t.isdigit() for t in items(seeds)):

@@ -1,5 +1,6 @@
 """One CSV row per finished cell, read back from the cells' ``summary.json`` and, for the
-distilling methods, ``knowledge.json`` (where the knowledge goes, official test split)."""
+distilling methods, ``knowledge.json`` (where the knowledge goes, official test split).
+"""
 
 from __future__ import annotations
 

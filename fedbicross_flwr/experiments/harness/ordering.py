@@ -37,11 +37,11 @@ def ranking_tables(rows: list[dict[str, Any]], metric: str = "official-after") -
         ours = [m for m in methods if groups[m] == "ours"]
         one_shot = {m: statistics.fmean(v.values()) for m, v in methods.items()
                     if m in baselines or m in ours}
-        ranking = sorted(one_shot, key=one_shot.get, reverse=True)
+        ranking = sorted(one_shot, key=lambda m: one_shot[m], reverse=True)
         listing = ", ".join(f"{m} {one_shot[m]:.2f}" for m in ranking)
         for mine in ours:
             base = {m: s for m, s in one_shot.items() if m in baselines}
-            best = max(base, key=base.get) if base else None
+            best = max(base, key=lambda m: base[m]) if base else None
             wins = []
             for b in baselines:
                 shared = set(methods[mine]) & set(methods.get(b, {}))

@@ -55,7 +55,8 @@ def artefact_links(spec: GridSpec, out_dir: Path) -> str:
 
 def retention_section(rows: list[dict[str, Any]]) -> list[str]:
     """Lines of the knowledge-flow section (teacher, start, received, personalized); none
-    when no finished cell has a ``knowledge.json``."""
+    when no finished cell has a ``knowledge.json``.
+    """
     tables = retention_tables(rows)
     if not tables:
         return []

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from fedbicross_flwr.storage.client_cache import producer
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.experiments.harness.spec import Cell, GridSpec
 from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.storage.client_cache import producer
 
 # (cell, its run config, the transport shared by its group) -> run folder
 CellRunner = Callable[[Cell, RunConfig, Any], Path]

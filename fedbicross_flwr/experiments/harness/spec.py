@@ -29,17 +29,12 @@ the same (dataset, alpha, N, seed) and the same local-training settings share th
 from __future__ import annotations
 
 import dataclasses
-import sys
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedbicross_flwr.config.run_config import ConfigError, RunConfig
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 GRID_KEYS = {"datasets", "alphas", "num-clients", "num-clusters", "seeds", "methods", "k-rows",
              "fig2-rows"}
@@ -84,6 +79,7 @@ class Cell:
 
     @property
     def run_name(self) -> str:
+        """The cell's run folder name: the row, with ``-k<K>`` for rows run per K."""
         return self.row if self.num_clusters is None else f"{self.row}-k{self.num_clusters}"
 
     @property
@@ -92,6 +88,7 @@ class Cell:
         return self.row if self.num_clusters is None else f"{self.row} (K={self.num_clusters})"
 
     def describe(self) -> str:
+        """One line naming the cell (dataset, alpha, N, K, row, seed)."""
         k = "" if self.num_clusters is None else f" K={self.num_clusters}"
         return (f"{self.dataset} alpha={self.alpha:g} N={self.num_clients}{k} {self.row} "
                 f"seed={self.seed}")
@@ -112,6 +109,7 @@ class GridSpec:
     fig2_rows: tuple[str, ...] = ()  # rows of the Fig. 2 bar chart (empty: every K row)
 
     def row(self, name: str) -> Row:
+        """The row called ``name``."""
         return next(r for r in self.rows if r.name == name)
 
     def cells(self) -> list[Cell]:

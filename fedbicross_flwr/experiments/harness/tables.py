@@ -29,11 +29,11 @@ VIEWS = {
 def row_label(row: dict[str, Any]) -> str:
     """``fedbicross (K=2)`` for rows run per K, else the row name."""
     k = row.get("num-clusters")
-    return row["row"] if k in (None, "") else f"{row['row']} (K={int(k)})"
+    return row["row"] if k is None or k == "" else f"{row['row']} (K={int(k)})"
 
 
 def row_group(row: dict[str, Any]) -> str:
-    """baseline / ours / ablation / reference, as in the paper's tables."""
+    """Baseline / ours / ablation / reference, as in the paper's tables."""
     if row["row"] in table_rows("baseline"):
         return "baseline"
     if row["row"] == "fedbicross":

@@ -35,8 +35,14 @@ from ...logging_utils import log
 from ...training import autocast
 from ..base import MethodInput, MethodOutput
 from .common import finish
-from .generator import (SyntheticPool, ensemble_logits, generator_method_start, kd_pass,
-                        member_logits, train_generator_round)
+from .generator import (
+    SyntheticPool,
+    ensemble_logits,
+    generator_method_start,
+    kd_pass,
+    member_logits,
+    train_generator_round,
+)
 
 
 def update_ensemble_weights(
@@ -72,7 +78,7 @@ def update_ensemble_weights(
     w = weights.detach().clone()
     for x, y in batches:
         with torch.no_grad():
-            logits = logits_fn(x) if logits_fn is not None else member_logits(members, x)
+            logits = logits_fn(x) if logits_fn is not None else member_logits(members, x)  # type: ignore[arg-type]
         w_var = w.clone().requires_grad_(True)
         loss = F.cross_entropy(ensemble_logits(logits, w_var), y)
         (grad,) = torch.autograd.grad(loss, w_var)
@@ -87,7 +93,8 @@ def update_ensemble_weights(
 def ods_perturbation(teacher, x: Tensor, eta: float, tau: float, generator: torch.Generator
                      ) -> Tensor:
     """Output-diversified sampling: x + eta * sign(grad_x sum(r * softmax(T(x) / tau))),
-    r ~ U(-1, 1) per output (drawn from the seeded CPU generator)."""
+    r ~ U(-1, 1) per output (drawn from the seeded CPU generator).
+    """
     if eta == 0:
         return x
     x = x.detach().clone().requires_grad_(True)

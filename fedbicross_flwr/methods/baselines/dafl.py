@@ -30,8 +30,13 @@ from ...logging_utils import log
 from ...training import autocast
 from ..base import MethodInput, MethodOutput
 from .common import client_models, finish, initial_student, step_schedule
-from .generator import (Generator, PenultimateHook, ensemble_logits, information_entropy_loss,
-                        member_logits)
+from .generator import (
+    Generator,
+    PenultimateHook,
+    ensemble_logits,
+    information_entropy_loss,
+    member_logits,
+)
 
 
 def dafl(inp: MethodInput) -> MethodOutput:

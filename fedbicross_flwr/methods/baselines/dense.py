@@ -30,8 +30,14 @@ from ...distill.utils import derive_seed
 from ...logging_utils import log
 from ..base import MethodInput, MethodOutput
 from .common import finish
-from .generator import (SyntheticPool, ensemble_logits, generator_method_start, kd_pass,
-                        member_logits, train_generator_round)
+from .generator import (
+    SyntheticPool,
+    ensemble_logits,
+    generator_method_start,
+    kd_pass,
+    member_logits,
+    train_generator_round,
+)
 
 
 def dense(inp: MethodInput) -> MethodOutput:

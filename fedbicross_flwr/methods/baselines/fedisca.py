@@ -31,9 +31,9 @@ from logging import INFO
 
 import torch
 
+from ...config.settings import settings_from_config
 from ...distill.losses import kd_loss
 from ...distill.noise_adapt import noise_adapted_copy, teacher_soft_labels
-from ...config.settings import settings_from_config
 from ...distill.synthesis import EnsembleTeacher, synthesize_trajectory
 from ...distill.utils import derive_seed, full_precision
 from ...logging_utils import log

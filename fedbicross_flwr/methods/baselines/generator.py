@@ -86,7 +86,8 @@ class Generator(nn.Module):
 
     def reset(self, generator: torch.Generator) -> None:
         """DENSE / Co-Boosting re-initialisation before each round: N(0, 0.02) weights, zero
-        biases, BN scales N(1, 0.02), drawn from the given seeded CPU generator."""
+        biases, BN scales N(1, 0.02), drawn from the given seeded CPU generator.
+        """
         with torch.no_grad():
             for module in self.modules():
                 if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -107,7 +108,8 @@ def member_logits(members: Sequence[nn.Module], x: Tensor) -> Tensor:
 
 def ensemble_logits(logits: Tensor, weights: Tensor | None = None) -> Tensor:
     """(B, C) weighted mean of member logits, sum_i w_i l_i / sum_i w_i (Co-Boosting's
-    WEnsemble; plain mean when ``weights`` is None: DENSE, DAFL)."""
+    WEnsemble; plain mean when ``weights`` is None: DENSE, DAFL).
+    """
     if weights is None:
         return logits.mean(dim=0)
     w = weights.to(logits.dtype).view(-1, 1, 1)
@@ -149,14 +151,16 @@ def hard_sample_ce(teacher_logits: Tensor, targets: Tensor, power: float) -> Ten
 
 def information_entropy_loss(teacher_logits: Tensor) -> Tensor:
     """DAFL's class-balance term sum_c pbar_c log10 pbar_c, pbar = batch-mean softmax (it is
-    minimised, i.e. the entropy of the mean prediction is maximised; log10 as in DAFL's code)."""
+    minimised, i.e. the entropy of the mean prediction is maximised; log10 as in DAFL's code).
+    """
     mean_p = F.softmax(teacher_logits, dim=1).mean(dim=0)  # (C,)
     return (mean_p * torch.log10(mean_p.clamp(min=1e-12))).sum()
 
 
 class PenultimateHook:
     """Collects the input of each model's last ``nn.Linear`` (the pooled features; DAFL's
-    activation loss is -mean |features|). Hooks are removed on exit."""
+    activation loss is -mean |features|). Hooks are removed on exit.
+    """
 
     def __init__(self, models: Sequence[nn.Module]) -> None:
         self.layers = [[m for m in model.modules() if isinstance(m, nn.Linear)][-1]
@@ -312,9 +316,9 @@ def train_generator_round(
         for module, flag in student_flags:
             module.training = flag
     with torch.no_grad():
-        t_best = ensemble_logits(member_logits(members, best_images), member_weights)
+        t_best = ensemble_logits(member_logits(members, best_images), member_weights)  # type: ignore[arg-type]
         accuracy = (t_best.argmax(dim=1) == targets).float().mean().item()
-    return best_images, targets, {**terms, "best_loss": best_loss, "teacher_accuracy": accuracy}
+    return best_images, targets, {**terms, "best_loss": best_loss, "teacher_accuracy": accuracy}  # type: ignore[return-value]
 
 
 def _num_classes(model: nn.Module) -> int:
@@ -335,6 +339,7 @@ class SyntheticPool:
         self.teacher_logits: list[Tensor | None] = []
 
     def add(self, images: Tensor, targets: Tensor, teacher_logits: Tensor | None = None) -> None:
+        """Append one batch (and its teacher logits, if cached) to the pool."""
         self.images.append(images.detach())
         self.targets.append(targets.detach())
         self.teacher_logits.append(None if teacher_logits is None else teacher_logits.detach())
@@ -408,7 +413,7 @@ def kd_pass(
             with torch.no_grad():
                 t_logits = teacher(images)
         else:
-            t_logits = cached
+            t_logits = cached  # type: ignore[assignment]
         with autocast(device, precision):
             s_logits = full_precision(student(images))
         loss = kd_kl(s_logits, F.softmax(t_logits / tau, dim=1), tau)
@@ -419,6 +424,6 @@ def kd_pass(
         optimizer.step()
         total += loss.item()
         batches += 1
-        agree += (s_logits.argmax(dim=1) == t_logits.argmax(dim=1)).sum().item()
+        agree += (s_logits.argmax(dim=1) == t_logits.argmax(dim=1)).sum().item()  # type: ignore[assignment]
         count += len(images)
     return {"kd_loss": total / max(batches, 1), "agreement": agree / max(count, 1)}
