@@ -20,13 +20,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedbicross_flwr.client import (checked_reply_metrics, run_local_training,
-                                    run_personalization)
-from fedbicross_flwr.config import RunConfig
-from fedbicross_flwr.data import DataError
+from fedbicross_flwr.client import checked_reply_metrics, run_local_training, run_personalization
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.data.datasets import DataError
+from fedbicross_flwr.data.site import assigned_node_config, load_site, site_partition_id
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import build_resnet18, load_resnet18
-from fedbicross_flwr.site import assigned_node_config, load_site, site_partition_id
 from fedbicross_flwr.training import resolve_device
 
 app = ClientApp()
@@ -45,7 +44,7 @@ def own_model_path(context: Context) -> Path | None:
 
 
 def _instruction(msg: Message) -> ConfigRecord | dict:
-    return msg.content["config"] if "config" in msg.content else {}
+    return msg.content["config"] if "config" in msg.content else {}  # type: ignore[return-value]
 
 
 def _setup(msg: Message, context: Context):
@@ -74,22 +73,22 @@ def train(msg: Message, context: Context) -> Message:
         cfg, site, device = _setup(msg, context)
     except DataError as err:
         return error_reply(msg, context, err)
-    init = (msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None)
+    init = (msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None)  # type: ignore[union-attr]
     # Multi-round references: the round's epochs, FedProx's mu and the round number come in
     # the message's config (Flower's FedProx strategy sends proximal-mu); one-shot sends none.
     config = _instruction(msg)
     model, metrics = run_local_training(
         cfg, site, device, init,
-        epochs=int(config["local-epochs"]) if "local-epochs" in config else None,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        server_round=int(config.get("server-round", 0)))
+        epochs=int(config["local-epochs"]) if "local-epochs" in config else None,  # type: ignore[arg-type]
+        proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+        server_round=int(config.get("server-round", 0)))  # type: ignore[arg-type]
     metrics = checked_reply_metrics(msg.metadata.message_type, metrics)  # before any upload
     state = model.state_dict()
     context.state[OWN_MODEL] = ArrayRecord(state)
     if (path := own_model_path(context)) is not None:  # stays at the site
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, path)
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics),
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
                           "config": ConfigRecord({"partition-id": site.partition_id})})
     return Message(content, reply_to=msg)
 
@@ -103,7 +102,7 @@ def personalize(msg: Message, context: Context) -> Message:
         return error_reply(msg, context, err)
     path = own_model_path(context)
     if OWN_MODEL in context.state:
-        own_state = context.state[OWN_MODEL].to_torch_state_dict()
+        own_state = context.state[OWN_MODEL].to_torch_state_dict()  # type: ignore[union-attr]
     elif path is not None and path.is_file():
         log(logging.WARNING, "[client %d] node state has no local model; reading %s",
             site.partition_id, path)
@@ -113,7 +112,7 @@ def personalize(msg: Message, context: Context) -> Message:
                            "(phase 1 did not run on this node in this run)")
     own = load_resnet18(own_state)
     received = build_resnet18(site.in_channels, site.num_classes, cfg.model_width)
-    received.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    received.load_state_dict(msg.content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
     personal, metrics = run_personalization(cfg, site, own, received, device)
     metrics = checked_reply_metrics(msg.metadata.message_type, metrics)
     out_dir = str(context.node_config.get("output-dir", ""))
@@ -121,6 +120,6 @@ def personalize(msg: Message, context: Context) -> Message:
         path = Path(out_dir) / f"personalized-run{context.run_id}.pt"
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(personal.state_dict(), path)
-    content = RecordDict({"metrics": MetricRecord(metrics),
+    content = RecordDict({"metrics": MetricRecord(metrics),  # type: ignore[arg-type]
                           "config": ConfigRecord({"partition-id": site.partition_id})})
     return Message(content, reply_to=msg)

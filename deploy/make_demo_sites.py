@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedbicross_flwr.data import ArraySplit, DatasetArrays, load_dataset, write_npz
-from fedbicross_flwr.partition import make_client_splits
+from fedbicross_flwr.data.datasets import ArraySplit, DatasetArrays, load_dataset, write_npz
+from fedbicross_flwr.data.partition import make_client_splits
 
 
 def main() -> None:

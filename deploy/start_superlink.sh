@@ -2,7 +2,7 @@
 # Start the federation's SuperLink with TLS and SuperNode authentication (foreground).
 # One HTTPS port serves the sites (Fleet API), the operator's `flwr` (Control API) and the
 # ServerApp (Runtime API). Flower's flower-superlink is started through
-# fedbicross_flwr.superlink_gate: only the Fleet API and /health answer every client; the
+# fedbicross_flwr.deploy.superlink_gate: only the Fleet API and /health answer every client; the
 # Control and Runtime APIs answer only clients in OPERATOR_NETWORKS (default: loopback, i.e.
 # `flwr` on this machine or through an SSH tunnel to it) and refuse everyone else (HTTP 403).
 # State (registered sites, runs) is kept in STATE_DIR/state.db.
@@ -30,7 +30,7 @@ export FLWR_DISABLE_UPDATE_CHECK="${FLWR_DISABLE_UPDATE_CHECK:-1}"
 flower_superlink="$(command -v flower-superlink)" || {
   echo "error: flower-superlink not found; activate the project's venv" >&2; exit 1; }
 python="${PYTHON:-$(dirname "$flower_superlink")/python}"  # the interpreter flwr lives in
-exec "$python" -m fedbicross_flwr.superlink_gate \
+exec "$python" -m fedbicross_flwr.deploy.superlink_gate \
   --operator-networks "${OPERATOR_NETWORKS:-127.0.0.0/8,::1/128}" \
   --ssl-ca-certfile "$certs/ca.crt" --ssl-certfile "$certs/server.pem" \
   --ssl-keyfile "$certs/server.key" \

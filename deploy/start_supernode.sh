@@ -23,12 +23,12 @@ mkdir -p "$out"
 export FLWR_TELEMETRY_ENABLED="${FLWR_TELEMETRY_ENABLED:-0}"
 export FLWR_DISABLE_UPDATE_CHECK="${FLWR_DISABLE_UPDATE_CHECK:-1}"
 # PINNED_APPS (optional): a file of the sha256s of the app bundles this site has reviewed
-# (`python -m fedbicross_flwr.supernode_gate hash <reviewed checkout>`); any other bundle the
+# (`python -m fedbicross_flwr.deploy.supernode_gate hash <reviewed checkout>`); any other bundle the
 # operator ships is refused at the site, and the site's log names its hash.
 if [[ -n "${PINNED_APPS:-}" ]]; then
   flower_supernode="$(command -v flower-supernode)" || {
     echo "error: flower-supernode not found; activate the project's venv" >&2; exit 1; }
-  launcher=("${PYTHON:-$(dirname "$flower_supernode")/python}" -m fedbicross_flwr.supernode_gate
+  launcher=("${PYTHON:-$(dirname "$flower_supernode")/python}" -m fedbicross_flwr.deploy.supernode_gate
             --pinned-apps "$PINNED_APPS")
 else
   launcher=(flower-supernode)

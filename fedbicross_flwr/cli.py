@@ -23,11 +23,18 @@ import logging
 import sys
 import tempfile
 import time
+import tomllib
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
-from fedbicross_flwr.config import (ConfigError, RunConfig, load_preset, markdown_table,
-                                    parse_overrides, tomllib)
+from fedbicross_flwr.config.run_config import (
+    ConfigError,
+    RunConfig,
+    load_preset,
+    markdown_table,
+    parse_overrides,
+)
 from fedbicross_flwr.logging_utils import log
 
 
@@ -36,8 +43,6 @@ def build_config(preset: str | None, overrides: str, pyproject: Path | None = No
     """Defaults of pyproject.toml (if found) < preset < overrides, validated."""
     values: dict = {}
     if pyproject is not None and pyproject.is_file():
-        import tomllib
-
         with pyproject.open("rb") as fh:
             values.update(tomllib.load(fh)["tool"]["flwr"]["app"]["config"])
     if preset:
@@ -60,9 +65,9 @@ def preflight(cfg: RunConfig) -> None:
     PartitionError
         The dataset's training split cannot be partitioned among ``num-clients`` clients.
     """
-    from fedbicross_flwr.data import load_dataset
-    from fedbicross_flwr.partition import make_client_splits
-    from fedbicross_flwr.results import default_output_dir
+    from fedbicross_flwr.data.datasets import load_dataset
+    from fedbicross_flwr.data.partition import make_client_splits
+    from fedbicross_flwr.reports.results import default_output_dir
     from fedbicross_flwr.training import resolve_device
 
     base = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
@@ -86,7 +91,8 @@ def preflight(cfg: RunConfig) -> None:
 
 def is_user_error(err: BaseException) -> bool:
     """A bad input to report in one line: the project's own errors (any exception class
-    defined in ``fedbicross_flwr``), ``OSError`` and invalid TOML."""
+    defined in ``fedbicross_flwr``), ``OSError`` and invalid TOML.
+    """
     if isinstance(err, (OSError, tomllib.TOMLDecodeError)):
         return True
     return any(cls.__module__.split(".")[0] == "fedbicross_flwr" for cls in type(err).__mro__)
@@ -153,19 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time the FedBiCross server stage against a "
                            "reference-style implementation on the same inputs (docs/BENCHMARKS.md)",
                            parents=[debug])
-    from fedbicross_flwr.benchmark.cli import add_arguments
+    from fedbicross_flwr.experiments.benchmark.cli import add_arguments
 
     add_arguments(bench)
     grid = sub.add_parser("grid", help="run (or resume) an experiment grid from a preset "
                           "(conf/grid-*.toml) and write its CSV, tables and figures",
                           parents=[debug])
-    from fedbicross_flwr.harness import cli as grid_cli
+    from fedbicross_flwr.experiments.harness import cli as grid_cli
 
     grid_cli.add_arguments(grid)
     check = sub.add_parser("distill-check", help="distil ONE central teacher into a fresh "
                            "student from synthetic data only, and report the retention",
                            parents=[debug])
-    from fedbicross_flwr import distill_check
+    from fedbicross_flwr.experiments import distill_check
 
     distill_check.add_arguments(check)
     audit = sub.add_parser("privacy-audit", help="what a finished one-process run reveals: "
@@ -185,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def privacy_audit_command(run_dir: Path, cache_dir: Path, device: str, pairs: int) -> int:
     """``fedbicross privacy-audit``: audit, write ``<run>/privacy-audit.*``, print the report."""
-    from fedbicross_flwr.privacy_audit import run_audit
-    from fedbicross_flwr.privacy_report import markdown
+    from fedbicross_flwr.privacy.audit import run_audit
+    from fedbicross_flwr.privacy.report import markdown
     from fedbicross_flwr.training import resolve_device
 
     if pairs < 1:
@@ -198,30 +204,136 @@ def privacy_audit_command(run_dir: Path, cache_dir: Path, device: str, pairs: in
     return 0
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Carry out the parsed command; user errors propagate to :func:`main`."""
-    if args.command == "config-table":
-        if not args.write:
-            print(markdown_table())
-            return 0
-        from fedbicross_flwr.config_table import write_mirrors
-
-        for path in write_mirrors(args.root):
-            print(f"updated {path}")
+def config_table_command(args: argparse.Namespace) -> int:
+    """``fedbicross config-table``: print the key table, or rewrite its mirrors (``--write``)."""
+    if not args.write:
+        print(markdown_table())
         return 0
-    if args.command == "bench":
-        from fedbicross_flwr.benchmark.cli import run_command as bench_command
+    from fedbicross_flwr.config.table import write_mirrors
 
-        return bench_command(args)
-    if args.command == "grid":
-        from fedbicross_flwr.harness import cli as grid_cli
+    for path in write_mirrors(args.root):
+        print(f"updated {path}")
+    return 0
 
-        return grid_cli.run_command(args)
-    if args.command == "privacy-audit":
-        return privacy_audit_command(Path(args.run_dir), Path(args.client_cache), args.device,
-                                     args.pairs)
 
-    from fedbicross_flwr.data import project_root
+def bench_command(args: argparse.Namespace) -> int:
+    """``fedbicross bench``: the server-stage benchmark."""
+    from fedbicross_flwr.experiments.benchmark.cli import run_command as run_bench
+
+    return run_bench(args)
+
+
+def grid_command(args: argparse.Namespace) -> int:
+    """``fedbicross grid``: run (or resume) an experiment grid."""
+    from fedbicross_flwr.experiments.harness import cli as grid_cli
+
+    return grid_cli.run_command(args)
+
+
+def distill_check_command(args: argparse.Namespace, cfg: RunConfig, root: Path | None,
+                          start: float) -> int:
+    """``fedbicross distill-check``: distil one central teacher into a fresh student."""
+    from fedbicross_flwr.experiments import distill_check
+
+    return distill_check.run_command(args, cfg)
+
+
+def simulate_command(args: argparse.Namespace, cfg: RunConfig, root: Path | None,
+                     start: float) -> int:
+    """``fedbicross simulate``: a real ``flwr run``; prints the comparison (or summary) table."""
+    from fedbicross_flwr.engines.simulation import simulate
+
+    overrides = {**(load_preset(args.preset) if args.preset else {}),
+                 **parse_overrides(args.run_config)}
+    n = args.num_supernodes or cfg.num_clients
+    overrides["num-clients"] = n
+    result = simulate(root or Path.cwd(), overrides, n, timeout=args.timeout)
+    log(logging.INFO, "flwr run %s: %s %s (%.1f s)", result.run_id, result.status,
+        result.details, time.perf_counter() - start)
+    if not result.ok or result.run_dir is None:
+        print(f"simulation failed: {result.status} {result.details}", file=sys.stderr)
+        return 1
+    table = result.run_dir / "comparison.md"
+    table = table if table.is_file() else result.run_dir / "summary.md"
+    print(table.read_text())
+    print(f"results: {result.run_dir}")
+    return 0
+
+
+def direct_methods_command(args: argparse.Namespace, cfg: RunConfig, start: float) -> int:
+    """``fedbicross run --engine direct`` with several methods (or a client cache)."""
+    from fedbicross_flwr.engines.direct import run_direct_methods
+
+    methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
+               else cfg.method_list)
+    run_dirs = run_direct_methods(cfg, methods, Path(args.client_cache).resolve()
+                                  if args.client_cache else None)
+    log(logging.INFO, "wall time %.1f s", time.perf_counter() - start)
+    comparison = run_dirs.pop("comparison", None)
+    for run_dir in run_dirs.values():
+        print((run_dir / "summary.md").read_text())
+        print(f"results: {run_dir}\n")
+    if comparison is not None:
+        print((comparison / "comparison.md").read_text())
+        print(f"comparison and summary picture: {comparison}")
+    return 0
+
+
+def run_experiment_command(args: argparse.Namespace, cfg: RunConfig, root: Path | None,
+                           start: float) -> int:
+    """``fedbicross run``: one experiment in this process (direct or in-process Flower)."""
+    if args.engine == "direct" and (args.methods or args.client_cache or cfg.methods):
+        return direct_methods_command(args, cfg, start)
+    if args.engine == "direct":
+        from fedbicross_flwr.engines.direct import run_direct
+
+        run_dir = run_direct(cfg)
+    else:
+        from fedbicross_flwr.engines.inprocess import run_in_process
+
+        _, run_dir = run_in_process(cfg.to_run_config(), cfg.num_clients)
+    log(logging.INFO, "wall time %.1f s", time.perf_counter() - start)
+    if (run_dir / "comparison.md").is_file():  # the ServerApp returned the comparison folder
+        print((run_dir / "comparison.md").read_text())
+        print(f"comparison and summary picture: {run_dir}")
+        return 0
+    print(json.dumps({"run-dir": str(run_dir),
+                      "summary": json.loads((run_dir / "summary.json").read_text())
+                      }, indent=2))
+    return 0
+
+
+def privacy_audit_args_command(args: argparse.Namespace) -> int:
+    """``fedbicross privacy-audit`` from its parsed arguments."""
+    return privacy_audit_command(Path(args.run_dir), Path(args.client_cache), args.device,
+                                 args.pairs)
+
+
+# Subcommands that need no run config: name -> handler(args).
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "config-table": config_table_command,
+    "bench": bench_command,
+    "grid": grid_command,
+    "privacy-audit": privacy_audit_args_command,
+}
+# Subcommands that run on the validated run config: name -> handler(args, cfg, root, start).
+CONFIG_COMMANDS: dict[str, Callable[[argparse.Namespace, RunConfig, Path | None, float], int]] = {
+    "distill-check": distill_check_command,
+    "simulate": simulate_command,
+    "run": run_experiment_command,
+}
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Carry out the parsed command; user errors propagate to :func:`main`.
+
+    Commands of :data:`COMMANDS` run on their arguments alone; those of
+    :data:`CONFIG_COMMANDS` on the run config built from pyproject, the preset and the
+    overrides, checked by :func:`preflight` first.
+    """
+    if args.command in COMMANDS:
+        return COMMANDS[args.command](args)
+    from fedbicross_flwr.data.datasets import project_root
 
     root = project_root()
     cfg, values = build_config(args.preset, args.run_config,
@@ -236,61 +348,7 @@ def run_command(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(cfg.num_threads)
     start = time.perf_counter()
-    if args.command == "distill-check":
-        from fedbicross_flwr import distill_check
-
-        return distill_check.run_command(args, cfg)
-    if args.command == "simulate":
-        from fedbicross_flwr.simulation import simulate
-
-        overrides = {**(load_preset(args.preset) if args.preset else {}),
-                     **parse_overrides(args.run_config)}
-        n = args.num_supernodes or cfg.num_clients
-        overrides["num-clients"] = n
-        result = simulate(root or Path.cwd(), overrides, n, timeout=args.timeout)
-        log(logging.INFO, "flwr run %s: %s %s (%.1f s)", result.run_id, result.status,
-            result.details, time.perf_counter() - start)
-        if not result.ok or result.run_dir is None:
-            print(f"simulation failed: {result.status} {result.details}", file=sys.stderr)
-            return 1
-        table = result.run_dir / "comparison.md"
-        table = table if table.is_file() else result.run_dir / "summary.md"
-        print(table.read_text())
-        print(f"results: {result.run_dir}")
-        return 0
-    if args.engine == "direct" and (args.methods or args.client_cache or cfg.methods):
-        from fedbicross_flwr.direct import run_direct_methods
-
-        methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
-                   else cfg.method_list)
-        run_dirs = run_direct_methods(cfg, methods, Path(args.client_cache).resolve()
-                                      if args.client_cache else None)
-        log(logging.INFO, "wall time %.1f s", time.perf_counter() - start)
-        comparison = run_dirs.pop("comparison", None)
-        for m, run_dir in run_dirs.items():
-            print((run_dir / "summary.md").read_text())
-            print(f"results: {run_dir}\n")
-        if comparison is not None:
-            print((comparison / "comparison.md").read_text())
-            print(f"comparison and summary picture: {comparison}")
-        return 0
-    if args.engine == "direct":
-        from fedbicross_flwr.direct import run_direct
-
-        run_dir = run_direct(cfg)
-    else:
-        from fedbicross_flwr.inprocess import run_in_process
-
-        _, run_dir = run_in_process(cfg.to_run_config(), cfg.num_clients)
-    log(logging.INFO, "wall time %.1f s", time.perf_counter() - start)
-    if (run_dir / "comparison.md").is_file():  # the ServerApp returned the comparison folder
-        print((run_dir / "comparison.md").read_text())
-        print(f"comparison and summary picture: {run_dir}")
-        return 0
-    print(json.dumps({"run-dir": str(run_dir),
-                      "summary": json.loads((run_dir / "summary.json").read_text())
-                      }, indent=2))
-    return 0
+    return CONFIG_COMMANDS[args.command](args, cfg, root, start)
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.data.site import SiteData
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import build_resnet18
 from fedbicross_flwr.protocol import REPLY_METRICS
-from fedbicross_flwr.site import SiteData
 from fedbicross_flwr.training import SGDSettings, accuracy, personalize, train_local
 
 
@@ -57,7 +57,7 @@ def checked_reply_metrics(message_type: str, metrics: Mapping[str, object]) -> d
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
             raise ReplyMetricsError(f"{message_type} reply metric {name!r} must be one real "
                                     f"number, got {type(value).__name__}")
-    return {name: float(value) for name, value in metrics.items()}
+    return {name: float(value) for name, value in metrics.items()}  # type: ignore[arg-type]
 
 
 def client_seed(cfg: RunConfig, partition_id: int) -> int:

@@ -78,7 +78,8 @@ def run_position(label: str) -> Iterator[None]:
 
 def keeps_position(fn: Callable[..., T]) -> Callable[..., T]:
     """Decorator: the position labels ``fn`` pushes (its stages) are gone when it returns or
-    raises, so a failed run does not leave its stage in later log lines."""
+    raises, so a failed run does not leave its stage in later log lines.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-
 PAPER_WIDTH = 64  # base channel count of ResNet-18 (paper); run-config key `model-width`
 
 
@@ -110,21 +109,10 @@ def forward_flops(in_channels: int, num_classes: int, width: int = PAPER_WIDTH,
     return flops + 2 * 8 * width * num_classes
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def is_channels_last(model: nn.Module) -> bool:
     """Whether the model's 4-D parameters are stored channels-last (NHWC) rather than NCHW."""
     return any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
                and not p.is_contiguous() for p in model.parameters())
-
-
-@torch.no_grad()
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter."""
-    return next(model.parameters()).device
 
 
 def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
@@ -141,7 +129,7 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]
     out: dict[str, torch.Tensor] = {}
     for key, ref in states[0].items():
         acc = sum(s[key].double() * (w / total) for s, w in zip(states, weights))
-        out[key] = acc.round().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)
+        out[key] = acc.round().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)  # type: ignore[union-attr]
     return out
 
 

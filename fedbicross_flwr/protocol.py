@@ -97,7 +97,7 @@ class PhaseResult:
     clients trained partition ``pid`` of ``num_partitions`` of the run's dataset, as the
     server assigned them (simulation), so the server knows each partition's size.
     ``bytes_down`` / ``bytes_up`` are the phase's traffic per partition
-    (:mod:`fedbicross_flwr.communication`).
+    (:mod:`fedbicross_flwr.engines.communication`).
     """
 
     replies: dict[int, Any] = field(default_factory=dict)  # partition-id -> reply
@@ -184,7 +184,8 @@ def upload_problem(reply: ClientReply, reference: StateDict,
                    max_examples: int | None) -> str | None:
     """Why a phase-1 (or one round's) reply is refused, or None: :func:`validate_upload` on
     its model, :func:`num_examples_problem` on its FedAvg weight (bounded by
-    ``max_examples``), then :func:`metrics_problem` on every metric."""
+    ``max_examples``), then :func:`metrics_problem` on every metric.
+    """
     return (validate_upload(reply.state, reference, probe)
             or num_examples_problem(reply.metrics.get("num-examples")
                                     if isinstance(reply.metrics, Mapping) else None,

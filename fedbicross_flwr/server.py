@@ -4,8 +4,8 @@ Phase 1 collects every client's single upload, phase 2 runs the configured serve
 (:mod:`fedbicross_flwr.methods`), phase 3 sends each client its own model for
 ``train.personalize`` and collects the metrics; then the run folder is written. A
 :class:`Transport` carries the client phases: Flower's Grid in
-:mod:`fedbicross_flwr.grid_transport` (simulation or deployment), or plain function calls in
-:mod:`fedbicross_flwr.direct` (one process, no Flower, e.g. on the GPU machine).
+:mod:`fedbicross_flwr.engines.grid_transport` (simulation or deployment), or plain function calls in
+:mod:`fedbicross_flwr.engines.direct` (one process, no Flower, e.g. on the GPU machine).
 """
 
 from __future__ import annotations
@@ -14,31 +14,51 @@ import logging
 import math
 import shutil
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from fedbicross_flwr.client import initial_state
-from fedbicross_flwr.communication import add_traffic
-from fedbicross_flwr.config import RunConfig
-from fedbicross_flwr.data import DataError, load_dataset
-from fedbicross_flwr.knowledge import knowledge_markdown, write_knowledge
-from fedbicross_flwr.logging_utils import (add_file_handler, log, position_text,
-                                            remove_handler, run_position)
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.data.datasets import DataError, load_dataset
+from fedbicross_flwr.data.site import example_bounds
+from fedbicross_flwr.engines.communication import add_traffic
+from fedbicross_flwr.engines.transport import Transport
+from fedbicross_flwr.logging_utils import (
+    add_file_handler,
+    log,
+    position_text,
+    remove_handler,
+    run_position,
+)
 from fedbicross_flwr.methods import collect_uploads, get_method, method_spec
 from fedbicross_flwr.methods.base import MethodInput
 from fedbicross_flwr.model import probe_for
+
 # The protocol types live in fedbicross_flwr.protocol; importing them from here keeps working.
-from fedbicross_flwr.protocol import (ClientFailure, ClientReply, ClientUpload,  # noqa: F401
-                                      PhaseResult, StateDict, metrics_problem,
-                                      num_examples_problem, upload_problem, validate_upload)
-from fedbicross_flwr.results import (create_run_dir, summarize, write_clients_csv, write_json,
-                                     write_summary_md)
-from fedbicross_flwr.site import example_bounds
+from fedbicross_flwr.protocol import (  # noqa: F401
+    ClientFailure,
+    ClientReply,
+    ClientUpload,
+    PhaseResult,
+    StateDict,
+    metrics_problem,
+    num_examples_problem,
+    upload_problem,
+    validate_upload,
+)
+from fedbicross_flwr.reports.knowledge import knowledge_markdown, write_knowledge
+from fedbicross_flwr.reports.results import (
+    create_run_dir,
+    percent,
+    summarize,
+    write_clients_csv,
+    write_json,
+    write_summary_md,
+)
+from fedbicross_flwr.storage.uploads_checkpoint import checkpointed_uploads
 from fedbicross_flwr.training import resolve_device
-from fedbicross_flwr.transport import Transport
-from fedbicross_flwr.uploads_checkpoint import checkpointed_uploads
 
 
 def dataset_shape(cfg: RunConfig) -> tuple[int, int, float | None]:
@@ -86,7 +106,7 @@ def run_methods(cfg: RunConfig, transport: Transport) -> dict[str, Path]:
     dict[str, Path]
         Method -> run folder, and ``"comparison"`` -> the comparison folder (2+ methods).
     """
-    from fedbicross_flwr.comparison import write_comparison
+    from fedbicross_flwr.reports.comparison import write_comparison
 
     methods = cfg.method_list
     base = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.dataset}"
@@ -106,6 +126,19 @@ def run_methods(cfg: RunConfig, transport: Transport) -> dict[str, Path]:
 
 
 def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
+    """The three phases of one method into ``run_dir``; returns it.
+
+    Phase 1 collects one upload per client (each validated against w^(0) and its example
+    bound; the rejected ones become failures) and checkpoints them; phase 2 runs the server
+    method; phase 3 sends its models back for personalization. ``clients.csv``,
+    ``summary.json``/``.md`` and the knowledge report are then written.
+
+    Raises
+    ------
+    RuntimeError
+        Fewer usable uploads than ``min-clients``, or a method that returns no model for a
+        client.
+    """
     times: dict[str, float] = {}
     write_json(run_dir / "run_config.json", cfg.to_run_config())
     log(logging.INFO, "run folder %s; settings:\n%s", run_dir, cfg.summary())
@@ -117,28 +150,14 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     log(logging.INFO, "%sphase 1/3: local training on the clients", position_text())
     phase1 = collect_uploads(cfg, transport, init, run_dir)  # fedavg-r/fedprox-r: R rounds
     times["phase1-local-training"] = time.perf_counter() - t0
-    failures = list(phase1.failures)
-    uploads, local_metrics = [], {}
     probe = probe_for(init)  # a forward pass on a fixed batch: finite, bounded outputs
-    sizes = example_bounds(cfg, phase1.num_partitions)
-    for pid in sorted(phase1.replies):
-        reply: ClientReply = phase1.replies[pid]
-        problem = upload_problem(reply, init, probe, cfg.max_num_examples or sizes.get(pid))
-        if problem is not None:
-            failures.append(ClientFailure(pid, phase1.partitions.get(pid, "-"), "train",
-                                          f"rejected upload: {problem}"))
-            log(logging.WARNING, "partition %d: rejected upload: %s", pid, problem)
-            continue
-        uploads.append(ClientUpload(pid, reply.state, int(reply.metrics["num-examples"])))
-        local_metrics[pid] = reply.metrics
-    for f in phase1.failures:
-        log(logging.WARNING, "client %s (node %s) left out in phase 1: %s", f.partition_id,
-            f.node, f.reason)
+    uploads, local_metrics, failures = _accepted_uploads(cfg, phase1, init, probe)
     if len(uploads) < cfg.effective_min_clients:
         write_json(run_dir / "failures.json", [f.__dict__ for f in failures])
         raise RuntimeError(f"only {len(uploads)} usable client models, min-clients is "
                            f"{cfg.effective_min_clients}; see {run_dir / 'failures.json'}")
 
+    sizes = example_bounds(cfg, phase1.num_partitions)
     uploads = checkpointed_uploads(run_dir, uploads, cfg.resume, init, probe,
                                    {pid: cfg.max_num_examples or sizes.get(pid)
                                     for pid in phase1.replies})
@@ -170,25 +189,7 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
             f.node, f.reason)
 
     # Results ----------------------------------------------------------------------------------
-    traffic_up = add_traffic(dict(phase1.bytes_up), phase3.bytes_up)
-    traffic_down = add_traffic(dict(phase1.bytes_down), phase3.bytes_down)
-    rows = []
-    expected = set(phase1.partitions) | {f.partition_id for f in failures
-                                         if f.partition_id is not None}
-    for pid in sorted(set(local_metrics) | expected):  # every partition, with its state
-        lm, pm = local_metrics.get(pid, {}), phase3.replies.get(pid)
-        rows.append({
-            "partition-id": pid, "cluster": out.clusters.get(pid),
-            "n-train": lm.get("num-examples"), "n-test": lm.get("n-test"),
-            "n-test-personal": lm.get("n-test-personal"), "local-val-acc": lm.get("val-acc"),
-            "local-test-acc": lm.get("test-acc"),
-            "local-test-acc-personal": lm.get("test-acc-personal"),
-            "train-seconds": lm.get("train-seconds"),
-            **({k: pm.get(k) for k in ("acc-before", "acc-after", "acc-personal-before",
-                                        "acc-personal-after")} if pm else {}),
-            "bytes-up": traffic_up.get(pid), "bytes-down": traffic_down.get(pid),
-            "status": "ok" if pm else "missing",
-        })
+    rows = _client_rows(phase1, phase3, out.clusters, local_metrics, failures)
     write_clients_csv(run_dir / "clients.csv", rows)
     summary = summarize(rows, cfg, {"majority-rate": majority, "wall-times-s": times,
                                     "cost": cost_summary(cfg, rows, times, phase1.measured),
@@ -206,8 +207,61 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     if not cfg.keep_checkpoints:  # the run is finished: they could only be used to resume it
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     log(logging.INFO, "done: paper metric (official test, mean over clients, after "
-        "personalization) %s; results in %s", _pct(summary["acc-after-mean"]), run_dir)
+        "personalization) %s; results in %s", percent(summary["acc-after-mean"], "%"), run_dir)
     return run_dir
+
+
+def _accepted_uploads(cfg: RunConfig, phase1: PhaseResult, init: StateDict,
+                      probe: Callable[[StateDict], str | None]
+                      ) -> tuple[list[ClientUpload], dict[int, dict], list[ClientFailure]]:
+    """Phase 1's usable uploads, each client's metrics, and the failures (rejected included).
+
+    An upload is rejected when :func:`upload_problem` refuses it: its state against w^(0)
+    (:func:`validate_upload`), its ``num-examples`` above ``max-num-examples`` (else the
+    partition's size bound), or any metric out of its range (:func:`metrics_problem`).
+    """
+    failures = list(phase1.failures)
+    uploads, local_metrics = [], {}
+    sizes = example_bounds(cfg, phase1.num_partitions)
+    for pid in sorted(phase1.replies):
+        reply: ClientReply = phase1.replies[pid]
+        problem = upload_problem(reply, init, probe, cfg.max_num_examples or sizes.get(pid))
+        if problem is not None:
+            failures.append(ClientFailure(pid, phase1.partitions.get(pid, "-"), "train",
+                                          f"rejected upload: {problem}"))
+            log(logging.WARNING, "partition %d: rejected upload: %s", pid, problem)
+            continue
+        uploads.append(ClientUpload(pid, reply.state, int(reply.metrics["num-examples"])))
+        local_metrics[pid] = reply.metrics
+    for f in phase1.failures:
+        log(logging.WARNING, "client %s (node %s) left out in phase 1: %s", f.partition_id,
+            f.node, f.reason)
+    return uploads, local_metrics, failures
+
+
+def _client_rows(phase1: PhaseResult, phase3: PhaseResult, clusters: dict[int, int],
+                 local_metrics: dict[int, dict], failures: list[ClientFailure]) -> list[dict]:
+    """One ``clients.csv`` row per partition (every one, failed ones with their state)."""
+    traffic_up = add_traffic(dict(phase1.bytes_up), phase3.bytes_up)
+    traffic_down = add_traffic(dict(phase1.bytes_down), phase3.bytes_down)
+    rows = []
+    expected = set(phase1.partitions) | {f.partition_id for f in failures
+                                         if f.partition_id is not None}
+    for pid in sorted(set(local_metrics) | expected):  # every partition, with its state
+        lm, pm = local_metrics.get(pid, {}), phase3.replies.get(pid)
+        rows.append({
+            "partition-id": pid, "cluster": clusters.get(pid),
+            "n-train": lm.get("num-examples"), "n-test": lm.get("n-test"),
+            "n-test-personal": lm.get("n-test-personal"), "local-val-acc": lm.get("val-acc"),
+            "local-test-acc": lm.get("test-acc"),
+            "local-test-acc-personal": lm.get("test-acc-personal"),
+            "train-seconds": lm.get("train-seconds"),
+            **({k: pm.get(k) for k in ("acc-before", "acc-after", "acc-personal-before",
+                                        "acc-personal-after")} if pm else {}),
+            "bytes-up": traffic_up.get(pid), "bytes-down": traffic_down.get(pid),
+            "status": "ok" if pm else "missing",
+        })
+    return rows
 
 
 def cost_summary(cfg: RunConfig, rows: list[dict], times: dict[str, float],
@@ -234,7 +288,8 @@ def cost_summary(cfg: RunConfig, rows: list[dict], times: dict[str, float],
 def refuse_bad_metrics(phase3: PhaseResult, local_metrics: dict[int, dict[str, float]],
                        nodes: dict[int, str]) -> list[ClientFailure]:
     """Remove the phase-3 replies whose metrics are refused (:func:`metrics_problem`, and
-    ``num-examples`` equal to the site's phase-1 count); their failures, with the reason."""
+    ``num-examples`` equal to the site's phase-1 count); their failures, with the reason.
+    """
     refused = []
     for pid in sorted(phase3.replies):
         metrics, own = phase3.replies[pid], local_metrics.get(pid, {})
@@ -317,7 +372,3 @@ def check_finite_models(method: str, models: dict[int, StateDict], run_dir: Path
             + (f"; {_most_extreme(uploads)}" if uploads else "")
             + f"; nothing was sent to the clients. The run folder {run_dir} and its checkpoints "
             "are kept.")
-
-
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"

@@ -10,13 +10,13 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedbicross_flwr.config import ConfigError
+from fedbicross_flwr.config.run_config import ConfigError
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import is_channels_last
 
@@ -40,7 +40,8 @@ def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractC
 
 def autocast_off(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
     """Autocast switched off inside an :func:`autocast` region (which keeps its weight-cast
-    cache until the outer region ends); a no-op when ``precision`` is not 'bf16'."""
+    cache until the outer region ends); a no-op when ``precision`` is not 'bf16'.
+    """
     if precision == "bf16":
         return torch.autocast(device_type=torch.device(device).type, enabled=False)
     return contextlib.nullcontext()
@@ -122,10 +123,10 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: SGDSett
     return sgd_epochs(model, x, y, opt, loss_fn, device, precision, desc, progress)
 
 
-def proximal_term(params: list[torch.Tensor], anchor: list[torch.Tensor],
+def proximal_term(params: Sequence[torch.Tensor], anchor: Sequence[torch.Tensor],
                   mu: float) -> torch.Tensor:
     """FedProx (Li et al. 2020, Eq. 2): (mu / 2) * sum over tensors of ||w - w^t||_2^2."""
-    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor))  # type: ignore[return-value]
 
 
 @torch.no_grad()

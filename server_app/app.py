@@ -3,7 +3,7 @@
 ``train`` (phase 1) goes to every node once; the configured server method runs on the
 replies; ``train.personalize`` (phase 3) sends each node the model chosen for ITS partition.
 The messages, the partition-to-node binding and the refusal of spoofed replies are in
-:class:`fedbicross_flwr.grid_transport.GridTransport`; the protocol is
+:class:`fedbicross_flwr.engines.grid_transport.GridTransport`; the protocol is
 :func:`fedbicross_flwr.server.run_server`.
 """
 
@@ -14,14 +14,14 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from fedbicross_flwr.config import RunConfig
-from fedbicross_flwr.grid_transport import GridTransport
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.engines.grid_transport import GridTransport
 from fedbicross_flwr.server import run_methods, run_server
 
 app = ServerApp()
 
 
-@app.main()
+@app.main()  # type: ignore[arg-type]
 def main(grid: Grid, context: Context) -> Path:
     """Validate the run config, then run the three phases; returns the run folder.
 

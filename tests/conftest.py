@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedbicross_flwr.data import ArraySplit, DatasetArrays, write_npz
+from fedbicross_flwr.data.datasets import ArraySplit, DatasetArrays, write_npz
 
 
 def make_archive(path: Path, in_channels: int = 1, num_classes: int = 3,
@@ -50,7 +50,7 @@ def tiny_run_config(tiny_archive: Path, tmp_path: Path) -> dict:
 def _flower_task_identity() -> None:
     """Building a Message outside a Flower run needs the task identity set (flwr 1.42)."""
     try:
-        from fedbicross_flwr.inprocess import set_task_identity
+        from fedbicross_flwr.engines.inprocess import set_task_identity
     except ImportError:  # pragma: no cover
         return
     set_task_identity(1)

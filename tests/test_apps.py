@@ -11,8 +11,9 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from client_app.app import OWN_MODEL, app as client_app
-from fedbicross_flwr.inprocess import run_in_process
+from client_app.app import OWN_MODEL
+from client_app.app import app as client_app
+from fedbicross_flwr.engines.inprocess import run_in_process
 from fedbicross_flwr.model import build_resnet18
 
 

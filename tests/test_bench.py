@@ -7,11 +7,16 @@ import json
 import pytest
 import torch
 
-from fedbicross_flwr.benchmark.hardware import estimate_peak_flops
-from fedbicross_flwr.benchmark.scaling import format_sweep, parse_sweep, run_sweep
-from fedbicross_flwr.benchmark.server_stage import (LOOSE_RTOL, TIGHT_RTOL, BenchConfig, rel_err,
-                                                    run_benchmark)
 from fedbicross_flwr.cli import main
+from fedbicross_flwr.experiments.benchmark.hardware import estimate_peak_flops
+from fedbicross_flwr.experiments.benchmark.scaling import format_sweep, parse_sweep, run_sweep
+from fedbicross_flwr.experiments.benchmark.server_stage import (
+    LOOSE_RTOL,
+    TIGHT_RTOL,
+    BenchConfig,
+    rel_err,
+    run_benchmark,
+)
 
 TINY = dict(num_clients=3, num_clusters=2, batch=8, steps=3, ref_steps=1, model="tiny",
             in_channels=1, num_classes=3, image_size=8, warmup=False)

@@ -8,10 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from fedbicross_flwr.config import ConfigError, RunConfig
+from fedbicross_flwr.config.run_config import ConfigError, RunConfig
 from fedbicross_flwr.methods import get_method
-from fedbicross_flwr.methods.catalog import (CATALOG, MethodSpec, method_names, method_spec,
-                                             register, table_rows)
+from fedbicross_flwr.methods.catalog import (
+    CATALOG,
+    MethodSpec,
+    method_names,
+    method_spec,
+    register,
+    table_rows,
+)
 
 METHODS = Path(__file__).resolve().parents[1] / "fedbicross_flwr" / "methods"
 
@@ -54,7 +60,7 @@ def test_unknown_and_repeated_names_are_refused() -> None:
 
 
 def test_config_validation_fails_on_a_typo_without_importing_torch() -> None:
-    code = ("import sys\nfrom fedbicross_flwr.config import ConfigError, RunConfig\n"
+    code = ("import sys\nfrom fedbicross_flwr.config.run_config import ConfigError, RunConfig\n"
             "try:\n    RunConfig.from_run_config({'method': 'fedbicros'})\n"
             "except ConfigError as err:\n    print('refused', 'torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -12,11 +12,14 @@ import logging
 import pytest
 import torch
 
-from fedbicross_flwr.checkpoint_io import CheckpointRefused, sha256_file
 from fedbicross_flwr.model import build_resnet18, probe_for
 from fedbicross_flwr.protocol import ClientUpload
-from fedbicross_flwr.uploads_checkpoint import (checkpointed_uploads, load_uploads,
-                                                save_uploads)
+from fedbicross_flwr.storage.checkpoint_io import CheckpointRefused, sha256_file
+from fedbicross_flwr.storage.uploads_checkpoint import (
+    checkpointed_uploads,
+    load_uploads,
+    save_uploads,
+)
 
 
 class _Payload:
@@ -138,8 +141,8 @@ def test_a_client_cache_entry_holding_a_pickle_is_refused(tmp_path, tiny_run_con
     # Prepare: a valid cache entry, then its payload replaced and meta.json's sha256 updated
     import json
 
-    from fedbicross_flwr import client_cache
-    from fedbicross_flwr.config import RunConfig
+    from fedbicross_flwr.config.run_config import RunConfig
+    from fedbicross_flwr.storage import client_cache
 
     cfg = RunConfig.from_run_config(tiny_run_config)
     entry = client_cache.save(tmp_path, cfg, {"replies": {}, "failures": [], "own": {}})

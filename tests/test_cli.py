@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from fedbicross_flwr.cli import main
-from fedbicross_flwr.config import RunConfig, markdown_table, tomllib
+from fedbicross_flwr.config.run_config import RunConfig, markdown_table, tomllib
 
 
 def test_config_table(capsys) -> None:

@@ -43,7 +43,8 @@ def raw_file(tmp: Path, content: bytes) -> str:
 
 def unwritable_dir(tmp: Path) -> str:
     """A folder that cannot be created: under a read-only folder, or (as root, who may write
-    anywhere on a normal file system) under sysfs, which refuses new folders to everyone."""
+    anywhere on a normal file system) under sysfs, which refuses new folders to everyone.
+    """
     if os.geteuid() == 0:
         return "/sys/fedbicross-output"
     locked = tmp / "locked"
@@ -271,8 +272,8 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_file(
 
     import torch
 
-    from fedbicross_flwr import checkpoint_io
     from fedbicross_flwr.cli import error_line, is_user_error
+    from fedbicross_flwr.storage import checkpoint_io
 
     def full_disk(obj, path):  # torch.save on a full disk: part of the file, then ENOSPC
         Path(path).write_bytes(b"\0" * 4096)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.methods import get_method
 from fedbicross_flwr.methods.base import ClientUpload, MethodInput
 from fedbicross_flwr.model import build_resnet18

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from fedbicross_flwr.comparison import comparison_markdown, comparison_rows
-from fedbicross_flwr.config import ConfigError, RunConfig, load_preset
-from fedbicross_flwr.direct import run_direct_methods
+from fedbicross_flwr.config.run_config import ConfigError, RunConfig, load_preset
+from fedbicross_flwr.engines.direct import run_direct_methods
 from fedbicross_flwr.fedbicross.method import algorithm_stages
 from fedbicross_flwr.logging_utils import Cadence, StagePlan, position_text, run_position
-from fedbicross_flwr.summary_figure import read_weight_history, summary_figure
+from fedbicross_flwr.reports.comparison import comparison_markdown, comparison_rows
+from fedbicross_flwr.reports.summary_figure import read_weight_history, summary_figure
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbicross_flwr.config import ConfigError, RunConfig, load_preset, parse_overrides
+from fedbicross_flwr.config.run_config import ConfigError, RunConfig, load_preset, parse_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,8 +8,15 @@ import medmnist
 import numpy as np
 import pytest
 
-from fedbicross_flwr.data import (DataError, embedded_dir, load_dataset, load_digits_dataset,
-                                  load_medmnist, load_npz_archive, md5sum)
+from fedbicross_flwr.data.datasets import (
+    DataError,
+    embedded_dir,
+    load_dataset,
+    load_digits_dataset,
+    load_medmnist,
+    load_npz_archive,
+    md5sum,
+)
 from tests.conftest import make_archive
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from fedbicross_flwr.simulation import flwr_env, processes_of, stop_processes
+from fedbicross_flwr.engines.simulation import flwr_env, processes_of, stop_processes
 from tests.conftest import make_archive
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +39,7 @@ TINY_FEDBICROSS = {
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on 127.0.0.1."""
+    """N distinct free TCP ports on 127.0.0.1."""
     socks = [socket.socket() for _ in range(n)]
     try:
         for s in socks:
@@ -137,7 +137,7 @@ def test_secured_loopback_federation_runs_fedbicross(deployment, tmp_path) -> No
         d.run("operator", FLWR, "supernode", "register", str(keys / f"{site}.pub"),
               "hospitals", "--name", site)
     # every site pins the app it reviewed: this checkout, hashed as `flwr run` bundles it
-    reviewed = d.run("site0", sys.executable, "-m", "fedbicross_flwr.supernode_gate", "hash",
+    reviewed = d.run("site0", sys.executable, "-m", "fedbicross_flwr.deploy.supernode_gate", "hash",
                      str(ROOT)).strip()
     pins = tmp_path / "pinned-apps.txt"
     pins.write_text(f"# the reviewed fedbicross-flwr checkout\n{reviewed}\n")
@@ -186,7 +186,7 @@ def test_secured_loopback_federation_runs_fedbicross(deployment, tmp_path) -> No
         ".venv", ".git", "outputs", "docs", "__pycache__", "*.egg-info", ".pytest_cache"))
     with (modified / "client_app" / "app.py").open("a") as fh:
         fh.write("\nSENT_TO_THE_OPERATOR = True  # what a site did not review\n")
-    changed = d.run("site0", sys.executable, "-m", "fedbicross_flwr.supernode_gate", "hash",
+    changed = d.run("site0", sys.executable, "-m", "fedbicross_flwr.deploy.supernode_gate", "hash",
                     str(modified)).strip()
     run_config.write_text(tomli_w.dumps({**TINY_FEDBICROSS, "run-name": "modified",
                                          "output-dir": str(tmp_path / "results")}))
@@ -221,7 +221,7 @@ def test_deploy_doc_uses_the_kit_as_it_is() -> None:
     import re
     import tomllib
 
-    from fedbicross_flwr.config import RunConfig
+    from fedbicross_flwr.config.run_config import RunConfig
 
     section = (ROOT / "docs" / "DEPLOY.md").read_text()
     block = section.split("```bash", 1)[1].split("```", 1)[0]

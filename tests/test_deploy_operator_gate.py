@@ -31,18 +31,23 @@ import urllib.request
 
 import pytest
 
-from fedbicross_flwr.superlink_gate import (DEFAULT_OPERATOR_NETWORKS, OperatorGate,
-                                            is_operator_address, is_site_path, parse_networks,
-                                            split_arguments)
-from tests.test_deploy_loopback import (DEPLOY, FLWR, ROOT, deployment, free_ports,  # noqa: F401
-                                        wait_for_port)
+from fedbicross_flwr.deploy.superlink_gate import (
+    DEFAULT_OPERATOR_NETWORKS,
+    OperatorGate,
+    is_operator_address,
+    is_site_path,
+    parse_networks,
+    split_arguments,
+)
+from tests.test_deploy_loopback import DEPLOY, FLWR, ROOT, deployment, free_ports, wait_for_port  # noqa: F401
 
 REFUSED = "only available to the federation operator"
 
 
 def site_side_address() -> str | None:
     """A non-loopback IPv4 address of this machine from which a connection to it arrives with
-    that (non-loopback) source address, or None."""
+    that (non-loopback) source address, or None.
+    """
     candidates = []
     for _, name in socket.if_nameindex():
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -115,7 +120,7 @@ def test_operator_gate_rules() -> None:
 
 
 @pytest.mark.flwr_run
-def test_site_cannot_use_the_control_api_and_the_operator_can(deployment, tmp_path) -> None:
+def test_site_cannot_use_the_control_api_and_the_operator_can(deployment, tmp_path) -> None:  # noqa: F811 - the fixture
     # Prepare: the site-side address; certificates that name it; keys; the SuperLink --------
     site_ip = site_side_address()
     if site_ip is None:

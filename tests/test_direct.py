@@ -6,8 +6,8 @@ import csv
 
 import pytest
 
-from fedbicross_flwr.config import RunConfig
-from fedbicross_flwr.direct import run_direct_methods
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.engines.direct import run_direct_methods
 
 
 def _rows(path) -> dict[int, dict]:
@@ -33,8 +33,8 @@ def test_methods_share_the_same_client_models(tiny_run_config) -> None:
 
 def test_client_cache_is_reused_and_a_tampered_entry_is_rejected(tiny_run_config, tmp_path,
                                                                   monkeypatch) -> None:
-    import fedbicross_flwr.direct as direct
-    from fedbicross_flwr import client_cache
+    import fedbicross_flwr.engines.direct as direct
+    from fedbicross_flwr.storage import client_cache
 
     cfg = RunConfig.from_run_config({**tiny_run_config, "run-name": "cache"})
     cache = tmp_path / "cache"

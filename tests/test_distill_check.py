@@ -50,7 +50,7 @@ def test_distill_check_refuses_a_method_that_does_not_distil(tiny_archive, tmp_p
 
 
 def test_append_row_keeps_old_rows_when_columns_are_added(tmp_path) -> None:
-    from fedbicross_flwr.distill_check import append_row
+    from fedbicross_flwr.experiments.distill_check import append_row
 
     path = tmp_path / "rows.csv"
     append_row(path, {"a": 1, "b": 2})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from fedbicross_flwr.config import markdown_table
+from fedbicross_flwr.config.run_config import markdown_table
 from fedbicross_flwr.methods.catalog import CATALOG
 
 ROOT = Path(__file__).resolve().parent.parent

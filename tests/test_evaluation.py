@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedbicross_flwr import client
-from fedbicross_flwr.config import ConfigError, RunConfig
+from fedbicross_flwr.config.run_config import ConfigError, RunConfig
 from fedbicross_flwr.model import build_resnet18
 from fedbicross_flwr.training import accuracy, predict_logits
 

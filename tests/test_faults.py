@@ -17,7 +17,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client_app.app import app as client_app
-from fedbicross_flwr.inprocess import run_in_process
+from fedbicross_flwr.engines.inprocess import run_in_process
 from tests.conftest import make_archive
 
 
@@ -209,7 +209,7 @@ def test_site_personalizes_from_its_disk_copy_when_the_node_state_is_lost(tiny_r
 def test_deployment_server_needs_no_data_for_custom_sites(monkeypatch):
     # Prepare: a deployment run config (sites hold the data; the server has no data-path)
     from fedbicross_flwr import server
-    from fedbicross_flwr.config import RunConfig
+    from fedbicross_flwr.config.run_config import RunConfig
 
     cfg = RunConfig.from_run_config({"dataset": "custom", "in-channels": 3, "num-classes": 8})
 

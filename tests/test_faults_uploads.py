@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 
 import fedbicross_flwr.methods.fedbicross as fbc_adapter
-from fedbicross_flwr.inprocess import run_in_process
+from fedbicross_flwr.engines.inprocess import run_in_process
 from fedbicross_flwr.model import build_resnet18
 from tests.conftest import make_archive
 

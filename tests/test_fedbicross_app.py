@@ -6,12 +6,11 @@ import csv
 import json
 
 import numpy as np
-import pytest
 import torch
 
-from fedbicross_flwr.config import RunConfig
-from fedbicross_flwr.inprocess import run_in_process
-from fedbicross_flwr.fedbicross.settings import settings_from_config
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.config.settings import settings_from_config
+from fedbicross_flwr.engines.inprocess import run_in_process
 
 TINY_SERVER = {"method": "fedbicross", "num-clusters": 2, "noise-samples": 8,
                "synth-steps": 3, "synth-batch": 8, "server-epochs": 1}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbicross_flwr.simulation import processes_of, simulate
+from fedbicross_flwr.engines.simulation import processes_of, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,7 +54,7 @@ def test_flwr_run_simulation_completes_and_writes_results(tiny_run_config, tmp_p
 
 def test_each_flwr_home_gets_its_own_local_superlink_ports(tmp_path) -> None:
     # Prepare / Execute
-    from fedbicross_flwr.simulation import flwr_env, local_superlink_ports
+    from fedbicross_flwr.engines.simulation import flwr_env, local_superlink_ports
 
     first = local_superlink_ports(tmp_path / "a")
     again = local_superlink_ports(tmp_path / "a")
@@ -73,7 +73,7 @@ def test_waiting_for_a_run_reads_its_status_when_the_log_stream_ends(tmp_path,
     import subprocess
     import time
 
-    from fedbicross_flwr import simulation
+    from fedbicross_flwr.engines import simulation
 
     calls = []
 
@@ -95,7 +95,7 @@ def test_waiting_backs_off_when_the_log_stream_ended_early(tmp_path, monkeypatch
     import subprocess
     import time
 
-    from fedbicross_flwr import simulation
+    from fedbicross_flwr.engines import simulation
 
     calls = []
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedbicross_flwr.harness.collect import read_cells_csv
-from fedbicross_flwr.harness.ordering import ranking_tables
-from fedbicross_flwr.harness.report import ranking_section
+from fedbicross_flwr.experiments.harness.collect import read_cells_csv
+from fedbicross_flwr.experiments.harness.ordering import ranking_tables
+from fedbicross_flwr.experiments.harness.report import ranking_section
 
 ROOT = Path(__file__).resolve().parent.parent
 

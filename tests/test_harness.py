@@ -7,15 +7,24 @@ from pathlib import Path
 
 import pytest
 
-import fedbicross_flwr.direct as direct
-from fedbicross_flwr.config import ConfigError
-from fedbicross_flwr.harness.collect import read_cells_csv
-from fedbicross_flwr.harness.report import write_report
-from fedbicross_flwr.harness.runner import (default_cell_runner, direct_transports, is_finished,
-                                            run_dir_of, run_grid)
-from fedbicross_flwr.harness.spec import load_grid_preset
-from fedbicross_flwr.harness.tables import (gap_closed, gap_table, paper_table,
-                                            retention_table)
+import fedbicross_flwr.engines.direct as direct
+from fedbicross_flwr.config.run_config import ConfigError
+from fedbicross_flwr.experiments.harness.collect import read_cells_csv
+from fedbicross_flwr.experiments.harness.report import write_report
+from fedbicross_flwr.experiments.harness.runner import (
+    default_cell_runner,
+    direct_transports,
+    is_finished,
+    run_dir_of,
+    run_grid,
+)
+from fedbicross_flwr.experiments.harness.spec import load_grid_preset
+from fedbicross_flwr.experiments.harness.tables import (
+    gap_closed,
+    gap_table,
+    paper_table,
+    retention_table,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -270,7 +279,7 @@ run-config = { weights-mode = "nonsense" }
 
 
 def test_grid_can_be_narrowed_to_one_column_and_other_seeds() -> None:
-    from fedbicross_flwr.harness.cli import narrowed
+    from fedbicross_flwr.experiments.harness.cli import narrowed
 
     spec = load_grid_preset(ROOT / "conf" / "grid-cpu.toml")
     one = narrowed(spec, "digits", "0.1", "0,1,2")
@@ -291,7 +300,7 @@ def test_grid_can_be_narrowed_to_one_column_and_other_seeds() -> None:
 
 def test_grid_run_config_overrides_reach_every_cell_and_per_cell_keys_are_refused(
         tmp_path) -> None:
-    from fedbicross_flwr.harness.cli import with_overrides
+    from fedbicross_flwr.experiments.harness.cli import with_overrides
 
     spec = load_grid_preset(ROOT / "conf" / "grid-cpu.toml")
     changed = with_overrides(spec, "pers-epochs=1 pers-lr=0.005")
@@ -316,7 +325,7 @@ digits,0.1,5,,local,local,0,0.3,,,,
 
 
 def test_cost_table_puts_accuracy_and_cost_side_by_side(tmp_path) -> None:
-    from fedbicross_flwr.harness.tables import cost_table
+    from fedbicross_flwr.experiments.harness.tables import cost_table
 
     path = tmp_path / "cells.csv"
     path.write_text(COST_CSV)

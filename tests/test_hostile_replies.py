@@ -17,7 +17,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedbicross_flwr.inprocess import run_in_process
+from fedbicross_flwr.engines.inprocess import run_in_process
 from fedbicross_flwr.model import probe_for, weighted_average
 from tests.conftest import make_archive
 

@@ -7,12 +7,17 @@ import json
 import pytest
 import torch
 
-from fedbicross_flwr.config import RunConfig
-from fedbicross_flwr.direct import run_direct_methods
-from fedbicross_flwr.knowledge import (accuracy_of, agreement, knowledge_report, mixture_probs,
-                                       retention)
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.engines.direct import run_direct_methods
 from fedbicross_flwr.methods.base import ClientUpload
 from fedbicross_flwr.model import build_resnet18
+from fedbicross_flwr.reports.knowledge import (
+    accuracy_of,
+    agreement,
+    knowledge_report,
+    mixture_probs,
+    retention,
+)
 
 
 def test_mixture_is_the_weighted_mean_of_the_cluster_teachers() -> None:

@@ -13,10 +13,10 @@ import torch
 from flwr.serverapp.strategy import FedAvg
 
 import client_app.app as client_module
-from fedbicross_flwr.config import ConfigError, RunConfig
 from fedbicross_flwr.client import initial_state
-from fedbicross_flwr.direct import DirectTransport, run_direct_methods
-from fedbicross_flwr.inprocess import run_in_process
+from fedbicross_flwr.config.run_config import ConfigError, RunConfig
+from fedbicross_flwr.engines.direct import DirectTransport, run_direct_methods
+from fedbicross_flwr.engines.inprocess import run_in_process
 from fedbicross_flwr.methods.fedavg import round_config, round_epochs
 from fedbicross_flwr.training import proximal_term
 

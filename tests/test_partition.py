@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedbicross_flwr.data import load_digits_dataset
-from fedbicross_flwr.partition import dirichlet_partition, make_client_splits
+from fedbicross_flwr.data.datasets import load_digits_dataset
+from fedbicross_flwr.data.partition import dirichlet_partition, make_client_splits
 
 
 def _splits(alpha: float, seed: int = 0, n: int = 5):

@@ -12,7 +12,7 @@ and the ClientApp itself must refuse to send it.
 What this guards against is an accident in this project's code. In a deployment the ClientApp
 a site runs comes in the app bundle (FAB) that the operator's ``flwr run`` ships, so an
 operator could change the code and hide data in an allowed metric or buffer; a site pins the
-bundle it has reviewed with ``fedbicross_flwr.supernode_gate`` (docs/SECURITY.md).
+bundle it has reviewed with ``fedbicross_flwr.deploy.supernode_gate`` (docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -20,13 +20,11 @@ from __future__ import annotations
 import numbers
 
 import pytest
-import torch
 
 import client_app.app as client_app_module
 from fedbicross_flwr.client import REPLY_METRICS, run_local_training
-from fedbicross_flwr.config import RunConfig
-from fedbicross_flwr.inprocess import run_in_process
-from fedbicross_flwr.site import load_site
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.engines.inprocess import run_in_process
 
 ALLOWED = {"train": {"arrays", "metrics", "config"},
            "train.personalize": {"metrics", "config"}}
@@ -151,8 +149,8 @@ def test_an_upload_is_exactly_an_independent_retraining_of_the_model(grid_and_co
     import torch
 
     from fedbicross_flwr.client import initial_state
-    from fedbicross_flwr.data import load_dataset
-    from fedbicross_flwr.site import site_from_partition
+    from fedbicross_flwr.data.datasets import load_dataset
+    from fedbicross_flwr.data.site import site_from_partition
 
     grid, run_config = grid_and_config
     (upload,) = [r for r in grid.replies if r.metadata.message_type == "train"

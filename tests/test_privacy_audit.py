@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import tomli_w
 
 from fedbicross_flwr.cli import main
-from fedbicross_flwr.privacy_audit import attack_score
+from fedbicross_flwr.privacy.audit import attack_score
 from tests.conftest import make_archive
 
 
@@ -25,7 +26,7 @@ def test_attack_score_direction_and_chance() -> None:
         attack_score(np.zeros(3), np.zeros(0))
 
 
-def _tiny_preset(tmp_path, n_train: int, **keys) -> "Path":
+def _tiny_preset(tmp_path, n_train: int, **keys) -> Path:
     """A one-process run preset on a tiny custom archive, with ``keys`` on top."""
     preset = tmp_path / "run.toml"
     preset.write_text(tomli_w.dumps({

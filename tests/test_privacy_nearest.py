@@ -6,9 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedbicross_flwr.privacy_nearest import (equal_pools, nearest, nearest_audit, pool_stats,
-                                             save_pairs_picture, share_test, ssim_to_pool,
-                                             to_pixels)
+from fedbicross_flwr.privacy.nearest import (
+    equal_pools,
+    nearest,
+    nearest_audit,
+    pool_stats,
+    save_pairs_picture,
+    share_test,
+    ssim_to_pool,
+    to_pixels,
+)
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -18,9 +18,13 @@ import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedbicross_flwr.inprocess import run_in_process
-from fedbicross_flwr.protocol import (MAX_BATCHES_TRACKED, REPLY_METRICS, metrics_problem,
-                                      validate_upload)
+from fedbicross_flwr.engines.inprocess import run_in_process
+from fedbicross_flwr.protocol import (
+    MAX_BATCHES_TRACKED,
+    REPLY_METRICS,
+    metrics_problem,
+    validate_upload,
+)
 from tests.conftest import make_archive
 
 GOOD_TRAIN = {"num-examples": 40.0, "train-loss": 0.7, "val-acc": float("nan"), "test-acc": 0.5,
@@ -165,8 +169,8 @@ def test_a_node_that_goes_offline_fails_at_once_not_at_the_timeout(tmp_path,
                                                                    monkeypatch) -> None:
     import time
 
-    from fedbicross_flwr import grid_transport
-    from fedbicross_flwr.inprocess import PENDING
+    from fedbicross_flwr.engines import grid_transport
+    from fedbicross_flwr.engines.inprocess import PENDING
 
     monkeypatch.setattr(grid_transport, "POLL_SECONDS", 0.05)
     holder = {}
@@ -177,7 +181,7 @@ def test_a_node_that_goes_offline_fails_at_once_not_at_the_timeout(tmp_path,
             return PENDING
         return call(msg, ctx)
 
-    from fedbicross_flwr import inprocess
+    from fedbicross_flwr.engines import inprocess
 
     real_init = inprocess.InProcessGrid.__init__
 
@@ -197,7 +201,7 @@ def test_a_node_that_goes_offline_fails_at_once_not_at_the_timeout(tmp_path,
 
 
 def test_a_failed_pull_is_retried_and_loses_no_honest_reply(tmp_path, monkeypatch) -> None:
-    from fedbicross_flwr import grid_transport, inprocess
+    from fedbicross_flwr.engines import grid_transport, inprocess
 
     monkeypatch.setattr(grid_transport, "POLL_SECONDS", 0.01)
     real_pull, failures = inprocess.InProcessGrid.pull_messages, []

@@ -7,10 +7,10 @@ import csv
 import pytest
 
 import fedbicross_flwr.fedbicross.method as method_module
-from fedbicross_flwr.config import ConfigError, RunConfig
-from fedbicross_flwr.direct import run_direct
+from fedbicross_flwr.config.run_config import ConfigError, RunConfig
+from fedbicross_flwr.engines.direct import run_direct
 from fedbicross_flwr.fedbicross.bilevel import OnlineBilevelTrainer
-from fedbicross_flwr.results import create_run_dir
+from fedbicross_flwr.reports.results import create_run_dir
 
 TINY_SERVER = {"method": "fedbicross", "num-clusters": 2, "noise-samples": 8,
                "synth-steps": 3, "synth-batch": 8, "server-epochs": 2}

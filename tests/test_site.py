@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedbicross_flwr.config import RunConfig
-from fedbicross_flwr.data import DataError
-from fedbicross_flwr.site import load_site, to_tensors
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.data.datasets import DataError
+from fedbicross_flwr.data.site import load_site, to_tensors
 from tests.conftest import make_archive
 
 

@@ -1,5 +1,6 @@
-"""The site's pin file: what ``fedbicross_flwr.supernode_gate`` accepts (the refusal of an
-unpinned app at a real SuperNode is in tests/test_deploy_loopback.py)."""
+"""The site's pin file: what ``fedbicross_flwr.deploy.supernode_gate`` accepts (the refusal of an
+unpinned app at a real SuperNode is in tests/test_deploy_loopback.py).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbicross_flwr.supernode_gate import app_sha256, main, read_pins
+from fedbicross_flwr.deploy.supernode_gate import app_sha256, main, read_pins
 
 ROOT = Path(__file__).resolve().parent.parent
 A, B = "a" * 64, "0123456789abcdef" * 4

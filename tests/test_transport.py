@@ -6,9 +6,9 @@ import inspect
 
 import pytest
 
-from fedbicross_flwr.direct import DirectTransport
-from fedbicross_flwr.grid_transport import GridTransport
-from fedbicross_flwr.transport import Transport
+from fedbicross_flwr.engines.direct import DirectTransport
+from fedbicross_flwr.engines.grid_transport import GridTransport
+from fedbicross_flwr.engines.transport import Transport
 
 PHASES = ("collect_models", "train_round", "personalize")
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedbicross_flwr.model import weighted_average
-from fedbicross_flwr.model import build_resnet18
+from fedbicross_flwr.model import build_resnet18, weighted_average
 from fedbicross_flwr.server import validate_upload
 
 

@@ -36,15 +36,18 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from ..logging_utils import Cadence, log, position_text, progress_text
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .losses import kd_loss, lambda_schedule
-from .settings import FedBiCrossSettings
-from .utils import (autocast_context, autocast_off, cpu_generator, derive_seed,
-                    to_channels_last, to_contiguous)
+from ..config.settings import FedBiCrossSettings
+from ..distill.losses import kd_loss
+from ..distill.utils import cpu_generator, derive_seed, to_channels_last, to_contiguous
+from ..logging_utils import Cadence, log, position_text, progress_text
+from ..training import autocast, autocast_off
+from .losses import lambda_schedule
 
+# What torch's multi-tensor (``_foreach``) functions take and return.
+TensorList = tuple[Tensor, ...] | list[Tensor]
 
 def project_to_simplex(v: Tensor) -> Tensor:
     """Exact Euclidean projection onto the probability simplex (Duchi et al., ICML 2008).
@@ -151,7 +154,8 @@ def _cloned_buffers(model: nn.Module) -> dict[str, Tensor]:
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """<a, b> over all elements: one read of each tensor, no product tensor, for tensors of the
-    same memory layout (channels-last gradients are viewed in their storage order)."""
+    same memory layout (channels-last gradients are viewed in their storage order).
+    """
     if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last) \
             and b.is_contiguous(memory_format=torch.channels_last):
         return torch.vdot(a.permute(0, 2, 3, 1).reshape(-1), b.permute(0, 2, 3, 1).reshape(-1))
@@ -236,16 +240,75 @@ def inner_step_and_hypergradient(
     model.train(bn_mode != "eval")
 
     # --- per-source losses L_j and gradients g_j at G ------------------------------------------
-    active = range(num_sources)
+    active: Sequence[int] = range(num_sources)
     if not compute_hypergradient:
         active = [j for j, w in enumerate(weights.tolist()) if w > 0.0]
-    source_losses = torch.full((num_sources,), float("nan"), dtype=weights.dtype, device=weights.device)
+    param_list = [params[n] for n in names]
+    source_losses, grads, source_buffers = _source_gradients(
+        model, params, active, source_inputs, source_noise_probs, source_teacher_probs, lam, tau,
+        weights, device, mixed_precision)
+
+    # --- inner update G' = G - eta_G * (momentum-filtered) sum_j w_j g_j (Eq. 7) --------------
+    stepped = _inner_update(param_list, names, grads, weights, device, lr, momentum,
+                            weight_decay, momentum_buffers)
+    new_params = {name: p.requires_grad_(compute_hypergradient) for name, p in zip(names, stepped)}
+
+    # --- validation loss at G' and hypergradient (Eq. 8) ----------------------------------------
+    val_loss, hypergradient = _validation_and_hypergradient(
+        model, new_params, grads, val_inputs, val_noise_probs, val_teacher_probs, lam, tau, lr,
+        weights.dtype, compute_hypergradient, mixed_precision)
+
+    # --- commit G^(t) = G' and the w-weighted BN running statistics ------------------------------
+    _commit(model, param_list, [new_params[n] for n in names], source_buffers, weights, bn_mode)
+    return InnerStepResult(hypergradient, source_losses, val_loss.detach())
+
+
+def _validation_and_hypergradient(
+    model: nn.Module, new_params: dict[str, Tensor], grads: dict[int, tuple[Tensor, ...]],
+    val_inputs: Tensor, val_noise_probs: Tensor, val_teacher_probs: Tensor, lam: float,
+    tau: float, lr: float, dtype: torch.dtype, compute_hypergradient: bool,
+    mixed_precision: str,
+) -> tuple[Tensor, Tensor | None]:
+    """L_val(G') and, if asked, the (K,) hypergradient -eta_G <dL_val/dG', g_j> (Eq. 8).
+
+    The forward uses batch statistics on cloned buffers (their updates are discarded).
+    """
+    device = val_inputs.device
+    buffers_val = _cloned_buffers(model)  # batch-stat forward; its buffer updates are discarded
+    with torch.set_grad_enabled(compute_hypergradient), autocast(device, mixed_precision):
+        logits_val = functional_call(model, (new_params, buffers_val), (val_inputs,))  # (n_val, C)
+    logits_val = logits_val.float() if logits_val.dtype == torch.bfloat16 else logits_val
+    with torch.set_grad_enabled(compute_hypergradient):
+        val_loss = kd_loss(logits_val, val_noise_probs, val_teacher_probs, lam, tau)
+    if not compute_hypergradient:
+        return val_loss, None
+    g_val = torch.autograd.grad(val_loss, list(new_params.values()))
+    dots = torch.stack([  # (K,) <g_val, g_j>
+        torch.stack([_dot(gv, gj) for gv, gj in zip(g_val, grads[j])]).sum()
+        for j in range(len(grads))
+    ])
+    return val_loss, (-lr * dots).to(dtype)
+
+
+def _source_gradients(
+    model: nn.Module, params: dict[str, Tensor], active: Sequence[int],
+    source_inputs: Sequence[Tensor], source_noise_probs: Sequence[Tensor],
+    source_teacher_probs: Sequence[Tensor], lam: float, tau: float, weights: Tensor,
+    device: torch.device, mixed_precision: str,
+) -> tuple[Tensor, dict[int, tuple[Tensor, ...]], dict[int, dict[str, Tensor]]]:
+    """L_j(G), g_j = dL_j/dG and each source's BN running-statistics update, for j in ``active``.
+
+    Returns the (K,) losses (NaN where inactive), the gradients and the updated buffers by
+    source (see :func:`inner_step_and_hypergradient`).
+    """
+    source_losses = torch.full((len(source_inputs),), float("nan"), dtype=weights.dtype,
+                               device=weights.device)
     grads: dict[int, tuple[Tensor, ...]] = {}
     source_buffers: dict[int, dict[str, Tensor]] = {}
-    param_list = [params[n] for n in names]
+    param_list = list(params.values())
     # One autocast region for the K source forwards: autocast casts each leaf parameter to
     # bf16 once and reuses the cast (its cache lives until the region ends), not once per source.
-    with autocast_context(device, mixed_precision):
+    with autocast(device, mixed_precision):
         for j in active:
             buffers_j = _cloned_buffers(model)  # this source's BN running-stat update lands here
             logits = functional_call(model, (params, buffers_j), (source_inputs[j],))  # (n, C)
@@ -255,60 +318,53 @@ def inner_step_and_hypergradient(
                 grads[j] = torch.autograd.grad(loss_j, param_list)
             source_buffers[j] = buffers_j
             source_losses[j] = loss_j.detach().to(weights.dtype)
+    return source_losses, grads, source_buffers
 
-    # --- inner update G' = G - eta_G * (momentum-filtered) sum_j w_j g_j (Eq. 7) --------------
-    # Multi-tensor (foreach) updates over all parameters at once; the weights stay on the
-    # device as 0-dim tensors (no host sync).
-    with torch.no_grad():
-        w = weights.to(device=device, dtype=param_list[0].dtype)  # (K,)
-        sources = list(grads)
-        direction = torch._foreach_mul(grads[sources[0]], w[sources[0]])
-        for j in sources[1:]:
-            torch._foreach_add_(direction, torch._foreach_mul(grads[j], w[j]))
-        if weight_decay:
-            torch._foreach_add_(direction, param_list, alpha=weight_decay)
-        if momentum:
-            if momentum_buffers is None:
-                raise ValueError("momentum > 0 needs a momentum_buffers dict")
-            if all(name in momentum_buffers for name in names):
-                bufs = [momentum_buffers[name] for name in names]
-                torch._foreach_mul_(bufs, momentum)
-                torch._foreach_add_(bufs, direction)
-            else:
-                bufs = [d.clone() for d in direction]
-                momentum_buffers.update(zip(names, bufs))
-            direction = bufs
-        stepped = torch._foreach_add(param_list, direction, alpha=-lr)  # G - eta_G * direction
-    new_params = {name: p.requires_grad_(compute_hypergradient) for name, p in zip(names, stepped)}
 
-    # --- validation loss at G' and hypergradient (Eq. 8) ----------------------------------------
-    buffers_val = _cloned_buffers(model)  # batch-stat forward; its buffer updates are discarded
-    with torch.set_grad_enabled(compute_hypergradient), autocast_context(device, mixed_precision):
-        logits_val = functional_call(model, (new_params, buffers_val), (val_inputs,))  # (n_val, C)
-    logits_val = logits_val.float() if logits_val.dtype == torch.bfloat16 else logits_val
-    with torch.set_grad_enabled(compute_hypergradient):
-        val_loss = kd_loss(logits_val, val_noise_probs, val_teacher_probs, lam, tau)
-    hypergradient = None
-    if compute_hypergradient:
-        g_val = torch.autograd.grad(val_loss, [new_params[n] for n in names])
-        dots = torch.stack([  # (K,) <g_val, g_j>
-            torch.stack([_dot(gv, gj) for gv, gj in zip(g_val, grads[j])]).sum()
-            for j in range(num_sources)
-        ])
-        hypergradient = (-lr * dots).to(weights.dtype)
+@torch.no_grad()
+def _inner_update(param_list: list[Tensor], names: list[str],
+                  grads: dict[int, tuple[Tensor, ...]], weights: Tensor, device: torch.device,
+                  lr: float, momentum: float, weight_decay: float,
+                  momentum_buffers: dict[str, Tensor] | None) -> TensorList:
+    """G - eta_G * (momentum-filtered) (sum_j w_j g_j + weight_decay * G), as new tensors.
 
-    # --- commit G^(t) = G' and the w-weighted BN running statistics ------------------------------
-    with torch.no_grad():
-        torch._foreach_copy_(param_list, [new_params[n] for n in names])
-        for name, buffer in model.named_buffers():
-            if not source_buffers or bn_mode != "train":
-                break
-            if buffer.is_floating_point():
-                w = weights.to(device=buffer.device, dtype=buffer.dtype)
-                buffer.copy_(sum(w[j] * source_buffers[j][name] for j in source_buffers))
-            else:  # num_batches_tracked: identical in every source copy
-                buffer.copy_(next(iter(source_buffers.values()))[name])
-    return InnerStepResult(hypergradient, source_losses, val_loss.detach())
+    Multi-tensor (foreach) updates over all parameters at once; the weights stay on the
+    device as 0-dim tensors (no host sync). ``momentum_buffers`` is updated in place.
+    """
+    w = weights.to(device=device, dtype=param_list[0].dtype)  # (K,)
+    sources = list(grads)
+    direction: TensorList = torch._foreach_mul(grads[sources[0]], w[sources[0]])
+    for j in sources[1:]:
+        torch._foreach_add_(direction, torch._foreach_mul(grads[j], w[j]))
+    if weight_decay:
+        torch._foreach_add_(direction, param_list, alpha=weight_decay)
+    if momentum:
+        if momentum_buffers is None:
+            raise ValueError("momentum > 0 needs a momentum_buffers dict")
+        if all(name in momentum_buffers for name in names):
+            bufs = [momentum_buffers[name] for name in names]
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, direction)
+        else:
+            bufs = [d.clone() for d in direction]
+            momentum_buffers.update(zip(names, bufs))
+        direction = bufs
+    return torch._foreach_add(param_list, direction, alpha=-lr)  # G - eta_G * direction
+
+
+@torch.no_grad()
+def _commit(model: nn.Module, param_list: list[Tensor], new_values: TensorList,
+            source_buffers: dict[int, dict[str, Tensor]], weights: Tensor, bn_mode: str) -> None:
+    """G^(t) = G' in place, and (``bn_mode`` 'train') the w-weighted BN running statistics."""
+    torch._foreach_copy_(param_list, new_values)
+    for name, buffer in model.named_buffers():
+        if not source_buffers or bn_mode != "train":
+            break
+        if buffer.is_floating_point():
+            w = weights.to(device=buffer.device, dtype=buffer.dtype)
+            buffer.copy_(sum(w[j] * source_buffers[j][name] for j in source_buffers))  # type: ignore[arg-type]
+        else:  # num_batches_tracked: identical in every source copy
+            buffer.copy_(next(iter(source_buffers.values()))[name])
 
 
 def fixed_weights(mode: str, num_clusters: int, similarity: np.ndarray | None = None) -> np.ndarray:
@@ -540,7 +596,7 @@ class OnlineBilevelTrainer:
             )
             if self.learn_weights:
                 new_weights[k] = outer_update(
-                    self.weights[k], result.hypergradient, s.weight_lr, s.hypergrad_normalisation
+                    self.weights[k], result.hypergradient, s.weight_lr, s.hypergrad_normalisation  # type: ignore[arg-type]
                 )
             val_losses[k] = result.val_loss.to(torch.float64)
             source_losses[k] = result.source_losses.to(torch.float64)

@@ -16,7 +16,7 @@ leaves a half-written checkpoint, and ``manifest.json`` records a fingerprint of
 checkpoints belong to (settings, client models, shapes) plus each file's sha256. A checkpoint
 made for other inputs raises :class:`CheckpointMismatch` instead of being used silently; a
 file that is corrupt or altered (checksum mismatch), that is not plain tensor data (files are
-read with ``torch.load(weights_only=True)``, see :mod:`fedbicross_flwr.checkpoint_io`) or that
+read with ``torch.load(weights_only=True)``, see :mod:`fedbicross_flwr.storage.checkpoint_io`) or that
 holds NaN/Inf is reported and ignored, so that stage is recomputed.
 Every stage is seeded from the settings (no global RNG state), which is why a resumed run gives
 the same numbers as an uninterrupted one on CPU.
@@ -35,8 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint_io import CheckpointRefused, load_plain, non_finite, save_plain
 from ..logging_utils import log
+from ..storage.checkpoint_io import CheckpointRefused, load_plain, non_finite, save_plain
 
 MANIFEST = "manifest.json"
 
@@ -106,6 +106,7 @@ class StageCheckpoints:
 
     @property
     def enabled(self) -> bool:
+        """Whether checkpoints are kept (a directory was given)."""
         return self.directory is not None
 
     def _write_manifest(self) -> None:
@@ -116,6 +117,7 @@ class StageCheckpoints:
         os.replace(tmp, self.directory / MANIFEST)
 
     def has(self, name: str) -> bool:
+        """Whether the checkpoint ``name`` was saved (and is in the manifest)."""
         return self.enabled and name in self.files
 
     def load(self, name: str) -> Any | None:
@@ -123,7 +125,8 @@ class StageCheckpoints:
         then recomputed). A file is refused when its sha256 differs from the manifest's, when
         it holds anything but tensors and plain containers (it is read with
         ``torch.load(weights_only=True)``, so a pickled object never runs), or when a tensor
-        in it holds NaN/Inf."""
+        in it holds NaN/Inf.
+        """
         if not self.has(name):
             return None
         assert self.directory is not None
@@ -141,7 +144,8 @@ class StageCheckpoints:
 
     def save(self, name: str, payload: Any) -> None:
         """Write ``payload`` (tensors, numpy arrays, plain containers) atomically and record
-        its sha256 in the manifest."""
+        its sha256 in the manifest.
+        """
         if not self.enabled:
             return
         assert self.directory is not None

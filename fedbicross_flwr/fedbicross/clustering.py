@@ -13,11 +13,11 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from ..logging_utils import log
 from sklearn.cluster import KMeans
 from torch import nn
 
-from .utils import cpu_generator, model_dtype, preserved_modes
+from ..distill.utils import cpu_generator, model_dtype, preserved_modes
+from ..logging_utils import log
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ import torch
 from sklearn.cluster import AgglomerativeClustering
 from torch import Tensor, nn
 
-from ..config import CLUSTER_ON
+from ..config.run_config import CLUSTER_ON
 from ..logging_utils import log
 from .clustering import cluster_clients
 

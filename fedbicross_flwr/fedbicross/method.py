@@ -15,23 +15,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..config.settings import FedBiCrossSettings
+from ..distill.noise_adapt import noise_adapted_copy, teacher_soft_labels
+from ..distill.synthesis import EnsembleTeacher, synthesize_trajectory
+from ..distill.utils import derive_seed
 from ..logging_utils import StagePlan, keeps_position, log
 from ..model import build_resnet18, resnet18_shape, weighted_average
 from .bilevel import OnlineBilevelTrainer, fixed_weights
 from .checkpoint import StageCheckpoints, fingerprint
-from .stages import StageRunner, StageTimer
-from .clustering_alternatives import assign_clusters
 from .clustering import (
     cluster_centroids,
     log_clustering,
     noise_predictions,
     similarity_weights,
 )
-from .noise_adapt import noise_adapted_copy, teacher_soft_labels
-from .settings import FedBiCrossSettings
-from .synthesis import EnsembleTeacher, synthesize_trajectory
-from .utils import derive_seed
-
+from .clustering_alternatives import assign_clusters
+from .stages import EpochRecord, StageRunner, StageTimer
 
 STAGES = ("clustering", "synthesis", "noise_adaptation", "soft_labels", "bilevel")
 
@@ -92,7 +91,8 @@ def stage_name(stage: str, cluster: int | None, epoch: int, epochs: int) -> str:
 
 def algorithm_stages(num_clusters: int, server_epochs: int) -> list[str]:
     """The stages of Algorithm 1 in the order :func:`run_fedbicross` runs them: clustering,
-    then per server epoch synthesis and noise adaptation per cluster, and the bi-level KD."""
+    then per server epoch synthesis and noise adaptation per cluster, and the bi-level KD.
+    """
     names = [STAGE_NAMES["1a"]]
     for epoch in range(server_epochs):
         for k in range(num_clusters):
@@ -158,12 +158,8 @@ def run_fedbicross(
     # Frozen working copies: callers' models keep their device, mode and requires_grad flags.
     clients = [copy.deepcopy(m).to(device).eval().requires_grad_(False) for m in client_models]
     factory = student_factory or _resnet18_like(client_models[0])
-    stages = StageRunner(StageCheckpoints(checkpoint_dir, fingerprint(
-        asdict(s), client_models,
-        {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size,
-         "client_weights": None if client_weights is None else list(map(float, client_weights)),
-         "student": None if student_factory is None else repr(student_factory())})),
-        device, STAGES)
+    stages = _stage_runner(checkpoint_dir, s, client_models, in_channels, num_classes,
+                           image_size, client_weights, student_factory, device)
 
     plan = StagePlan(algorithm_stages(s.num_clusters, s.server_epochs))
 
@@ -189,31 +185,63 @@ def run_fedbicross(
     record = stages.resume_epochs(s.server_epochs, students, trainer)
 
     for epoch in range(record.next_epoch, s.server_epochs):
-        # --- Stage 1b-1c per cluster: synthesis with fresh noise, noise-adapted teacher, frozen
-        # teachers' soft labels (lines 4-9) ----------------------------------------------------
-        clusters = [stages.run(f"epoch{epoch}-cluster{k}", lambda k=k: _synthesize_cluster(
-            members[k], s, num_classes, in_channels, image_size, epoch, k, device, progress,
-            plan))
-            for k in range(s.num_clusters)]
-        record.add_synthesis(clusters, s.num_examples)
-
-        # --- Stage 2: online bi-level cross-cluster KD (lines 13-15) ----------------------------
-        plan.begin(stage_name("2", None, epoch, s.server_epochs))
-        with stages.timed("bilevel"):
-            for kd_pass in range(s.kd_passes):
-                tag = f"epoch {epoch + 1}/{s.server_epochs}" + (
-                    f" pass {kd_pass + 1}/{s.kd_passes}" if s.kd_passes > 1 else "")
-                record.histories.append(trainer.run_epoch(
-                    [c["trajectory"] for c in clusters], [c["teacher_probs"] for c in clusters],
-                    [c["noise_probs"] for c in clusters], progress=progress, tag=tag))
-        del clusters  # free the device before the next epoch
-        stages.finish_epoch(epoch, s.num_clusters, students, trainer, record)
+        _server_epoch(epoch, stages, record, trainer, students, members, s, num_classes,
+                      in_channels, image_size, device, progress, plan)
 
     plan.finish()
+    return _result(stages, record, clustering, initial_weights, students, s.num_clusters)
+
+
+def _server_epoch(epoch: int, stages: StageRunner, record: EpochRecord,
+                  trainer: OnlineBilevelTrainer, students: list[nn.Module],
+                  members: list[list[nn.Module]], s: FedBiCrossSettings, num_classes: int,
+                  in_channels: int, image_size: int, device: torch.device, progress: bool,
+                  plan: StagePlan) -> None:
+    """One server epoch: Stages 1b-1c for every cluster, then Stage 2; checkpointed."""
+    # --- Stage 1b-1c per cluster: synthesis with fresh noise, noise-adapted teacher, frozen
+    # teachers' soft labels (lines 4-9) ----------------------------------------------------
+    clusters = [stages.run(f"epoch{epoch}-cluster{k}", lambda k=k: _synthesize_cluster(  # type: ignore[misc]
+        members[k], s, num_classes, in_channels, image_size, epoch, k, device, progress,
+        plan))
+        for k in range(s.num_clusters)]
+    record.add_synthesis(clusters, s.num_examples)
+
+    # --- Stage 2: online bi-level cross-cluster KD (lines 13-15) ----------------------------
+    plan.begin(stage_name("2", None, epoch, s.server_epochs))
+    with stages.timed("bilevel"):
+        for kd_pass in range(s.kd_passes):
+            tag = f"epoch {epoch + 1}/{s.server_epochs}" + (
+                f" pass {kd_pass + 1}/{s.kd_passes}" if s.kd_passes > 1 else "")
+            record.histories.append(trainer.run_epoch(
+                [c["trajectory"] for c in clusters], [c["teacher_probs"] for c in clusters],
+                [c["noise_probs"] for c in clusters], progress=progress, tag=tag))
+    del clusters  # free the device before the next epoch
+    stages.finish_epoch(epoch, s.num_clusters, students, trainer, record)
+
+
+def _stage_runner(checkpoint_dir: Path | None, s: FedBiCrossSettings,
+                  client_models: Sequence[nn.Module], in_channels: int, num_classes: int,
+                  image_size: int, client_weights: Sequence[float] | None,
+                  student_factory: Callable[[], nn.Module] | None,
+                  device: torch.device) -> StageRunner:
+    """The resumable stages of one run, its checkpoints keyed by a fingerprint of its inputs."""
+    return StageRunner(StageCheckpoints(checkpoint_dir, fingerprint(
+        asdict(s), client_models,
+        {"in_channels": in_channels, "num_classes": num_classes, "image_size": image_size,
+         "client_weights": None if client_weights is None else list(map(float, client_weights)),
+         "student": None if student_factory is None else repr(student_factory())})),
+        device, STAGES)
+
+
+def _result(stages: StageRunner, record: EpochRecord, clustering: dict[str, Any],
+            initial_weights: np.ndarray, students: list[nn.Module],
+            num_clusters: int) -> FedBiCrossResult:
+    """The cluster models (CPU copies), the weight history and the run's diagnostics."""
+    assignment = clustering["assignment"]
     weight_history = np.concatenate([h["weights"] for h in record.histories])  # (E * T, K, K)
     diagnostics: dict[str, Any] = {
         "stage_times_s": stages.times,
-        "cluster_sizes": np.bincount(assignment, minlength=s.num_clusters).tolist(),
+        "cluster_sizes": np.bincount(assignment, minlength=num_clusters).tolist(),
         "degenerate_clients": clustering["degenerate"],
         "initial_weights": initial_weights,
         "final_weights": weight_history[-1],
@@ -260,7 +288,8 @@ def _synthesize_cluster(members: list[nn.Module], s: FedBiCrossSettings, num_cla
                         plan: StagePlan | None = None) -> dict[str, Any]:
     """Stages 1b-1c for cluster k in server epoch ``epoch``: the trajectory x^(1..T), its
     labels, the frozen teachers' soft labels at temperature tau, and each part's wall time.
-    ``plan`` logs the stages' position in the run."""
+    ``plan`` logs the stages' position in the run.
+    """
     tag = f"epoch {epoch + 1}/{s.server_epochs} cluster {k}"
     timer = StageTimer()
     if plan is not None:
@@ -292,7 +321,8 @@ def _average_into_students(students: list[nn.Module], clients: list[nn.Module],
                            assignment: np.ndarray,
                            client_weights: Sequence[float] | None) -> None:
     """``student-init='cluster-average'``: G_k^(0) = the data-size weighted average of cluster
-    k's client models (default: equal weights)."""
+    k's client models (default: equal weights).
+    """
     sizes = np.ones(len(clients)) if client_weights is None else np.asarray(client_weights)
     for k, student in enumerate(students):
         idx = np.flatnonzero(assignment == k)

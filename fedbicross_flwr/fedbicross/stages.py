@@ -44,6 +44,7 @@ class StageTimer:
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        """Time the block and add its wall seconds to ``name``."""
         start = time.perf_counter()
         try:
             yield
@@ -51,6 +52,7 @@ class StageTimer:
             self.add(name, time.perf_counter() - start)
 
     def add(self, name: str, seconds: float) -> None:
+        """Add ``seconds`` to the time of ``name``."""
         self.times[name] = self.times.get(name, 0.0) + seconds
 
 

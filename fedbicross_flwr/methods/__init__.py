@@ -28,15 +28,16 @@ from fedbicross_flwr.methods.catalog import CATALOG, MethodSpec, method_names, m
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from fedbicross_flwr.config import RunConfig
+    from fedbicross_flwr.config.run_config import RunConfig
+    from fedbicross_flwr.engines.transport import Transport
     from fedbicross_flwr.methods.base import ServerMethod
     from fedbicross_flwr.protocol import PhaseResult, StateDict
-    from fedbicross_flwr.transport import Transport
 
 
 def get_method(name: str) -> "ServerMethod":
     """The function of method ``name`` (its module imported now), with the known names in the
-    error."""
+    error.
+    """
     module, function = method_spec(name).function.split(":")
     method: ServerMethod = getattr(import_module(f"fedbicross_flwr.methods.{module}"), function)
     return method
@@ -45,7 +46,8 @@ def get_method(name: str) -> "ServerMethod":
 def collect_uploads(cfg: "RunConfig", transport: "Transport", init: "StateDict",
                     run_dir: "Path | None" = None) -> "PhaseResult":
     """Phase 1 of ``cfg.method``: one upload per client (``transport.collect_models``), or, for
-    a multi-round method, R rounds of ``transport.train_round`` (:func:`.fedavg.run_rounds`)."""
+    a multi-round method, R rounds of ``transport.train_round`` (:func:`.fedavg.run_rounds`).
+    """
     if method_spec(cfg.method).multiround:
         from fedbicross_flwr.methods.fedavg import run_rounds
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -11,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.model import build_resnet18
 from fedbicross_flwr.protocol import ClientUpload, StateDict
 
@@ -31,7 +30,8 @@ class MethodInput:
 
     def new_model(self) -> nn.Module:
         """A freshly initialised ResNet-18 of the run's shape (its ``model-width``), drawn from
-        the global RNG."""
+        the global RNG.
+        """
         return build_resnet18(self.in_channels, self.num_classes, self.cfg.model_width)
 
 

@@ -14,8 +14,8 @@ import logging
 
 import numpy as np
 
+from fedbicross_flwr.config.settings import settings_from_config
 from fedbicross_flwr.fedbicross.method import cluster_clients
-from fedbicross_flwr.fedbicross.settings import settings_from_config
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, write_clusters_csv
 from fedbicross_flwr.model import load_resnet18, weighted_average

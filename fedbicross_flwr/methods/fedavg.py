@@ -16,7 +16,7 @@ loss) and uploads; the server averages the valid uploads weighted by their train
 for personalization; it is computed by the registry method :func:`fedavg_r` (phase 2), so the
 uploads of round R go through the same validation as one-shot uploads.
 
-On the Flower Grid (:class:`fedbicross_flwr.grid_transport.GridTransport`), each round's messages are built by Flower's built-in
+On the Flower Grid (:class:`fedbicross_flwr.engines.grid_transport.GridTransport`), each round's messages are built by Flower's built-in
 ``flwr.serverapp.strategy.FedAvg`` / ``FedProx`` (``configure_train``: node sampling with
 fraction 1.0, ``server-round`` and FedProx's ``proximal-mu`` injected); the in-process runner
 builds the same config without Flower. Both engines aggregate with the same function
@@ -35,15 +35,16 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fedbicross_flwr.communication import add_traffic
-from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.data.site import example_bounds
+from fedbicross_flwr.engines.communication import add_traffic
+from fedbicross_flwr.engines.transport import Transport
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, StateDict
 from fedbicross_flwr.methods.catalog import method_spec
 from fedbicross_flwr.model import probe_for, weighted_average
 from fedbicross_flwr.protocol import ClientFailure, PhaseResult, upload_problem
-from fedbicross_flwr.site import example_bounds
-from fedbicross_flwr.transport import Transport
+
 
 def round_epochs(cfg: RunConfig) -> int:
     """Local epochs per round: ``round-epochs``, or ceil(local-epochs / rounds) when 0."""
@@ -71,8 +72,8 @@ def flower_strategy(cfg: RunConfig, num_nodes: int) -> Any:
     common = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": num_nodes,
               "min_available_nodes": num_nodes}
     if cfg.method == "fedprox-r":
-        return FedProx(**common, proximal_mu=cfg.proximal_mu)
-    return FedAvg(**common)
+        return FedProx(**common, proximal_mu=cfg.proximal_mu)  # type: ignore[arg-type]
+    return FedAvg(**common)  # type: ignore[arg-type]
 
 
 def run_rounds(cfg: RunConfig, transport: Transport, init: StateDict,
@@ -85,7 +86,9 @@ def run_rounds(cfg: RunConfig, transport: Transport, init: StateDict,
     """
     log(logging.INFO, "%s: %d rounds of %d local epochs (%s, proximal-mu=%g)", cfg.method,
         cfg.rounds, round_epochs(cfg), method_spec(cfg.method).strategy, proximal_mu(cfg))
-    state, history, failures = init, [], []
+    history: list[dict[str, Any]] = []
+    failures: list[ClientFailure] = []
+    state = init
     bytes_up: dict[int, int] = {}
     bytes_down: dict[int, int] = {}
     probe, sizes = probe_for(init), None

@@ -1,7 +1,7 @@
 """FedBiCross as a server method: Stages 1-2 on the server, Stage 3 by ``train.personalize``.
 
 The algorithm lives in :mod:`fedbicross_flwr.fedbicross` (plain PyTorch). This adapter takes
-its settings from the run config (:func:`~fedbicross_flwr.fedbicross.settings.
+its settings from the run config (:func:`~fedbicross_flwr.config.settings.
 settings_from_config`), sends each client its cluster model G_k, and writes the method's
 artefacts into the run folder:
 
@@ -17,14 +17,14 @@ import logging
 
 import numpy as np
 
+from fedbicross_flwr.config.settings import settings_from_config
+from fedbicross_flwr.distill.plots import save_synthetic_grid
 from fedbicross_flwr.fedbicross.method import run_fedbicross
-from fedbicross_flwr.fedbicross.plots import (plot_weight_history, save_synthetic_grid,
-                                              save_weight_history_csv)
-from fedbicross_flwr.fedbicross.settings import settings_from_config
+from fedbicross_flwr.fedbicross.plots import plot_weight_history, save_weight_history_csv
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, write_clusters_csv
 from fedbicross_flwr.model import load_resnet18
-from fedbicross_flwr.results import write_json
+from fedbicross_flwr.reports.results import write_json
 
 
 def fedbicross(inp: MethodInput) -> MethodOutput:

@@ -1,5 +1,6 @@
 """Shared generator machinery of DENSE / Co-Boosting / DAFL, and Co-Boosting's pieces,
-against hand-computed values."""
+against hand-computed values.
+"""
 
 import math
 import sys
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fedbicross"))
 from fbc_models import TinyCNN  # noqa: E402
 
+from fedbicross_flwr.distill.utils import cpu_generator  # noqa: E402
 from fedbicross_flwr.methods.baselines.coboosting import ods_perturbation, update_ensemble_weights  # noqa: E402
 from fedbicross_flwr.methods.baselines.common import step_schedule  # noqa: E402
 from fedbicross_flwr.methods.baselines.generator import (  # noqa: E402
@@ -25,7 +27,6 @@ from fedbicross_flwr.methods.baselines.generator import (  # noqa: E402
     information_entropy_loss,
     train_generator_round,
 )
-from fedbicross_flwr.fedbicross.utils import cpu_generator  # noqa: E402
 
 STUDENT = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
 TEACHER = torch.tensor([[3.0, 0.0, 0.0], [2.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 1.0, 6.0]])

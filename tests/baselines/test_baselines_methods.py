@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from fedbicross_flwr.config import RunConfig
-from fedbicross_flwr.inprocess import run_in_process
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.engines.inprocess import run_in_process
 from fedbicross_flwr.methods import get_method, method_names
 
 TINY = {

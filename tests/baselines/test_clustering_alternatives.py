@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fedbicross"))
 from fbc_models import TinyCNN  # noqa: E402
 
 from fedbicross_flwr.client import initial_state  # noqa: E402
-from fedbicross_flwr.config import ConfigError, RunConfig  # noqa: E402
+from fedbicross_flwr.config.run_config import ConfigError, RunConfig  # noqa: E402
+from fedbicross_flwr.config.settings import FedBiCrossSettings  # noqa: E402
 from fedbicross_flwr.fedbicross.clustering_alternatives import (  # noqa: E402
     assign_clusters,
     hierarchical_update_clusters,
@@ -21,7 +22,6 @@ from fedbicross_flwr.fedbicross.clustering_alternatives import (  # noqa: E402
     parameter_gram,
 )
 from fedbicross_flwr.fedbicross.method import run_fedbicross  # noqa: E402
-from fedbicross_flwr.fedbicross.settings import FedBiCrossSettings  # noqa: E402
 from fedbicross_flwr.model import build_resnet18  # noqa: E402
 
 SEED = 7

@@ -7,6 +7,8 @@ import pytest
 import torch
 from fbc_models import make_tiny
 
+from fedbicross_flwr.config.settings import FedBiCrossSettings
+from fedbicross_flwr.distill.losses import kd_loss
 from fedbicross_flwr.fedbicross.bilevel import (
     OnlineBilevelTrainer,
     fixed_weights,
@@ -14,8 +16,6 @@ from fedbicross_flwr.fedbicross.bilevel import (
     outer_update,
     project_to_simplex,
 )
-from fedbicross_flwr.fedbicross.losses import kd_loss
-from fedbicross_flwr.fedbicross.settings import FedBiCrossSettings
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from fedbicross_flwr.fedbicross.utils import channels_last_is_safe, to_channels_last
+from fedbicross_flwr.distill.utils import channels_last_is_safe, to_channels_last
 from fedbicross_flwr.model import build_resnet18, is_channels_last
 
 # One bi-level step of a width-8 student through the package's own path, with 51 validation
@@ -20,7 +20,7 @@ from fedbicross_flwr.model import build_resnet18, is_channels_last
 STEP = """
 import torch
 from fedbicross_flwr.fedbicross.bilevel import inner_step_and_hypergradient
-from fedbicross_flwr.fedbicross.utils import to_channels_last
+from fedbicross_flwr.distill.utils import to_channels_last
 from fedbicross_flwr.model import build_resnet18
 torch.manual_seed(0)
 model = build_resnet18(1, 3, {width})

@@ -8,10 +8,10 @@ import torch
 from fbc_models import make_tiny
 
 import fedbicross_flwr.fedbicross.method as method_module
+from fedbicross_flwr.config.settings import FedBiCrossSettings
 from fedbicross_flwr.fedbicross.bilevel import OnlineBilevelTrainer
 from fedbicross_flwr.fedbicross.checkpoint import CheckpointMismatch
 from fedbicross_flwr.fedbicross.method import run_fedbicross
-from fedbicross_flwr.fedbicross.settings import FedBiCrossSettings
 
 TINY = dict(noise_samples=8, synth_steps=3, synth_batch=8, synth_lr=0.1, bn_weight=0.1,
             num_examples=4, kmeans_n_init=2, num_clusters=2, server_epochs=2)
@@ -143,7 +143,7 @@ class _Payload:
 
 def _forge(directory, name, payload):
     """Replace checkpoint ``name`` and update the manifest's sha256, as an attacker would."""
-    from fedbicross_flwr.checkpoint_io import sha256_file
+    from fedbicross_flwr.storage.checkpoint_io import sha256_file
 
     path = directory / f"{name}.pt"
     torch.save(payload, path)
@@ -188,7 +188,7 @@ def test_a_tampered_checkpoint_with_a_valid_checksum_is_refused_and_recomputed(
 
 
 def test_numpy_payloads_round_trip_as_plain_data(tmp_path):
-    from fedbicross_flwr.checkpoint_io import load_plain, save_plain
+    from fedbicross_flwr.storage.checkpoint_io import load_plain, save_plain
 
     payload = {"a": np.arange(6, dtype=np.int64).reshape(2, 3), "b": [np.float32(1.5), (1, "x")],
                "c": {"d": np.array([0.25, 0.5]), "e": None, "t": torch.ones(2)}}

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from fbc_models import make_tiny
 
-from fedbicross_flwr.config import RunConfig
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.config.settings import settings_from_config
 from fedbicross_flwr.fedbicross.method import run_fedbicross
-from fedbicross_flwr.fedbicross.settings import settings_from_config
 
 GOLDEN = Path(__file__).with_name("golden_fedbicross.json")
 KEYS = {"num-clusters": 2, "noise-samples": 8, "synth-steps": 3, "synth-batch": 8,
@@ -41,7 +41,8 @@ def _state_sha(state: dict[str, torch.Tensor]) -> str:
 
 def _payload_sha(payload: object) -> str:
     """sha256 of a checkpoint payload: every tensor (float64 bytes) and value, in order,
-    except wall-clock times (``times``, ``*_time_s``), which differ from run to run."""
+    except wall-clock times (``times``, ``*_time_s``), which differ from run to run.
+    """
     digest = hashlib.sha256()
 
     def walk(x: object, where: str) -> None:

@@ -8,13 +8,10 @@ import pytest
 import torch
 from fbc_models import make_tiny
 
+from fedbicross_flwr.config.settings import FedBiCrossSettings
+from fedbicross_flwr.distill.plots import save_synthetic_grid
 from fedbicross_flwr.fedbicross.method import run_fedbicross
-from fedbicross_flwr.fedbicross.plots import (
-    plot_weight_history,
-    save_synthetic_grid,
-    save_weight_history_csv,
-)
-from fedbicross_flwr.fedbicross.settings import FedBiCrossSettings
+from fedbicross_flwr.fedbicross.plots import plot_weight_history, save_weight_history_csv
 from fedbicross_flwr.model import build_resnet18
 
 TINY = dict(noise_samples=8, synth_steps=3, synth_batch=8, synth_lr=0.1, bn_weight=0.1,

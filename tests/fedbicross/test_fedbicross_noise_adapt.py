@@ -5,9 +5,12 @@ import torch
 from fbc_models import ConstantLogits, make_tiny
 from torch import nn
 
-from fedbicross_flwr.fedbicross.noise_adapt import (effective_steps, noise_adapted_copy,
-                                                     teacher_soft_labels)
-from fedbicross_flwr.fedbicross.synthesis import EnsembleTeacher
+from fedbicross_flwr.distill.noise_adapt import (
+    effective_steps,
+    noise_adapted_copy,
+    teacher_soft_labels,
+)
+from fedbicross_flwr.distill.synthesis import EnsembleTeacher
 
 
 def _trajectory() -> torch.Tensor:
@@ -145,7 +148,7 @@ def _resnet_with_running_stats(seed: int) -> nn.Module:
 
 def test_batchnorm_folding_predicts_the_same_and_leaves_the_model_alone():
     # Prepare: two ResNet-18 members with non-trivial BN statistics and affine parameters
-    from fedbicross_flwr.fedbicross.utils import batchnorm_folded
+    from fedbicross_flwr.distill.utils import batchnorm_folded
 
     members = [_resnet_with_running_stats(0), _resnet_with_running_stats(1)]
     before = [{k: v.clone() for k, v in m.state_dict().items()} for m in members]

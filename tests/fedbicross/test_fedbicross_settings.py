@@ -1,13 +1,19 @@
 """FedBiCrossSettings: derived from the run config (one source of keys, defaults, ranges)."""
 
 import dataclasses
+import typing
 
 import pytest
 
-from fedbicross_flwr.config import CLUSTER_ON, RunConfig, _key
-from fedbicross_flwr.fedbicross.settings import (ENGINEERING_FIELDS, FedBiCrossSettings,
-                                                 settings_class, settings_from_config,
-                                                 tagged_fields)
+from fedbicross_flwr.config.run_config import CLUSTER_ON, RunConfig, _key
+from fedbicross_flwr.config.settings import (
+    ENGINEERING_FIELDS,
+    FedBiCrossSettings,
+    SettingsFields,
+    settings_class,
+    settings_from_config,
+    tagged_fields,
+)
 
 
 def test_defaults_are_the_papers_values():
@@ -38,6 +44,15 @@ def test_every_setting_is_a_run_config_key_with_the_same_default():
         "kd-temperature", "bilevel-val-fraction", "noise-ema-cutoff")
     assert (keys["hypergrad_normalisation"], keys["mixed_precision"]) == (
         "hypergrad-norm", "precision")
+
+
+def test_the_static_view_for_type_checkers_is_exactly_the_fields():
+    # Prepare: what type checkers read (a class body) and what the run config builds
+    static = typing.get_type_hints(SettingsFields)
+    built = {f.name: f.type for f in dataclasses.fields(FedBiCrossSettings)}
+    # Assert: the same names, in the same order, with the same types
+    assert list(static) == list(built)
+    assert static == built
 
 
 def test_a_new_key_is_declared_in_one_place():

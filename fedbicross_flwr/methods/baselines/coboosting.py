@@ -30,12 +30,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...fedbicross.utils import autocast_context, cpu_generator, derive_seed
+from ...distill.utils import cpu_generator, derive_seed
 from ...logging_utils import log
-from ...methods.base import MethodInput, MethodOutput
-from .common import client_models, finish, initial_student
-from .generator import (Generator, RoundSettings, SyntheticPool, ensemble_logits, kd_pass,
-                        member_logits, train_generator_round)
+from ...training import autocast
+from ..base import MethodInput, MethodOutput
+from .common import finish
+from .generator import (
+    SyntheticPool,
+    ensemble_logits,
+    generator_method_start,
+    kd_pass,
+    member_logits,
+    train_generator_round,
+)
 
 
 def update_ensemble_weights(
@@ -71,7 +78,7 @@ def update_ensemble_weights(
     w = weights.detach().clone()
     for x, y in batches:
         with torch.no_grad():
-            logits = logits_fn(x) if logits_fn is not None else member_logits(members, x)
+            logits = logits_fn(x) if logits_fn is not None else member_logits(members, x)  # type: ignore[arg-type]
         w_var = w.clone().requires_grad_(True)
         loss = F.cross_entropy(ensemble_logits(logits, w_var), y)
         (grad,) = torch.autograd.grad(loss, w_var)
@@ -86,7 +93,8 @@ def update_ensemble_weights(
 def ods_perturbation(teacher, x: Tensor, eta: float, tau: float, generator: torch.Generator
                      ) -> Tensor:
     """Output-diversified sampling: x + eta * sign(grad_x sum(r * softmax(T(x) / tau))),
-    r ~ U(-1, 1) per output (drawn from the seeded CPU generator)."""
+    r ~ U(-1, 1) per output (drawn from the seeded CPU generator).
+    """
     if eta == 0:
         return x
     x = x.detach().clone().requires_grad_(True)
@@ -100,14 +108,9 @@ def coboosting(inp: MethodInput) -> MethodOutput:
     """Co-Boosting server stage: one global model for every client."""
     cfg = inp.cfg
     start = time.perf_counter()
-    members = client_models(inp)
-    student = initial_student(inp, tag=301)
-    generator = Generator(cfg.gen_latent, inp.in_channels).to(inp.device)
-    settings = RoundSettings(steps=cfg.gen_steps, batch=cfg.gen_batch, lr=cfg.gen_lr,
-                             latent=cfg.gen_latent, bn_weight=0.0, ce_weight=cfg.gen_ce_weight,
-                             adv_weight=cfg.gen_adv_weight, bn_reduction="mean",
-                             hard_power=cfg.coboosting_hard_power, adv_masked=False, adv_tau=3.0,
-                             grad_clip=10.0, precision=cfg.precision)
+    members, student, generator, settings = generator_method_start(
+        inp, 301, bn_weight=0.0, bn_reduction="mean", hard_power=cfg.coboosting_hard_power,
+        adv_masked=False, adv_tau=3.0, grad_clip=10.0)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.gen_kd_lr, momentum=0.9,
                                 weight_decay=1e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.gen_epochs)
@@ -119,7 +122,7 @@ def coboosting(inp: MethodInput) -> MethodOutput:
     log_every = max(1, cfg.gen_epochs // 10)
 
     def _member_logits(x: Tensor) -> Tensor:
-        with autocast_context(inp.device, cfg.precision):
+        with autocast(inp.device, cfg.precision):
             return member_logits(members, x)  # (N, B, C) float32
 
     for epoch in range(cfg.gen_epochs):

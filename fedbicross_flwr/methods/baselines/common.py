@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...fedbicross.plots import save_synthetic_grid
-from ...fedbicross.utils import derive_seed
+from ...distill.plots import save_synthetic_grid
+from ...distill.utils import derive_seed
 from ...logging_utils import log
-from ...methods.base import MethodInput, MethodOutput, StateDict
 from ...model import load_resnet18, weighted_average
-from ...results import write_json
+from ...reports.results import write_json
+from ..base import MethodInput, MethodOutput, StateDict
 
 
 def client_models(inp: MethodInput) -> list[nn.Module]:

@@ -24,13 +24,19 @@ from logging import INFO
 import torch
 import torch.nn.functional as F
 
-from ...fedbicross.losses import kd_kl
-from ...fedbicross.utils import autocast_context, cpu_generator, derive_seed
+from ...distill.losses import kd_kl
+from ...distill.utils import cpu_generator, derive_seed, full_precision
 from ...logging_utils import log
-from ...methods.base import MethodInput, MethodOutput
+from ...training import autocast
+from ..base import MethodInput, MethodOutput
 from .common import client_models, finish, initial_student, step_schedule
-from .generator import (Generator, PenultimateHook, full_precision, ensemble_logits,
-                        information_entropy_loss, member_logits)
+from .generator import (
+    Generator,
+    PenultimateHook,
+    ensemble_logits,
+    information_entropy_loss,
+    member_logits,
+)
 
 
 def dafl(inp: MethodInput) -> MethodOutput:
@@ -57,7 +63,7 @@ def dafl(inp: MethodInput) -> MethodOutput:
             sums = {"ce": 0.0, "ie": 0.0, "act": 0.0, "kd": 0.0, "agreement": 0.0}
             for _ in range(cfg.dafl_iterations):
                 z = torch.randn((cfg.dafl_batch, cfg.dafl_latent), generator=rng).to(inp.device)
-                with autocast_context(inp.device, cfg.precision):
+                with autocast(inp.device, cfg.precision):
                     x = generator(z)  # (B, C_in, H, W)
                     t_logits = ensemble_logits(member_logits(members, x))  # (B, C)
                     s_logits = full_precision(student(x.detach()))

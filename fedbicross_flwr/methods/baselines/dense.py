@@ -26,26 +26,27 @@ from logging import INFO
 
 import torch
 
-from ...fedbicross.utils import derive_seed
+from ...distill.utils import derive_seed
 from ...logging_utils import log
-from ...methods.base import MethodInput, MethodOutput
-from .common import client_models, finish, initial_student
-from .generator import (Generator, RoundSettings, SyntheticPool, ensemble_logits, kd_pass,
-                        member_logits, train_generator_round)
+from ..base import MethodInput, MethodOutput
+from .common import finish
+from .generator import (
+    SyntheticPool,
+    ensemble_logits,
+    generator_method_start,
+    kd_pass,
+    member_logits,
+    train_generator_round,
+)
 
 
 def dense(inp: MethodInput) -> MethodOutput:
     """DENSE server stage: one global model for every client."""
     cfg = inp.cfg
     start = time.perf_counter()
-    members = client_models(inp)
-    student = initial_student(inp, tag=201)
-    generator = Generator(cfg.gen_latent, inp.in_channels).to(inp.device)
-    settings = RoundSettings(steps=cfg.gen_steps, batch=cfg.gen_batch, lr=cfg.gen_lr,
-                             latent=cfg.gen_latent, bn_weight=cfg.gen_bn_weight,
-                             ce_weight=cfg.gen_ce_weight, adv_weight=cfg.gen_adv_weight,
-                             bn_reduction="sum", hard_power=None, adv_masked=True, adv_tau=1.0,
-                             grad_clip=None, precision=cfg.precision)
+    members, student, generator, settings = generator_method_start(
+        inp, 201, bn_weight=cfg.gen_bn_weight, bn_reduction="sum", hard_power=None,
+        adv_masked=True, adv_tau=1.0, grad_clip=None)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.gen_kd_lr, momentum=0.9)
     pool = SyntheticPool()
     history: list[dict[str, float]] = []

@@ -31,15 +31,15 @@ from logging import INFO
 
 import torch
 
-from ...fedbicross.losses import kd_loss
-from ...fedbicross.noise_adapt import noise_adapted_copy, teacher_soft_labels
-from ...fedbicross.settings import settings_from_config
-from ...fedbicross.synthesis import EnsembleTeacher, synthesize_trajectory
-from ...fedbicross.utils import autocast_context, derive_seed
+from ...config.settings import settings_from_config
+from ...distill.losses import kd_loss
+from ...distill.noise_adapt import noise_adapted_copy, teacher_soft_labels
+from ...distill.synthesis import EnsembleTeacher, synthesize_trajectory
+from ...distill.utils import derive_seed, full_precision
 from ...logging_utils import log
-from ...methods.base import MethodInput, MethodOutput
+from ...training import autocast
+from ..base import MethodInput, MethodOutput
 from .common import client_models, finish, initial_student, step_schedule
-from .generator import full_precision
 
 
 def fedisca(inp: MethodInput) -> MethodOutput:
@@ -81,7 +81,7 @@ def fedisca(inp: MethodInput) -> MethodOutput:
             alpha = t / steps  # weight of the original teacher, 0 -> 1 (reference)
             for lo in range(0, batch, kd_batch):
                 part = slice(lo, lo + kd_batch)
-                with autocast_context(inp.device, s.mixed_precision):
+                with autocast(inp.device, s.mixed_precision):
                     logits = full_precision(student(trajectory[t, part]))
                 loss = kd_loss(logits, probs_fn[t, part], probs_f[t, part], 1.0 - alpha, s.tau)
                 optimizer.zero_grad(set_to_none=True)

@@ -25,13 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...fedbicross.losses import BNStatsHook, kd_kl
-from ...fedbicross.utils import autocast_context, cpu_generator
-
-
-def full_precision(t: Tensor) -> Tensor:
-    """Upcast autocast (bf16/fp16) outputs to float32; other dtypes unchanged."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+from ...distill.losses import BNStatsHook, kd_kl
+from ...distill.utils import cpu_generator, full_precision
+from ...training import autocast
+from ..base import MethodInput
+from .common import client_models, initial_student
 
 
 class Generator(nn.Module):
@@ -88,7 +86,8 @@ class Generator(nn.Module):
 
     def reset(self, generator: torch.Generator) -> None:
         """DENSE / Co-Boosting re-initialisation before each round: N(0, 0.02) weights, zero
-        biases, BN scales N(1, 0.02), drawn from the given seeded CPU generator."""
+        biases, BN scales N(1, 0.02), drawn from the given seeded CPU generator.
+        """
         with torch.no_grad():
             for module in self.modules():
                 if isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -109,7 +108,8 @@ def member_logits(members: Sequence[nn.Module], x: Tensor) -> Tensor:
 
 def ensemble_logits(logits: Tensor, weights: Tensor | None = None) -> Tensor:
     """(B, C) weighted mean of member logits, sum_i w_i l_i / sum_i w_i (Co-Boosting's
-    WEnsemble; plain mean when ``weights`` is None: DENSE, DAFL)."""
+    WEnsemble; plain mean when ``weights`` is None: DENSE, DAFL).
+    """
     if weights is None:
         return logits.mean(dim=0)
     w = weights.to(logits.dtype).view(-1, 1, 1)
@@ -151,14 +151,16 @@ def hard_sample_ce(teacher_logits: Tensor, targets: Tensor, power: float) -> Ten
 
 def information_entropy_loss(teacher_logits: Tensor) -> Tensor:
     """DAFL's class-balance term sum_c pbar_c log10 pbar_c, pbar = batch-mean softmax (it is
-    minimised, i.e. the entropy of the mean prediction is maximised; log10 as in DAFL's code)."""
+    minimised, i.e. the entropy of the mean prediction is maximised; log10 as in DAFL's code).
+    """
     mean_p = F.softmax(teacher_logits, dim=1).mean(dim=0)  # (C,)
     return (mean_p * torch.log10(mean_p.clamp(min=1e-12))).sum()
 
 
 class PenultimateHook:
     """Collects the input of each model's last ``nn.Linear`` (the pooled features; DAFL's
-    activation loss is -mean |features|). Hooks are removed on exit."""
+    activation loss is -mean |features|). Hooks are removed on exit.
+    """
 
     def __init__(self, models: Sequence[nn.Module]) -> None:
         self.layers = [[m for m in model.modules() if isinstance(m, nn.Linear)][-1]
@@ -209,6 +211,24 @@ class RoundSettings:
     adv_tau: float = 1.0
     grad_clip: float | None = None
     precision: str = "fp32"
+
+
+def generator_method_start(inp: MethodInput, tag: int, **variant: Any
+                           ) -> tuple[list[nn.Module], nn.Module, Generator, RoundSettings]:
+    """What DENSE and Co-Boosting start from: the frozen client models, the student (seeded
+    by ``tag``), a fresh generator and the round settings of the ``gen-*`` keys.
+
+    ``variant`` holds the method's own :class:`RoundSettings` fields (``bn_weight``,
+    ``bn_reduction``, ``hard_power``, ``adv_masked``, ``adv_tau``, ``grad_clip``).
+    """
+    cfg = inp.cfg
+    members = client_models(inp)
+    student = initial_student(inp, tag=tag)
+    generator = Generator(cfg.gen_latent, inp.in_channels).to(inp.device)
+    settings = RoundSettings(steps=cfg.gen_steps, batch=cfg.gen_batch, lr=cfg.gen_lr,
+                             latent=cfg.gen_latent, ce_weight=cfg.gen_ce_weight,
+                             adv_weight=cfg.gen_adv_weight, precision=cfg.precision, **variant)
+    return members, student, generator, settings
 
 
 def train_generator_round(
@@ -272,7 +292,7 @@ def train_generator_round(
         with BNStatsHook(members if use_bn else []) as bn_hook:
             for _ in range(settings.steps):
                 bn_hook.reset()
-                with autocast_context(device, settings.precision):
+                with autocast(device, settings.precision):
                     x = generator(z)  # (B, C_in, H, W)
                     t_logits = ensemble_logits(member_logits(members, x), member_weights)
                     s_logits = full_precision(student(x))
@@ -296,9 +316,9 @@ def train_generator_round(
         for module, flag in student_flags:
             module.training = flag
     with torch.no_grad():
-        t_best = ensemble_logits(member_logits(members, best_images), member_weights)
+        t_best = ensemble_logits(member_logits(members, best_images), member_weights)  # type: ignore[arg-type]
         accuracy = (t_best.argmax(dim=1) == targets).float().mean().item()
-    return best_images, targets, {**terms, "best_loss": best_loss, "teacher_accuracy": accuracy}
+    return best_images, targets, {**terms, "best_loss": best_loss, "teacher_accuracy": accuracy}  # type: ignore[return-value]
 
 
 def _num_classes(model: nn.Module) -> int:
@@ -319,6 +339,7 @@ class SyntheticPool:
         self.teacher_logits: list[Tensor | None] = []
 
     def add(self, images: Tensor, targets: Tensor, teacher_logits: Tensor | None = None) -> None:
+        """Append one batch (and its teacher logits, if cached) to the pool."""
         self.images.append(images.detach())
         self.targets.append(targets.detach())
         self.teacher_logits.append(None if teacher_logits is None else teacher_logits.detach())
@@ -392,8 +413,8 @@ def kd_pass(
             with torch.no_grad():
                 t_logits = teacher(images)
         else:
-            t_logits = cached
-        with autocast_context(device, precision):
+            t_logits = cached  # type: ignore[assignment]
+        with autocast(device, precision):
             s_logits = full_precision(student(images))
         loss = kd_kl(s_logits, F.softmax(t_logits / tau, dim=1), tau)
         optimizer.zero_grad(set_to_none=True)
@@ -403,6 +424,6 @@ def kd_pass(
         optimizer.step()
         total += loss.item()
         batches += 1
-        agree += (s_logits.argmax(dim=1) == t_logits.argmax(dim=1)).sum().item()
+        agree += (s_logits.argmax(dim=1) == t_logits.argmax(dim=1)).sum().item()  # type: ignore[assignment]
         count += len(images)
     return {"kd_loss": total / max(batches, 1), "agreement": agree / max(count, 1)}

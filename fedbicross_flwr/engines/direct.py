@@ -1,0 +1,160 @@
+"""Run a whole experiment in one process, without Flower or Ray.
+
+The same client functions (:mod:`fedbicross_flwr.client`) and the same server protocol
+(:func:`fedbicross_flwr.server.run_server`) as the Flower app, with clients called one after
+the other. This is the path for quick CPU experiments (no Ray start-up) and for the lent GPU
+machine, which has no Flower installed. A client that raises is reported as a failure, like a
+Flower error reply, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from pathlib import Path
+
+from torch import nn
+
+from fedbicross_flwr.client import run_local_training, run_personalization
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.data.datasets import load_dataset
+from fedbicross_flwr.data.site import SiteData, site_from_partition
+from fedbicross_flwr.engines.communication import state_bytes
+from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.model import build_resnet18, load_resnet18
+from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
+from fedbicross_flwr.server import run_methods, run_server
+from fedbicross_flwr.storage import client_cache
+from fedbicross_flwr.training import resolve_device
+
+
+class DirectTransport:
+    """Clients as in-process function calls over the run config's partition."""
+
+    def __init__(self, cfg: RunConfig, cache_dir: Path | None = None) -> None:
+        ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
+                          cfg.in_channels, cfg.num_classes)
+        self.sites: list[SiteData] = [site_from_partition(ds, cfg, pid, cfg.num_clients)
+                                      for pid in range(cfg.num_clients)]
+        self.own_models: dict[int, nn.Module] = {}
+        # f_i used by personalization: the phase-1 models, or the last round's models of a
+        # multi-round method (kept apart, so a later one-shot method still gets phase 1's)
+        self.active_own: dict[int, nn.Module] = self.own_models
+        self.device = resolve_device(cfg.device)
+        self._phase1: PhaseResult | None = None
+        self.cache_dir = cache_dir
+
+    def collect_models(self, cfg: RunConfig, init: StateDict) -> PhaseResult:
+        """Train every client once; later calls (other methods) reuse the same uploads."""
+        self.active_own = self.own_models
+        if self._phase1 is not None:
+            log(logging.INFO, "phase 1: reusing the %d client models trained for the first "
+                "method", len(self._phase1.replies))
+            return self._phase1
+        if self.cache_dir is not None:
+            cached = client_cache.load(self.cache_dir, cfg)
+            if cached is not None:
+                self._phase1 = self._phase_result()
+                for pid, reply in cached["replies"].items():
+                    self._phase1.replies[pid] = ClientReply(pid, reply["state"],
+                                                            reply["metrics"])
+                self._phase1.failures = [ClientFailure(**f) for f in cached["failures"]]
+                for pid, state in cached["own"].items():
+                    self.own_models[pid] = load_resnet18(state)
+                return _formula_traffic(self._phase1, state_bytes(init))
+        result = self._phase_result()
+        for site in self.sites:
+            try:
+                model, metrics = run_local_training(cfg, site, self.device, init)
+            except Exception as err:  # noqa: BLE001 - a failing client must not stop the run
+                result.failures.append(ClientFailure(site.partition_id, "local", "train",
+                                                     _reason(err)))
+                continue
+            self.own_models[site.partition_id] = model
+            result.replies[site.partition_id] = ClientReply(
+                site.partition_id, {k: v.detach().clone() for k, v in
+                                    model.state_dict().items()}, metrics)
+        self._phase1 = _formula_traffic(result, state_bytes(init))
+        if self.cache_dir is not None:
+            client_cache.save(self.cache_dir, cfg, {  # plain data: loaded weights-only
+                "replies": {pid: {"state": r.state, "metrics": r.metrics}
+                            for pid, r in result.replies.items()},
+                "failures": [vars(f) for f in result.failures],
+                "own": {pid: m.state_dict() for pid, m in self.own_models.items()}})
+        return result
+
+    def train_round(self, cfg: RunConfig, state: StateDict, server_round: int) -> PhaseResult:
+        """One round of fedavg-r / fedprox-r: every client trains from the global ``state``."""
+        from fedbicross_flwr.methods.fedavg import round_config
+
+        config = round_config(cfg, server_round)
+        result, round_own = self._phase_result(), {}
+        for site in self.sites:
+            try:
+                model, metrics = run_local_training(
+                    cfg, site, self.device, state, epochs=config["local-epochs"],
+                    proximal_mu=config["proximal-mu"], server_round=server_round)
+            except Exception as err:  # noqa: BLE001
+                result.failures.append(ClientFailure(site.partition_id, "local", "train",
+                                                     _reason(err)))
+                continue
+            round_own[site.partition_id] = model
+            result.replies[site.partition_id] = ClientReply(
+                site.partition_id, {k: v.detach().clone() for k, v in
+                                    model.state_dict().items()}, metrics)
+        self.active_own = round_own
+        return _formula_traffic(result, state_bytes(state))
+
+    def _phase_result(self) -> PhaseResult:
+        """An empty phase-1 result: every site trains its partition of the run's dataset."""
+        return PhaseResult(partitions={s.partition_id: "local" for s in self.sites},
+                           num_partitions=len(self.sites))
+
+    def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
+        """Phase 3 on every site: personalize from its model, return the metrics."""
+        result = PhaseResult()
+        for site in self.sites:
+            pid = site.partition_id
+            if pid not in models:
+                continue
+            try:
+                received = build_resnet18(site.in_channels, site.num_classes, cfg.model_width)
+                received.load_state_dict(models[pid])
+                _, metrics = run_personalization(cfg, site, self.active_own[pid], received,
+                                                 self.device)
+            except Exception as err:  # noqa: BLE001
+                result.failures.append(ClientFailure(pid, "local", "personalize",
+                                                     _reason(err)))
+                continue
+            result.replies[pid] = metrics
+        result.bytes_down = {pid: state_bytes(state) for pid, state in models.items()}
+        result.bytes_up = {pid: 0 for pid in result.replies}  # metrics only, no arrays
+        return result
+
+
+def _formula_traffic(result: PhaseResult, sent: int) -> PhaseResult:
+    """Phase-1 style traffic by formula: ``sent`` bytes to every site, its model back."""
+    result.bytes_down = {pid: sent for pid in result.partitions}
+    result.bytes_up = {pid: state_bytes(r.state) for pid, r in result.replies.items()}
+    return result
+
+
+def _reason(err: Exception) -> str:
+    log(logging.ERROR, "client failed:\n%s", traceback.format_exc())
+    return f"{type(err).__name__}: {err}"
+
+
+def run_direct(cfg: RunConfig) -> Path:
+    """Run ``cfg`` end to end in this process; returns the run folder."""
+    return run_server(cfg, DirectTransport(cfg))
+
+
+def run_direct_methods(cfg: RunConfig, methods: list[str],
+                       cache_dir: Path | None = None) -> dict[str, Path]:
+    """Several server methods on the SAME client models (trained once) and partition.
+
+    :func:`fedbicross_flwr.server.run_methods` with in-process clients: each method gets its
+    own run folder ``<run-name>-<method>``, and ``<run-name>-comparison`` the table and the
+    summary picture (key ``"comparison"`` of the result) when there are two or more.
+    """
+    return run_methods(cfg.replace(methods=",".join(methods)), DirectTransport(cfg, cache_dir))

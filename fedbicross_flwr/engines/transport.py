@@ -1,0 +1,32 @@
+"""How the server reaches the clients: the :class:`Transport` interface of the protocol.
+
+Flower's Grid (:class:`fedbicross_flwr.engines.grid_transport.GridTransport`, simulation or
+deployment) and plain function calls (:class:`fedbicross_flwr.engines.direct.DirectTransport`, one
+process, no Flower) implement it. It lives below the server
+and the methods, so both can name it without importing each other.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.protocol import PhaseResult, StateDict
+
+
+class Transport(Protocol):
+    """How the server reaches the clients."""
+
+    def collect_models(self, cfg: RunConfig, init: StateDict) -> PhaseResult:
+        """Phase 1: every client trains once from ``init``; replies are ``ClientReply``."""
+
+    def train_round(self, cfg: RunConfig, state: StateDict, server_round: int) -> PhaseResult:
+        """Round ``server_round`` of a multi-round method (its phase 1 is R of them): every
+        client trains from the global model ``state``; replies are ``ClientReply``.
+        """
+
+    def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
+        """Phase 3: send each partition its model; replies are metric dicts."""
+
+
+__all__ = ["Transport"]

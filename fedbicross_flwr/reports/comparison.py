@@ -1,0 +1,115 @@
+"""The comparison of several server methods run on the same client uploads.
+
+One row per method, read from each method's ``summary.json``: the mean client accuracy in the
+official view (the paper's metric: the official test split) and in the label-following view
+(a test set drawn like the client's own labels), on the received model (before
+personalization) and after personalization, next to what the method cost: megabytes each
+client sent and received over the run, model exchanges (round trips of a model), and the
+server stage's seconds. The majority-class rate of the official test
+split is the floor a useful model must beat.
+
+``<run-name>-comparison/``
+    ``comparison.csv``   the table, one row per method (fractions in [0, 1])
+    ``comparison.md``    the same as Markdown (percentages), as logged and printed
+    ``summary.png``      the summary picture (:mod:`fedbicross_flwr.reports.summary_figure`)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from fedbicross_flwr.reports.results import percent
+
+# column -> key of summary.json
+COLUMNS = {
+    "official-received": "acc-before-mean",
+    "official-after": "acc-after-mean",
+    "label-following-received": "acc-personal-before-mean",
+    "label-following-after": "acc-personal-after-mean",
+}
+
+
+# cost column -> key of summary.json's "cost" (bytes per client each way, over the whole run)
+COST = {
+    "bytes-up-per-client": "bytes-up-per-client",
+    "bytes-down-per-client": "bytes-down-per-client",
+    "model-exchanges": "model-exchanges",
+    "server-seconds": "server-seconds",
+}
+
+
+def comparison_rows(run_dirs: dict[str, Path]) -> list[dict[str, Any]]:
+    """One row per method (in the order given) from its run folder's ``summary.json``."""
+    rows = []
+    for method, run_dir in run_dirs.items():
+        summary = json.loads((run_dir / "summary.json").read_text())
+        rows.append({"method": method,
+                     "clients": f"{summary['num-completed']}/{summary['num-clients']}",
+                     **{col: summary.get(key) for col, key in COLUMNS.items()},
+                     "local-official": summary.get("local-test-acc-mean"),
+                     "local-label-following": summary.get("local-test-acc-personal-mean"),
+                     "majority-rate": summary.get("majority-rate"),
+                     **{col: (summary.get("cost") or {}).get(key) for col, key in COST.items()},
+                     "dataset": summary.get("dataset"), "run-dir": str(run_dir)})
+    return rows
+
+
+def _num(value: float | None, scale: float, digits: int) -> str:
+    return "n/a" if value is None else f"{value * scale:.{digits}f}"
+
+
+def comparison_markdown(rows: list[dict[str, Any]]) -> str:
+    """The table as Markdown: accuracies in %, the paper's metric in bold."""
+    lines = ["| method | clients | official: received | official: after pers. (paper metric) "
+             "| label-following: received | label-following: after pers. | MB up per client "
+             "| MB down per client | model exchanges | server s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['clients']} | {percent(r['official-received'])} | "
+                     f"**{percent(r['official-after'])}** | "
+                     f"{percent(r['label-following-received'])} | "
+                     f"{percent(r['label-following-after'])} | "
+                     f"{_num(r.get('bytes-up-per-client'), 1e-6, 2)} | "
+                     f"{_num(r.get('bytes-down-per-client'), 1e-6, 2)} | "
+                     f"{_num(r.get('model-exchanges'), 1, 0)} | "
+                     f"{_num(r.get('server-seconds'), 1, 0)} |")
+    if rows:
+        first = rows[0]
+        lines += ["",
+                  f"Mean client accuracy (%) on {first['dataset']}. Majority-class rate of the "
+                  f"official test split: {percent(first['majority-rate'])}. The clients' own "
+                  f"models before any server method: official {percent(first['local-official'])}, "
+                  f"label-following {percent(first['local-label-following'])}."]
+    return "\n".join(lines)
+
+
+def write_comparison(out_dir: Path, run_dirs: dict[str, Path]) -> str:
+    """Write ``comparison.csv``, ``comparison.md`` and ``summary.png``; returns the Markdown.
+
+    A picture that cannot be drawn (e.g. matplotlib missing) is logged, never fatal: the
+    tables are already written.
+    """
+    import logging
+
+    from fedbicross_flwr.logging_utils import log
+
+    rows = comparison_rows(run_dirs)
+    fields = ["method", "clients", *COLUMNS, "local-official", "local-label-following",
+              "majority-rate", *COST, "dataset", "run-dir"]
+    with (out_dir / "comparison.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: "" if r[k] is None else r[k] for k in fields})
+    table = comparison_markdown(rows)
+    (out_dir / "comparison.md").write_text(table + "\n")
+    try:
+        from fedbicross_flwr.reports.summary_figure import write_summary_figure
+
+        write_summary_figure(out_dir / "summary.png", rows, run_dirs)
+    except Exception as err:  # noqa: BLE001 - the numbers matter more than the picture
+        log(logging.WARNING, "summary picture not written: %s: %s", type(err).__name__, err)
+    return table

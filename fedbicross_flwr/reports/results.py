@@ -1,0 +1,146 @@
+"""The run folder: what a run writes, in files a person can read.
+
+``<output-dir>/<run-name>/``
+    ``run_config.json``   every key of the run (after presets and overrides)
+    ``clients.csv``       one row per client, keyed by partition-id
+    ``summary.json``      means over clients; ``acc_after_mean`` is the paper's metric
+    ``summary.md``        the same as a small Markdown table
+    ``log.txt``           the server log
+    plus whatever the method writes (clusters, weights, synthetic images ...)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.data.datasets import project_root
+
+CLIENT_COLUMNS = [
+    "partition-id", "cluster", "n-train", "n-test", "n-test-personal",
+    "local-val-acc", "local-test-acc", "local-test-acc-personal",
+    "acc-before", "acc-after", "acc-personal-before", "acc-personal-after",
+    "train-seconds", "bytes-up", "bytes-down", "status",
+]
+
+
+def default_output_dir() -> Path:
+    """$FEDBICROSS_OUTPUT_DIR, else <project>/outputs, else ~/fedbicross-flwr/outputs."""
+    env = os.environ.get("FEDBICROSS_OUTPUT_DIR", "")
+    if env:
+        return Path(env).expanduser().resolve()
+    root = project_root()
+    if root is not None:
+        return root / "outputs"
+    return Path.home() / "fedbicross-flwr" / "outputs"
+
+
+def create_run_dir(cfg: RunConfig) -> Path:
+    """Make a NEW run folder; an existing one is never overwritten (a suffix is added).
+
+    With ``resume=true`` the folder ``run-name`` is reused when it exists (its checkpoints are
+    continued); a finished run (``summary.json`` present) is refused rather than overwritten.
+    """
+    base = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
+    name = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.dataset}-{cfg.method}"
+    path = base / name
+    if cfg.resume and path.is_dir():
+        if (path / "summary.json").exists():
+            raise FileExistsError(f"run {path} already finished (summary.json exists); nothing "
+                                  "to resume. Use another run-name to run again.")
+        return path
+    suffix = 1
+    while path.exists():
+        path = base / f"{name}-{suffix}"
+        suffix += 1
+    path.mkdir(parents=True)
+    return path
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become None (reported as missing, not as a number)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "tolist"):
+        return _clean(value.tolist())
+    return value
+
+
+def write_json(path: Path, payload: Any) -> Path:
+    """Pretty JSON, NaN written as null."""
+    path.write_text(json.dumps(_clean(payload), indent=2, sort_keys=False) + "\n")
+    return path
+
+
+def write_clients_csv(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
+    """One row per client; a missing value is an empty cell."""
+    rows = sorted(rows, key=lambda r: r["partition-id"])
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CLIENT_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if _clean(row.get(k)) is None else row.get(k))
+                             for k in CLIENT_COLUMNS})
+    return path
+
+
+def finite_mean(values: Iterable[float | None]) -> float | None:
+    """Mean of the finite values (None, NaN and inf left out); None if there is none."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return sum(vals) / len(vals) if vals else None
+
+
+def percent(value: float | None, unit: str = "") -> str:
+    """A fraction as a percentage with two decimals (``unit`` appended), or "n/a" for None."""
+    return "n/a" if value is None else f"{100 * value:.2f}{unit}"
+
+
+def summarize(rows: list[dict[str, Any]], cfg: RunConfig, extra: dict[str, Any]) -> dict:
+    """Means over the clients that answered (missing clients are counted, not averaged in)."""
+    done = [r for r in rows if r.get("status") == "ok"]
+    summary = {
+        "method": cfg.method, "dataset": cfg.dataset, "alpha": cfg.alpha, "seed": cfg.seed,
+        "num-clients": len(rows), "num-completed": len(done),
+        "missing-partitions": sorted(r["partition-id"] for r in rows if r.get("status") != "ok"),
+    }
+    for col in ("acc-after", "acc-before", "acc-personal-after", "acc-personal-before",
+                "local-test-acc", "local-test-acc-personal"):
+        summary[f"{col}-mean"] = finite_mean([r.get(col) for r in done])
+    summary["paper-metric"] = summary["acc-after-mean"]
+    summary.update(extra)
+    return summary
+
+
+def write_summary_md(path: Path, summary: dict[str, Any]) -> Path:
+    """A short Markdown version of ``summary.json``."""
+    def pct(v: Any) -> str:
+        return "n/a" if v is None else f"{100 * v:.2f}"
+
+    lines = [
+        f"# {summary['method']} on {summary['dataset']} (alpha {summary['alpha']}, "
+        f"seed {summary['seed']}, {summary['num-completed']}/{summary['num-clients']} clients)",
+        "",
+        "| view | local model | received model (before pers.) | after personalization |",
+        "|---|---|---|---|",
+        f"| official test (paper metric) | {pct(summary['local-test-acc-mean'])} | "
+        f"{pct(summary['acc-before-mean'])} | **{pct(summary['acc-after-mean'])}** |",
+        f"| label-following test | {pct(summary['local-test-acc-personal-mean'])} | "
+        f"{pct(summary['acc-personal-before-mean'])} | "
+        f"{pct(summary['acc-personal-after-mean'])} |",
+        "",
+        f"Majority-class rate of the official test split: {pct(summary.get('majority-rate'))}",
+    ]
+    if summary.get("missing-partitions"):
+        lines.append(f"Missing clients (not averaged in): {summary['missing-partitions']}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
