@@ -48,3 +48,18 @@ def test_every_relative_link_of_the_docs_resolves() -> None:
 def test_docs_name_no_path_of_a_development_machine() -> None:
     for doc in DOCS:
         assert not re.search(r"(?<![\w.])/(work|home|root|Users)/", doc.read_text()), doc.name
+
+
+def test_readme_layout_names_every_module_and_subpackage_of_the_root() -> None:
+    text = (ROOT / "README.md").read_text()
+    block = text.split("## Layout", 1)[1].split("```", 2)[1]
+    named = {line.split()[0] for line in block.splitlines() if line.startswith("  ")
+             and not line.startswith("   ")}
+    package = ROOT / "fedbicross_flwr"
+    actual = {p.name for p in package.glob("*.py") if p.name != "__init__.py"}
+    actual |= {f"{p.name}/" for p in package.iterdir() if p.is_dir()
+               and (p / "__init__.py").is_file() or p.name == "assets"}
+    assert named == actual
+    top = {line.split()[0] for line in block.splitlines() if line and not line.startswith(" ")}
+    for entry in top:
+        assert (ROOT / entry).exists(), entry
