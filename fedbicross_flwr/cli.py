@@ -51,10 +51,11 @@ def build_config(preset: str | None, overrides: str, pyproject: Path | None = No
     return RunConfig.from_run_config(values), values
 
 
-def preflight(cfg: RunConfig) -> None:
+def preflight(cfg: RunConfig, partitions: bool = True) -> None:
     """Check what a run needs before any work starts: the output folder can be created and
     written, the device exists, the dataset the server would read loads and matches the
-    config, and its training split can be partitioned among the clients.
+    config, and (``partitions``: the commands that federate it) its training split can be
+    partitioned among the clients.
 
     Raises
     ------
@@ -85,8 +86,9 @@ def preflight(cfg: RunConfig) -> None:
         return  # a deployment: every site reads (and checks) its own archive
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
                       cfg.in_channels, cfg.num_classes)
-    make_client_splits(ds.train.labels, ds.test.labels, ds.num_classes, cfg.num_clients,
-                       cfg.alpha, cfg.seed, cfg.val_fraction, cfg.min_partition_size)
+    if partitions:
+        make_client_splits(ds.train.labels, ds.test.labels, ds.num_classes, cfg.num_clients,
+                           cfg.alpha, cfg.seed, cfg.val_fraction, cfg.min_partition_size)
 
 
 def is_user_error(err: BaseException) -> bool:
@@ -342,7 +344,7 @@ def run_command(args: argparse.Namespace) -> int:
         cfg = cfg.replace(dataset=args.dataset)
     if args.command == "run" and args.engine == "direct" and args.methods:
         cfg.replace(methods=args.methods)  # validates every name before any training
-    preflight(cfg)
+    preflight(cfg, partitions=args.command != "distill-check")  # one teacher, no clients
     if cfg.num_threads:
         import torch
 
