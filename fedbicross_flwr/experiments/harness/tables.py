@@ -13,6 +13,7 @@ gap each method closes.
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from typing import Any
 
 from fedbicross_flwr.methods.catalog import table_rows
@@ -198,16 +199,25 @@ def retention_table(rows: list[dict[str, Any]], dataset: str, alpha: float,
     return "\n".join(lines)
 
 
-def retention_tables(rows: list[dict[str, Any]]) -> str:
-    """:func:`retention_table` for every (N, dataset, alpha) column that has one."""
+def per_column(rows: list[dict[str, Any]],
+               table: Callable[[list[dict[str, Any]], str, float, int], str], title: str) -> str:
+    """``table(rows, dataset, alpha, N)`` for every (N, dataset, alpha) column that has one.
+
+    Each table comes under a heading ``N = .., <dataset> α=..: <title>``.
+    """
     parts = []
     columns = list(dict.fromkeys((r["num-clients"], r["dataset"], r["alpha"]) for r in rows))
     for n, d, a in columns:
-        table = retention_table(rows, d, a, n)
-        if table:
-            parts.append(f"### N = {n}, {d} α={a:g}: where the knowledge goes (official test, "
-                         f"%; retention = received / teacher)\n\n{table}\n")
+        text = table(rows, d, a, n)
+        if text:
+            parts.append(f"### N = {n}, {d} α={a:g}: {title}\n\n{text}\n")
     return "\n".join(parts)
+
+
+def retention_tables(rows: list[dict[str, Any]]) -> str:
+    """:func:`retention_table` for every (N, dataset, alpha) column that has one."""
+    return per_column(rows, retention_table, "where the knowledge goes (official test, %; "
+                      "retention = received / teacher)")
 
 
 def cost_table(rows: list[dict[str, Any]], dataset: str, alpha: float,
@@ -242,10 +252,4 @@ def cost_table(rows: list[dict[str, Any]], dataset: str, alpha: float,
 
 def cost_tables(rows: list[dict[str, Any]]) -> str:
     """:func:`cost_table` for every (N, dataset, alpha) column that has one."""
-    parts = []
-    columns = list(dict.fromkeys((r["num-clients"], r["dataset"], r["alpha"]) for r in rows))
-    for n, d, a in columns:
-        table = cost_table(rows, d, a, n)
-        if table:
-            parts.append(f"### N = {n}, {d} α={a:g}: accuracy and cost\n\n{table}\n")
-    return "\n".join(parts)
+    return per_column(rows, cost_table, "accuracy and cost")
