@@ -165,7 +165,10 @@ def _small_run(tmp, name: str, **extra) -> dict:
             "data-path": str(make_archive(tmp / "d.npz", n_train=90)), **extra}
 
 
-def test_a_node_that_goes_offline_fails_at_once_not_at_the_timeout(tmp_path,
+@pytest.mark.parametrize(("phase", "message_type"), [("train", "train"),
+                                                    ("personalize", "train.personalize")])
+def test_a_node_that_goes_offline_fails_at_once_not_at_the_timeout(phase, message_type,
+                                                                   tmp_path,
                                                                    monkeypatch) -> None:
     import time
 
@@ -175,8 +178,8 @@ def test_a_node_that_goes_offline_fails_at_once_not_at_the_timeout(tmp_path,
     monkeypatch.setattr(grid_transport, "POLL_SECONDS", 0.05)
     holder = {}
 
-    def killed(msg, ctx, call):  # SIGKILL in phase 1: no reply, and its heartbeats stop
-        if msg.metadata.message_type == "train":
+    def killed(msg, ctx, call):  # SIGKILL in this phase: no reply, and its heartbeats stop
+        if msg.metadata.message_type == message_type:
             holder["grid"].node_ids.remove(msg.metadata.dst_node_id)
             return PENDING
         return call(msg, ctx)
@@ -194,10 +197,13 @@ def test_a_node_that_goes_offline_fails_at_once_not_at_the_timeout(tmp_path,
     _, run_dir = run_in_process(_small_run(tmp_path, "offline", **{"round-timeout": 3600.0}),
                                 num_nodes=3, behaviours={1: killed})
     assert time.monotonic() - start < 600  # not the hour of round-timeout
-    (failure,) = json.loads((run_dir / "summary.json").read_text())["failures"]
-    assert failure["partition_id"] == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (failure,) = summary["failures"]
+    assert (failure["partition_id"], failure["phase"]) == (1, phase)
     assert failure["reason"] == ("no reply: the node went offline (Flower stopped receiving "
                                  "its heartbeats)")
+    # what the user gets: the other sites' results, the lost one missing (never zero)
+    assert summary["num-completed"] == 2 and summary["missing-partitions"] == [1]
 
 
 def test_a_failed_pull_is_retried_and_loses_no_honest_reply(tmp_path, monkeypatch) -> None:
