@@ -58,39 +58,37 @@ def artefact_links(spec: GridSpec, out_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def _section(title: str, intro: str, tables: str) -> list[str]:
+    """Lines of one report section: heading, one paragraph, its tables; none without tables."""
+    return [f"## {title}", "", intro, "", tables, ""] if tables else []
+
+
 def retention_section(rows: list[dict[str, Any]]) -> list[str]:
     """Lines of the knowledge-flow section (teacher, start, received, personalized); none
     when no finished cell has a ``knowledge.json``.
     """
-    tables = retention_tables(rows)
-    if not tables:
-        return []
-    return ["## Where the knowledge goes, per column", "",
-            "For every distilling row: the teacher ceiling, the student's start, the received "
-            "model and the model after personalization (official test split, mean ± std over "
-            "seeds, from each run's knowledge.json).", "", tables, ""]
+    return _section("Where the knowledge goes, per column",
+                    "For every distilling row: the teacher ceiling, the student's start, the "
+                    "received model and the model after personalization (official test split, "
+                    "mean ± std over seeds, from each run's knowledge.json).",
+                    retention_tables(rows))
 
 
 def cost_section(rows: list[dict[str, Any]]) -> list[str]:
     """Lines of the accuracy-and-cost section; none when no cell recorded its cost."""
-    tables = cost_tables(rows)
-    if not tables:
-        return []
-    return ["## Accuracy and cost, per column", "",
-            "Official test split after personalization (%, mean ± std over seeds) next to what "
-            "each method cost a client over the whole run: megabytes sent and received (Flower "
-            "messages, or the model arrays on the direct engine), model exchanges, and the "
-            "server stage's seconds.", "", tables, ""]
+    return _section("Accuracy and cost, per column",
+                    "Official test split after personalization (%, mean ± std over seeds) next "
+                    "to what each method cost a client over the whole run: megabytes sent and "
+                    "received (Flower messages, or the model arrays on the direct engine), model "
+                    "exchanges, and the server stage's seconds.", cost_tables(rows))
 
 
 def ranking_section(rows: list[dict[str, Any]]) -> list[str]:
     """Lines of the "where the paper's ordering holds" section; none without FedBiCross rows."""
-    tables = ranking_tables(rows)
-    if not tables:
-        return []
-    return ["## Ranking of the one-shot methods per column", "",
-            "Official test split after personalization, mean over seeds; FedBiCross's rank and "
-            "margins, and the seeds it wins against each baseline.", "", tables, ""]
+    return _section("Ranking of the one-shot methods per column",
+                    "Official test split after personalization, mean over seeds; FedBiCross's "
+                    "rank and margins, and the seeds it wins against each baseline.",
+                    ranking_tables(rows))
 
 
 def write_report(spec: GridSpec, out_dir: Path) -> Path:
