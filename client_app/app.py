@@ -25,10 +25,12 @@ from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import DataError
 from fedbicross_flwr.data.site import assigned_node_config, load_site, site_partition_id
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.model import build_resnet18, load_resnet18
+from fedbicross_flwr.methods.flower_strategies import dp_clipping_mod
+from fedbicross_flwr.model import build_resnet18, load_resnet18, with_counters
 from fedbicross_flwr.training import resolve_device
 
-app = ClientApp()
+# Flower's client-side DP clipping, when a DP wrapper's round asks for it
+app = ClientApp(mods=[dp_clipping_mod])
 OWN_MODEL = "own-model"
 
 
@@ -73,9 +75,14 @@ def train(msg: Message, context: Context) -> Message:
         cfg, site, device = _setup(msg, context)
     except DataError as err:
         return error_reply(msg, context, err)
-    init = (msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content else None)  # type: ignore[union-attr]
+    received = (msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content  # type: ignore[union-attr]
+                else None)
+    # a round of Flower's strategies sends the floating-point arrays only (model.float_state)
+    init = (None if received is None else with_counters(received, build_resnet18(
+        site.in_channels, site.num_classes, cfg.model_width).state_dict()))
     # Multi-round references: the round's epochs, FedProx's mu and the round number come in
-    # the message's config (Flower's FedProx strategy sends proximal-mu); one-shot sends none.
+    # the message's config (Flower's strategy sends server-round, FedProx proximal-mu);
+    # one-shot sends none.
     config = _instruction(msg)
     model, metrics = run_local_training(
         cfg, site, device, init,
@@ -88,7 +95,8 @@ def train(msg: Message, context: Context) -> Message:
     if (path := own_model_path(context)) is not None:  # stays at the site
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, path)
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
+    sent = state if received is None else {k: state[k] for k in received}  # what came, trained
+    content = RecordDict({"arrays": ArrayRecord(sent), "metrics": MetricRecord(metrics),  # type: ignore[arg-type]
                           "config": ConfigRecord({"partition-id": site.partition_id})})
     return Message(content, reply_to=msg)
 

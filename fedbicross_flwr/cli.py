@@ -60,7 +60,8 @@ def preflight(cfg: RunConfig, partitions: bool = True) -> None:
     Raises
     ------
     ConfigError
-        The output folder is not a directory or cannot be written, or the device is absent.
+        The output folder is not a directory or cannot be written, the device is absent, or
+        a multi-round method's ``strategy-args`` do not fit its Flower strategy.
     DataError
         The dataset is unknown, missing, corrupt or inconsistent with the config.
     PartitionError
@@ -68,6 +69,7 @@ def preflight(cfg: RunConfig, partitions: bool = True) -> None:
     """
     from fedbicross_flwr.data.datasets import load_dataset
     from fedbicross_flwr.data.partition import make_client_splits
+    from fedbicross_flwr.methods.flower_strategies import BY_METHOD, strategy_kwargs
     from fedbicross_flwr.reports.results import default_output_dir
     from fedbicross_flwr.training import resolve_device
 
@@ -82,6 +84,9 @@ def preflight(cfg: RunConfig, partitions: bool = True) -> None:
         raise ConfigError(f"output-dir {base} cannot be created or written: "
                           f"{err.strerror or err}") from err
     resolve_device(cfg.device)
+    for name in cfg.method_list:  # a multi-round method's strategy-args, before any training
+        if name in BY_METHOD:
+            strategy_kwargs(cfg.replace(method=name), cfg.num_clients)
     if cfg.dataset == "custom" and not cfg.data_path:
         return  # a deployment: every site reads (and checks) its own archive
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,

@@ -133,6 +133,28 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]
     return out
 
 
+def float_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The floating-point entries of a state dict: weights and BatchNorm running statistics.
+
+    What a round of Flower's strategies carries: BatchNorm's integer ``num_batches_tracked``
+    counters, which BatchNorm with a fixed momentum never reads, are left out, because the
+    strategies compute on every array they are given (Krum's distances, the DP clipping
+    norms, q-FedAvg's gradients), where a count of steps would outweigh the weights.
+    """
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+def with_counters(state: dict[str, torch.Tensor],
+                  reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` completed with ``reference``'s integer buffers it lacks, in ``reference``'s
+    key order (the inverse of :func:`float_state`); a missing floating-point entry is not
+    filled in.
+    """
+    out = {k: state.get(k, ref) for k, ref in reference.items()
+           if k in state or not ref.is_floating_point()}
+    return out | {k: v for k, v in state.items() if k not in reference}
+
+
 PROBE_SEED = 20240611  # fixed: every check of every run forwards the same probe batch
 PROBE_BATCH = 8
 MAX_ABS_PROBE_LOGIT = 1e6  # a wide margin; not measured on models trained at paper scale

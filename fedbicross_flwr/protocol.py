@@ -55,8 +55,11 @@ METRIC_KINDS: dict[str, str] = {
     "n-test-personal": "count", "train-seconds": "seconds", "acc-before": "accuracy",
     "acc-personal-before": "accuracy-or-nan", "val-acc-before": "accuracy-or-nan",
     "acc-after": "accuracy", "acc-personal-after": "accuracy-or-nan",
-    "val-acc-after": "accuracy-or-nan",
+    "val-acc-after": "accuracy-or-nan", "norm_bit": "bit",
 }
+# Metrics a reply may add: Flower's adaptiveclipping_mod (a client-side DP round) adds
+# norm_bit, 1 if the site's update was clipped, which the server's DP wrapper counts.
+OPTIONAL_METRICS: dict[str, frozenset[str]] = {"train": frozenset({"norm_bit"})}
 
 
 @dataclass(frozen=True)
@@ -107,6 +110,7 @@ class PhaseResult:
     bytes_down: dict[int, int] = field(default_factory=dict)  # partition-id -> bytes sent to it
     bytes_up: dict[int, int] = field(default_factory=dict)  # partition-id -> bytes it sent
     measured: bool = False  # bytes of the real messages (Flower), else the arrays' formula
+    global_state: StateDict | None = None  # a multi-round method's w^(R) (methods.rounds)
 
 
 def num_examples_problem(value: Any, bound: int | None) -> str | None:
@@ -141,13 +145,15 @@ def metrics_problem(message_type: str, metrics: Any,
     count); ``num-examples`` is checked by :func:`num_examples_problem`, with its bound.
     """
     allowed = REPLY_METRICS[message_type]
+    optional = OPTIONAL_METRICS.get(message_type, frozenset())
     if not isinstance(metrics, Mapping):
         return f"the {message_type} metrics are a {type(metrics).__name__}, not a record"
-    extra, missing = sorted(map(str, set(metrics) - allowed)), sorted(allowed - set(metrics))
+    extra = sorted(map(str, set(metrics) - allowed - optional))
+    missing = sorted(allowed - set(metrics))
     if extra or missing:
         return (f"{message_type} metrics must be exactly {sorted(allowed)}: not allowed "
                 f"{extra[:5]}{' ...' if len(extra) > 5 else ''}, missing {missing}")
-    for name in sorted(allowed):
+    for name in sorted(allowed | (optional & set(metrics))):
         value = metrics[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"metric {name} is a {type(value).__name__}, not one number"
@@ -162,6 +168,8 @@ def metrics_problem(message_type: str, metrics: Any,
             return f"metric {name}={value!r} is not an accuracy in [0, 1]"
         if kind == "count" and (value != int(value) or not 0 <= value <= MAX_COUNT):
             return f"metric {name}={value!r} is not a whole number in [0, {MAX_COUNT}]"
+        if kind == "bit" and value not in (0.0, 1.0):
+            return f"metric {name}={value!r} is not 0 or 1"
         if kind in ("loss", "seconds") and value < 0:
             return f"metric {name}={value!r} is negative"
     personal = {"train": ("test-acc-personal",),

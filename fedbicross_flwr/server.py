@@ -148,7 +148,7 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     # Phase 1: one upload per client -------------------------------------------------------
     t0 = time.perf_counter()
     log(logging.INFO, "%sphase 1/3: local training on the clients", position_text())
-    phase1 = collect_uploads(cfg, transport, init, run_dir)  # fedavg-r/fedprox-r: R rounds
+    phase1 = collect_uploads(cfg, transport, init, run_dir)  # multi-round: R rounds
     times["phase1-local-training"] = time.perf_counter() - t0
     probe = probe_for(init)  # a forward pass on a fixed batch: finite, bounded outputs
     uploads, local_metrics, failures = _accepted_uploads(cfg, phase1, init, probe)
@@ -169,7 +169,8 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
         position_text(), cfg.method, len(uploads), device)
     method = get_method(cfg.method)
     with run_position(f"phase 2/3 {cfg.method}"):
-        out = method(MethodInput(uploads, cfg, in_channels, num_classes, device, run_dir))
+        out = method(MethodInput(uploads, cfg, in_channels, num_classes, device, run_dir,
+                                 round_model=phase1.global_state))
     times["phase2-server-method"] = time.perf_counter() - t0
     missing = sorted({u.partition_id for u in uploads} - set(out.models))
     if missing:

@@ -25,27 +25,33 @@ METHODS = Path(__file__).resolve().parents[1] / "fedbicross_flwr" / "methods"
 def test_every_spec_names_a_function_of_its_module() -> None:
     for name in CATALOG:
         assert callable(get_method(name)), name
-    assert get_method("fedprox-r") is get_method("fedavg-r")  # phase 2 is the same average
+    # phase 2 of every Flower strategy row sends the strategy's aggregate of round R
+    assert get_method("fedprox-r") is get_method("fedavg-r") is get_method("krum-r")
 
 
 def test_every_method_module_is_in_the_catalog() -> None:
     # every module of methods/ (and baselines/) that defines a method has a spec pointing to it
     modules = {s.function.split(":")[0] for s in CATALOG.values()}
-    helpers = {"base", "catalog", "baselines.common", "baselines.generator"}
+    helpers = {"base", "catalog", "baselines.common", "baselines.generator",
+               "flower_strategies"}  # the table of Flower strategies; rounds.py drives them
     found = {p.relative_to(METHODS).with_suffix("").as_posix().replace("/", ".")
              for p in METHODS.rglob("*.py") if p.name != "__init__.py"}
     assert found - helpers == modules
 
 
 def test_the_catalog_answers_what_the_project_asks() -> None:
-    assert method_names() == ("fedavg1", "local", "fedbicross", "fedavg-r", "fedprox-r",
-                              "central", "fedisca", "dense", "coboosting", "dafl",
-                              "cluster-fedavg")
+    flower = ("fedavg-r", "fedprox-r", "fedavgm-r", "fedadagrad-r", "fedadam-r", "fedyogi-r",
+              "qfedavg-r", "fedmedian-r", "fedtrimmedavg-r", "krum-r", "multikrum-r",
+              "bulyan-r", "dp-fixed-server-r", "dp-fixed-client-r", "dp-adaptive-server-r",
+              "dp-adaptive-client-r")
+    assert method_names() == ("fedavg1", "local", "fedbicross", "central", "fedisca", "dense",
+                              "coboosting", "dafl", "cluster-fedavg") + flower
     assert method_names(distils=True) == ("fedbicross", "fedisca", "dense", "coboosting", "dafl")
-    assert method_names(kind="multi-round") == ("fedavg-r", "fedprox-r")
+    assert method_names(kind="multi-round") == flower
+    assert method_spec("krum-r").strategy == "Krum"
     assert table_rows("baseline") == ("fedavg1", "dafl", "dense", "fedisca", "coboosting",
                                       "cluster-fedavg")
-    assert table_rows("reference") == ("local", "fedavg-r", "fedprox-r", "central")
+    assert table_rows("reference") == ("local",) + flower + ("central",)
     assert [method_spec(m).teacher_ensemble for m in method_names(distils=True)] == [
         "config", "config", "logit", "logit", "logit"]
 

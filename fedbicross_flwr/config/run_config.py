@@ -17,11 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from fedbicross_flwr.config.errors import ConfigError
 from fedbicross_flwr.methods.catalog import method_names
-
-
-class ConfigError(ValueError):
-    """A run-config value is missing, of the wrong type or out of range."""
 
 
 def _key(
@@ -71,7 +68,8 @@ class RunConfig:
                         "uploads (phase 1 once; then per method: server method and "
                         "personalization), one run folder each plus, for 2+ methods, "
                         "<run-name>-comparison (table and summary picture). Empty: only `method`. A multi-round "
-                        "method (fedavg-r, fedprox-r) retrains the clients: at most one, last.")
+                        "method (fedavg-r, fedadam-r, ...) retrains the clients: at most one, "
+                        "last.")
     dataset: str = _key("dataset", "retinamnist",
                         "MedMNIST 2D flag (e.g. bloodmnist), `digits` (scikit-learn, built on "
                         "the fly) or `custom` (an npz archive at data-path).")
@@ -347,11 +345,16 @@ class RunConfig:
                              choices=("bilevel", "intra", "uniform", "similarity"),
                              setting="weights_mode")
 
-    # --- multi-round references (fedavg-r, fedprox-r; Flower's FedAvg / FedProx) -----------
-    rounds: int = _key("rounds", 10, "R, communication rounds of fedavg-r / fedprox-r.",
+    # --- multi-round references (Flower's strategies: fedavg-r, fedadam-r, krum-r, ...) -----
+    rounds: int = _key("rounds", 10, "R, communication rounds of a multi-round method.",
                        low=1, high=10000)
+    strategy_args: str = _key("strategy-args", "",
+                              "Arguments of the multi-round method's Flower strategy, as "
+                              "Flower names them, e.g. \"eta=0.01 beta_1=0.9\" for fedadam-r "
+                              "or \"noise_multiplier=0.5 clipping_norm=2.0\" for a DP wrapper "
+                              "(checked against the strategy's signature).")
     round_epochs: int = _key("round-epochs", 0,
-                             "Local epochs per round of fedavg-r / fedprox-r (0 = "
+                             "Local epochs per round of a multi-round method (0 = "
                              "ceil(local-epochs / rounds): the clients' total compute matches "
                              "the one-shot phase 1).", low=0)
     proximal_mu: float = _key("proximal-mu", 0.01,

@@ -2,16 +2,19 @@
 
 The same client functions (:mod:`fedbicross_flwr.client`) and the same server protocol
 (:func:`fedbicross_flwr.server.run_server`) as the Flower app, with clients called one after
-the other. This is the path for quick CPU experiments (no Ray start-up) and for the lent GPU
-machine, which has no Flower installed. A client that raises is reported as a failure, like a
-Flower error reply, and the run goes on.
+the other. This is the path for quick CPU experiments (no Ray start-up) and for a machine
+without Flower: one-shot methods import none of it; the multi-round references need it, since
+Flower's strategy objects configure and aggregate their rounds here too. A client that raises
+is reported as a failure, like a Flower error reply, and the run goes on.
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -21,7 +24,7 @@ from fedbicross_flwr.data.datasets import load_dataset
 from fedbicross_flwr.data.site import SiteData, site_from_partition
 from fedbicross_flwr.engines.communication import state_bytes
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.model import build_resnet18, load_resnet18
+from fedbicross_flwr.model import build_resnet18, load_resnet18, with_counters
 from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
 from fedbicross_flwr.server import run_methods, run_server
 from fedbicross_flwr.storage import client_cache
@@ -83,27 +86,68 @@ class DirectTransport:
                 "own": {pid: m.state_dict() for pid, m in self.own_models.items()}})
         return result
 
-    def train_round(self, cfg: RunConfig, state: StateDict, server_round: int) -> PhaseResult:
-        """One round of fedavg-r / fedprox-r: every client trains from the global ``state``."""
-        from fedbicross_flwr.methods.fedavg import round_config
+    def num_sites(self, cfg: RunConfig) -> int:
+        """Every site of the run's partition."""
+        return len(self.sites)
 
-        config = round_config(cfg, server_round)
+    def train_round(self, cfg: RunConfig, strategy: Any, state: StateDict,
+                    server_round: int) -> PhaseResult:
+        """One round of a multi-round method: Flower's ``strategy`` builds the round's
+        messages (``configure_train``, over this engine's sites as nodes ``pid + 1``); each
+        site trains from the message's arrays with its config, through the ClientApp's
+        client-side DP mod (:func:`fedbicross_flwr.methods.flower_strategies.dp_clipping_mod`),
+        and replies with the arrays it was sent, trained. Needs Flower (imported here).
+        """
+        from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+
+        from fedbicross_flwr.engines.task_identity import ensure_task_identity
+        from fedbicross_flwr.methods.flower_strategies import dp_clipping_mod
+        from fedbicross_flwr.methods.rounds import round_config
+
+        ensure_task_identity()
+        by_node = {s.partition_id + 1: s for s in self.sites}
+        messages = strategy.configure_train(server_round, ArrayRecord(state),
+                                            ConfigRecord(round_config(cfg)),
+                                            _SiteNodes(sorted(by_node)))
         result, round_own = self._phase_result(), {}
-        for site in self.sites:
+        for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
+            site = by_node[msg.metadata.dst_node_id]
+            trained: dict[str, nn.Module] = {}
             try:
-                model, metrics = run_local_training(
-                    cfg, site, self.device, state, epochs=config["local-epochs"],
-                    proximal_mu=config["proximal-mu"], server_round=server_round)
+                context = Context(run_id=1, node_id=msg.metadata.dst_node_id, node_config={},
+                                  state=RecordDict(), run_config={})
+                reply = dp_clipping_mod(msg, context, partial(self._train_site, cfg, site,
+                                                              trained))
+                arrays = reply.content.array_records["arrays"].to_torch_state_dict()
+                metrics = {k: float(v) for k, v in  # type: ignore[arg-type]
+                           reply.content.metric_records["metrics"].items()}
             except Exception as err:  # noqa: BLE001
                 result.failures.append(ClientFailure(site.partition_id, "local", "train",
                                                      _reason(err)))
                 continue
-            round_own[site.partition_id] = model
-            result.replies[site.partition_id] = ClientReply(
-                site.partition_id, {k: v.detach().clone() for k, v in
-                                    model.state_dict().items()}, metrics)
+            round_own[site.partition_id] = trained["model"]
+            result.replies[site.partition_id] = ClientReply(site.partition_id, arrays, metrics)
         self.active_own = round_own
         return _formula_traffic(result, state_bytes(state))
+
+    def _train_site(self, cfg: RunConfig, site: SiteData, trained: dict[str, nn.Module],
+                    msg: Any, context: Any) -> Any:
+        """What the ClientApp's ``train`` does with a round message, for one in-process site."""
+        from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+        config = msg.content["config"]
+        received = msg.content["arrays"].to_torch_state_dict()
+        fresh = build_resnet18(site.in_channels, site.num_classes, cfg.model_width)
+        model, metrics = run_local_training(
+            cfg, site, self.device, with_counters(received, fresh.state_dict()),
+            epochs=int(config["local-epochs"]),
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            server_round=int(config["server-round"]))
+        trained["model"] = model
+        state = model.state_dict()
+        return Message(RecordDict({"arrays": ArrayRecord({k: state[k] for k in received}),
+                                   "metrics": MetricRecord(dict(metrics))}),  # type: ignore[arg-type]
+                       reply_to=msg)
 
     def _phase_result(self) -> PhaseResult:
         """An empty phase-1 result: every site trains its partition of the run's dataset."""
@@ -130,6 +174,18 @@ class DirectTransport:
         result.bytes_down = {pid: state_bytes(state) for pid, state in models.items()}
         result.bytes_up = {pid: 0 for pid in result.replies}  # metrics only, no arrays
         return result
+
+
+class _SiteNodes:
+    """The direct engine's sites as the node list a strategy's ``configure_train`` samples
+    from (it reads nothing else of a Grid).
+    """
+
+    def __init__(self, node_ids: list[int]) -> None:
+        self.node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
 
 
 def _formula_traffic(result: PhaseResult, sent: int) -> PhaseResult:

@@ -237,20 +237,25 @@ class GridTransport:
         self._phase1 = self._train_replies(nodes, self._send(messages, cfg), cfg)
         return self._phase1
 
-    def train_round(self, cfg: RunConfig, state: StateDict, server_round: int) -> PhaseResult:
-        """One round of fedavg-r / fedprox-r, configured by Flower's built-in FedAvg / FedProx.
+    def num_sites(self, cfg: RunConfig) -> int:
+        """The nodes a round reaches (``site-nodes`` when set, else every connected node)."""
+        return len(self._bind(cfg))
+
+    def train_round(self, cfg: RunConfig, strategy: Any, state: StateDict,
+                    server_round: int) -> PhaseResult:
+        """One round of a multi-round method, configured by Flower's ``strategy``.
 
         The strategy's ``configure_train`` samples every connected node and puts
-        ``server-round`` (and FedProx's ``proximal-mu``) into the message config; the
-        round's local epochs and each node's partition are added here. Aggregation happens in
-        :mod:`fedbicross_flwr.methods.fedavg` (the same function in both engines).
+        ``server-round`` (and its own keys: FedProx's ``proximal-mu``, a client-side DP
+        wrapper's ``clipping_norm``) into the message config; each node's partition is added
+        here. :mod:`fedbicross_flwr.methods.rounds` aggregates the replies with the same
+        strategy.
         """
-        from fedbicross_flwr.methods.fedavg import flower_strategy, round_config
+        from fedbicross_flwr.methods.rounds import round_config
 
         nodes = self._bind(cfg)
         pid_of = {nid: pid for pid, nid in self.node_of.items()} if self.bound else {}
-        strategy = flower_strategy(cfg, len(nodes))
-        config = ConfigRecord({"local-epochs": round_config(cfg, server_round)["local-epochs"]})
+        config = ConfigRecord(round_config(cfg))
         messages = []
         for m in strategy.configure_train(server_round, ArrayRecord(state), config, self.grid):
             nid = m.metadata.dst_node_id

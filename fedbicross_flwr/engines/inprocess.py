@@ -20,19 +20,13 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity
+
+from fedbicross_flwr.engines.task_identity import set_task_identity
 
 # A hook to alter what a node does, for fault-injection tests: (message, context, call) ->
 # reply, or None for "no reply" (a node that never answers).
 NodeBehaviour = Callable[[Message, Context, Callable[[Message, Context], Message]],
                          Message | None]
-
-
-def set_task_identity(run_id: int) -> None:
-    """Flower 1.42 reads the sender identity of a new Message from process-wide state."""
-    TaskIdentity.run_id = run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    TaskIdentity.task_id = 1
 
 
 class InProcessGrid(Grid):

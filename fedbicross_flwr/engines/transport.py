@@ -8,7 +8,7 @@ and the methods, so both can name it without importing each other.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.protocol import PhaseResult, StateDict
@@ -20,9 +20,15 @@ class Transport(Protocol):
     def collect_models(self, cfg: RunConfig, init: StateDict) -> PhaseResult:
         """Phase 1: every client trains once from ``init``; replies are ``ClientReply``."""
 
-    def train_round(self, cfg: RunConfig, state: StateDict, server_round: int) -> PhaseResult:
-        """Round ``server_round`` of a multi-round method (its phase 1 is R of them): every
-        client trains from the global model ``state``; replies are ``ClientReply``.
+    def num_sites(self, cfg: RunConfig) -> int:
+        """How many sites a round reaches (every one of them trains each round)."""
+
+    def train_round(self, cfg: RunConfig, strategy: Any, state: StateDict,
+                    server_round: int) -> PhaseResult:
+        """Round ``server_round`` of a multi-round method (its phase 1 is R of them): Flower's
+        ``strategy`` configures the round from the global model ``state`` (its floating-point
+        entries) and every client trains from it; replies are ``ClientReply`` (the arrays
+        the client was sent, trained).
         """
 
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:

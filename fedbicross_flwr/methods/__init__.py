@@ -4,7 +4,9 @@ Every method receives the same client uploads and returns one model per client, 
 goes through the same personalization round and the same evaluation (:mod:`.base` holds the
 contract: :class:`~.base.MethodInput`, :class:`~.base.MethodOutput`).
 
-``fedavg1``, ``fedavg-r``, ``fedprox-r``  :mod:`.fedavg` (one-shot and multi-round FedAvg/FedProx)
+``fedavg1``                               :mod:`.fedavg` (one-shot FedAvg)
+``fedavg-r``, ``fedadam-r``, ``krum-r``,   :mod:`.flower_strategies` (Flower's own strategies,
+``dp-fixed-server-r``, ...               R rounds driven by :mod:`.rounds`)
 ``local``                                 :mod:`.local` (no federation)
 ``central``                               :mod:`.central` (pooled-data upper bound, simulation)
 ``fedbicross``                            :mod:`.fedbicross` (glue to the algorithm core)
@@ -46,10 +48,10 @@ def get_method(name: str) -> "ServerMethod":
 def collect_uploads(cfg: "RunConfig", transport: "Transport", init: "StateDict",
                     run_dir: "Path | None" = None) -> "PhaseResult":
     """Phase 1 of ``cfg.method``: one upload per client (``transport.collect_models``), or, for
-    a multi-round method, R rounds of ``transport.train_round`` (:func:`.fedavg.run_rounds`).
+    a multi-round method, R rounds of ``transport.train_round`` (:func:`.rounds.run_rounds`).
     """
     if method_spec(cfg.method).multiround:
-        from fedbicross_flwr.methods.fedavg import run_rounds
+        from fedbicross_flwr.methods.rounds import run_rounds
 
         return run_rounds(cfg, transport, init, run_dir)
     return transport.collect_models(cfg, init)

@@ -27,6 +27,7 @@ class MethodInput:
     num_classes: int
     device: torch.device  # where the server-side computation runs
     run_dir: Path  # the run folder, for the method's own artefacts (plots, CSVs)
+    round_model: StateDict | None = None  # a multi-round method's w^(R); None for one-shot
 
     def new_model(self) -> nn.Module:
         """A freshly initialised ResNet-18 of the run's shape (its ``model-width``), drawn from

@@ -46,7 +46,8 @@ class MethodSpec:
         For a distilling method, the ensemble its teacher uses: ``'config'`` follows the run
         config's ``ensemble`` key, ``'logit'`` averages logits.
     strategy : str or None
-        The Flower strategy a multi-round method reproduces (``FedAvg``, ``FedProx``).
+        The class in ``flwr.serverapp.strategy`` that configures and aggregates a
+        multi-round method's rounds (``FedAvg``, ``FedAdam``, ``Krum``, ...).
     """
 
     name: str
@@ -100,11 +101,7 @@ def table_rows(group: Group) -> tuple[str, ...]:
 register(MethodSpec("fedavg1", "one-shot", "baseline", 0, "fedavg:fedavg1"))
 register(MethodSpec("local", "reference", "reference", 0, "local:local"))
 register(MethodSpec("fedbicross", "one-shot", "ours", 0, "fedbicross:fedbicross", distils=True))
-register(MethodSpec("fedavg-r", "multi-round", "reference", 1, "fedavg:fedavg_r",
-                    strategy="FedAvg"))
-register(MethodSpec("fedprox-r", "multi-round", "reference", 2, "fedavg:fedavg_r",
-                    strategy="FedProx"))
-register(MethodSpec("central", "reference", "reference", 3, "central:central"))
+register(MethodSpec("central", "reference", "reference", 99, "central:central"))  # last
 register(MethodSpec("fedisca", "one-shot", "baseline", 3, "baselines.fedisca:fedisca",
                     distils=True))
 register(MethodSpec("dense", "one-shot", "baseline", 2, "baselines.dense:dense", distils=True,
@@ -115,5 +112,17 @@ register(MethodSpec("dafl", "one-shot", "baseline", 1, "baselines.dafl:dafl", di
                     teacher_ensemble="logit"))
 register(MethodSpec("cluster-fedavg", "one-shot", "baseline", 5,
                     "cluster_fedavg:cluster_fedavg"))
+
+
+def _register_flower_strategies() -> None:
+    """Flower's strategies, one multi-round reference row each (:mod:`.flower_strategies`)."""
+    from fedbicross_flwr.methods.flower_strategies import FLOWER_STRATEGIES
+
+    for row, entry in enumerate(FLOWER_STRATEGIES, start=1):
+        register(MethodSpec(entry.method, "multi-round", "reference", row, "rounds:flower_r",
+                            strategy=entry.cls))
+
+
+_register_flower_strategies()
 
 __all__ = ["CATALOG", "MethodSpec", "method_names", "method_spec", "register", "table_rows"]
