@@ -20,13 +20,18 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedbicross_flwr.client import checked_reply_metrics, run_local_training, run_personalization
+from fedbicross_flwr.client import (
+    checked_reply_metrics,
+    received_state,
+    run_local_training,
+    run_personalization,
+)
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import DataError
 from fedbicross_flwr.data.site import assigned_node_config, load_site, site_partition_id
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.flower_strategies import dp_clipping_mod
-from fedbicross_flwr.model import build_resnet18, load_resnet18, with_counters
+from fedbicross_flwr.model import build_resnet18, load_resnet18
 from fedbicross_flwr.training import resolve_device
 
 # Flower's client-side DP clipping, when a DP wrapper's round asks for it
@@ -77,9 +82,7 @@ def train(msg: Message, context: Context) -> Message:
         return error_reply(msg, context, err)
     received = (msg.content["arrays"].to_torch_state_dict() if "arrays" in msg.content  # type: ignore[union-attr]
                 else None)
-    # a round of Flower's strategies sends the floating-point arrays only (model.float_state)
-    init = (None if received is None else with_counters(received, build_resnet18(
-        site.in_channels, site.num_classes, cfg.model_width).state_dict()))
+    init = None if received is None else received_state(received, cfg, site)
     # Multi-round references: the round's epochs, FedProx's mu and the round number come in
     # the message's config (Flower's strategy sends server-round, FedProx proximal-mu);
     # one-shot sends none.

@@ -26,7 +26,7 @@ from torch import nn
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.site import SiteData
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.model import build_resnet18
+from fedbicross_flwr.model import build_resnet18, with_counters
 from fedbicross_flwr.protocol import REPLY_METRICS
 from fedbicross_flwr.training import SGDSettings, accuracy, personalize, train_local
 
@@ -124,6 +124,18 @@ def evaluate_views(model: nn.Module, site: SiteData, device: torch.device,
     return {"test-acc": official(model, site.x_test, site.y_test, device, precision),
             "test-acc-personal": accuracy(model, site.x_test_personal, site.y_test_personal,
                                           device, precision)}
+
+
+def received_state(received: dict[str, torch.Tensor], cfg: RunConfig,
+                   site: SiteData) -> dict[str, torch.Tensor]:
+    """A received model as a full state dict: a round of Flower's strategies sends the
+    floating-point arrays only (:func:`fedbicross_flwr.model.float_state`), so BatchNorm's step
+    counters are filled in from a fresh model; a full state is returned as it came.
+    """
+    if any(k.endswith("num_batches_tracked") for k in received):  # phase 1: the whole w^(0)
+        return received
+    fresh = build_resnet18(site.in_channels, site.num_classes, cfg.model_width).state_dict()
+    return with_counters(received, fresh)
 
 
 def run_local_training(cfg: RunConfig, site: SiteData, device: torch.device,

@@ -18,13 +18,13 @@ from typing import Any
 
 from torch import nn
 
-from fedbicross_flwr.client import run_local_training, run_personalization
+from fedbicross_flwr.client import received_state, run_local_training, run_personalization
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import load_dataset
 from fedbicross_flwr.data.site import SiteData, site_from_partition
 from fedbicross_flwr.engines.communication import state_bytes
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.model import build_resnet18, load_resnet18, with_counters
+from fedbicross_flwr.model import build_resnet18, load_resnet18
 from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
 from fedbicross_flwr.server import run_methods, run_server
 from fedbicross_flwr.storage import client_cache
@@ -137,9 +137,8 @@ class DirectTransport:
 
         config = msg.content["config"]
         received = msg.content["arrays"].to_torch_state_dict()
-        fresh = build_resnet18(site.in_channels, site.num_classes, cfg.model_width)
         model, metrics = run_local_training(
-            cfg, site, self.device, with_counters(received, fresh.state_dict()),
+            cfg, site, self.device, received_state(received, cfg, site),
             epochs=int(config["local-epochs"]),
             proximal_mu=float(config.get("proximal-mu", 0.0)),
             server_round=int(config["server-round"]))
