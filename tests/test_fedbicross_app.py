@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from fedbicross_flwr.config.run_config import RunConfig
-from fedbicross_flwr.config.settings import settings_from_config
 from fedbicross_flwr.engines.inprocess import run_in_process
+from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
 
 TINY_SERVER = {"method": "fedbicross", "num-clusters": 2, "noise-samples": 8,
                "synth-steps": 3, "synth-batch": 8, "server-epochs": 1}
@@ -50,7 +50,7 @@ def test_fedbicross_end_to_end_in_process(tiny_run_config) -> None:
 def test_run_config_maps_onto_algorithm_settings() -> None:
     cfg = RunConfig.from_run_config({"noise-momentum": 0.9, "kd-temperature": 20.0,
                                      "precision": "bf16", "bilevel-val-fraction": 0.2})
-    s = settings_from_config(cfg)
+    s = FedBiCrossSettings.of(cfg)
     assert s.noise_momentum == 0.9  # beta of Eq. 3, as in the paper and the run config
-    assert (s.tau, s.val_fraction, s.mixed_precision) == (20.0, 0.2, "bf16")
+    assert (s.kd_temperature, s.bilevel_val_fraction, s.precision) == (20.0, 0.2, "bf16")
     assert (s.synth_steps, s.synth_batch, s.bn_weight) == (500, 256, 10.0)

@@ -1,7 +1,11 @@
-"""Configuration: the run config (:mod:`.run_config`), its generated mirrors (:mod:`.table`).
+"""Configuration: how a key is declared (:mod:`.fields`), the shared keys (:mod:`.sections`), the
+whole run config (:mod:`.run_config`) and its generated mirrors (:mod:`.table`).
 
-:mod:`.run_config` parses and validates every run-config key (``[tool.flwr.app.config]``,
-presets in ``conf/``, ``--run-config`` overrides); :mod:`.table` writes the docs' key table and
-pyproject's defaults from it; :mod:`.settings` derives the server-side distillation settings
-(FedBiCross, FedISCA, cluster-fedavg) from the keys tagged ``setting``.
+A key is a field of a small frozen section next to its user, named by the field: the shared
+keys in :mod:`.sections`, FedBiCross's in :mod:`fedbicross_flwr.fedbicross.config`, the
+baselines' in :mod:`fedbicross_flwr.methods.baselines.config`, the multi-round references' in
+:mod:`fedbicross_flwr.methods.flower_strategies`. :mod:`.run_config` joins them into
+:class:`~.run_config.RunConfig` and parses ``[tool.flwr.app.config]``, the presets in ``conf/``
+and ``--run-config`` overrides; :mod:`.table` writes the docs' key table and pyproject's
+defaults from it.
 """

@@ -49,7 +49,7 @@ def noise_adapted_copy(
     trajectory: Tensor,
     beta: float = 0.9,
     mode: str = "eval",
-    mixed_precision: str = "fp32",
+    precision: str = "fp32",
     cutoff: float = 0.0,
 ) -> list[nn.Module]:
     """Deep copies of the members with BN statistics adapted to the trajectory (Eq. 3).
@@ -84,7 +84,7 @@ def noise_adapted_copy(
         'eval' (paper): the copies are returned in eval mode, i.e. they predict with the adapted
         running statistics. 'train' (FedISCA's code): BN layers are left in train mode, so the
         copies predict with per-batch statistics.
-    mixed_precision : str
+    precision : str
         'bf16' to run the adaptation forwards under autocast.
     cutoff : float
         Skip the steps whose total EMA weight is below this (0: forward every step).
@@ -108,7 +108,7 @@ def noise_adapted_copy(
             bn.momentum = momentum  # also replaces a cumulative-average (None) momentum
             bn.train()  # only BN layers update statistics; nothing else changes behaviour
         for t in range(steps - 1, -1, -1):  # x^(L), ..., x^(1) (L = T without a cutoff)
-            with autocast(trajectory.device, mixed_precision):
+            with autocast(trajectory.device, precision):
                 adapted(trajectory[t])  # (B, C_in, H, W); output unused, BN buffers updated
         if mode == "eval":
             adapted.eval()
@@ -122,7 +122,7 @@ def teacher_soft_labels(
     trajectory: Tensor,
     tau: float,
     chunk: int = 8,
-    mixed_precision: str = "fp32",
+    precision: str = "fp32",
     fold_bn: bool = True,
 ) -> Tensor:
     """Probabilities of a frozen teacher at temperature tau for every trajectory step, once.
@@ -141,7 +141,7 @@ def teacher_soft_labels(
         Temperature.
     chunk : int
         Trajectory steps forwarded together in eval mode (memory vs. speed).
-    mixed_precision : str
+    precision : str
         'bf16' to run the forwards under autocast.
     fold_bn : bool
         In eval mode, predict with BN folded into the convolutions (:func:`batchnorm_folded`;
@@ -163,7 +163,7 @@ def teacher_soft_labels(
     with frozen_buffers(teacher.members):  # train-mode BN must not drift while predicting
         for start in range(0, steps, chunk):
             x = trajectory[start : start + chunk].flatten(0, 1)  # (c*B, C_in, H, W)
-            with autocast(trajectory.device, mixed_precision):
+            with autocast(trajectory.device, precision):
                 p = teacher.probs(x, tau)  # (c*B, C)
             out.append(p.to(torch.float64 if trajectory.dtype == torch.float64 else torch.float32))
     return torch.cat(out).reshape(steps, batch, -1)

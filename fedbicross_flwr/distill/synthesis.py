@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config.settings import FedBiCrossSettings
 from ..logging_utils import Cadence, log, position_text, progress_text
 from ..training import autocast
+from .config import SynthesisSettings
 from .losses import BNStatsHook, tv_loss
 from .utils import cpu_generator, full_precision, model_dtype, preserved_modes, to_channels_last
 
@@ -99,7 +99,7 @@ def balanced_labels(batch_size: int, num_classes: int, generator: torch.Generato
 def synthesis_start(
     num_classes: int,
     in_channels: int,
-    settings: FedBiCrossSettings,
+    settings: SynthesisSettings,
     seed: int,
     image_size: int = 28,
 ) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
@@ -125,7 +125,7 @@ def synthesis_start(
     return labels, x0, [(int(dy), int(dx)) for dy, dx in offsets.tolist()]
 
 
-def loss_members(members: Sequence[nn.Module], settings: FedBiCrossSettings) -> list[nn.Module]:
+def loss_members(members: Sequence[nn.Module], settings: SynthesisSettings) -> list[nn.Module]:
     """The members as the L_DI forwards call them: ``torch.compile`` wrappers when
     ``settings.compile``, else the members themselves.
 
@@ -144,7 +144,7 @@ def deepinversion_loss(
     bn_hook: BNStatsHook,
     x_jit: Tensor,
     labels: Tensor,
-    settings: FedBiCrossSettings,
+    settings: SynthesisSettings,
 ) -> tuple[Tensor, Tensor]:
     """L_DI of Eq. 2 on jittered images: one forward pass of every member of the ensemble.
 
@@ -158,8 +158,8 @@ def deepinversion_loss(
         (B, C_in, H, W) jittered images (requires grad).
     labels : Tensor
         (B,) target labels y.
-    settings : FedBiCrossSettings
-        Uses tv_weight, bn_weight, bn_reduction, mixed_precision.
+    settings : SynthesisSettings
+        Uses tv_weight, bn_weight, bn_reduction, precision.
 
     Returns
     -------
@@ -169,7 +169,7 @@ def deepinversion_loss(
         (3,) detached unweighted CE, R_BN, R_TV.
     """
     bn_hook.reset()
-    with autocast(x_jit.device, settings.mixed_precision):
+    with autocast(x_jit.device, settings.precision):
         log_p = teacher.log_probs(x_jit)  # (B, C)
     ce = F.nll_loss(log_p, labels)
     r_bn = bn_hook.loss(settings.bn_reduction)
@@ -182,7 +182,7 @@ def synthesize_trajectory(
     members: Sequence[nn.Module],
     num_classes: int,
     in_channels: int,
-    settings: FedBiCrossSettings,
+    settings: SynthesisSettings,
     seed: int,
     device: torch.device | str,
     image_size: int = 28,
@@ -207,9 +207,9 @@ def synthesize_trajectory(
         C.
     in_channels : int
         Image channels.
-    settings : FedBiCrossSettings
+    settings : SynthesisSettings
         Uses synth_steps, synth_batch, synth_lr, tv_weight, bn_weight, bn_reduction, ensemble,
-        jitter, mixed_precision.
+        jitter, precision.
     seed : int
         Seed of the initial noise, the label shuffle and the jitter offsets.
     device : torch.device or str
@@ -275,7 +275,7 @@ def synthesize_trajectory(
     return trajectory, labels, diagnostics
 
 
-def _final_diagnostics(members: Sequence[nn.Module], settings: FedBiCrossSettings,
+def _final_diagnostics(members: Sequence[nn.Module], settings: SynthesisSettings,
                        trajectory: Tensor, labels: Tensor, terms: Tensor, num_classes: int,
                        start: float, progress: bool, tag: str) -> dict[str, Any]:
     """The ``diagnostics`` of :func:`synthesize_trajectory`, logged when ``progress``.

@@ -5,30 +5,30 @@ Stage 1: :mod:`.clustering` (K-means on noise predictions); the trajectory DeepI
 :mod:`fedbicross_flwr.distill`. Stage 2: :mod:`.bilevel` (online bi-level cross-cluster KD,
 Eq. 4-8). :mod:`.losses` holds the teacher schedule (Eq. 5) and the Stage-3 loss (Eq. 9) used
 by the clients. :func:`run_fedbicross` runs Stages 1-2 end to end (:mod:`.method`, with
-:mod:`.stages` and :mod:`.checkpoint` for resumable stages).
+:mod:`.stages` and :mod:`.checkpoint` for resumable stages). :mod:`.config` holds the
+run-config keys of Stages 1-2 and imports no torch, so this ``__init__`` imports its names
+lazily.
 """
 
-from .bilevel import (
-    InnerStepResult,
-    OnlineBilevelTrainer,
-    inner_step_and_hypergradient,
-    outer_update,
-    project_to_simplex,
-)
-from .clustering import cluster_clients, noise_predictions
-from .losses import lambda_schedule, personalization_loss
-from .method import FedBiCrossResult, run_fedbicross
+from __future__ import annotations
 
-__all__ = [
-    "FedBiCrossResult",
-    "InnerStepResult",
-    "OnlineBilevelTrainer",
-    "cluster_clients",
-    "inner_step_and_hypergradient",
-    "lambda_schedule",
-    "noise_predictions",
-    "outer_update",
-    "personalization_loss",
-    "project_to_simplex",
-    "run_fedbicross",
-]
+from importlib import import_module
+from typing import Any
+
+_HOMES = {
+    "InnerStepResult": "bilevel", "OnlineBilevelTrainer": "bilevel",
+    "inner_step_and_hypergradient": "bilevel", "outer_update": "bilevel",
+    "project_to_simplex": "bilevel", "cluster_clients": "clustering",
+    "noise_predictions": "clustering", "lambda_schedule": "losses",
+    "personalization_loss": "losses", "FedBiCrossResult": "method", "run_fedbicross": "method",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first use (the package imports no torch)."""
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_HOMES[name]}", __name__), name)
+
+
+__all__ = sorted(_HOMES)

@@ -39,11 +39,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..config.settings import FedBiCrossSettings
 from ..distill.losses import kd_loss
 from ..distill.utils import cpu_generator, derive_seed, to_channels_last, to_contiguous
 from ..logging_utils import Cadence, log, position_text, progress_text
 from ..training import autocast, autocast_off
+from .config import FedBiCrossSettings
 from .losses import lambda_schedule
 
 # What torch's multi-tensor (``_foreach``) functions take and return.
@@ -180,7 +180,7 @@ def inner_step_and_hypergradient(
     weight_decay: float = 0.0,
     momentum_buffers: dict[str, Tensor] | None = None,
     compute_hypergradient: bool = True,
-    mixed_precision: str = "fp32",
+    precision: str = "fp32",
     bn_mode: str = "train",
 ) -> InnerStepResult:
     """Inner update (Eq. 7) of one cluster model, in place, and the exact hypergradient (Eq. 8).
@@ -215,7 +215,7 @@ def inner_step_and_hypergradient(
     compute_hypergradient : bool
         False for fixed-weight ablations: no per-source gradients are kept for the outer step,
         zero-weight sources are skipped and the validation loss is evaluated without autograd.
-    mixed_precision : str
+    precision : str
         'bf16' to run forwards under autocast.
     bn_mode : str
         'train': BN uses batch statistics and the running statistics become the w-weighted
@@ -246,7 +246,7 @@ def inner_step_and_hypergradient(
     param_list = [params[n] for n in names]
     source_losses, grads, source_buffers = _source_gradients(
         model, params, active, source_inputs, source_noise_probs, source_teacher_probs, lam, tau,
-        weights, device, mixed_precision)
+        weights, device, precision)
 
     # --- inner update G' = G - eta_G * (momentum-filtered) sum_j w_j g_j (Eq. 7) --------------
     stepped = _inner_update(param_list, names, grads, weights, device, lr, momentum,
@@ -256,7 +256,7 @@ def inner_step_and_hypergradient(
     # --- validation loss at G' and hypergradient (Eq. 8) ----------------------------------------
     val_loss, hypergradient = _validation_and_hypergradient(
         model, new_params, grads, val_inputs, val_noise_probs, val_teacher_probs, lam, tau, lr,
-        weights.dtype, compute_hypergradient, mixed_precision)
+        weights.dtype, compute_hypergradient, precision)
 
     # --- commit G^(t) = G' and the w-weighted BN running statistics ------------------------------
     _commit(model, param_list, [new_params[n] for n in names], source_buffers, weights, bn_mode)
@@ -267,7 +267,7 @@ def _validation_and_hypergradient(
     model: nn.Module, new_params: dict[str, Tensor], grads: dict[int, tuple[Tensor, ...]],
     val_inputs: Tensor, val_noise_probs: Tensor, val_teacher_probs: Tensor, lam: float,
     tau: float, lr: float, dtype: torch.dtype, compute_hypergradient: bool,
-    mixed_precision: str,
+    precision: str,
 ) -> tuple[Tensor, Tensor | None]:
     """L_val(G') and, if asked, the (K,) hypergradient -eta_G <dL_val/dG', g_j> (Eq. 8).
 
@@ -275,7 +275,7 @@ def _validation_and_hypergradient(
     """
     device = val_inputs.device
     buffers_val = _cloned_buffers(model)  # batch-stat forward; its buffer updates are discarded
-    with torch.set_grad_enabled(compute_hypergradient), autocast(device, mixed_precision):
+    with torch.set_grad_enabled(compute_hypergradient), autocast(device, precision):
         logits_val = functional_call(model, (new_params, buffers_val), (val_inputs,))  # (n_val, C)
     logits_val = logits_val.float() if logits_val.dtype == torch.bfloat16 else logits_val
     with torch.set_grad_enabled(compute_hypergradient):
@@ -294,7 +294,7 @@ def _source_gradients(
     model: nn.Module, params: dict[str, Tensor], active: Sequence[int],
     source_inputs: Sequence[Tensor], source_noise_probs: Sequence[Tensor],
     source_teacher_probs: Sequence[Tensor], lam: float, tau: float, weights: Tensor,
-    device: torch.device, mixed_precision: str,
+    device: torch.device, precision: str,
 ) -> tuple[Tensor, dict[int, tuple[Tensor, ...]], dict[int, dict[str, Tensor]]]:
     """L_j(G), g_j = dL_j/dG and each source's BN running-statistics update, for j in ``active``.
 
@@ -308,11 +308,11 @@ def _source_gradients(
     param_list = list(params.values())
     # One autocast region for the K source forwards: autocast casts each leaf parameter to
     # bf16 once and reuses the cast (its cache lives until the region ends), not once per source.
-    with autocast(device, mixed_precision):
+    with autocast(device, precision):
         for j in active:
             buffers_j = _cloned_buffers(model)  # this source's BN running-stat update lands here
             logits = functional_call(model, (params, buffers_j), (source_inputs[j],))  # (n, C)
-            with autocast_off(device, mixed_precision):  # loss and backward as before
+            with autocast_off(device, precision):  # loss and backward as before
                 loss_j = kd_loss(logits.float() if logits.dtype == torch.bfloat16 else logits,
                                  source_noise_probs[j], source_teacher_probs[j], lam, tau)
                 grads[j] = torch.autograd.grad(loss_j, param_list)
@@ -393,7 +393,7 @@ class OnlineBilevelTrainer:
         Cluster models G_1..G_K, on ``device``, trained in place.
     settings : FedBiCrossSettings
         Uses tau, student_lr, student_momentum, student_weight_decay, weight_lr,
-        hypergrad_normalisation, weights_mode, val_fraction, seed, mixed_precision.
+        hypergrad_norm, weights_mode, bilevel_val_fraction, seed, precision.
     initial_weights : np.ndarray
         (K, K) w^(0), rows on the simplex (see :func:`fixed_weights`).
     device : torch.device or str
@@ -423,7 +423,7 @@ class OnlineBilevelTrainer:
         """The fixed train/val index split (same for every step, cluster and epoch)."""
         if self._split is None or self._split[0].numel() + self._split[1].numel() != batch_size:
             self._split = split_indices(
-                batch_size, self.settings.val_fraction, derive_seed(self.settings.seed, 2)
+                batch_size, self.settings.bilevel_val_fraction, derive_seed(self.settings.seed, 2)
             )
         return self._split
 
@@ -585,18 +585,18 @@ class OnlineBilevelTrainer:
                 noise_probs[k][val_idx],
                 teacher_probs[k][val_idx],
                 lam=lam,
-                tau=s.tau,
+                tau=s.kd_temperature,
                 lr=s.student_lr,
                 momentum=s.student_momentum,
                 weight_decay=s.student_weight_decay,
                 momentum_buffers=self.momentum_buffers[k],
                 compute_hypergradient=self.learn_weights,
-                mixed_precision=s.mixed_precision,
+                precision=s.precision,
                 bn_mode=s.student_bn,
             )
             if self.learn_weights:
                 new_weights[k] = outer_update(
-                    self.weights[k], result.hypergradient, s.weight_lr, s.hypergrad_normalisation  # type: ignore[arg-type]
+                    self.weights[k], result.hypergradient, s.weight_lr, s.hypergrad_norm  # type: ignore[arg-type]
                 )
             val_losses[k] = result.val_loss.to(torch.float64)
             source_losses[k] = result.source_losses.to(torch.float64)

@@ -27,9 +27,9 @@ import torch
 from sklearn.cluster import AgglomerativeClustering
 from torch import Tensor, nn
 
-from ..config.run_config import CLUSTER_ON
 from ..logging_utils import log
 from .clustering import cluster_clients
+from .config import CLUSTER_ON
 
 
 def initial_model_state(factory: Callable[[], nn.Module], seed: int) -> dict[str, Tensor]:

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..config.settings import FedBiCrossSettings
 from ..distill.noise_adapt import noise_adapted_copy, teacher_soft_labels
 from ..distill.synthesis import EnsembleTeacher, synthesize_trajectory
 from ..distill.utils import derive_seed
@@ -30,6 +29,7 @@ from .clustering import (
     similarity_weights,
 )
 from .clustering_alternatives import assign_clusters
+from .config import FedBiCrossSettings
 from .stages import EpochRecord, StageRunner, StageTimer
 
 STAGES = ("clustering", "synthesis", "noise_adaptation", "soft_labels", "bilevel")
@@ -303,15 +303,15 @@ def _synthesize_cluster(members: list[nn.Module], s: FedBiCrossSettings, num_cla
         plan.begin(stage_name("1c", k, epoch, s.server_epochs))
     with timer("noise_adaptation"):  # noise-adapted teacher (line 9)
         adapted = noise_adapted_copy(members, trajectory, s.noise_momentum,
-                                     s.noise_teacher_mode, s.mixed_precision,
-                                     cutoff=s.noise_cutoff)
+                                     s.noise_teacher_mode, s.precision,
+                                     cutoff=s.noise_ema_cutoff)
     with timer("soft_labels"):  # teachers are frozen: soft labels for every step, computed once
         teacher = EnsembleTeacher(members, s.ensemble, "eval")
         noise_teacher = EnsembleTeacher(adapted, s.ensemble, s.noise_teacher_mode)
-        probs_f = teacher_soft_labels(teacher, trajectory, s.tau, s.label_chunk,
-                                      s.mixed_precision)  # (T, B, C)
-        probs_fn = teacher_soft_labels(noise_teacher, trajectory, s.tau, s.label_chunk,
-                                       s.mixed_precision)  # (T, B, C)
+        probs_f = teacher_soft_labels(teacher, trajectory, s.kd_temperature, s.label_chunk,
+                                      s.precision)  # (T, B, C)
+        probs_fn = teacher_soft_labels(noise_teacher, trajectory, s.kd_temperature, s.label_chunk,
+                                       s.precision)  # (T, B, C)
         del adapted, noise_teacher
     return {"trajectory": trajectory.detach(), "labels": labels, "diag": diag,
             "teacher_probs": probs_f, "noise_probs": probs_fn, "times": timer.times}

@@ -14,7 +14,7 @@ import logging
 
 import numpy as np
 
-from fedbicross_flwr.config.settings import settings_from_config
+from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
 from fedbicross_flwr.fedbicross.method import cluster_clients
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, write_clusters_csv
@@ -25,7 +25,7 @@ def cluster_fedavg(inp: MethodInput) -> MethodOutput:
     """Cluster as FedBiCross (Stage 1a); each client gets its cluster's FedAvg model."""
     cfg = inp.cfg
     k = min(cfg.num_clusters, len(inp.uploads))
-    settings = settings_from_config(cfg, num_clusters=k)
+    settings = FedBiCrossSettings.of(cfg, num_clusters=k)
     clients = [load_resnet18(u.state).to(inp.device).eval().requires_grad_(False)
                for u in inp.uploads]
     clustering = cluster_clients(clients, settings, inp.in_channels, inp.num_classes, 28,

@@ -1,8 +1,8 @@
 """FedBiCross as a server method: Stages 1-2 on the server, Stage 3 by ``train.personalize``.
 
 The algorithm lives in :mod:`fedbicross_flwr.fedbicross` (plain PyTorch). This adapter takes
-its settings from the run config (:func:`~fedbicross_flwr.config.settings.
-settings_from_config`), sends each client its cluster model G_k, and writes the method's
+its settings from the run config (``FedBiCrossSettings.of(cfg)``,
+:mod:`fedbicross_flwr.fedbicross.config`), sends each client its cluster model G_k, and writes the method's
 artefacts into the run folder:
 
 ``clusters.csv``                 partition-id -> cluster
@@ -17,8 +17,8 @@ import logging
 
 import numpy as np
 
-from fedbicross_flwr.config.settings import settings_from_config
 from fedbicross_flwr.distill.plots import save_synthetic_grid
+from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
 from fedbicross_flwr.fedbicross.method import run_fedbicross
 from fedbicross_flwr.fedbicross.plots import plot_weight_history, save_weight_history_csv
 from fedbicross_flwr.logging_utils import log
@@ -34,7 +34,7 @@ def fedbicross(inp: MethodInput) -> MethodOutput:
     if k < cfg.num_clusters:
         log(logging.WARNING, "only %d client models for num-clusters=%d: using K=%d",
             len(inp.uploads), cfg.num_clusters, k)
-    settings = settings_from_config(cfg, num_clusters=k)
+    settings = FedBiCrossSettings.of(cfg, num_clusters=k)
     models = [load_resnet18(upload.state) for upload in inp.uploads]
     result = run_fedbicross(models, inp.in_channels, inp.num_classes, settings, inp.device,
                             progress=cfg.progress,

@@ -32,10 +32,35 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from fedbicross_flwr.config.fields import Section, key
+
 if TYPE_CHECKING:
     from flwr.app import Context, Message
     from flwr.clientapp.typing import ClientAppCallable
     from flwr.serverapp.strategy import Strategy
+
+
+@dataclass(frozen=True)
+class MultiRoundConfig(Section):
+    """The keys of the multi-round references (``fedavg-r``, ``fedadam-r``, ``krum-r``, ...)."""
+
+    rounds: int = key(10, "R, communication rounds of a multi-round method.",
+                      low=1, high=10000)
+    strategy_args: str = key("",
+                             "Arguments of the multi-round method's Flower strategy, as "
+                             "Flower names them, e.g. \"eta=0.01 beta_1=0.9\" for fedadam-r "
+                             "or \"noise_multiplier=0.5 clipping_norm=2.0\" for a DP wrapper "
+                             "(checked against the strategy's signature).")
+    round_epochs: int = key(0,
+                            "Local epochs per round of a multi-round method (0 = "
+                            "ceil(local-epochs / rounds): the clients' total compute matches "
+                            "the one-shot phase 1).", low=0)
+    proximal_mu: float = key(0.01,
+                             "FedProx mu: clients add mu/2 times the squared L2 distance to the "
+                             "global model to their loss "
+                             "(fedprox-r; sent by the server as proximal-mu).",
+                             low=0.0, high=1e4)
+
 
 
 class StrategyConfig(Protocol):
@@ -251,6 +276,6 @@ def dp_clipping_mod(msg: "Message", context: "Context",
     return mod(msg, context, call_next)
 
 
-__all__ = ["BY_METHOD", "CLIPPING_KEY", "FLOWER_STRATEGIES", "FlowerStrategy",
+__all__ = ["BY_METHOD", "CLIPPING_KEY", "FLOWER_STRATEGIES", "FlowerStrategy", "MultiRoundConfig",
            "StrategyConfig", "build_strategy", "dp_clipping_mod", "parse_strategy_args",
            "strategy_kwargs"]

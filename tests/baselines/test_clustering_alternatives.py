@@ -13,7 +13,6 @@ from fbc_models import TinyCNN  # noqa: E402
 
 from fedbicross_flwr.client import initial_state  # noqa: E402
 from fedbicross_flwr.config.run_config import ConfigError, RunConfig  # noqa: E402
-from fedbicross_flwr.config.settings import FedBiCrossSettings  # noqa: E402
 from fedbicross_flwr.fedbicross.clustering_alternatives import (  # noqa: E402
     assign_clusters,
     hierarchical_update_clusters,
@@ -21,6 +20,7 @@ from fedbicross_flwr.fedbicross.clustering_alternatives import (  # noqa: E402
     isometric_embedding,
     parameter_gram,
 )
+from fedbicross_flwr.fedbicross.config import FedBiCrossSettings  # noqa: E402
 from fedbicross_flwr.fedbicross.method import run_fedbicross  # noqa: E402
 from fedbicross_flwr.model import build_resnet18  # noqa: E402
 
@@ -108,5 +108,5 @@ def test_run_fedbicross_clusters_on_the_chosen_signal(planted_clients):
 def test_cluster_on_is_validated_with_its_key():
     with pytest.raises(ConfigError, match="cluster-on"):
         RunConfig.from_run_config({"cluster-on": "pacfl"})
-    with pytest.raises(ValueError, match="cluster_on"):
+    with pytest.raises(ConfigError, match="cluster-on"):
         FedBiCrossSettings(cluster_on="pacfl")

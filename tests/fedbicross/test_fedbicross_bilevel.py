@@ -7,7 +7,6 @@ import pytest
 import torch
 from fbc_models import make_tiny
 
-from fedbicross_flwr.config.settings import FedBiCrossSettings
 from fedbicross_flwr.distill.losses import kd_loss
 from fedbicross_flwr.fedbicross.bilevel import (
     OnlineBilevelTrainer,
@@ -16,6 +15,7 @@ from fedbicross_flwr.fedbicross.bilevel import (
     outer_update,
     project_to_simplex,
 )
+from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
 
 
 @pytest.mark.parametrize(
@@ -247,11 +247,11 @@ def _train(settings, num_clusters, data, init_seeds):
 
 def test_intra_weights_stay_one_hot_and_equal_training_each_cluster_alone():
     # Prepare
-    settings = FedBiCrossSettings(weights_mode="intra", student_lr=0.05, val_fraction=0.2)
+    settings = FedBiCrossSettings(weights_mode="intra", student_lr=0.05, bilevel_val_fraction=0.2)
     data = _random_epoch(2)
     # Execute: intra ablation with K = 2, and K = 1 on cluster 1's data only, same init
     students, history = _train(settings, 2, data, init_seeds=[10, 11])
-    single = FedBiCrossSettings(num_clusters=1, student_lr=0.05, val_fraction=0.2)
+    single = FedBiCrossSettings(num_clusters=1, student_lr=0.05, bilevel_val_fraction=0.2)
     alone, alone_history = _train(single, 1, tuple([x[1]] for x in data), init_seeds=[11])
     # Assert
     assert np.array_equal(history["weights"], np.broadcast_to(np.eye(2), (4, 2, 2)))
@@ -283,7 +283,7 @@ def test_bilevel_weights_move_and_stay_on_simplex_uniform_stays_fixed():
 def test_diverged_student_stops_with_a_clear_error():
     # Prepare: a step size that blows the tiny students up within the epoch
     data = _random_epoch(2, steps=6)
-    settings = FedBiCrossSettings(weights_mode="uniform", student_lr=1e12, val_fraction=0.2)
+    settings = FedBiCrossSettings(weights_mode="uniform", student_lr=1e12, bilevel_val_fraction=0.2)
     # Execute / Assert
     with pytest.raises(FloatingPointError, match=r"not finite: G_k diverged"):
         _train(settings, 2, data, init_seeds=[10, 11])

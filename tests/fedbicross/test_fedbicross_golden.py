@@ -19,7 +19,7 @@ import torch
 from fbc_models import make_tiny
 
 from fedbicross_flwr.config.run_config import RunConfig
-from fedbicross_flwr.config.settings import settings_from_config
+from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
 from fedbicross_flwr.fedbicross.method import run_fedbicross
 
 GOLDEN = Path(__file__).with_name("golden_fedbicross.json")
@@ -65,7 +65,7 @@ def _payload_sha(payload: object) -> str:
 
 def tiny_run_digests(checkpoint_dir: Path) -> dict:
     """Digests of one tiny FedBiCross run with checkpoints in ``checkpoint_dir``."""
-    settings = settings_from_config(RunConfig.from_run_config(KEYS), num_examples=4)
+    settings = FedBiCrossSettings.of(RunConfig.from_run_config(KEYS), num_examples=4)
     clients = [make_tiny(seed) for seed in range(4)]
     torch.manual_seed(0)
     result = run_fedbicross(clients, 1, 3, settings, "cpu", progress=False, image_size=6,

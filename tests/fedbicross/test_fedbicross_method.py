@@ -8,8 +8,8 @@ import pytest
 import torch
 from fbc_models import make_tiny
 
-from fedbicross_flwr.config.settings import FedBiCrossSettings
 from fedbicross_flwr.distill.plots import save_synthetic_grid
+from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
 from fedbicross_flwr.fedbicross.method import run_fedbicross
 from fedbicross_flwr.fedbicross.plots import plot_weight_history, save_weight_history_csv
 from fedbicross_flwr.model import build_resnet18
@@ -94,7 +94,7 @@ def test_too_many_clusters_raises():
 
 
 def test_bf16_autocast_and_train_mode_noise_teacher_run():
-    result = _tiny_run(num_clusters=2, mixed_precision="bf16", noise_teacher_mode="train",
+    result = _tiny_run(num_clusters=2, precision="bf16", noise_teacher_mode="train",
                        ensemble="logit", server_epochs=1)
     assert all(torch.isfinite(v.float()).all() for v in result.cluster_models[0].values())
     assert np.isfinite(result.diagnostics["val_loss"]).all()

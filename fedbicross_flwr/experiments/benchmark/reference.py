@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...config.settings import FedBiCrossSettings
 from ...fedbicross.bilevel import outer_update
+from ...fedbicross.config import FedBiCrossSettings
 
 
 def _ensemble_log_probs(members: Sequence[nn.Module], x: Tensor, ensemble: str,
@@ -120,7 +120,7 @@ class ReferenceBilevel:
         (K, K) float64 current cross-cluster weights.
     settings : FedBiCrossSettings
         Uses tau, student_lr, student_momentum, student_weight_decay, weight_lr,
-        hypergrad_normalisation, ensemble.
+        hypergrad_norm, ensemble.
     """
 
     def __init__(self, students: list[nn.Module], teachers: list[list[nn.Module]],
@@ -134,7 +134,7 @@ class ReferenceBilevel:
         self.momentum = [[None for _ in s.parameters()] for s in students]
 
     def _soft_labels(self, j: int, x: Tensor) -> tuple[Tensor, Tensor]:
-        tau = self.settings.tau
+        tau = self.settings.kd_temperature
         with torch.no_grad():
             for m in self.teachers[j] + self.noise_teachers[j]:
                 m.eval()
@@ -160,7 +160,7 @@ class ReferenceBilevel:
                 pn, p = self._soft_labels(j, x)  # teachers recomputed at every KD use
                 student.load_state_dict(start_buffers, strict=False)
                 student.train()
-                loss = _kd(student(x), pn, p, lam, s.tau)
+                loss = _kd(student(x), pn, p, lam, s.kd_temperature)
                 student.zero_grad()
                 loss.backward()
                 grads.append([q.grad.detach().clone() for q in params])  # type: ignore[union-attr]
@@ -181,7 +181,7 @@ class ReferenceBilevel:
             look_ahead.train()
             xv = images[k][val_idx]
             pn, p = self._soft_labels(k, xv)
-            val_loss = _kd(look_ahead(xv), pn, p, lam, s.tau)
+            val_loss = _kd(look_ahead(xv), pn, p, lam, s.kd_temperature)
             g_val = torch.autograd.grad(val_loss, list(look_ahead.parameters()))
             hyper = torch.stack([
                 -s.student_lr * sum((gv * gj).sum() for gv, gj in zip(g_val, grads[j]))  # type: ignore[misc]
@@ -191,7 +191,7 @@ class ReferenceBilevel:
             val_losses[k] = val_loss.detach().double()
             if K > 1 and s.weights_mode == "bilevel":
                 new_weights[k] = outer_update(self.weights[k], hyper, s.weight_lr,
-                                              s.hypergrad_normalisation)
+                                              s.hypergrad_norm)
             with torch.no_grad():  # BN running statistics: w-weighted mixture of the sources
                 for name, b in student.named_buffers():
                     if b.is_floating_point():

@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...config.settings import FedBiCrossSettings
 from ...distill.losses import BNStatsHook
 from ...distill.noise_adapt import effective_steps, noise_adapted_copy, teacher_soft_labels
 from ...distill.synthesis import (
@@ -42,6 +41,7 @@ from ...distill.synthesis import (
 )
 from ...distill.utils import derive_seed, preserved_modes, to_channels_last
 from ...fedbicross.bilevel import OnlineBilevelTrainer, fixed_weights
+from ...fedbicross.config import FedBiCrossSettings
 from ...fedbicross.method import init_cluster_models
 from ...model import build_resnet18
 from .hardware import count_flops, estimate_peak_flops, peak_memory_mib, reset_peak_memory, timed
@@ -184,7 +184,7 @@ def make_clients(cfg: BenchConfig, device: torch.device) -> list[nn.Module]:
 def _settings(cfg: BenchConfig, dtype: str | None = None) -> FedBiCrossSettings:
     return FedBiCrossSettings(num_clusters=cfg.num_clusters, synth_steps=cfg.steps,
                               synth_batch=cfg.batch, seed=cfg.seed,
-                              mixed_precision="bf16" if (dtype or cfg.dtype) == "bf16" else "fp32",
+                              precision="bf16" if (dtype or cfg.dtype) == "bf16" else "fp32",
                               compile=cfg.compile)
 
 
@@ -260,16 +260,16 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         times["synthesis"] += dt
         adapted, dt = timed(lambda: noise_adapted_copy(members[k], traj, settings.noise_momentum,
                                                        settings.noise_teacher_mode,
-                                                       settings.mixed_precision,
-                                                       cutoff=settings.noise_cutoff), device)
+                                                       settings.precision,
+                                                       cutoff=settings.noise_ema_cutoff), device)
         times["noise_adaptation"] += dt
         teacher = EnsembleTeacher(members[k], settings.ensemble, "eval")
         noise_teacher = EnsembleTeacher(adapted, settings.ensemble, settings.noise_teacher_mode)
         (pf, pn), dt = timed(lambda: (
-            teacher_soft_labels(teacher, traj, settings.tau, settings.label_chunk,
-                                settings.mixed_precision),
-            teacher_soft_labels(noise_teacher, traj, settings.tau, settings.label_chunk,
-                                settings.mixed_precision)), device)
+            teacher_soft_labels(teacher, traj, settings.kd_temperature, settings.label_chunk,
+                                settings.precision),
+            teacher_soft_labels(noise_teacher, traj, settings.kd_temperature, settings.label_chunk,
+                                settings.precision)), device)
         times["soft_labels"] += dt
         trajectories.append(traj)
         labels.append(lab)
@@ -324,7 +324,7 @@ def _count_real_flops(cfg, settings, members, trajectories, labels, adapted_all,
                                                       settings.noise_momentum))
         # One forward per member for the first L of the T steps (Eq. 3 cutoff).
         flops["noise_adaptation"] += f * effective_steps(
-            T, settings.noise_momentum, settings.noise_cutoff) / T
+            T, settings.noise_momentum, settings.noise_ema_cutoff) / T
         teacher = EnsembleTeacher(members[k], settings.ensemble, "eval")
         noise_teacher = EnsembleTeacher(adapted_all[k], settings.ensemble, "eval")
         _, f = count_flops(lambda: (teacher_soft_labels(teacher, trajectories[k][-1:], 1.0),
@@ -418,7 +418,7 @@ def _synthesis_checks(cfg: BenchConfig, settings: FedBiCrossSettings, fp32: FedB
                                                   fp32)
         for name, s in _variants(cfg, settings, fp32):
             terms, grad = _real_synthesis_grad(members[k], xt, yk, offsets[0], s)
-            rtol = TIGHT_RTOL if s.mixed_precision == "fp32" else LOOSE_RTOL
+            rtol = TIGHT_RTOL if s.precision == "fp32" else LOOSE_RTOL
             checks.append(Check(f"synthesis cluster {k}: {name} vs reference-fp32", {
                 "CE": rel_err(terms[0], ref_terms[0], 1.0), "R_BN": rel_err(terms[1], ref_terms[1], 1.0),
                 "R_TV": rel_err(terms[2], ref_terms[2], 1.0), "grad_x": rel_err(grad, ref_grad)}, rtol))
@@ -458,13 +458,13 @@ def _bilevel_checks(cfg: BenchConfig, settings: FedBiCrossSettings, fp32: FedBiC
         students = [copy.deepcopy(m) for m in initial_students]
         to_channels_last(students)
         trainer = OnlineBilevelTrainer(students, s, w0.numpy(), device)
-        if s.mixed_precision == "fp32":  # float32 soft labels of the stored teachers, step t
+        if s.precision == "fp32":  # float32 soft labels of the stored teachers, step t
             pf, pn = [], []
             for k in range(K):
                 teacher = EnsembleTeacher(members[k], s.ensemble, "eval")
                 noise_teacher = EnsembleTeacher(adapted_all[k], s.ensemble, s.noise_teacher_mode)
-                pf.append(teacher_soft_labels(teacher, trajectories[k][t - 1:t], s.tau)[0])
-                pn.append(teacher_soft_labels(noise_teacher, trajectories[k][t - 1:t], s.tau)[0])
+                pf.append(teacher_soft_labels(teacher, trajectories[k][t - 1:t], s.kd_temperature)[0])
+                pn.append(teacher_soft_labels(noise_teacher, trajectories[k][t - 1:t], s.kd_temperature)[0])
         else:
             pf = [p[t - 1] for p in teacher_probs]
             pn = [p[t - 1] for p in noise_probs]
@@ -475,7 +475,7 @@ def _bilevel_checks(cfg: BenchConfig, settings: FedBiCrossSettings, fp32: FedBiC
         ref_delta = torch.cat([(a.detach() - b.detach()).flatten() for st, st0 in
                                zip(ref_students, initial_students)
                                for a, b in zip(st.parameters(), st0.parameters())])
-        tight = s.mixed_precision == "fp32"
+        tight = s.precision == "fp32"
         checks.append(Check(f"bi-level step {t}/{T}: {name} vs reference-fp32", {
             "student_update": rel_err(real_delta, ref_delta), "val_loss": rel_err(val, ref_val, 1.0),
             "weights": rel_err(trainer.weights, ref.weights)},
@@ -505,16 +505,16 @@ def _noise_adaptation_checks(cfg: BenchConfig, settings: FedBiCrossSettings,
     # first member: this is what checks the cutoff.
     (ref_copy,) = noise_adapted_copy(ref_members[0][:1], perturbed(trajectories[0].float()),
                                      settings.noise_momentum)
-    used = effective_steps(T, settings.noise_momentum, settings.noise_cutoff)
+    used = effective_steps(T, settings.noise_momentum, settings.noise_ema_cutoff)
     for name, s in _variants(cfg, settings, fp32):
-        if s.mixed_precision == settings.mixed_precision:
+        if s.precision == settings.precision:
             real_copy = adapted_all[0][0]
         else:
             (real_copy,) = noise_adapted_copy(members[0][:1], trajectories[0], s.noise_momentum,
-                                              cutoff=s.noise_cutoff)
+                                              cutoff=s.noise_ema_cutoff)
         checks.append(Check(f"noise adaptation ({used} of {T} steps): {name} vs reference-fp32", {
             "bn_statistics": rel_err(_bn_statistics(real_copy), _bn_statistics(ref_copy))},
-            TIGHT_RTOL if s.mixed_precision == "fp32" else LOOSE_RTOL))
+            TIGHT_RTOL if s.precision == "fp32" else LOOSE_RTOL))
     return noise_ms
 
 

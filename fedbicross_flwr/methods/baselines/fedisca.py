@@ -31,7 +31,7 @@ from logging import INFO
 
 import torch
 
-from ...config.settings import settings_from_config
+from ...distill.config import SynthesisSettings
 from ...distill.losses import kd_loss
 from ...distill.noise_adapt import noise_adapted_copy, teacher_soft_labels
 from ...distill.synthesis import EnsembleTeacher, synthesize_trajectory
@@ -46,7 +46,7 @@ def fedisca(inp: MethodInput) -> MethodOutput:
     """FedISCA server stage: one global model for every client."""
     cfg = inp.cfg
     start = time.perf_counter()
-    s = settings_from_config(cfg, num_clusters=1)
+    s = SynthesisSettings.of(cfg)
     members = client_models(inp)
     student = initial_student(inp, tag=101)
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.fedisca_lr, momentum=0.9,
@@ -66,12 +66,12 @@ def fedisca(inp: MethodInput) -> MethodOutput:
             inp.device, progress=cfg.progress, tag=tag)  # (T, B, C_in, H, W), (B,)
         t1 = time.perf_counter()
         adapted = noise_adapted_copy(adapted, trajectory, s.noise_momentum, s.noise_teacher_mode,
-                                     s.mixed_precision, cutoff=s.noise_cutoff)
+                                     s.precision, cutoff=s.noise_ema_cutoff)
         t2 = time.perf_counter()
         probs_f = teacher_soft_labels(EnsembleTeacher(members, s.ensemble, "eval"), trajectory,
-                                      s.tau, s.label_chunk, s.mixed_precision)  # (T, B, C)
+                                      s.kd_temperature, s.label_chunk, s.precision)  # (T, B, C)
         probs_fn = teacher_soft_labels(EnsembleTeacher(adapted, s.ensemble, s.noise_teacher_mode),
-                                       trajectory, s.tau, s.label_chunk, s.mixed_precision)
+                                       trajectory, s.kd_temperature, s.label_chunk, s.precision)
         t3 = time.perf_counter()
         student.train()
         steps, batch = trajectory.shape[:2]
@@ -81,9 +81,9 @@ def fedisca(inp: MethodInput) -> MethodOutput:
             alpha = t / steps  # weight of the original teacher, 0 -> 1 (reference)
             for lo in range(0, batch, kd_batch):
                 part = slice(lo, lo + kd_batch)
-                with autocast(inp.device, s.mixed_precision):
+                with autocast(inp.device, s.precision):
                     logits = full_precision(student(trajectory[t, part]))
-                loss = kd_loss(logits, probs_fn[t, part], probs_f[t, part], 1.0 - alpha, s.tau)
+                loss = kd_loss(logits, probs_fn[t, part], probs_f[t, part], 1.0 - alpha, s.kd_temperature)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

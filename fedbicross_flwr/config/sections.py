@@ -1,0 +1,165 @@
+"""The run-config keys every method shares: what to run, the federation, the clients' local
+training, the personalization (Stage 3) and the execution.
+
+Each group is a small frozen :class:`~fedbicross_flwr.config.fields.Section`; a key's name is
+its field's name in kebab case. The keys that belong to one method live next to that method
+(:mod:`fedbicross_flwr.fedbicross.config`, :mod:`fedbicross_flwr.methods.baselines.config`,
+:mod:`fedbicross_flwr.methods.flower_strategies`); :class:`~fedbicross_flwr.config.run_config.
+RunConfig` is all of them together. This module imports no torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedbicross_flwr.config.fields import Section, key
+from fedbicross_flwr.methods.catalog import method_names
+
+
+@dataclass(frozen=True)
+class TaskConfig(Section):
+    """What to run: the method(s), the dataset, the model and the master seed."""
+
+    method: str = key("fedavg1", "Server method (registry name).",
+                      choices=method_names())
+    methods: str = key("",
+                       "Comma-separated server methods run in ONE run on the same client "
+                       "uploads (phase 1 once; then per method: server method and "
+                       "personalization), one run folder each plus, for 2+ methods, "
+                       "<run-name>-comparison (table and summary picture). Empty: only `method`. A multi-round "
+                       "method (fedavg-r, fedadam-r, ...) retrains the clients: at most one, "
+                       "last.")
+    dataset: str = key("retinamnist",
+                       "MedMNIST 2D flag (e.g. bloodmnist), `digits` (scikit-learn, built on "
+                       "the fly) or `custom` (an npz archive at data-path).")
+    data_dir: str = key("",
+                        "Folder with official MedMNIST archives (<flag>.npz). Empty: "
+                        "$FEDBICROSS_DATA_DIR, else the archive embedded in the package.")
+    data_path: str = key("",
+                         "An npz archive in MedMNIST format (dataset=custom). In deployment "
+                         "each site sets it in its node config instead.")
+    allow_download: bool = key(False,
+                               "Let the medmnist package download a missing official archive.")
+    in_channels: int = key(0,
+                           "Image channels; 0 = from the dataset's metadata (needed for "
+                           "custom).", low=0, high=3)
+    num_classes: int = key(0,
+                           "Number of classes; 0 = from the dataset's metadata (needed for "
+                           "custom).", low=0, high=1000)
+    # Base channel count w of the CIFAR-style ResNet-18 every client and server model uses:
+    # stages of w, 2w, 4w, 8w channels (paper: 64). Forward FLOPs grow about with w^2.
+    model_width: int = key(64,
+                           "Base channel count w of ResNet-18 (stages w, 2w, 4w, 8w; paper: "
+                           "64). Forward FLOPs grow about with w^2: 16 costs about 1/16 of 64.",
+                           low=4, high=128)
+    # In FedBiCross: the master seed of the noise images, K-means, labels, jitter, the I^val
+    # split and the cluster-model initialisation.
+    seed: int = key(0, "Seed of the partition, the models and every sampler.", low=0)
+
+
+@dataclass(frozen=True)
+class FederationConfig(Section):
+    """The federation: how many clients, how long to wait, how the data is partitioned."""
+
+    num_clients: int = key(5,
+                           "Nodes the server waits for before phase 1.", low=1, high=10000)
+    min_clients: int = key(0,
+                           "Fewest answering clients to go on with (0 = all of num-clients).",
+                           low=0, high=10000)
+    node_wait_timeout: float = key(120.0,
+                                   "Seconds to wait for num-clients nodes to connect.", low=0.0)
+    round_timeout: float = key(0.0,
+                               "Seconds to wait for the replies of one phase (0 = no limit).",
+                               low=0.0)
+    site_nodes: str = key("",
+                          "Deployment: the node id of each site, as `partition-id=node-id` "
+                          "pairs separated by commas (node ids from `flwr supernode "
+                          "register`). Only that node is sent the site's instructions and "
+                          "only its replies count for the partition. Empty: in simulation the "
+                          "server assigns the partitions to the connected nodes; in deployment "
+                          "the sites' own partition-ids are trusted and a partition claimed "
+                          "twice is refused.")
+    max_num_examples: int = key(0,
+                                "Largest num-examples (FedAvg weight) a client may report. 0: "
+                                "in simulation the size of the partition the server assigned; "
+                                "in deployment no bound.", low=0)
+    alpha: float = key(0.1, "Dirichlet concentration of the label skew (lower = more "
+                       "non-IID).", low=0.0, low_open=True, high=1e6)
+    min_partition_size: int = key(10,
+                                  "Smallest training partition the Dirichlet sampler accepts.",
+                                  low=1)
+    val_fraction: float = key(0.1,
+                              "Share of each client's partition held out as local validation.",
+                              low=0.0, high=0.5)
+
+
+@dataclass(frozen=True)
+class LocalTrainingConfig(Section):
+    """The clients' local training of phase 1 (paper Sec. IV-A)."""
+
+    local_epochs: int = key(100, "Local training epochs (paper: 100).", low=1)
+    local_lr: float = key(1e-3, "Local SGD learning rate (paper: 1e-3).",
+                          low=0.0, low_open=True, high=10.0)
+    local_momentum: float = key(0.9, "Local SGD momentum.", low=0.0, high=0.999)
+    local_weight_decay: float = key(5e-4, "Local SGD weight decay.",
+                                    low=0.0, high=1.0)
+    batch_size: int = key(128, "Client batch size (paper: 128).", low=1)
+
+
+@dataclass(frozen=True)
+class PersonalizationConfig(Section):
+    """The clients' personalized distillation of phase 3 (Stage 3, Eq. 9)."""
+
+    pers_epochs: int = key(10,
+                           "Personalized distillation epochs (paper: 10; 0 = none, w/o PKD).",
+                           low=0)
+    pers_lr: float = key(1e-3, "Personalization SGD learning rate.",
+                         low=0.0, low_open=True, high=10.0)
+    pers_gamma: float = key(0.5, "Eq. 9 weight of KL to the received model.",
+                            low=0.0, high=100.0)
+    pers_delta: float = key(0.3, "Eq. 9 weight of KL to the client's own model.",
+                            low=0.0, high=100.0)
+
+
+@dataclass(frozen=True)
+class ExecutionConfig(Section):
+    """Where and how the work runs: device, precision, threads, output and progress."""
+
+    device: str = key("auto", "auto (CUDA when present), cpu or cuda.",
+                      choices=("auto", "cpu", "cuda"))
+    # In FedBiCross: 'bf16' runs synthesis and KD forward passes under
+    # torch.autocast(bfloat16) (about 1.8x faster on CPU in a prototype); 'fp32' keeps full
+    # precision.
+    precision: str = key("fp32",
+                         "fp32, or bf16 autocast for training/synthesis forward passes.",
+                         choices=("fp32", "bf16"))
+    eval_precision: str = key("fp32",
+                              "Precision of the accuracy forwards (evaluation only): fp32, or "
+                              "bf16 autocast with channels-last (about 2x faster on CPU; 0-2 "
+                              "of 540 digits test predictions change, docs/RESULTS.md).",
+                              choices=("fp32", "bf16"))
+    num_threads: int = key(0, "torch CPU threads (0 = torch's default).", low=0)
+    # FedBiCross: torch.compile (inductor) the members' forward inside synthesis (Eq. 2),
+    # where most of the server time goes. Same numbers up to float rounding; costs a one-off
+    # compile.
+    compile: bool = key(False,
+                        "torch.compile the client models' forward inside FedBiCross synthesis "
+                        "(inductor; a one-off compile of about a minute on CPU, seconds from "
+                        "its disk cache, one graph per architecture; then about 13% less "
+                        "time per synthesis step on CPU at N=5, B=64; docs/BENCHMARKS.md).")
+    output_dir: str = key("",
+                          "Absolute folder for run folders. Empty: $FEDBICROSS_OUTPUT_DIR, "
+                          "else <project>/outputs.")
+    run_name: str = key("",
+                        "Name of the run folder (empty: <time>-<dataset>-<method>).")
+    progress: bool = key(True, "Show progress bars / periodic log lines.")
+    resume: bool = key(False,
+                       "Continue the run folder named run-name from its checkpoints (finished "
+                       "server stages are not redone); needs run-name.")
+    keep_checkpoints: bool = key(False,
+                                 "Keep the run folder's checkpoints/ (uploads, server stages) "
+                                 "after a successful run (default: deleted to save disk).")
+
+
+__all__ = ["ExecutionConfig", "FederationConfig", "LocalTrainingConfig", "PersonalizationConfig",
+           "TaskConfig"]
