@@ -31,10 +31,34 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX); True if unknown."""
+    checks = [getattr(torch.cpu, name, None)
+              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(check is None for check in checks):
+        return True  # an older torch cannot tell: do not warn
+    return any(check() for check in checks)  # type: ignore[misc]
+
+
+_warned_emulated_bf16 = False
+
+
 def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast when ``precision == 'bf16'``, a no-op otherwise (client and server)."""
+    """bf16 autocast when ``precision == 'bf16'``, a no-op otherwise (client and server).
+
+    On a CPU without native bfloat16 (AVX2 only) bf16 is emulated and slower than fp32: the
+    first such region of the process logs a warning that says so.
+    """
+    global _warned_emulated_bf16
     if precision == "bf16":
-        return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+        kind = torch.device(device).type
+        if kind == "cpu" and not _warned_emulated_bf16 and not cpu_has_native_bf16():
+            _warned_emulated_bf16 = True
+            log(logging.WARNING, "precision='bf16' on a CPU without native bfloat16 (no "
+                "AVX512-BF16 or AMX): autocast is emulated, about 11x slower than fp32 for a "
+                "width-16 training step on such a CPU (docs/BENCHMARKS.md); set "
+                "precision='fp32' here")
+        return torch.autocast(device_type=kind, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
