@@ -66,7 +66,10 @@ def test_unknown_and_repeated_names_are_refused() -> None:
 
 
 def test_config_validation_fails_on_a_typo_without_importing_torch() -> None:
+    # the run config and every section of it (each beside its method) stay torch-free
     code = ("import sys\nfrom fedbicross_flwr.config.run_config import ConfigError, RunConfig\n"
+            "import fedbicross_flwr.fedbicross.config, fedbicross_flwr.distill.config\n"
+            "import fedbicross_flwr.methods.baselines.config\n"
             "try:\n    RunConfig.from_run_config({'method': 'fedbicros'})\n"
             "except ConfigError as err:\n    print('refused', 'torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
