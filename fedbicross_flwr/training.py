@@ -7,6 +7,7 @@ no per-batch host work beyond indexing (MedMNIST 28x28 sets fit easily in device
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX); True if unknown."""
     checks = [getattr(torch.cpu, name, None)
@@ -43,30 +45,43 @@ def cpu_has_native_bf16() -> bool:
 _warned_emulated_bf16 = False
 
 
+def uses_bf16(device: torch.device | str, precision: str) -> bool:
+    """Whether ``precision`` runs in bf16 on ``device``: 'bf16' always, 'auto' where the device
+    has native bfloat16 (:func:`cpu_has_native_bf16`, or a CUDA GPU with bf16), 'fp32' never.
+    """
+    if precision != "auto":
+        return precision == "bf16"
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    return kind == "cpu" and cpu_has_native_bf16()
+
+
 def autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast when ``precision == 'bf16'``, a no-op otherwise (client and server).
+    """bf16 autocast when :func:`uses_bf16`, a no-op otherwise (client and server).
 
     On a CPU without native bfloat16 (AVX2 only) bf16 is emulated and slower than fp32: the
-    first such region of the process logs a warning that says so.
+    first such region of the process with ``precision='bf16'`` logs a warning that says so
+    (``'auto'`` runs fp32 there).
     """
     global _warned_emulated_bf16
-    if precision == "bf16":
+    if uses_bf16(device, precision):
         kind = torch.device(device).type
         if kind == "cpu" and not _warned_emulated_bf16 and not cpu_has_native_bf16():
             _warned_emulated_bf16 = True
             log(logging.WARNING, "precision='bf16' on a CPU without native bfloat16 (no "
                 "AVX512-BF16 or AMX): autocast is emulated, about 11x slower than fp32 for a "
                 "width-16 training step on such a CPU (docs/BENCHMARKS.md); set "
-                "precision='fp32' here")
+                "precision='fp32' or 'auto' here")
         return torch.autocast(device_type=kind, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def autocast_off(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
     """Autocast switched off inside an :func:`autocast` region (which keeps its weight-cast
-    cache until the outer region ends); a no-op when ``precision`` is not 'bf16'.
+    cache until the outer region ends); a no-op when :func:`uses_bf16` is False.
     """
-    if precision == "bf16":
+    if uses_bf16(device, precision):
         return torch.autocast(device_type=torch.device(device).type, enabled=False)
     return contextlib.nullcontext()
 
@@ -158,12 +173,12 @@ def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device,
                    batch_size: int = 64, precision: str = "fp32") -> torch.Tensor:
     """Eval-mode logits (N, C) on the CPU, in fp32.
 
-    With ``precision='bf16'`` the forwards run under bf16 autocast with channels-last weights
-    and inputs (oneDNN's bf16 convolutions want NHWC; bf16 alone barely helps on CPU); a
-    model stored in NCHW is put back in NCHW afterwards.
+    With bf16 (:func:`uses_bf16` of ``precision``) the forwards run under bf16 autocast with
+    channels-last weights and inputs (oneDNN's bf16 convolutions want NHWC; bf16 alone barely
+    helps on CPU); a model stored in NCHW is put back in NCHW afterwards.
     """
     model.to(device).eval()
-    fast = precision == "bf16" and x.dim() == 4
+    fast = uses_bf16(device, precision) and x.dim() == 4
     # Restore only what this call changed: a model stored channels-last stays so.
     relayout = fast and not is_channels_last(model)
     if relayout:

@@ -127,17 +127,22 @@ class ExecutionConfig(Section):
 
     device: str = key("auto", "auto (CUDA when present), cpu or cuda.",
                       choices=("auto", "cpu", "cuda"))
-    # In FedBiCross: 'bf16' runs synthesis and KD forward passes under
-    # torch.autocast(bfloat16) (about 1.8x faster on CPU in a prototype); 'fp32' keeps full
-    # precision.
+    # 'bf16' runs training, synthesis and KD forward passes under torch.autocast(bfloat16);
+    # 'fp32' keeps full precision; 'auto' is bf16 where the device computes bfloat16 natively
+    # (a CPU with AVX512-BF16 or AMX, a CUDA GPU with bf16) and fp32 elsewhere, where bf16 is
+    # emulated and slower than fp32 (training.uses_bf16).
     precision: str = key("fp32",
-                         "fp32, or bf16 autocast for training/synthesis forward passes.",
-                         choices=("fp32", "bf16"))
+                         "fp32, bf16 autocast for training/synthesis forward passes, or auto "
+                         "(bf16 where the device has native bfloat16, else fp32; on an "
+                         "AVX2-only CPU bf16 is emulated and about 11x slower, "
+                         "docs/BENCHMARKS.md).",
+                         choices=("fp32", "bf16", "auto"))
     eval_precision: str = key("fp32",
-                              "Precision of the accuracy forwards (evaluation only): fp32, or "
-                              "bf16 autocast with channels-last (about 2x faster on CPU; 0-2 "
-                              "of 540 digits test predictions change, docs/RESULTS.md).",
-                              choices=("fp32", "bf16"))
+                              "Precision of the accuracy forwards (evaluation only): fp32, "
+                              "bf16 autocast with channels-last (about 2x faster on a CPU with "
+                              "native bfloat16; 0-2 of 540 digits test predictions change, "
+                              "docs/RESULTS.md) or auto (as for precision).",
+                              choices=("fp32", "bf16", "auto"))
     num_threads: int = key(0, "torch CPU threads (0 = torch's default).", low=0)
     # FedBiCross: torch.compile (inductor) the members' forward inside synthesis (Eq. 2),
     # where most of the server time goes. Same numbers up to float rounding; costs a one-off
