@@ -2,7 +2,8 @@
 whole run config (:mod:`.run_config`) and its generated mirrors (:mod:`.table`).
 
 A key is a field of a small frozen section next to its user, named by the field: the shared
-keys in :mod:`.sections`, FedBiCross's in :mod:`fedbicross_flwr.fedbicross.config`, the
+keys in :mod:`.sections`, the synthesis toolkit's in :mod:`fedbicross_flwr.distill.config`,
+FedBiCross's in :mod:`fedbicross_flwr.fedbicross.config`, the
 baselines' in :mod:`fedbicross_flwr.methods.baselines.config`, the multi-round references' in
 :mod:`fedbicross_flwr.methods.flower_strategies`. :mod:`.run_config` joins them into
 :class:`~.run_config.RunConfig` and parses ``[tool.flwr.app.config]``, the presets in ``conf/``

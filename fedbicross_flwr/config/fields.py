@@ -1,7 +1,8 @@
 """Run-config keys as dataclass fields: a key's name is its field's name, written in kebab case.
 
 Every tunable lives in a small frozen dataclass next to its user (a :class:`Section`): the
-FedBiCross server stage in :mod:`fedbicross_flwr.fedbicross.config`, each baseline in
+synthesis toolkit in :mod:`fedbicross_flwr.distill.config`, the FedBiCross server stage in
+:mod:`fedbicross_flwr.fedbicross.config`, each baseline in
 :mod:`fedbicross_flwr.methods.baselines.config`, the multi-round references in
 :mod:`fedbicross_flwr.methods.flower_strategies`, the shared keys in :mod:`.sections`.
 :class:`~fedbicross_flwr.config.run_config.RunConfig` is all sections together, the flat

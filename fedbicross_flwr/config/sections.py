@@ -3,7 +3,8 @@ training, the personalization (Stage 3) and the execution.
 
 Each group is a small frozen :class:`~fedbicross_flwr.config.fields.Section`; a key's name is
 its field's name in kebab case. The keys that belong to one method live next to that method
-(:mod:`fedbicross_flwr.fedbicross.config`, :mod:`fedbicross_flwr.methods.baselines.config`,
+(:mod:`fedbicross_flwr.distill.config`, :mod:`fedbicross_flwr.fedbicross.config`,
+:mod:`fedbicross_flwr.methods.baselines.config`,
 :mod:`fedbicross_flwr.methods.flower_strategies`); :class:`~fedbicross_flwr.config.run_config.
 RunConfig` is all of them together. This module imports no torch.
 """
