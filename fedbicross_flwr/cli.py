@@ -257,6 +257,9 @@ def simulate_command(args: argparse.Namespace, cfg: RunConfig, root: Path | None
     result = simulate(root or Path.cwd(), overrides, n, timeout=args.timeout)
     log(logging.INFO, "flwr run %s: %s %s (%.1f s)", result.run_id, result.status,
         result.details, time.perf_counter() - start)
+    log(logging.INFO, "waiting for the run cost %.1f s of CPU (this process, `flwr log`, status "
+        "calls): %.2f %% of the %.0f s of CPU the machine spent meanwhile", result.wait_cpu_s,
+        100 * result.wait_share, result.machine_cpu_s)
     if not result.ok or result.run_dir is None:
         print(f"simulation failed: {result.status} {result.details}", file=sys.stderr)
         return 1

@@ -47,6 +47,10 @@ def test_flwr_run_simulation_completes_and_writes_results(tiny_run_config, tmp_p
         assert "[method 3/3 fedbicross | phase 2/3 fedbicross] stage 6 of 6: Stage 2" in log
         assert "stage 2/6 Stage 1b synthesis, cluster 0] epoch 1/1 cluster 0: synthesis " \
                "step 3/3 (100%)" in log and "ETA" in log
+        # waiting was measured, and cost a small share of what the run itself spent (the
+        # bound is loose: this run is short, and CI shares its machine)
+        assert 0 < result.wait_cpu_s < result.machine_cpu_s
+        assert result.wait_share < 0.15, (result.wait_cpu_s, result.machine_cpu_s)
     finally:
         # Assert: nothing left running under this FLWR_HOME (SuperLink, SuperExec, Ray)
         assert processes_of(flwr_home) == []
@@ -117,3 +121,19 @@ def test_waiting_backs_off_when_the_log_stream_ended_early(tmp_path, monkeypatch
     monkeypatch.setattr(simulation, "run_status", lambda run_id, home: ("running", ""))
     assert simulation.wait_for_final_status("7", tmp_path, log, time.monotonic() + 0.5,
                                             backoff=(0.1, 0.1)) == ("timeout", "")
+
+
+def test_cpu_accounting_counts_a_reaped_child_and_the_whole_machine() -> None:
+    import subprocess
+    import sys
+
+    from fedbicross_flwr.engines.simulation import machine_cpu_seconds, own_cpu_seconds
+
+    # Prepare: a child that burns about 0.6 s of CPU, then is reaped
+    own, machine = own_cpu_seconds(), machine_cpu_seconds()
+    subprocess.run([sys.executable, "-c",
+                    "import time\nt = time.process_time()\n"
+                    "while time.process_time() - t < 0.6: pass"], check=True)
+    # Assert: both clocks saw it (the machine-wide one counts every process, so at least)
+    assert 0.5 < own_cpu_seconds() - own < 3.0
+    assert machine_cpu_seconds() - machine > 0.5

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -31,6 +32,13 @@ class SimulationResult:
     status: str  # e.g. "finished:completed", "finished:failed"
     details: str
     run_dir: Path | None  # the run folder the ServerApp wrote
+    wait_cpu_s: float = 0.0  # CPU seconds spent waiting: this process, `flwr log`, status calls
+    machine_cpu_s: float = 0.0  # CPU seconds of the whole machine over the same interval
+
+    @property
+    def wait_share(self) -> float:
+        """Waiting's share of the machine's CPU time while the run ran (0 if unknown)."""
+        return self.wait_cpu_s / self.machine_cpu_s if self.machine_cpu_s > 0 else 0.0
 
     @property
     def ok(self) -> bool:
@@ -77,6 +85,23 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
         "RAY_USAGE_STATS_ENABLED": "0",
     })
     return env
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine since boot, all cores (Linux ``/proc/stat``)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of its reaped children (user + system)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _flwr_bin() -> str:
@@ -162,6 +187,18 @@ def wait_for_final_status(run_id: str, flwr_home: Path, log_proc: subprocess.Pop
     return "timeout", ""
 
 
+def _end_log_stream(log_proc: subprocess.Popen) -> None:
+    """Let ``flwr log`` print its last lines, then end and reap it (its CPU is then counted)."""
+    if log_proc.poll() is None:
+        time.sleep(1.0)
+        log_proc.terminate()
+    try:
+        log_proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        log_proc.kill()
+        log_proc.wait()
+
+
 def simulate(project_dir: Path, run_config: dict[str, Any], num_supernodes: int,
              flwr_home: Path | None = None, timeout: float = 3600.0, stream: bool = True,
              cpus_per_client: int = 1) -> SimulationResult:
@@ -201,6 +238,7 @@ def simulate(project_dir: Path, run_config: dict[str, Any], num_supernodes: int,
         # `flwr log --stream` ends when the SuperLink closes the run's log stream, i.e. when
         # the run ends: waiting on that one process costs no CPU, where polling `flwr list`
         # costs about 1.3 s of CPU per call (a new process importing Flower).
+        cpu_at_start = (own_cpu_seconds(), machine_cpu_seconds())
         log_proc = subprocess.Popen([_flwr_bin(), "log", run_id, "--stream"], env=env,
                                     stdout=None if stream else subprocess.DEVNULL,
                                     stderr=None if stream else subprocess.DEVNULL)
@@ -214,15 +252,14 @@ def simulate(project_dir: Path, run_config: dict[str, Any], num_supernodes: int,
         methods = cfg.method_list if cfg.methods else []
         run_dir = base / (cfg.run_name if not methods else f"{cfg.run_name}-{methods[0]}"
                           if len(methods) == 1 else f"{cfg.run_name}-comparison")
-        return SimulationResult(run_id, status, details, run_dir if run_dir.is_dir() else None)
+        _end_log_stream(log_proc)
+        log_proc = None
+        return SimulationResult(run_id, status, details, run_dir if run_dir.is_dir() else None,
+                                wait_cpu_s=own_cpu_seconds() - cpu_at_start[0],
+                                machine_cpu_s=machine_cpu_seconds() - cpu_at_start[1])
     finally:
         if log_proc is not None:
-            time.sleep(1.0)
-            log_proc.terminate()
-            try:
-                log_proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                log_proc.kill()
+            _end_log_stream(log_proc)
         stop_processes(flwr_home)
         if owns_home:
             shutil.rmtree(flwr_home, ignore_errors=True)
