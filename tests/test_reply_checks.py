@@ -222,3 +222,73 @@ def test_a_failed_pull_is_retried_and_loses_no_honest_reply(tmp_path, monkeypatc
     _, run_dir = run_in_process(_small_run(tmp_path, "busy"), num_nodes=3)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert failures == [1] and summary["failures"] == [] and summary["num-completed"] == 3
+
+
+def _lost_reply(reply):
+    """Flower's grid's error for a reply whose objects could not be pulled (http_grid.py)."""
+    from flwr.app import Error, Message
+    from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+
+    lost = Message(Error(ErrorCode.MESSAGE_UNAVAILABLE,
+                         "Reply message objects are unavailable. The sender may not have "
+                         "completed the upload before the object-push session expired. "
+                         "database is locked"), reply_to=reply)
+    lost.metadata.__dict__["_reply_to_message_id"] = reply.metadata.reply_to_message_id
+    lost.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # the ServerApp grid's node
+    return lost
+
+
+@pytest.mark.parametrize("losses", [1, 3])
+def test_a_reply_lost_in_transit_is_asked_for_again(losses, tmp_path, monkeypatch) -> None:
+    from fedbicross_flwr.engines import grid_transport, inprocess
+
+    monkeypatch.setattr(grid_transport, "POLL_SECONDS", 0.01)
+    real_pull, lost, holder = inprocess.InProcessGrid.pull_messages, [], {}
+
+    def lossy(self, message_ids):  # the node of partition 1 answers, its reply is lost
+        holder["grid"] = self
+        out = []
+        for reply in real_pull(self, message_ids):
+            if (reply.metadata.message_type == "train" and not reply.has_error()
+                    and reply.content["config"]["partition-id"] == 1 and len(lost) < losses):
+                lost.append(reply.metadata.src_node_id)
+                reply = _lost_reply(reply)
+            out.append(reply)
+        return out
+
+    monkeypatch.setattr(inprocess.InProcessGrid, "pull_messages", lossy)
+    _, run_dir = run_in_process(_small_run(tmp_path, f"lost{losses}"), num_nodes=3)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    trains = [m for m in holder["grid"].sent if m.metadata.message_type == "train"
+              and m.metadata.dst_node_id == lost[0]]
+    if losses <= grid_transport.RESENDS:  # sent again, and the honest site is kept
+        assert len(trains) == 1 + losses
+        assert summary["failures"] == [] and summary["num-completed"] == 3
+    else:  # still lost after RESENDS: that site fails, by name, and the run goes on
+        assert len(trains) == 1 + grid_transport.RESENDS
+        (failure,) = summary["failures"]
+        assert failure["partition_id"] == 1 and failure["phase"] == "train"
+        assert "Reply message objects are unavailable" in failure["reason"]
+        assert summary["num-completed"] == 2
+
+
+def test_only_the_transient_errors_are_asked_for_again() -> None:
+    from flwr.app import ConfigRecord, Error, Message, RecordDict
+    from flwr.common.constant import ErrorCode
+
+    from fedbicross_flwr.engines.grid_transport import reply_was_lost
+
+    ins = Message(RecordDict({"config": ConfigRecord({"phase": "train"})}), dst_node_id=5,
+                  message_type="train")
+    ins.metadata.__dict__["_message_id"] = ins.object_id
+    reply = Message(RecordDict({"config": ConfigRecord({"x": 1})}), reply_to=ins)
+    assert reply_was_lost(_lost_reply(reply))
+    assert not reply_was_lost(reply)
+    expired = Message(Error(ErrorCode.REPLY_MESSAGE_UNAVAILABLE, "The reply message has "
+                            "expired."), reply_to=ins)
+    raised = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "boom"), reply_to=ins)
+    assert not reply_was_lost(expired) and not reply_was_lost(raised)
+    # a SuperNode's "ClientApp stopped responding" (missed heartbeats, also under load)
+    stopped = Message(Error(ErrorCode.CLIENT_APP_CRASHED, "ClientApp stopped responding."),
+                      reply_to=ins)
+    assert reply_was_lost(stopped)

@@ -24,6 +24,27 @@ from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
 
 POLL_SECONDS = 3.0  # between pulls of the replies (as Flower's send_and_receive)
+RESENDS = 2  # times an instruction is sent again after a transient failure (below)
+# Flower's grid makes this error when a reply's objects cannot be pulled from the SuperLink
+# (its object store or sqlite busy under load): the site did answer, its reply is gone.
+LOST_REPLY_REASON = "Reply message objects are unavailable"
+
+
+def reply_was_lost(reply: Message) -> bool:
+    """Whether ``reply`` is a Flower error that asking the site again may cure.
+
+    Two errors are: a reply that arrived but whose objects could not be pulled
+    (``MESSAGE_UNAVAILABLE``, :data:`LOST_REPLY_REASON`), and "ClientApp stopped responding"
+    (``CLIENT_APP_CRASHED``), which a SuperNode stores when its ClientApp process missed its
+    heartbeats: on a loaded machine that happens to a ClientApp that is still working (seen on
+    loopback, flwr 1.42: the site then finished and logged its result, the server got the
+    error). An error the ClientApp raised, or an expired instruction, is not asked again.
+    """
+    if not reply.has_error():
+        return False
+    code, reason = reply.error.code, reply.error.reason or ""
+    return (code == ErrorCode.MESSAGE_UNAVAILABLE and reason.startswith(LOST_REPLY_REASON)) \
+        or code == ErrorCode.CLIENT_APP_CRASHED
 # Error replies the SuperLink makes itself when a node never answers (the message or its reply
 # expired, or the node stopped sending heartbeats).
 SUPERLINK_ERRORS = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
@@ -167,13 +188,17 @@ class GridTransport:
         An error reply that the SuperLink makes (an expired message) comes from the
         SuperLink's own node id; its ``src_node_id`` is set to the node the instruction went
         to, so the failure names that site. A failed pull (e.g. the SuperLink's
-        database busy under load) is retried, never taken as a lost reply. Nodes that went
-        offline are listed in :attr:`offline`.
+        database busy under load) is retried, never taken as a lost reply; a reply lost to a
+        transient failure (:func:`reply_was_lost`) has its instruction sent again, up to
+        :data:`RESENDS` times (the site repeats that phase).
+        Nodes that went offline are listed in :attr:`offline`.
         """
         self.bytes_down = {m.metadata.dst_node_id: message_bytes(m) for m in messages}
         self.bytes_up = {}
-        dst_of = dict(zip(self.grid.push_messages(messages),
-                          (m.metadata.dst_node_id for m in messages)))
+        pushed = list(self.grid.push_messages(messages))
+        dst_of = dict(zip(pushed, (m.metadata.dst_node_id for m in messages)))
+        sent = dict(zip(pushed, messages))
+        resends: dict[int, int] = {}
         waiting = {mid for mid in dst_of if mid}
         deadline = time.monotonic() + cfg.round_timeout if cfg.round_timeout else None
         replies: list[Message] = []
@@ -189,6 +214,11 @@ class GridTransport:
             for reply in pulled:
                 mid = reply.metadata.reply_to_message_id
                 if mid not in waiting:
+                    continue
+                if reply_was_lost(reply) and resends.get(dst_of[mid], 0) < RESENDS:
+                    waiting.discard(mid)
+                    waiting |= self._resend(sent, dst_of, mid, resends,
+                                            reply.error.reason or "")
                     continue
                 replies.append(reply)
                 if reply.metadata.src_node_id == SUPERLINK_NODE_ID:  # made by the SuperLink
@@ -207,6 +237,20 @@ class GridTransport:
                 break
             time.sleep(POLL_SECONDS)
         return replies
+
+    def _resend(self, sent: dict[str, Message], dst_of: dict[str, int], mid: str,
+                resends: dict[int, int], reason: str) -> set[str]:
+        """Push the instruction ``mid`` again (its reply was lost); the new message id."""
+        nid, old = dst_of[mid], sent[mid]
+        resends[nid] = resends.get(nid, 0) + 1
+        log(logging.WARNING, "the reply of node %d was lost (%s); sending its instruction "
+            "again (%d of %d)", nid, reason.split(".")[0], resends[nid], RESENDS)
+        again = Message(old.content, dst_node_id=nid, message_type=old.metadata.message_type)
+        self.bytes_down[nid] = self.bytes_down.get(nid, 0) + message_bytes(again)
+        new_ids = [m for m in self.grid.push_messages([again]) if m]
+        for new in new_ids:
+            dst_of[new], sent[new] = nid, again
+        return set(new_ids)
 
     def _traffic(self, result: PhaseResult) -> None:
         """The last :meth:`_send`'s measured bytes, per partition of a known node."""
