@@ -276,19 +276,19 @@ def test_only_the_transient_errors_are_asked_for_again() -> None:
     from flwr.app import ConfigRecord, Error, Message, RecordDict
     from flwr.common.constant import ErrorCode
 
-    from fedbicross_flwr.engines.grid_transport import reply_was_lost
+    from fedbicross_flwr.engines.grid_transport import transient_failure
 
     ins = Message(RecordDict({"config": ConfigRecord({"phase": "train"})}), dst_node_id=5,
                   message_type="train")
     ins.metadata.__dict__["_message_id"] = ins.object_id
     reply = Message(RecordDict({"config": ConfigRecord({"x": 1})}), reply_to=ins)
-    assert reply_was_lost(_lost_reply(reply))
-    assert not reply_was_lost(reply)
+    assert transient_failure(_lost_reply(reply))
+    assert not transient_failure(reply)
     expired = Message(Error(ErrorCode.REPLY_MESSAGE_UNAVAILABLE, "The reply message has "
                             "expired."), reply_to=ins)
     raised = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, "boom"), reply_to=ins)
-    assert not reply_was_lost(expired) and not reply_was_lost(raised)
+    assert not transient_failure(expired) and not transient_failure(raised)
     # a SuperNode's "ClientApp stopped responding" (missed heartbeats, also under load)
     stopped = Message(Error(ErrorCode.CLIENT_APP_CRASHED, "ClientApp stopped responding."),
                       reply_to=ins)
-    assert reply_was_lost(stopped)
+    assert transient_failure(stopped)

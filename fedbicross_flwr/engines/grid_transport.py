@@ -29,8 +29,13 @@ RESENDS = 2  # times an instruction is sent again after a transient failure (bel
 # (its object store or sqlite busy under load): the site did answer, its reply is gone.
 LOST_REPLY_REASON = "Reply message objects are unavailable"
 
+# Error replies the SuperLink makes itself when a node never answers (the message or its reply
+# expired, or the node stopped sending heartbeats).
+SUPERLINK_ERRORS = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+                              ErrorCode.NODE_UNAVAILABLE})
 
-def reply_was_lost(reply: Message) -> bool:
+
+def transient_failure(reply: Message) -> bool:
     """Whether ``reply`` is a Flower error that asking the site again may cure.
 
     Two errors are: a reply that arrived but whose objects could not be pulled
@@ -45,10 +50,6 @@ def reply_was_lost(reply: Message) -> bool:
     code, reason = reply.error.code, reply.error.reason or ""
     return (code == ErrorCode.MESSAGE_UNAVAILABLE and reason.startswith(LOST_REPLY_REASON)) \
         or code == ErrorCode.CLIENT_APP_CRASHED
-# Error replies the SuperLink makes itself when a node never answers (the message or its reply
-# expired, or the node stopped sending heartbeats).
-SUPERLINK_ERRORS = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
-                              ErrorCode.NODE_UNAVAILABLE})
 
 
 class ReplyError(ValueError):
@@ -189,7 +190,7 @@ class GridTransport:
         SuperLink's own node id; its ``src_node_id`` is set to the node the instruction went
         to, so the failure names that site. A failed pull (e.g. the SuperLink's
         database busy under load) is retried, never taken as a lost reply; a reply lost to a
-        transient failure (:func:`reply_was_lost`) has its instruction sent again, up to
+        transient failure (:func:`transient_failure`) has its instruction sent again, up to
         :data:`RESENDS` times (the site repeats that phase).
         Nodes that went offline are listed in :attr:`offline`.
         """
@@ -215,7 +216,7 @@ class GridTransport:
                 mid = reply.metadata.reply_to_message_id
                 if mid not in waiting:
                     continue
-                if reply_was_lost(reply) and resends.get(dst_of[mid], 0) < RESENDS:
+                if transient_failure(reply) and resends.get(dst_of[mid], 0) < RESENDS:
                     waiting.discard(mid)
                     waiting |= self._resend(sent, dst_of, mid, resends,
                                             reply.error.reason or "")

@@ -237,7 +237,7 @@ def simulate(project_dir: Path, run_config: dict[str, Any], num_supernodes: int,
                 from err
         # `flwr log --stream` ends when the SuperLink closes the run's log stream, i.e. when
         # the run ends: waiting on that one process costs no CPU, where polling `flwr list`
-        # costs about 1.3 s of CPU per call (a new process importing Flower).
+        # costs about 1.6 s of CPU per call (a new process importing Flower; README).
         cpu_at_start = (own_cpu_seconds(), machine_cpu_seconds())
         log_proc = subprocess.Popen([_flwr_bin(), "log", run_id, "--stream"], env=env,
                                     stdout=None if stream else subprocess.DEVNULL,
