@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import fedbicross_flwr.engines.direct as direct
@@ -267,6 +268,17 @@ def test_grid_presets_are_valid(preset: Path) -> None:
     if 5 in {c.num_clients for c in spec.cells()}:
         required.add("fedavg-r")
     assert required <= {r.name for r in spec.rows}
+    # every group of clients on the bundled digits can be partitioned (a grid must not fail
+    # all its cells at set-up): flwr-datasets' Dirichlet draw meets min-partition-size
+    from fedbicross_flwr.data.datasets import load_digits_dataset
+    from fedbicross_flwr.data.partition import dirichlet_partition
+
+    labels = load_digits_dataset().train.labels.reshape(-1).astype(np.int64)
+    for cell in {c.group_dir: c for c in spec.cells() if c.dataset == "digits"}.values():
+        cfg = spec.run_config(cell, ROOT / "unused")  # nothing is written
+        parts = dirichlet_partition(labels, cfg.num_clients, cfg.alpha, cfg.seed,
+                                    cfg.min_partition_size)
+        assert min(len(p) for p in parts) >= cfg.min_partition_size, cell.group_dir
 
 
 def test_bad_grid_preset_names_the_key_and_the_cell(tiny_archive, tmp_path) -> None:
