@@ -260,9 +260,18 @@ def simulate_command(args: argparse.Namespace, cfg: RunConfig, root: Path | None
     log(logging.INFO, "waiting for the run cost %.1f s of CPU (this process, `flwr log`, status "
         "calls): %.2f %% of the %.0f s of CPU the machine spent meanwhile", result.wait_cpu_s,
         100 * result.wait_share, result.machine_cpu_s)
+    if result.memory:
+        roles = ", ".join(f"{role} {r['peak-sum-mib']:.0f} MiB ({r['processes']} processes)"
+                          for role, r in result.memory["roles"].items())
+        log(logging.INFO, "peak memory %.0f MiB in all: %s", result.memory["peak-total-mib"],
+            roles)
     if not result.ok or result.run_dir is None:
         print(f"simulation failed: {result.status} {result.details}", file=sys.stderr)
         return 1
+    (result.run_dir / "resources.json").write_text(json.dumps({
+        "wall-s": round(time.perf_counter() - start, 1), "num-supernodes": n,
+        "wait-cpu-s": round(result.wait_cpu_s, 1),
+        "machine-cpu-s": round(result.machine_cpu_s, 1), "memory": result.memory}, indent=2))
     table = result.run_dir / "comparison.md"
     table = table if table.is_file() else result.run_dir / "summary.md"
     print(table.read_text())

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedbicross_flwr.engines.resources import PeakMemory, processes_of
+
 
 @dataclass
 class SimulationResult:
@@ -34,6 +36,7 @@ class SimulationResult:
     run_dir: Path | None  # the run folder the ServerApp wrote
     wait_cpu_s: float = 0.0  # CPU seconds spent waiting: this process, `flwr log`, status calls
     machine_cpu_s: float = 0.0  # CPU seconds of the whole machine over the same interval
+    memory: dict[str, Any] | None = None  # peak memory per role (engines/resources.py)
 
     @property
     def wait_share(self) -> float:
@@ -107,22 +110,6 @@ def own_cpu_seconds() -> float:
 def _flwr_bin() -> str:
     here = Path(sys.executable).parent / "flwr"
     return str(here) if here.exists() else (shutil.which("flwr") or "flwr")
-
-
-def processes_of(flwr_home: Path) -> list[int]:
-    """PIDs of the processes whose environment has this FLWR_HOME (Linux /proc)."""
-    marker = f"FLWR_HOME={flwr_home}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if marker in environ.split(b"\0"):
-            pids.append(int(entry.name))
-    return sorted(pids)
 
 
 def stop_processes(flwr_home: Path, grace: float = 5.0) -> list[int]:
@@ -223,6 +210,7 @@ def simulate(project_dir: Path, run_config: dict[str, Any], num_supernodes: int,
 
     overrides.write_text(tomli_w.dumps(run_config))
     log_proc = None
+    memory = PeakMemory(flwr_home).__enter__()
     try:
         out = subprocess.run(
             [_flwr_bin(), "run", str(project_dir), "--run-config", str(overrides),
@@ -254,10 +242,13 @@ def simulate(project_dir: Path, run_config: dict[str, Any], num_supernodes: int,
                           if len(methods) == 1 else f"{cfg.run_name}-comparison")
         _end_log_stream(log_proc)
         log_proc = None
+        memory.stop()
         return SimulationResult(run_id, status, details, run_dir if run_dir.is_dir() else None,
                                 wait_cpu_s=own_cpu_seconds() - cpu_at_start[0],
-                                machine_cpu_s=machine_cpu_seconds() - cpu_at_start[1])
+                                machine_cpu_s=machine_cpu_seconds() - cpu_at_start[1],
+                                memory=memory.report())
     finally:
+        memory.stop()
         if log_proc is not None:
             _end_log_stream(log_proc)
         stop_processes(flwr_home)

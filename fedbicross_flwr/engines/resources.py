@@ -1,0 +1,146 @@
+"""Peak memory of a ``flwr run`` simulation, per role (server, Ray workers, SuperLink, ...).
+
+Every process of the run carries its ``FLWR_HOME`` (see
+:func:`~fedbicross_flwr.engines.simulation.processes_of`). A background thread reads each one's
+``/proc/<pid>/smaps_rollup`` every ``interval`` seconds and keeps, per role:
+
+* ``peak-process-mib``: the largest resident set (RSS) one process of that role reached;
+* ``peak-sum-mib``: the largest sum over the role's processes of their proportional set size
+  (PSS: a page shared by n processes counts 1/n in each, so sums do not count the shared
+  libraries and Ray's shared object store twice);
+* ``processes``: how many distinct processes of that role were seen.
+
+``peak-total-mib`` is the largest PSS sum over all roles at one sample: what the run needed
+from the machine. Memory that lives less than one interval can be missed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# (role, what its command line holds), first match wins; argv[0] of a Ray worker is its task
+ROLES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("ray-worker", ("ray::",)),
+    ("ray-system", ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env",
+                    "ray/_private", "monitor.py")),
+    ("server", ("flwr-simulation", "flower-simulation", "flwr-serverapp")),
+    ("superlink", ("flower-superlink", "superlink")),
+    ("flwr-cli", ("bin/flwr",)),
+)
+
+
+def processes_of(flwr_home: Path) -> list[int]:
+    """PIDs of the processes whose environment has this FLWR_HOME (Linux /proc)."""
+    marker = f"FLWR_HOME={flwr_home}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if marker in environ.split(b"\0"):
+            pids.append(int(entry.name))
+    return sorted(pids)
+
+
+def role_of(cmdline: str) -> str:
+    """The role of a process of the run, from its command line (arguments joined by spaces)."""
+    for role, marks in ROLES:
+        if any(mark in cmdline for mark in marks):
+            return role
+    return "other"
+
+
+def read_memory_kib(pid: int) -> tuple[int, int] | None:
+    """(RSS, PSS) of a process in KiB, or None if it is gone or unreadable."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return None
+    values = {}
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name in ("Rss", "Pss"):
+            values[name] = int(rest.split()[0])
+    return (values["Rss"], values["Pss"]) if len(values) == 2 else None
+
+
+def _cmdline(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace").strip()
+    except OSError:
+        return None
+
+
+@dataclass
+class PeakMemory:
+    """Samples the memory of every process of ``flwr_home`` until :meth:`stop`.
+
+    Use as a context manager around the run; :meth:`report` gives the peaks.
+    """
+
+    flwr_home: Path
+    interval: float = 1.0
+    _peak_process: dict[str, int] = field(default_factory=dict)  # role -> KiB (RSS)
+    _peak_sum: dict[str, int] = field(default_factory=dict)  # role -> KiB (PSS sum)
+    _seen: dict[str, set[int]] = field(default_factory=dict)  # role -> pids
+    _peak_total: int = 0
+    _samples: int = 0
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def __enter__(self) -> PeakMemory:
+        self._thread = threading.Thread(target=self._loop, name="peak-memory", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Take a last sample and end the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(self.interval):
+                return
+
+    def sample(self) -> None:
+        """One reading of every process of the run."""
+        sums: dict[str, int] = {}
+        for pid in processes_of(self.flwr_home):
+            cmd, mem = _cmdline(pid), read_memory_kib(pid)
+            if cmd is None or mem is None:
+                continue
+            role = role_of(cmd)
+            self._seen.setdefault(role, set()).add(pid)
+            self._peak_process[role] = max(self._peak_process.get(role, 0), mem[0])
+            sums[role] = sums.get(role, 0) + mem[1]
+        for role, kib in sums.items():
+            self._peak_sum[role] = max(self._peak_sum.get(role, 0), kib)
+        self._peak_total = max(self._peak_total, sum(sums.values()))
+        self._samples += 1
+
+    def report(self) -> dict[str, Any]:
+        """The peaks in MiB, per role and in all (JSON-ready)."""
+        return {
+            "interval-s": self.interval, "samples": self._samples,
+            "peak-total-mib": round(self._peak_total / 1024, 1),
+            "roles": {role: {"peak-process-mib": round(self._peak_process[role] / 1024, 1),
+                             "peak-sum-mib": round(self._peak_sum.get(role, 0) / 1024, 1),
+                             "processes": len(self._seen[role])}
+                      for role in sorted(self._seen)},
+        }
+
