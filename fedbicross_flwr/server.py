@@ -82,14 +82,32 @@ def dataset_shape(cfg: RunConfig) -> tuple[int, int, float | None]:
         raise
 
 
-def run_server(cfg: RunConfig, transport: Transport) -> Path:
-    """Run the three phases and write the run folder; returns its path."""
+def run_server(cfg: RunConfig, transport: Transport, rerun_name: str | None = None) -> Path:
+    """Run the three phases and write the run folder; returns its path.
+
+    ``rerun_name`` is the ``run-name`` a user reruns with to resume (default: the folder's).
+    """
     run_dir = create_run_dir(cfg)
     handler = add_file_handler(run_dir / "log.txt")
     try:
         return _run(cfg, transport, run_dir)
+    except (SystemExit, KeyboardInterrupt):  # SIGTERM/SIGINT: `flwr stop`, a SuperLink gone
+        log(logging.ERROR, "%s", stopped_line(run_dir, rerun_name or run_dir.name))
+        raise
     finally:
         remove_handler(handler)
+
+
+def stopped_line(run_dir: Path, run_name: str) -> str:
+    """What a run stopped from outside (a signal) leaves, and how to go on from it."""
+    if (run_dir / "checkpoints").is_dir():
+        kept = (f"the stages it finished are kept in {run_dir / 'checkpoints'}: rerun the same "
+                f"command with run-name='{run_name}' resume=true to go on from them "
+                "(phase 1 runs again; the server stage loads its checkpoints)")
+    else:
+        kept = "nothing was checkpointed yet (phase 1 had not finished): rerun the same command"
+    return (f"the run was stopped before it finished (a signal: `flwr stop`, the SuperLink "
+            f"going down, Ctrl-C); {kept}")
 
 
 def run_methods(cfg: RunConfig, transport: Transport) -> dict[str, Path]:
@@ -115,7 +133,7 @@ def run_methods(cfg: RunConfig, transport: Transport) -> dict[str, Path]:
         with run_position(f"method {j}/{len(methods)} {method}"):
             log(logging.INFO, "method %d of %d: %s", j, len(methods), method)
             run_dirs[method] = run_server(cfg.replace(method=method, methods="",
-                                                      run_name=f"{base}-{method}"), transport)
+                                                      run_name=f"{base}-{method}"), transport, base)
     if len(methods) == 1:
         return run_dirs
     out = create_run_dir(cfg.replace(methods="", run_name=f"{base}-comparison"))

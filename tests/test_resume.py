@@ -42,6 +42,11 @@ def test_interrupted_run_resumes_in_place_with_the_same_numbers(tiny_run_config,
     folder = clean.parent / "crashed"
     assert (folder / "checkpoints" / "uploads.pt").is_file()
     assert not (folder / "summary.json").exists()
+    # the log says what is kept and the command that goes on from it
+    assert (f"the run was stopped before it finished (a signal: `flwr stop`, the SuperLink "
+            f"going down, Ctrl-C); the stages it finished are kept in {folder / 'checkpoints'}: "
+            "rerun the same command with run-name='crashed' resume=true") in (
+        folder / "log.txt").read_text()
     # Execute: resume; count syntheses
     synth = []
     real_synth = method_module.synthesize_trajectory

@@ -8,7 +8,8 @@ Every process of the run carries its ``FLWR_HOME`` (see
 * ``peak-sum-mib``: the largest sum over the role's processes of their proportional set size
   (PSS: a page shared by n processes counts 1/n in each, so sums do not count the shared
   libraries and Ray's shared object store twice);
-* ``processes``: how many distinct processes of that role were seen.
+* ``processes``: how many distinct processes of that role were seen;
+* ``names``: their program names (the ``ray::`` task of a Ray worker).
 
 ``peak-total-mib`` is the largest PSS sum over all roles at one sample: what the run needed
 from the machine. Memory that lives less than one interval can be missed.
@@ -22,13 +23,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# (role, what its command line holds), first match wins; argv[0] of a Ray worker is its task
+# (role, what its command line holds), first match wins. A Ray worker's argv[0] is its task
+# (``ray::ClientAppActor``, ``ray::IDLE``; ``default_worker.py`` before it has one); Ray's own
+# agents are ``ray::`` processes too.
 ROLES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("ray-worker", ("ray::",)),
+    ("ray-system", ("ray::DashboardAgent", "ray::RuntimeEnvAgent")),
+    ("ray-worker", ("ray::", "default_worker.py", "setup_worker.py")),
     ("ray-system", ("raylet", "gcs_server", "dashboard", "log_monitor", "runtime_env",
-                    "ray/_private", "monitor.py")),
+                    "monitor.py")),
     ("server", ("flwr-simulation", "flower-simulation", "flwr-serverapp")),
-    ("superlink", ("flower-superlink", "superlink")),
+    ("superlink", ("flower-superlink", "superlink", "flower-superexec")),
     ("flwr-cli", ("bin/flwr",)),
 )
 
@@ -55,6 +59,26 @@ def role_of(cmdline: str) -> str:
         if any(mark in cmdline for mark in marks):
             return role
     return "other"
+
+
+def program_name(cmdline: str) -> str:
+    """``raylet`` for ``/venv/.../raylet --x``, ``flwr-simulation`` for ``python .../flwr-simulation``,
+    ``ray::ClientAppActor`` for a Ray worker.
+    """
+    words = cmdline.split()
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0]
+    first = Path(words[0]).name
+    if not first.startswith("python"):
+        return first
+    if "-c" in words[1:2]:
+        return "python -c"
+    rest = [w for w in words[1:] if w == "-m" or not w.startswith("-")]
+    if rest[:1] == ["-m"] and len(rest) > 1:
+        return f"python -m {rest[1]}"
+    return Path(rest[0]).name if rest else first
 
 
 def read_memory_kib(pid: int) -> tuple[int, int] | None:
@@ -91,6 +115,7 @@ class PeakMemory:
     _peak_process: dict[str, int] = field(default_factory=dict)  # role -> KiB (RSS)
     _peak_sum: dict[str, int] = field(default_factory=dict)  # role -> KiB (PSS sum)
     _seen: dict[str, set[int]] = field(default_factory=dict)  # role -> pids
+    _names: dict[str, set[str]] = field(default_factory=dict)  # role -> program names
     _peak_total: int = 0
     _samples: int = 0
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -126,6 +151,7 @@ class PeakMemory:
                 continue
             role = role_of(cmd)
             self._seen.setdefault(role, set()).add(pid)
+            self._names.setdefault(role, set()).add(program_name(cmd))
             self._peak_process[role] = max(self._peak_process.get(role, 0), mem[0])
             sums[role] = sums.get(role, 0) + mem[1]
         for role, kib in sums.items():
@@ -140,7 +166,8 @@ class PeakMemory:
             "peak-total-mib": round(self._peak_total / 1024, 1),
             "roles": {role: {"peak-process-mib": round(self._peak_process[role] / 1024, 1),
                              "peak-sum-mib": round(self._peak_sum.get(role, 0) / 1024, 1),
-                             "processes": len(self._seen[role])}
+                             "processes": len(self._seen[role]),
+                             "names": sorted(self._names[role])}
                       for role in sorted(self._seen)},
         }
 
