@@ -89,13 +89,32 @@ def run_server(cfg: RunConfig, transport: Transport, rerun_name: str | None = No
     """
     run_dir = create_run_dir(cfg)
     handler = add_file_handler(run_dir / "log.txt")
+    entry = (run_dir, rerun_name or run_dir.name)
+    _ACTIVE_RUNS.append(entry)
     try:
         return _run(cfg, transport, run_dir)
     except (SystemExit, KeyboardInterrupt):  # SIGTERM/SIGINT: `flwr stop`, a SuperLink gone
-        log(logging.ERROR, "%s", stopped_line(run_dir, rerun_name or run_dir.name))
+        log_stopped_runs()
         raise
     finally:
+        if entry in _ACTIVE_RUNS:
+            _ACTIVE_RUNS.remove(entry)
         remove_handler(handler)
+
+
+# Run folders being written (folder, run-name to resume with), for a stop from outside.
+_ACTIVE_RUNS: list[tuple[Path, str]] = []
+
+
+def log_stopped_runs() -> None:
+    """Log :func:`stopped_line` for every run being written, once.
+
+    The ServerApp registers this as a Flower exit handler: on SIGTERM (``flwr stop``, the
+    SuperLink going down) Flower runs its exit handlers and then ends the process, possibly
+    with ``os._exit`` before any ``except`` or ``finally`` of the run is reached.
+    """
+    while _ACTIVE_RUNS:
+        log(logging.ERROR, "%s", stopped_line(*_ACTIVE_RUNS.pop()))
 
 
 def stopped_line(run_dir: Path, run_name: str) -> str:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.exit import add_exit_handler
 
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.engines.grid_transport import GridTransport
-from fedbicross_flwr.server import run_methods, run_server
+from fedbicross_flwr.server import log_stopped_runs, run_methods, run_server
 
 app = ServerApp()
 
@@ -30,6 +31,8 @@ def main(grid: Grid, context: Context) -> Path:
     or the method's folder when only one is listed.
     """
     cfg = RunConfig.from_run_config(context.run_config)
+    # stopped by a signal: the run folder's log says what is kept and how to resume
+    add_exit_handler(log_stopped_runs, run_before_force_exit=True)
     if cfg.methods:
         run_dirs = run_methods(cfg, GridTransport(grid))
         return run_dirs.get("comparison", run_dirs[cfg.method_list[0]])

@@ -292,3 +292,34 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_partial_file(
     assert f"cannot write uploads.pt in {tmp_path}: [Errno 28] No space left" in line
     assert "it needs about 4 MiB" in line and "rerun with resume=true" in line
     assert list(tmp_path.iterdir()) == []  # no uploads.pt.tmp left behind
+
+
+def test_a_run_stopped_by_a_full_disk_at_uploads_pt_resumes(tiny_run_config, tmp_path,
+                                                            monkeypatch, capsys) -> None:
+    import errno
+
+    from fedbicross_flwr.storage import checkpoint_io
+
+    # Prepare: the disk is full when the phase-1 uploads are checkpointed
+    real_save = checkpoint_io.torch.save
+
+    def full_disk(obj, path):
+        if Path(path).name == "uploads.pt.tmp":
+            Path(path).write_bytes(b"\0" * 4096)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path)
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", full_disk)
+    preset = tmp_path / "disk.toml"
+    preset.write_text(tomli_w.dumps({**tiny_run_config, "method": "fedavg1", "run-name": "disk"}))
+    # Execute / Assert: one error line naming the folder and the space, no traceback, no .tmp
+    assert main(["run", "--preset", str(preset)]) == 1
+    err = capsys.readouterr().err
+    folder = Path(tiny_run_config["output-dir"]) / "disk" / "checkpoints"
+    (line,) = [x for x in err.splitlines() if "cannot write uploads.pt" in x]
+    assert f"cannot write uploads.pt in {folder}" in line and "MiB are free there" in line
+    assert "Traceback" not in err and not (folder / "uploads.pt.tmp").exists()
+    # Execute: space again; the same command with resume=true finishes in the same folder
+    monkeypatch.setattr(checkpoint_io.torch, "save", real_save)
+    assert main(["run", "--preset", str(preset), "--run-config", "resume=true"]) == 0
+    assert (folder.parent / "summary.json").is_file()

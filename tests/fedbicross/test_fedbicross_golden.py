@@ -7,9 +7,10 @@ the checkpoint payloads are hashed (sha256 of the float64 tensor bytes; a checkp
 tensors and numbers, without its wall-clock times) and compared against values recorded at
 the commit before any module moved.
 
-Bit-exact values depend on the CPU's kernels, so they are recorded per
-``torch.backends.cpu.get_cpu_capability()`` (AVX2, AVX512, ...); on a capability with no
-recording the test is skipped, naming how to record one at a commit known to be right.
+Bit-exact values depend on the CPU's kernels, so they are recorded per :func:`machine_key`:
+``torch.backends.cpu.get_cpu_capability()`` (AVX2, AVX512, ...), with ``+AMX`` on a CPU with
+AMX tiles, where oneDNN picks other kernels (also in float32). On a key with no recording the
+test is skipped, naming how to record one at a commit known to be right.
 """
 
 from __future__ import annotations
@@ -68,6 +69,15 @@ def _payload_sha(payload: object) -> str:
     return digest.hexdigest()
 
 
+def machine_key() -> str:
+    """The CPU kernels' family: torch's capability, ``+AMX`` where the CPU has AMX tiles."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        flags = ""
+    return torch.backends.cpu.get_cpu_capability() + ("+AMX" if " amx_tile" in flags else "")
+
+
 def tiny_run_digests(checkpoint_dir: Path) -> dict:
     """Digests of one tiny FedBiCross run with checkpoints in ``checkpoint_dir``."""
     settings = FedBiCrossSettings.of(RunConfig.from_run_config(KEYS), num_examples=4)
@@ -88,10 +98,10 @@ def tiny_run_digests(checkpoint_dir: Path) -> dict:
 
 def test_a_tiny_fedbicross_run_matches_the_golden_values(tmp_path: Path) -> None:
     # Prepare
-    capability = torch.backends.cpu.get_cpu_capability()
+    capability = machine_key()
     recorded = json.loads(GOLDEN.read_text())
     if capability not in recorded:
-        pytest.skip(f"no golden values for CPU capability {capability} (recorded: "
+        pytest.skip(f"no golden values for CPU kernels {capability} (recorded: "
                     f"{sorted(recorded)}); record them with `python {__file__}` at a commit "
                     "known to be right")
     golden = recorded[capability]
@@ -107,5 +117,5 @@ if __name__ == "__main__":  # record the golden values (only at a commit known t
 
     recorded = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
-        recorded[torch.backends.cpu.get_cpu_capability()] = tiny_run_digests(Path(tmp) / "ckpt")
+        recorded[machine_key()] = tiny_run_digests(Path(tmp) / "ckpt")
     GOLDEN.write_text(json.dumps(recorded, indent=1) + "\n")
