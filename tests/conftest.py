@@ -54,3 +54,18 @@ def _flower_task_identity() -> None:
     except ImportError:  # pragma: no cover
         return
     set_task_identity(1)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path):
+    """A loopback federation's processes (tests/test_deploy_loopback.py), stopped at the end."""
+    from fedbicross_flwr.engines.simulation import processes_of
+    from tests.test_deploy_loopback import Deployment
+
+    dep = Deployment(tmp_path)
+    try:
+        yield dep
+    finally:
+        dep.stop()
+        # Assert: nothing this test started is still running
+        assert [processes_of(h) for h in dep.homes] == [[] for _ in dep.homes]

@@ -25,7 +25,6 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from fedbicross_flwr.engines.simulation import processes_of
 from tests.conftest import make_archive
 from tests.test_deploy_loopback import (
     DEPLOY,
@@ -130,14 +129,8 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 
 @pytest.fixture
-def federation(tmp_path):
-    d = Deployment(tmp_path)
-    try:
-        yield Federation(d, tmp_path)
-    finally:
-        d.stop()
-        # Assert: nothing this test started is still running
-        assert [processes_of(h) for h in d.homes] == [[] for _ in d.homes]
+def federation(deployment, tmp_path) -> Federation:
+    return Federation(deployment, tmp_path)
 
 
 @pytest.mark.flwr_run

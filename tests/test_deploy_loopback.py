@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from fedbicross_flwr.engines.simulation import flwr_env, processes_of, stop_processes
+from fedbicross_flwr.engines.simulation import flwr_env, stop_processes
 from tests.conftest import make_archive
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,17 +98,6 @@ def wait_for_port(port: int, timeout: float) -> None:
                 return
         time.sleep(0.5)
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-
-
-@pytest.fixture
-def deployment(tmp_path):
-    dep = Deployment(tmp_path)
-    try:
-        yield dep
-    finally:
-        dep.stop()
-        # Assert: nothing this test started is still running
-        assert [processes_of(h) for h in dep.homes] == [[] for _ in dep.homes]
 
 
 @pytest.mark.flwr_run

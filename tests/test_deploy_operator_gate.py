@@ -39,7 +39,7 @@ from fedbicross_flwr.deploy.superlink_gate import (
     parse_networks,
     split_arguments,
 )
-from tests.test_deploy_loopback import DEPLOY, FLWR, ROOT, deployment, free_ports, wait_for_port  # noqa: F401
+from tests.test_deploy_loopback import DEPLOY, FLWR, ROOT, free_ports, wait_for_port
 
 REFUSED = "only available to the federation operator"
 
@@ -120,7 +120,7 @@ def test_operator_gate_rules() -> None:
 
 
 @pytest.mark.flwr_run
-def test_site_cannot_use_the_control_api_and_the_operator_can(deployment, tmp_path) -> None:  # noqa: F811 - the fixture
+def test_site_cannot_use_the_control_api_and_the_operator_can(deployment, tmp_path) -> None:
     # Prepare: the site-side address; certificates that name it; keys; the SuperLink --------
     site_ip = site_side_address()
     if site_ip is None:
