@@ -1,8 +1,8 @@
 """Peak memory of a ``flwr run`` simulation, per role (server, Ray workers, SuperLink, ...).
 
-Every process of the run carries its ``FLWR_HOME`` (see
-:func:`~fedbicross_flwr.engines.simulation.processes_of`). A background thread reads each one's
-``/proc/<pid>/smaps_rollup`` every ``interval`` seconds and keeps, per role:
+Every process of the run carries its ``FLWR_HOME`` (see :func:`processes_of`). A background
+thread reads each one's ``/proc/<pid>/smaps_rollup`` every ``interval`` seconds and keeps, per
+role:
 
 * ``peak-process-mib``: the largest resident set (RSS) one process of that role reached;
 * ``peak-sum-mib``: the largest sum over the role's processes of their proportional set size
@@ -124,6 +124,10 @@ class PeakMemory:
     _thread: threading.Thread | None = None
 
     def __enter__(self) -> PeakMemory:
+        return self.start()
+
+    def start(self) -> PeakMemory:
+        """Start sampling in a background thread."""
         self._thread = threading.Thread(target=self._loop, name="peak-memory", daemon=True)
         self._thread.start()
         return self

@@ -210,7 +210,7 @@ def simulate(project_dir: Path, run_config: dict[str, Any], num_supernodes: int,
 
     overrides.write_text(tomli_w.dumps(run_config))
     log_proc = None
-    memory = PeakMemory(flwr_home).__enter__()
+    memory = PeakMemory(flwr_home).start()
     try:
         out = subprocess.run(
             [_flwr_bin(), "run", str(project_dir), "--run-config", str(overrides),
