@@ -51,6 +51,7 @@ from fedbicross_flwr.protocol import (  # noqa: F401
 from fedbicross_flwr.reports.knowledge import knowledge_markdown, write_knowledge
 from fedbicross_flwr.reports.results import (
     create_run_dir,
+    finished_run_dir,
     percent,
     summarize,
     write_clients_csv,
@@ -149,10 +150,15 @@ def run_methods(cfg: RunConfig, transport: Transport) -> dict[str, Path]:
     base = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.dataset}"
     run_dirs: dict[str, Path] = {}
     for j, method in enumerate(methods, start=1):
+        one = cfg.replace(method=method, methods="", run_name=f"{base}-{method}")
+        if (done := finished_run_dir(one)) is not None:  # resume=true after a stop
+            log(logging.INFO, "resume: method %s already finished in %s; its results are kept",
+                method, done)
+            run_dirs[method] = done
+            continue
         with run_position(f"method {j}/{len(methods)} {method}"):
             log(logging.INFO, "method %d of %d: %s", j, len(methods), method)
-            run_dirs[method] = run_server(cfg.replace(method=method, methods="",
-                                                      run_name=f"{base}-{method}"), transport, base)
+            run_dirs[method] = run_server(one, transport, base)
     if len(methods) == 1:
         return run_dirs
     out = create_run_dir(cfg.replace(methods="", run_name=f"{base}-comparison"))

@@ -148,3 +148,27 @@ def test_three_methods_write_the_comparison_and_the_summary_picture(tiny_run_con
     # without FedBiCross the picture still has its three panels, two of them notes
     fig, (_, pics, weights) = summary_figure(comparison_rows({"local": dirs["local"]}), None)
     assert not pics.images and not weights.lines and len(fig.axes) == 3
+
+
+def test_a_stopped_comparison_resumes_and_keeps_the_methods_it_finished(tmp_path) -> None:
+    from fedbicross_flwr.engines.inprocess import run_in_process
+    from tests.conftest import make_archive
+
+    # Prepare: a finished two-method comparison, then the second method made unfinished
+    run = {"dataset": "custom", "in-channels": 1, "num-classes": 3, "alpha": 100.0,
+           "min-partition-size": 5, "local-epochs": 1, "pers-epochs": 1, "batch-size": 16,
+           "local-lr": 0.01, "output-dir": str(tmp_path / "runs"), "run-name": "cmp",
+           "progress": False, "node-wait-timeout": 0.0, "device": "cpu", "model-width": 8,
+           "num-clients": 3, "methods": "local,fedavg1", "resume": True,
+           "data-path": str(make_archive(tmp_path / "d.npz", n_train=90))}
+    run_in_process(run, num_nodes=3)
+    runs = tmp_path / "runs"
+    kept = (runs / "cmp-local" / "summary.json").stat().st_mtime_ns
+    (runs / "cmp-fedavg1" / "summary.json").unlink()  # stopped in fedavg1's phase 3
+    # Execute: the same run with resume=true
+    _, out = run_in_process(run, num_nodes=3)
+    # Assert: local's finished folder is kept as it was, fedavg1 finishes, the table is written
+    assert out == runs / "cmp-comparison" and (out / "comparison.md").is_file()
+    assert (runs / "cmp-local" / "summary.json").stat().st_mtime_ns == kept
+    assert (runs / "cmp-fedavg1" / "summary.json").is_file()
+    assert not (runs / "cmp-local-1").exists() and not (runs / "cmp-fedavg1-1").exists()

@@ -41,6 +41,14 @@ def default_output_dir() -> Path:
     return Path.home() / "fedbicross-flwr" / "outputs"
 
 
+def finished_run_dir(cfg: RunConfig) -> Path | None:
+    """With ``resume=true``: the folder ``run-name`` if that run finished (``summary.json``)."""
+    if not (cfg.resume and cfg.run_name):
+        return None
+    path = (Path(cfg.output_dir) if cfg.output_dir else default_output_dir()) / cfg.run_name
+    return path if (path / "summary.json").is_file() else None
+
+
 def create_run_dir(cfg: RunConfig) -> Path:
     """Make a NEW run folder; an existing one is never overwritten (a suffix is added).
 
