@@ -39,18 +39,27 @@ ROLES: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 def processes_of(flwr_home: Path) -> list[int]:
     """PIDs of the processes whose environment has this FLWR_HOME (Linux /proc)."""
-    marker = f"FLWR_HOME={flwr_home}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if marker in environ.split(b"\0"):
-            pids.append(int(entry.name))
-    return sorted(pids)
+    marker = _home_marker(flwr_home)
+    return sorted(pid for pid in _other_pids() if _has_marker(pid, marker))
+
+
+def _home_marker(flwr_home: Path) -> bytes:
+    return f"FLWR_HOME={flwr_home}".encode()
+
+
+def _other_pids() -> set[int]:
+    """Every process of the machine but this one."""
+    pids = {int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()}
+    pids.discard(os.getpid())
+    return pids
+
+
+def _has_marker(pid: int, marker: bytes) -> bool | None:
+    """Whether the environment of ``pid`` holds ``marker``; None if it cannot be read."""
+    try:
+        return marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
 
 
 def role_of(cmdline: str) -> str:
@@ -167,15 +176,10 @@ class PeakMemory:
 
     def _run_pids(self) -> list[int]:
         """:func:`processes_of`, reading each new PID's environment only once."""
-        marker = f"FLWR_HOME={self.flwr_home}".encode()
-        alive = {int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit()}
-        alive.discard(os.getpid())
+        marker, alive = _home_marker(self.flwr_home), _other_pids()
         for pid in alive - self._ours - self._foreign:
-            try:
-                environ = Path(f"/proc/{pid}/environ").read_bytes()
-            except OSError:
-                continue
-            (self._ours if marker in environ.split(b"\0") else self._foreign).add(pid)
+            if (ours := _has_marker(pid, marker)) is not None:
+                (self._ours if ours else self._foreign).add(pid)
         self._ours &= alive
         self._foreign &= alive
         return sorted(self._ours)
