@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedbicross_flwr.data.datasets import (
+    REBUILT,
     DataError,
     embedded_dir,
     load_dataset,
@@ -91,3 +92,35 @@ def test_custom_archive_checked_against_config(tmp_path: Path) -> None:
 def test_config_shape_mismatch_is_an_error() -> None:
     with pytest.raises(DataError, match="num-classes=3 in the run config"):
         load_dataset("retinamnist", num_classes=3)
+
+
+SHARED_BLOOD = Path(__file__).resolve().parents[2] / "shared" / "data" / "bloodmnist-pbc"
+
+
+def test_bloodmnist_pbc_missing_or_other_file_names_file_and_md5(tmp_path: Path) -> None:
+    # Missing: one line with the file and the expected md5
+    with pytest.raises(DataError) as err:
+        load_dataset("bloodmnist-pbc", data_dir=str(tmp_path))
+    msg = str(err.value)
+    assert str(tmp_path / "bloodmnist-pbc.npz") in msg and "not found" in msg
+    assert REBUILT["bloodmnist-pbc"].md5 in msg and "\n" not in msg
+    # Another archive under that name (valid npz, wrong md5): refused before it is read
+    make_archive(tmp_path / "bloodmnist-pbc.npz", in_channels=3, num_classes=8)
+    with pytest.raises(DataError, match=r"md5 [0-9a-f]{32}, expected 19de3cff"):
+        load_dataset("bloodmnist-pbc", data_dir=str(tmp_path))
+    # A folder in its place
+    (tmp_path / "sub" / "bloodmnist-pbc.npz").mkdir(parents=True)
+    with pytest.raises(DataError, match="is a folder"):
+        load_dataset("bloodmnist-pbc", data_dir=str(tmp_path / "sub"))
+
+
+def test_bloodmnist_pbc_matches_its_readme() -> None:
+    if not (SHARED_BLOOD / "bloodmnist-pbc.npz").is_file():
+        pytest.skip("bloodmnist-pbc.npz is not on this machine (../shared/data/bloodmnist-pbc)")
+    ds = load_dataset("bloodmnist-pbc", data_dir=str(SHARED_BLOOD))
+    assert ds.name == "bloodmnist-pbc" and (ds.in_channels, ds.num_classes) == (3, 8)
+    assert (len(ds.train), len(ds.val), len(ds.test)) == (11959, 1712, 3421)
+    assert np.bincount(ds.train.labels).tolist() == [852, 2181, 1085, 2026, 849, 993, 2330, 1643]
+    assert np.bincount(ds.test.labels).tolist() == [244, 624, 311, 579, 243, 284, 666, 470]
+    assert ds.train.images.shape[1:] == (28, 28, 3) and ds.train.images.dtype == np.uint8
+    assert ds.majority_rate("test") == pytest.approx(666 / 3421)

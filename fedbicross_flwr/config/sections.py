@@ -31,8 +31,10 @@ class TaskConfig(Section):
                        "method (fedavg-r, fedadam-r, ...) retrains the clients: at most one, "
                        "last.")
     dataset: str = key("retinamnist",
-                       "MedMNIST 2D flag (e.g. bloodmnist), `digits` (scikit-learn, built on "
-                       "the fly) or `custom` (an npz archive at data-path).")
+                       "MedMNIST 2D flag (e.g. bloodmnist), `bloodmnist-pbc` (BloodMNIST "
+                       "rebuilt from its source images, read from data-dir), `digits` "
+                       "(scikit-learn, built on the fly) or `custom` (an npz archive at "
+                       "data-path).")
     data_dir: str = key("",
                         "Folder with official MedMNIST archives (<flag>.npz). Empty: "
                         "$FEDBICROSS_DATA_DIR, else the archive embedded in the package.")

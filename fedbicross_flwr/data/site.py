@@ -20,6 +20,7 @@ import torch
 
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import (
+    REBUILT,
     DataError,
     DatasetArrays,
     load_dataset,
@@ -211,6 +212,9 @@ def _load_site_archive(cfg: RunConfig, path: Path) -> DatasetArrays:
         # a site's own archive of a known dataset: shape from the dataset's metadata
         if cfg.dataset == "digits":
             in_ch, n_cls = in_ch or 1, n_cls or 10
+        elif cfg.dataset in REBUILT:
+            rebuilt = REBUILT[cfg.dataset]
+            in_ch, n_cls = in_ch or rebuilt.in_channels, n_cls or rebuilt.num_classes
         else:
             import medmnist
 

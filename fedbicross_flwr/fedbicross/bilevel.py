@@ -392,7 +392,7 @@ class OnlineBilevelTrainer:
     students : list[nn.Module]
         Cluster models G_1..G_K, on ``device``, trained in place.
     settings : FedBiCrossSettings
-        Uses tau, student_lr, student_momentum, student_weight_decay, weight_lr,
+        Uses tau, student_lr (with student_lr_milestones), student_momentum, student_weight_decay, weight_lr,
         hypergrad_norm, weights_mode, bilevel_val_fraction, seed, precision.
     initial_weights : np.ndarray
         (K, K) w^(0), rows on the simplex (see :func:`fixed_weights`).
@@ -418,6 +418,8 @@ class OnlineBilevelTrainer:
         self.learn_weights = settings.weights_mode == "bilevel" and self.num_clusters > 1
         self.momentum_buffers: list[dict[str, Tensor]] = [{} for _ in students]
         self._split: tuple[Tensor, Tensor] | None = None
+        # eta_G of the current server epoch (``student-lr-milestones``); set by run_epoch.
+        self.lr = settings.student_lr
 
     def split(self, batch_size: int) -> tuple[Tensor, Tensor]:
         """The fixed train/val index split (same for every step, cluster and epoch)."""
@@ -434,8 +436,9 @@ class OnlineBilevelTrainer:
         noise_probs: Sequence[Tensor],
         progress: bool = True,
         tag: str = "",
+        epoch: int = 0,
     ) -> dict[str, np.ndarray]:
-        """One pass t = 1..T over the K trajectories.
+        """One pass t = 1..T over the K trajectories, at server epoch ``epoch``'s eta_G.
 
         Parameters
         ----------
@@ -447,6 +450,10 @@ class OnlineBilevelTrainer:
             Log every ~10% of the steps and at least every 30 s.
         tag : str
             Log prefix.
+        epoch : int
+            0-based server epoch: eta_G is ``settings.lr_at(epoch)`` for every step of this
+            pass (step decay at ``student-lr-milestones``), in the inner step (Eq. 7) and in
+            the hypergradient of Eq. 8, which stays exact.
 
         Returns
         -------
@@ -462,6 +469,7 @@ class OnlineBilevelTrainer:
         if batch % kd_batch:
             raise ValueError(f"kd_batch={kd_batch} does not divide the synthetic batch {batch}")
         train_idx, val_idx = (i.to(self.device) for i in self.split(kd_batch))
+        self.lr = self.settings.lr_at(epoch)
         history = torch.empty((steps, K, K), dtype=torch.float64, device=self.device)
         val_losses = torch.empty((steps, K), dtype=torch.float64, device=self.device)
         source_losses = torch.empty((steps, K, K), dtype=torch.float64, device=self.device)
@@ -529,9 +537,9 @@ class OnlineBilevelTrainer:
             if progress and cadence.due(t):
                 log(
                     INFO,
-                    "%s%sbi-level step %s: val KD loss per cluster %s, weights %s",
+                    "%s%sbi-level step %s: eta_G %g, val KD loss per cluster %s, weights %s",
                     position_text(), f"{tag}: " if tag else "", progress_text(t, steps, time.perf_counter() - start),
-                    np.round(val_losses[t - 1].cpu().numpy(), 4).tolist(),
+                    self.lr, np.round(val_losses[t - 1].cpu().numpy(), 4).tolist(),
                     np.round(self.weights.cpu().numpy(), 3).tolist(),
                 )
 
@@ -586,7 +594,7 @@ class OnlineBilevelTrainer:
                 teacher_probs[k][val_idx],
                 lam=lam,
                 tau=s.kd_temperature,
-                lr=s.student_lr,
+                lr=self.lr,
                 momentum=s.student_momentum,
                 weight_decay=s.student_weight_decay,
                 momentum_buffers=self.momentum_buffers[k],

@@ -11,8 +11,10 @@ tau of Eq. 5). This module imports no torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from fedbicross_flwr.config.errors import ConfigError
 from fedbicross_flwr.config.fields import Section, key
 from fedbicross_flwr.distill.config import SynthesisSettings
 
@@ -63,6 +65,13 @@ class FedBiCrossConfig(Section):
     # while FedBiCross by default makes only T=500 steps.
     student_lr: float = key(0.01, "eta_G, SGD rate of the cluster models (Eq. 7).",
                             low=0.0, low_open=True)
+    # Step decay of eta_G over the server epochs (FedISCA's code: x0.1 at 50 % and 75 % of its
+    # 100 epochs). The same rule as the FedISCA baseline; a 1-epoch run never decays. The
+    # hypergradient of Eq. 8 uses the rate of the step it differentiates, so it stays exact.
+    student_lr_milestones: str = key("0.5,0.75",
+                                     "Fractions of the server epochs at which eta_G is divided by "
+                                     "10, comma-separated (FedISCA code: 0.5,0.75; empty: "
+                                     "constant; a 1-epoch run never decays).")
     # Heavy-ball momentum of the inner SGD step. The hypergradient stays exact with momentum,
     # since the old momentum buffer does not depend on the current w.
     student_momentum: float = key(0.9, "Momentum of the inner SGD step.",
@@ -83,6 +92,16 @@ class FedBiCrossConfig(Section):
     hypergrad_norm: str = key("unit",
                               "Hypergradient centred and scaled to unit norm each step (unit) "
                               "or raw (none, Eq. 8 literally).", choices=("unit", "none"))
+    # The noise-adapted teacher F~_k across server epochs: False (the paper's Eq. 3 read
+    # literally) adapts a fresh copy of the members each epoch; True (FedISCA's code) keeps ONE
+    # adapted copy per cluster and continues its statistics from the previous epoch's. Eq. 3
+    # forgets its starting point at beta^L (L forwarded steps: below 1e-7 at T >= 153, 2.7e-5 at
+    # T = 100, beta = 0.9), so the two differ only at short trajectories; with
+    # noise-teacher-mode='train' the adapted statistics are never read at all.
+    noise_teacher_carry: bool = key(False,
+                                    "Keep one noise-adapted teacher per cluster across server "
+                                    "epochs, its statistics continued (true, FedISCA code) or "
+                                    "adapt a fresh copy each epoch (false, Eq. 3).")
     # G_k^(0): 'random' (Algorithm 1, line 11) or 'cluster-average', the data-size weighted
     # parameter average of the cluster's members (they share the initial model w^(0), as in
     # FedAvg). A deviation for small server budgets: with a few hundred inner steps a randomly
@@ -113,6 +132,39 @@ class FedBiCrossConfig(Section):
                             choices=("bilevel", "intra", "uniform", "similarity"))
 
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        parse_milestones(self.student_lr_milestones)
+
+    def lr_at(self, epoch: int) -> float:
+        """eta_G in the 0-based server epoch ``epoch`` (step decay at the milestones)."""
+        reached = sum(epoch >= math.ceil(f * self.server_epochs)
+                      for f in parse_milestones(self.student_lr_milestones))
+        return self.student_lr * 0.1**reached
+
+
+def parse_milestones(text: str) -> tuple[float, ...]:
+    """``"0.5,0.75"`` -> (0.5, 0.75): increasing fractions in (0, 1]; ``""`` -> ().
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, for anything else.
+    """
+    parts = [p.strip() for p in text.split(",")] if text.strip() else []
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        values = ()
+        bad = True
+    else:
+        bad = any(not 0.0 < v <= 1.0 for v in values) or list(values) != sorted(set(values))
+    if bad:
+        raise ConfigError("run-config key 'student-lr-milestones' must be increasing fractions "
+                          f"in (0, 1], comma-separated (e.g. '0.5,0.75'), or empty; got {text!r}")
+    return values
+
+
 @dataclass(frozen=True)
 class FedBiCrossSettings(FedBiCrossConfig, SynthesisSettings):
     """All knobs of Stages 1 and 2, as the algorithm core reads them: the synthesis settings
@@ -128,4 +180,4 @@ class FedBiCrossSettings(FedBiCrossConfig, SynthesisSettings):
                             low=0)
 
 
-__all__ = ["CLUSTER_ON", "FedBiCrossConfig", "FedBiCrossSettings"]
+__all__ = ["CLUSTER_ON", "FedBiCrossConfig", "FedBiCrossSettings", "parse_milestones"]

@@ -200,11 +200,14 @@ def _server_epoch(epoch: int, stages: StageRunner, record: EpochRecord,
     """One server epoch: Stages 1b-1c for every cluster, then Stage 2; checkpointed."""
     # --- Stage 1b-1c per cluster: synthesis with fresh noise, noise-adapted teacher, frozen
     # teachers' soft labels (lines 4-9) ----------------------------------------------------
+    carried = record.noise_teachers if s.noise_teacher_carry else []
     clusters = [stages.run(f"epoch{epoch}-cluster{k}", lambda k=k: _synthesize_cluster(  # type: ignore[misc]
         members[k], s, num_classes, in_channels, image_size, epoch, k, device, progress,
-        plan))
+        plan, carried[k] if carried else None))
         for k in range(s.num_clusters)]
     record.add_synthesis(clusters, s.num_examples)
+    if s.noise_teacher_carry:  # F~_k continues from this epoch's statistics next epoch
+        record.noise_teachers = [c["noise_buffers"] for c in clusters]
 
     # --- Stage 2: online bi-level cross-cluster KD (lines 13-15) ----------------------------
     plan.begin(stage_name("2", None, epoch, s.server_epochs))
@@ -214,7 +217,7 @@ def _server_epoch(epoch: int, stages: StageRunner, record: EpochRecord,
                 f" pass {kd_pass + 1}/{s.kd_passes}" if s.kd_passes > 1 else "")
             record.histories.append(trainer.run_epoch(
                 [c["trajectory"] for c in clusters], [c["teacher_probs"] for c in clusters],
-                [c["noise_probs"] for c in clusters], progress=progress, tag=tag))
+                [c["noise_probs"] for c in clusters], progress=progress, tag=tag, epoch=epoch))
     del clusters  # free the device before the next epoch
     stages.finish_epoch(epoch, s.num_clusters, students, trainer, record)
 
@@ -285,10 +288,14 @@ def cluster_clients(clients: list[nn.Module], s: FedBiCrossSettings, in_channels
 def _synthesize_cluster(members: list[nn.Module], s: FedBiCrossSettings, num_classes: int,
                         in_channels: int, image_size: int, epoch: int, k: int,
                         device: torch.device, progress: bool,
-                        plan: StagePlan | None = None) -> dict[str, Any]:
+                        plan: StagePlan | None = None,
+                        noise_start: list[dict[str, Tensor]] | None = None) -> dict[str, Any]:
     """Stages 1b-1c for cluster k in server epoch ``epoch``: the trajectory x^(1..T), its
     labels, the frozen teachers' soft labels at temperature tau, and each part's wall time.
-    ``plan`` logs the stages' position in the run.
+    ``plan`` logs the stages' position in the run. ``noise_start`` (``noise-teacher-carry``):
+    the members' BN buffers of the previous epoch's noise-adapted teacher, where Eq. 3
+    continues from; None starts from the members' own statistics. With
+    ``noise-teacher-carry`` the payload keeps the adapted buffers (``noise_buffers``).
     """
     tag = f"epoch {epoch + 1}/{s.server_epochs} cluster {k}"
     timer = StageTimer()
@@ -302,9 +309,12 @@ def _synthesize_cluster(members: list[nn.Module], s: FedBiCrossSettings, num_cla
     if plan is not None:
         plan.begin(stage_name("1c", k, epoch, s.server_epochs))
     with timer("noise_adaptation"):  # noise-adapted teacher (line 9)
-        adapted = noise_adapted_copy(members, trajectory, s.noise_momentum,
+        start = members if noise_start is None else _with_buffers(members, noise_start)
+        adapted = noise_adapted_copy(start, trajectory, s.noise_momentum,
                                      s.noise_teacher_mode, s.precision,
                                      cutoff=s.noise_ema_cutoff)
+        noise_buffers = [{n: b.detach().cpu().clone() for n, b in m.named_buffers()}
+                         for m in adapted] if s.noise_teacher_carry else None
     with timer("soft_labels"):  # teachers are frozen: soft labels for every step, computed once
         teacher = EnsembleTeacher(members, s.ensemble, "eval")
         noise_teacher = EnsembleTeacher(adapted, s.ensemble, s.noise_teacher_mode)
@@ -313,8 +323,29 @@ def _synthesize_cluster(members: list[nn.Module], s: FedBiCrossSettings, num_cla
         probs_fn = teacher_soft_labels(noise_teacher, trajectory, s.kd_temperature, s.label_chunk,
                                        s.precision)  # (T, B, C)
         del adapted, noise_teacher
-    return {"trajectory": trajectory.detach(), "labels": labels, "diag": diag,
-            "teacher_probs": probs_f, "noise_probs": probs_fn, "times": timer.times}
+    payload = {"trajectory": trajectory.detach(), "labels": labels, "diag": diag,
+               "teacher_probs": probs_f, "noise_probs": probs_fn, "times": timer.times}
+    if noise_buffers is not None:
+        payload["noise_buffers"] = noise_buffers
+    return payload
+
+
+def _with_buffers(members: list[nn.Module], buffers: list[dict[str, Tensor]]) -> list[nn.Module]:
+    """Copies of the members carrying the given buffers (a carried noise-adapted teacher)."""
+    if len(buffers) != len(members):
+        raise ValueError(f"carried noise teacher has {len(buffers)} members, the cluster "
+                         f"{len(members)}")
+    copies = []
+    for member, state in zip(members, buffers):
+        twin = copy.deepcopy(member)
+        own = dict(twin.named_buffers())
+        if set(own) != set(state):
+            raise ValueError("carried noise teacher buffers do not match the member model")
+        with torch.no_grad():
+            for name, value in state.items():
+                own[name].copy_(value)
+        copies.append(twin)
+    return copies
 
 
 def _average_into_students(students: list[nn.Module], clients: list[nn.Module],

@@ -65,6 +65,8 @@ class EpochRecord:
     synthesis: list[list[dict[str, Any]]] = field(default_factory=list)  # [epoch][cluster]
     examples: list[Tensor] = field(default_factory=list)  # last epoch, per cluster, on CPU
     example_labels: list[Tensor] = field(default_factory=list)
+    # noise-teacher-carry: per cluster, the members' BN buffers of the last noise-adapted teacher
+    noise_teachers: list[list[dict[str, Tensor]]] = field(default_factory=list)
 
     def add_synthesis(self, clusters: Sequence[dict[str, Any]], num_examples: int) -> None:
         """One epoch's per-cluster synthesis results: diagnostics and a few final images."""
@@ -143,7 +145,8 @@ class StageRunner:
             self.times.update(state["times"])
             log(INFO, "server epochs 1..%d restored from checkpoint", epoch + 1)
             return EpochRecord(epoch + 1, state["histories"], state["synthesis"],
-                               state["examples"], state["example_labels"])
+                               state["examples"], state["example_labels"],
+                               state.get("noise_teachers", []))
         return EpochRecord()
 
     def finish_epoch(self, epoch: int, num_clusters: int, students: Sequence[nn.Module],
@@ -159,6 +162,6 @@ class StageRunner:
                                  for buffers in trainer.momentum_buffers],
             "histories": record.histories, "synthesis": record.synthesis,
             "examples": record.examples, "example_labels": record.example_labels,
-            "times": dict(self.times)})
+            "noise_teachers": record.noise_teachers, "times": dict(self.times)})
         self.checkpoints.drop([f"epoch{epoch}-cluster{k}" for k in range(num_clusters)]
                               + ([f"epoch{epoch - 1}-bilevel"] if epoch else []))

@@ -7,6 +7,7 @@ import pytest
 import torch
 from fbc_models import make_tiny
 
+from fedbicross_flwr.config.errors import ConfigError
 from fedbicross_flwr.distill.losses import kd_loss
 from fedbicross_flwr.fedbicross.bilevel import (
     OnlineBilevelTrainer,
@@ -308,3 +309,53 @@ def test_kd_batch_cuts_each_step_into_consecutive_kd_steps():
     assert hist_a["weights"].shape == (3, 2, 2)
     with pytest.raises(ValueError, match="divisor"):
         FedBiCrossSettings(synth_batch=10, kd_batch=4)
+
+
+def test_student_lr_steps_down_at_the_milestones():
+    s = FedBiCrossSettings(server_epochs=8, student_lr=1.0, student_lr_milestones="0.5,0.75")
+    assert [s.lr_at(e) for e in range(8)] == pytest.approx([1, 1, 1, 1, 0.1, 0.1, 0.01, 0.01])
+    assert FedBiCrossSettings(server_epochs=1, student_lr=0.3).lr_at(0) == 0.3  # never decays
+    constant = FedBiCrossSettings(server_epochs=8, student_lr=1.0, student_lr_milestones="")
+    assert {constant.lr_at(e) for e in range(8)} == {1.0}
+    for bad in ("0.75,0.5", "0", "1.5", "half", "0.5,,0.75", "0.5,0.5"):
+        with pytest.raises(ConfigError, match="student-lr-milestones"):
+            FedBiCrossSettings(student_lr_milestones=bad)
+
+
+def test_hypergradient_stays_exact_where_the_student_rate_steps_down(monkeypatch):
+    # Prepare: 2 server epochs, eta_G x0.1 from epoch 2 on; epoch 1 moves the students and fills
+    # the momentum buffers, then the first step of epoch 2 is checked.
+    settings = FedBiCrossSettings(weights_mode="bilevel", weight_lr=0.1, student_lr=0.5,
+                                  server_epochs=2, student_lr_milestones="0.5",
+                                  bilevel_val_fraction=0.2, hypergrad_norm="none")
+    students = [make_tiny(s, dtype=torch.float64).train() for s in (1, 2)]
+    trainer = OnlineBilevelTrainer(students, settings, fixed_weights("bilevel", 2), "cpu")
+    first = _random_epoch(2, steps=2, seed=5)
+    trainer.run_epoch(*[[x.double() for x in part] for part in first], progress=False, epoch=0)
+    second = [[x[:1].double() for x in part] for part in _random_epoch(2, steps=1, seed=6)]
+    captured = []
+    real_outer = outer_update
+
+    def capture(weights, hypergradient, lr, normalisation):
+        captured.append(hypergradient.clone())
+        return real_outer(weights, hypergradient, lr, normalisation)
+
+    monkeypatch.setattr("fedbicross_flwr.fedbicross.bilevel.outer_update", capture)
+    # Execute: the analytic hypergradient of target 0 at epoch 2's first step ...
+    trainer_at = copy.deepcopy(trainer)
+    trainer_at.run_epoch(*second, progress=False, epoch=1)
+    analytic = captured[0].tolist()
+    # ... against central differences of L_val(G'(w)) through the trainer's own step
+    eps = 1e-6
+    finite_differences = []
+    for j in range(2):
+        values = []
+        for sign in (1, -1):
+            twin = copy.deepcopy(trainer)
+            twin.weights[0, j] += sign * eps
+            values.append(twin.run_epoch(*second, progress=False, epoch=1)["val_loss"][0, 0])
+        finite_differences.append((values[0] - values[1]) / (2 * eps))
+    # Assert: the step ran at the decayed rate, and Eq. 8 is exact there
+    assert trainer_at.lr == pytest.approx(0.05) and trainer.lr == pytest.approx(0.5)
+    assert analytic == pytest.approx(finite_differences, rel=1e-5, abs=1e-10)
+    assert max(abs(a) for a in analytic) > 1e-8

@@ -1,22 +1,33 @@
-"""A tiny FedBiCross run matches the golden values recorded before the package was reorganised.
+"""A tiny FedBiCross run keeps the values recorded at a commit known to be right, on every CPU.
 
 The run goes through the run config (keys, not settings field names), clusters four seeded
-tiny clients into K=2, synthesises, adapts the noise and runs the bi-level KD with a
-checkpoint folder. The final cluster models, the cross-cluster weights, the assignment and
-the checkpoint payloads are hashed (sha256 of the float64 tensor bytes; a checkpoint's
-tensors and numbers, without its wall-clock times) and compared against values recorded at
-the commit before any module moved.
+tiny clients into K=2, synthesises, adapts the noise and runs two server epochs of bi-level KD
+with a checkpoint folder. Its outputs are compared with ``golden_fedbicross.json`` with
+tolerances that float rounding cannot cross but a real change does:
 
-Bit-exact values depend on the CPU's kernels, so they are recorded per :func:`machine_key`:
-``torch.backends.cpu.get_cpu_capability()`` (AVX2, AVX512, ...), with ``+AMX`` on a CPU with
-AMX tiles, where oneDNN picks other kernels (also in float32). On a key with no recording the
-test is skipped, naming how to record one at a commit known to be right.
+* the cluster assignment exactly;
+* the cross-cluster weight history, the cluster models, the final synthetic images and the
+  validation KD losses elementwise within ``|a - b| <= atol + rtol * |b|`` (:data:`TOLERANCE`),
+  of which at most 1 % of the elements may lie outside (Adam's first steps are sign-like, so a
+  pixel whose gradient is at rounding level may move by a whole step on another CPU).
+
+On the recording CPU, summing in another order (1 thread against 2) moved no element outside
+these bounds; a 1 % change of the synthesis or student rate, or of one client parameter,
+moves 15-100 % of the elements of at least one quantity outside them
+(:func:`test_the_comparison_fails_when_a_parameter_is_perturbed`).
+
+Bit-exact digests are an optional per-machine check: ``python
+tests/fedbicross/test_fedbicross_golden.py --record-digests FILE`` records them on one machine,
+and ``FEDBICROSS_GOLDEN_DIGESTS=FILE`` makes :func:`test_bit_exact_digests_on_the_recording_machine`
+compare against them there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +40,70 @@ from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
 from fedbicross_flwr.fedbicross.method import run_fedbicross
 
 GOLDEN = Path(__file__).with_name("golden_fedbicross.json")
+# student-lr-milestones='' keeps eta_G constant, as every run did before the key existed.
 KEYS = {"num-clusters": 2, "noise-samples": 8, "synth-steps": 3, "synth-batch": 8,
-        "synth-lr": 0.1, "bn-weight": 0.1, "kmeans-n-init": 2, "server-epochs": 2}
+        "synth-lr": 0.1, "bn-weight": 0.1, "kmeans-n-init": 2, "server-epochs": 2,
+        "student-lr-milestones": ""}
+# quantity -> (rtol, atol)
+TOLERANCE = {"weights": (1e-6, 1e-6), "val-loss": (1e-3, 1e-5), "cluster-models": (1e-4, 1e-6),
+             "synthetic": (1e-4, 1e-5)}
+MAX_OUTSIDE = 0.01  # share of elements allowed outside the bound
 
 
-def _sha(array: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(array, dtype=np.float64).tobytes()).hexdigest()
+def tiny_run(checkpoint_dir: Path, keys: dict | None = None,
+             client_offset: float = 0.0) -> tuple[dict, object]:
+    """Values of one tiny run (see the module doc) and the raw result."""
+    settings = FedBiCrossSettings.of(RunConfig.from_run_config({**KEYS, **(keys or {})}),
+                                     num_examples=4)
+    clients = [make_tiny(seed) for seed in range(4)]
+    with torch.no_grad():
+        clients[0].conv.weight[0, 0, 0, 0] += client_offset
+    torch.manual_seed(0)
+    result = run_fedbicross(clients, 1, 3, settings, "cpu", progress=False, image_size=6,
+                            student_factory=lambda: make_tiny(99).train(),
+                            checkpoint_dir=checkpoint_dir)
+    values = {
+        "assignment": result.assignment.tolist(),
+        "weights": result.weight_history.ravel().tolist(),
+        "val-loss": np.asarray(result.diagnostics["val_loss"]).ravel().tolist(),
+        "cluster-models": [v for s in result.cluster_models for name in sorted(s)
+                           for v in s[name].double().ravel().tolist()],
+        "synthetic": [v for x in result.synthetic_examples for v in x.double().ravel().tolist()],
+    }
+    return values, result
+
+
+def differences(values: dict, golden: dict) -> dict[str, float]:
+    """Per quantity, the share of elements outside its tolerance (1.0 for a shape change)."""
+    out = {"assignment": float(values["assignment"] != golden["assignment"])}
+    for name, (rtol, atol) in TOLERANCE.items():
+        a, b = np.asarray(values[name]), np.asarray(golden[name])
+        out[name] = (1.0 if a.shape != b.shape
+                     else float(np.mean(np.abs(a - b) > atol + rtol * np.abs(b))))
+    return out
+
+
+def test_a_tiny_fedbicross_run_keeps_its_recorded_values(tmp_path: Path) -> None:
+    # Prepare
+    golden = json.loads(GOLDEN.read_text())["values"]
+    # Execute
+    values, _ = tiny_run(tmp_path / "ckpt")
+    # Assert
+    assert any((tmp_path / "ckpt").iterdir()), "the run wrote no checkpoint file"
+    shares = differences(values, golden)
+    assert shares["assignment"] == 0.0, (values["assignment"], golden["assignment"])
+    assert all(share <= MAX_OUTSIDE for share in shares.values()), shares
+
+
+@pytest.mark.parametrize("change", [{"keys": {"synth-lr": 0.101}},
+                                    {"keys": {"student-lr": 0.0101}},
+                                    {"client_offset": 1e-2}],
+                         ids=["synth-lr+1%", "student-lr+1%", "client-weight"])
+def test_the_comparison_fails_when_a_parameter_is_perturbed(tmp_path: Path, change: dict) -> None:
+    golden = json.loads(GOLDEN.read_text())["values"]
+    values, _ = tiny_run(tmp_path / "ckpt", **change)
+    shares = differences(values, golden)
+    assert max(shares.values()) > 10 * MAX_OUTSIDE, shares
 
 
 def _state_sha(state: dict[str, torch.Tensor]) -> str:
@@ -45,77 +114,32 @@ def _state_sha(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _payload_sha(payload: object) -> str:
-    """sha256 of a checkpoint payload: every tensor (float64 bytes) and value, in order,
-    except wall-clock times (``times``, ``*_time_s``), which differ from run to run.
-    """
-    digest = hashlib.sha256()
-
-    def walk(x: object, where: str) -> None:
-        if isinstance(x, dict):
-            for k in sorted(x, key=str):
-                if k != "times" and not str(k).endswith("time_s"):
-                    walk(x[k], f"{where}/{k}")
-        elif isinstance(x, (list, tuple)):
-            for i, v in enumerate(x):
-                walk(v, f"{where}[{i}]")
-        elif isinstance(x, torch.Tensor):
-            digest.update(where.encode() + str(tuple(x.shape)).encode())
-            digest.update(x.detach().cpu().double().numpy().tobytes())
-        else:
-            digest.update(f"{where}={x!r}".encode())
-
-    walk(payload, "")
-    return digest.hexdigest()
-
-
-def machine_key() -> str:
-    """The CPU kernels' family: torch's capability, ``+AMX`` where the CPU has AMX tiles."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    return torch.backends.cpu.get_cpu_capability() + ("+AMX" if " amx_tile" in flags else "")
-
-
-def tiny_run_digests(checkpoint_dir: Path) -> dict:
-    """Digests of one tiny FedBiCross run with checkpoints in ``checkpoint_dir``."""
-    settings = FedBiCrossSettings.of(RunConfig.from_run_config(KEYS), num_examples=4)
-    clients = [make_tiny(seed) for seed in range(4)]
-    torch.manual_seed(0)
-    result = run_fedbicross(clients, 1, 3, settings, "cpu", progress=False, image_size=6,
-                            student_factory=lambda: make_tiny(99).train(),
-                            checkpoint_dir=checkpoint_dir)
-    files = {p.name: _payload_sha(torch.load(p, map_location="cpu", weights_only=True))
-             for p in sorted(checkpoint_dir.iterdir()) if p.suffix == ".pt"}
+def digests(checkpoint_dir: Path) -> dict:
+    """Bit-exact sha256 digests of the tiny run (models, weights, synthetic images)."""
+    _, result = tiny_run(checkpoint_dir)
     return {"cluster-models": [_state_sha(s) for s in result.cluster_models],
-            "weights": _sha(result.weight_history),
-            "weights-shape": list(result.weight_history.shape),
-            "assignment": result.assignment.tolist(),
-            "synthetic": [_sha(x.numpy()) for x in result.synthetic_examples],
-            "checkpoint-files": files}
+            "weights": hashlib.sha256(np.ascontiguousarray(result.weight_history,
+                                                           dtype=np.float64)).hexdigest(),
+            "synthetic": [hashlib.sha256(x.double().numpy().tobytes()).hexdigest()
+                          for x in result.synthetic_examples]}
 
 
-def test_a_tiny_fedbicross_run_matches_the_golden_values(tmp_path: Path) -> None:
-    # Prepare
-    capability = machine_key()
-    recorded = json.loads(GOLDEN.read_text())
-    if capability not in recorded:
-        pytest.skip(f"no golden values for CPU kernels {capability} (recorded: "
-                    f"{sorted(recorded)}); record them with `python {__file__}` at a commit "
-                    "known to be right")
-    golden = recorded[capability]
-    # Execute
-    digests = tiny_run_digests(tmp_path / "ckpt")
-    # Assert: bit-identical models, weights, assignment, synthetic images and checkpoints
-    assert digests["checkpoint-files"], "the run wrote no checkpoint file"
-    assert digests == golden
+def test_bit_exact_digests_on_the_recording_machine(tmp_path: Path) -> None:
+    path = os.environ.get("FEDBICROSS_GOLDEN_DIGESTS", "")
+    if not path:
+        pytest.skip("optional: set FEDBICROSS_GOLDEN_DIGESTS to a file recorded on this machine "
+                    "with `python tests/fedbicross/test_fedbicross_golden.py --record-digests "
+                    "FILE`")
+    assert digests(tmp_path / "ckpt") == json.loads(Path(path).read_text())
 
 
-if __name__ == "__main__":  # record the golden values (only at a commit known to be right)
+if __name__ == "__main__":  # record, only at a commit known to be right
     import tempfile
 
-    recorded = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
-        recorded[machine_key()] = tiny_run_digests(Path(tmp) / "ckpt")
-    GOLDEN.write_text(json.dumps(recorded, indent=1) + "\n")
+        if sys.argv[1:2] == ["--record-digests"]:
+            Path(sys.argv[2]).write_text(json.dumps(digests(Path(tmp) / "d"), indent=1) + "\n")
+        else:
+            record = {"recorded": sys.argv[1] if len(sys.argv) > 1 else "",
+                      "values": tiny_run(Path(tmp) / "v")[0]}
+            GOLDEN.write_text(json.dumps(record) + "\n")

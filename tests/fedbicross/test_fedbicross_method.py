@@ -109,3 +109,48 @@ def test_kd_passes_replay_the_trajectory():
     assert twice.weight_history.shape == (6, 2, 2)
     assert np.array_equal(twice.weight_history[:3], once.weight_history)
     assert not torch.equal(twice.cluster_models[0]["fc.weight"], once.cluster_models[0]["fc.weight"])
+
+
+def test_carried_noise_teacher_continues_eq3_from_the_previous_epoch():
+    # Prepare: two members of one cluster, T = 3 steps, no EMA cutoff, so Eq. 3 unrolled is
+    # beta^T * start + sum_t (1 - beta) beta^(t-1) stat(x^(t)): the carried and the fresh
+    # teacher of epoch 2 differ by exactly beta^T * (epoch 1's adapted - original statistics).
+    from fedbicross_flwr.fedbicross.method import _synthesize_cluster
+
+    members = [make_tiny(s).to(torch.float64) for s in (3, 4)]
+    settings = FedBiCrossSettings(num_clusters=1, synth_steps=3, synth_batch=6, synth_lr=0.1,
+                                  bn_weight=0.1, noise_ema_cutoff=0.0, noise_teacher_carry=True,
+                                  server_epochs=2)
+    # Execute
+    first = _synthesize_cluster(members, settings, 3, 1, 6, 0, 0, torch.device("cpu"), False)
+    carried = _synthesize_cluster(members, settings, 3, 1, 6, 1, 0, torch.device("cpu"), False,
+                                  None, first["noise_buffers"])
+    fresh = _synthesize_cluster(members, settings, 3, 1, 6, 1, 0, torch.device("cpu"), False)
+    # Assert
+    beta_t = 0.9 ** 3
+    for m, member in enumerate(members):
+        for stat in ("bn.running_mean", "bn.running_var"):
+            original = member.state_dict()[stat]
+            expected = beta_t * (first["noise_buffers"][m][stat] - original)
+            got = carried["noise_buffers"][m][stat] - fresh["noise_buffers"][m][stat]
+            assert torch.allclose(got, expected, atol=1e-10), stat
+            assert expected.abs().max() > 1e-3  # the carry made a difference here
+    # Same trajectory (the seed is the epoch's), different noise teacher soft labels
+    assert torch.equal(carried["trajectory"], fresh["trajectory"])
+    assert not torch.allclose(carried["noise_probs"], fresh["noise_probs"])
+    assert torch.equal(carried["teacher_probs"], fresh["teacher_probs"])
+
+
+def test_two_epoch_run_with_carried_train_mode_teacher_and_lr_steps(tmp_path):
+    # A whole run with the reference's choices: carried, train-mode noise teacher, eta_G
+    # stepping down after the first epoch; the epoch checkpoint keeps the carried teacher.
+    clients = [make_tiny(s) for s in range(3)]
+    settings = FedBiCrossSettings(num_clusters=2, server_epochs=2, noise_teacher_carry=True,
+                                  noise_teacher_mode="train", student_lr_milestones="0.5",
+                                  **TINY)
+    result = run_fedbicross(clients, 1, 3, settings, "cpu", progress=False, image_size=6,
+                            student_factory=lambda: make_tiny(9), checkpoint_dir=tmp_path)
+    assert result.weight_history.shape == (6, 2, 2)
+    saved = torch.load(next(tmp_path.rglob("epoch1-bilevel.pt")), weights_only=False)
+    assert len(saved["noise_teachers"]) == 2
+    assert sorted(len(c) for c in saved["noise_teachers"]) == [1, 2]

@@ -61,6 +61,8 @@ def test_of_copies_every_key_from_the_run_config():
             changed[f.name] = next(c for c in m["choices"] if c != f.default)
         elif isinstance(f.default, bool):
             changed[f.name] = not f.default
+        elif isinstance(f.default, str):  # student-lr-milestones
+            changed[f.name] = "0.25"
         else:
             changed[f.name] = f.default + 1 if isinstance(f.default, int) else f.default / 2
     cfg = RunConfig(**changed)

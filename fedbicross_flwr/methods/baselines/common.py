@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from logging import INFO
 from typing import Any
 
@@ -82,13 +81,3 @@ def finish(
                         diagnostics={"wall-time-s": diagnostics.get("wall_time_s"),
                                      **{k: v for k, v in diagnostics.items()
                                         if k.startswith("final")}})
-
-
-def step_schedule(epoch: int, epochs: int, lr: float, milestones: tuple[float, ...]) -> float:
-    """Step decay: ``lr * 0.1^m`` with m = number of milestones (fractions of ``epochs``)
-    already reached by the 0-based ``epoch`` (FedISCA: 0.5, 0.75; DAFL: 0.4, 0.8).
-
-    A milestone f is reached from epoch ceil(f * epochs) on, so a 1-epoch run never decays.
-    """
-    reached = sum(epoch >= math.ceil(fraction * epochs) for fraction in milestones)
-    return lr * 0.1**reached

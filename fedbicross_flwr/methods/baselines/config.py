@@ -18,11 +18,14 @@ from fedbicross_flwr.config.fields import Section, key
 class FedISCAConfig(Section):
     """FedISCA (:mod:`.fedisca`): its epochs and student rate."""
 
-    fedisca_epochs: int = key(100,
+    # 0 (default): FedBiCross's server-epochs, so that the two run at the same E, T and B in
+    # every comparison (the reference's 100 epochs are conf/paper.toml's server-epochs).
+    fedisca_epochs: int = key(0,
                               "FedISCA server epochs: synthesis over ALL clients with fresh "
-                              "noise, noise adaptation, one KD step per trajectory step "
-                              "(reference: 100). Synthesis uses synth-*, tv-weight, bn-weight, "
-                              "bn-reduction, ensemble, jitter and noise-teacher-mode.", low=1)
+                              "noise, noise adaptation, one KD step per trajectory step; 0 = "
+                              "server-epochs, FedBiCross's budget (reference: 100). Synthesis "
+                              "uses synth-*, kd-batch, tv-weight, bn-weight, bn-reduction, "
+                              "ensemble, jitter and noise-teacher-mode.", low=0)
     fedisca_lr: float = key(1e-3,
                             "FedISCA student SGD rate (momentum 0.9, weight decay 5e-4, x0.1 "
                             "at 50% and 75% of the epochs; reference: 1e-3).",

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 
 from ...distill.losses import kd_kl
-from ...distill.utils import cpu_generator, derive_seed, full_precision
+from ...distill.utils import cpu_generator, derive_seed, full_precision, step_schedule
 from ...logging_utils import log
 from ...training import autocast
 from ..base import MethodInput, MethodOutput
-from .common import client_models, finish, initial_student, step_schedule
+from .common import client_models, finish, initial_student
 from .generator import (
     Generator,
     PenultimateHook,

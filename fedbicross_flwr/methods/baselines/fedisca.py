@@ -1,6 +1,7 @@
 """FedISCA (Kang et al., 2023), reference code myeongkyunkang/FedISCA (read, not copied).
 
-One ensemble of ALL clients; each of ``fedisca-epochs`` server epochs e:
+One ensemble of ALL clients; each of ``fedisca-epochs`` server epochs e (0, the default:
+``server-epochs``, FedBiCross's budget, so that both run at the same E, T and B):
 
 1. DeepInversion from fresh N(0, 1) noise, keeping the whole trajectory x^(1..T) (the FedBiCross
    synthesis, :func:`~..fedbicross.synthesis.synthesize_trajectory`, with the same keys:
@@ -35,11 +36,11 @@ from ...distill.config import SynthesisSettings
 from ...distill.losses import kd_loss
 from ...distill.noise_adapt import noise_adapted_copy, teacher_soft_labels
 from ...distill.synthesis import EnsembleTeacher, synthesize_trajectory
-from ...distill.utils import derive_seed, full_precision
+from ...distill.utils import derive_seed, full_precision, step_schedule
 from ...logging_utils import log
 from ...training import autocast
 from ..base import MethodInput, MethodOutput
-from .common import client_models, finish, initial_student, step_schedule
+from .common import client_models, finish, initial_student
 
 
 def fedisca(inp: MethodInput) -> MethodOutput:
@@ -55,11 +56,12 @@ def fedisca(inp: MethodInput) -> MethodOutput:
     history: list[dict] = []
     times = {"synthesis": 0.0, "noise_adaptation": 0.0, "soft_labels": 0.0, "kd": 0.0}
     images = labels = None
-    for epoch in range(cfg.fedisca_epochs):
-        lr = step_schedule(epoch, cfg.fedisca_epochs, cfg.fedisca_lr, (0.5, 0.75))
+    epochs = cfg.fedisca_epochs or cfg.server_epochs  # 0: FedBiCross's budget
+    for epoch in range(epochs):
+        lr = step_schedule(epoch, epochs, cfg.fedisca_lr, (0.5, 0.75))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        tag = f"fedisca epoch {epoch + 1}/{cfg.fedisca_epochs}"
+        tag = f"fedisca epoch {epoch + 1}/{epochs}"
         t0 = time.perf_counter()
         trajectory, labels, synth_diag = synthesize_trajectory(
             members, inp.num_classes, inp.in_channels, s, derive_seed(cfg.seed, 102, epoch),
