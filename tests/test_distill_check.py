@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -31,6 +32,15 @@ def test_distill_check_appends_a_retention_row_and_reuses_the_teacher(tiny_archi
         teacher, student = float(r["teacher-acc"]), float(r["student-acc"])
         assert float(r["retention"]) == pytest.approx(student / teacher, abs=1e-3)
         assert r["kd-batch"] == "4" and r["synth-steps"] == "2"
+        assert 0.0 <= float(r["student-acc-batch-bn"]) <= 1.0
+        assert 0.0 <= float(r["student-acc-real-bn"]) <= 1.0
+    # Where the knowledge goes: each teacher's soft labels per part of the trajectory
+    (report,) = [p for p in out.glob("*/distill-check.json")][:1]
+    summary = json.loads(report.read_text())["diagnostics"]["synthesis-summary"][0]
+    profile = summary["soft-label-profile"]
+    assert set(profile) == {"teacher", "noise_teacher"}
+    assert [part["steps"] for part in profile["teacher"]] == [[1, 1], [2, 2]]  # T = 2
+    assert sum(profile["teacher"][0]["argmax-histogram"]) == 8  # B images
     assert rows[0]["teacher-acc"] == rows[1]["teacher-acc"]  # the cached teacher
     assert "| custom | fedbicross |" in capsys.readouterr().out
     # A teacher file that does not match its checksum is retrained, not trusted

@@ -167,3 +167,37 @@ def teacher_soft_labels(
                 p = teacher.probs(x, tau)  # (c*B, C)
             out.append(p.to(torch.float64 if trajectory.dtype == torch.float64 else torch.float32))
     return torch.cat(out).reshape(steps, batch, -1)
+
+
+@torch.no_grad()
+def soft_label_profile(probs: Tensor, targets: Tensor, parts: int = 10) -> list[dict[str, object]]:
+    """What a teacher's soft labels carry along the trajectory, per ``parts``-th of it.
+
+    Parameters
+    ----------
+    probs : Tensor
+        (T, B, C) soft labels of one teacher (at the KD temperature).
+    targets : Tensor
+        (B,) the synthesis targets y.
+    parts : int
+        Slices of the trajectory (tenths by default; fewer when T < parts).
+
+    Returns
+    -------
+    list[dict]
+        Per slice: ``steps`` (first, last; 1-based), ``argmax-histogram`` (C counts over the
+        slice's images), ``entropy`` (mean, nats, at the temperature of ``probs``) and
+        ``target-agreement`` (share of images whose argmax is their target).
+    """
+    steps, _, classes = probs.shape
+    out = []
+    bounds = torch.linspace(0, steps, min(parts, steps) + 1).round().long().tolist()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        p = probs[lo:hi].float()  # (t, B, C)
+        top = p.argmax(-1)  # (t, B)
+        entropy = -(p * p.clamp_min(1e-12).log()).sum(-1).mean()
+        out.append({"steps": [lo + 1, hi],
+                    "argmax-histogram": torch.bincount(top.flatten(), minlength=classes).tolist(),
+                    "entropy": round(float(entropy), 4),
+                    "target-agreement": round(float((top == targets.to(top.device)).float().mean()), 4)})
+    return out

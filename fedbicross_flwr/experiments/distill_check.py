@@ -19,6 +19,7 @@ teacher would retain everything without distilling anything). Every row is appen
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import logging
@@ -48,8 +49,9 @@ from fedbicross_flwr.training import SGDSettings, predict_logits, resolve_device
 
 #: Run-config keys reported in each row (the budget and the synthesis settings).
 REPORTED_KEYS = ("model-width", "synth-steps", "synth-batch", "kd-batch", "synth-lr", "bn-weight", "kd-passes",
-                 "server-epochs", "kd-temperature", "student-lr", "fedisca-epochs",
-                 "gen-epochs", "dafl-epochs")
+                 "server-epochs", "kd-temperature", "student-lr", "student-lr-milestones",
+                 "student-momentum", "noise-teacher-mode", "noise-teacher-carry",
+                 "fedisca-epochs", "gen-epochs", "dafl-epochs")
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,11 @@ class CheckResult:
     method_seconds: float
     settings: dict[str, Any]
     target_agreement: float | None = None  # the teacher's agreement with the targets on x^(T)
+    # Probes of where the student loses (scoring only, the student is not changed): its test
+    # accuracy with batch-statistics BN, and with BN statistics re-estimated on the real train
+    # images (a probe that uses data a server does not have).
+    student_acc_batch_bn: float | None = None
+    student_acc_real_bn: float | None = None
 
     def row(self) -> dict[str, Any]:
         """Flat CSV row (kebab-case columns)."""
@@ -75,6 +82,9 @@ class CheckResult:
                 "agreement-real": round(self.agreement_real, 4),
                 "target-agreement": (None if self.target_agreement is None
                                      else round(self.target_agreement, 4)),
+                **{key: None if value is None else round(value, 4) for key, value in (
+                    ("student-acc-batch-bn", self.student_acc_batch_bn),
+                    ("student-acc-real-bn", self.student_acc_real_bn))},
                 "method-seconds": round(self.method_seconds, 1), **self.settings}
 
 
@@ -153,19 +163,50 @@ def run_check(cfg: RunConfig, synthesis: str, teacher_epochs: int, out_dir: Path
     student = load_resnet18(output.models[0])
     student_logits = predict_logits(student, x_test, device, precision=cfg.eval_precision).float().cpu()
     student_acc = float((student_logits.argmax(1) == y_test).float().mean())
+    batch_bn, real_bn = bn_probes(student, ds, device, cfg.batch_size)
     values = mcfg.to_run_config()
     result = CheckResult(
         dataset=ds.name, synthesis=synthesis, teacher_acc=teacher_acc, student_acc=student_acc,
         retention=retention(student_acc, teacher_acc),
         agreement_real=agreement(student_logits, teacher_logits.softmax(1)),
         method_seconds=seconds, settings={k: values[k] for k in REPORTED_KEYS},
-        target_agreement=_target_agreement(output.diagnostics))
+        target_agreement=_target_agreement(output.diagnostics),
+        student_acc_batch_bn=batch_bn, student_acc_real_bn=real_bn)
     (run_dir / "distill-check.json").write_text(json.dumps(
         {**result.row(), "diagnostics": output.diagnostics}, indent=1, default=str))
     log(logging.INFO, "distill-check: %s on %s: student %.2f %% of teacher %.2f %% "
         "(retention %.3f), agreement on real test images %.3f, %.0f s", synthesis, ds.name,
         100 * student_acc, 100 * teacher_acc, result.retention, result.agreement_real, seconds)
     return result
+
+
+@torch.no_grad()
+def bn_probes(student: nn.Module, ds: DatasetArrays, device: torch.device,
+              batch_size: int) -> tuple[float, float]:
+    """The student's official-test accuracy with batch-statistics BN (test batches of
+    ``batch_size``), and with its BN statistics re-estimated on the real train images (one
+    pass, cumulative average); both on copies, fp32.
+    """
+    x_test, y_test = to_tensors(ds.test.images, ds.test.labels)
+    x_train, _ = to_tensors(ds.train.images, ds.train.labels)
+
+    def accuracy(model: nn.Module) -> float:
+        hits = 0
+        for lo in range(0, len(y_test), batch_size):
+            logits = model(x_test[lo:lo + batch_size].to(device))
+            hits += int((logits.argmax(1).cpu() == y_test[lo:lo + batch_size]).sum())
+        return hits / len(y_test)
+
+    batch_stats = copy.deepcopy(student).to(device).train()  # buffers of the copy may move
+    with_batch = accuracy(batch_stats)
+    real = copy.deepcopy(student).to(device).train()
+    for module in real.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average over the pass
+    for lo in range(0, len(x_train), batch_size):
+        real(x_train[lo:lo + batch_size].to(device))
+    return with_batch, accuracy(real.eval())
 
 
 def _target_agreement(diagnostics: dict[str, Any]) -> float | None:
@@ -232,10 +273,11 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
 
 def markdown_rows(rows: list[dict[str, Any]]) -> str:
     """The check's rows as a Markdown table."""
-    cols = ["dataset", "synthesis", "teacher-acc", "student-acc", "retention",
-            "agreement-real", "method-seconds"]
+    cols = ["dataset", "synthesis", "server-epochs", "teacher-acc", "student-acc", "retention",
+            "agreement-real", "target-agreement", "student-acc-batch-bn",
+            "student-acc-real-bn", "method-seconds"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows]
+    lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines)
 
 

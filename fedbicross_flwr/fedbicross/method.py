@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..distill.noise_adapt import noise_adapted_copy, teacher_soft_labels
+from ..distill.noise_adapt import noise_adapted_copy, soft_label_profile, teacher_soft_labels
 from ..distill.synthesis import EnsembleTeacher, synthesize_trajectory
 from ..distill.utils import derive_seed
 from ..logging_utils import StagePlan, keeps_position, log
@@ -323,6 +323,8 @@ def _synthesize_cluster(members: list[nn.Module], s: FedBiCrossSettings, num_cla
         probs_fn = teacher_soft_labels(noise_teacher, trajectory, s.kd_temperature, s.label_chunk,
                                        s.precision)  # (T, B, C)
         del adapted, noise_teacher
+    diag["soft_label_profile"] = {"teacher": soft_label_profile(probs_f, labels),
+                                  "noise_teacher": soft_label_profile(probs_fn, labels)}
     payload = {"trajectory": trajectory.detach(), "labels": labels, "diag": diag,
                "teacher_probs": probs_f, "noise_probs": probs_fn, "times": timer.times}
     if noise_buffers is not None:

@@ -74,5 +74,6 @@ def _synthesis_summary(diag: dict) -> list[dict]:
                     "final-ce": (d.get("ce") or [None])[-1],
                     "final-bn": (d.get("bn") or [None])[-1],
                     "final-tv": (d.get("tv") or [None])[-1],
+                    "soft-label-profile": d.get("soft_label_profile"),
                     "wall-time-s": d.get("wall_time_s")})
     return out

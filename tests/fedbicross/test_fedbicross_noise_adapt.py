@@ -1,5 +1,7 @@
 """Eq. 3: noise-adapted teachers (reverse-order BN update) and precomputed soft labels."""
 
+import math
+
 import pytest
 import torch
 from fbc_models import ConstantLogits, make_tiny
@@ -8,6 +10,7 @@ from torch import nn
 from fedbicross_flwr.distill.noise_adapt import (
     effective_steps,
     noise_adapted_copy,
+    soft_label_profile,
     teacher_soft_labels,
 )
 from fedbicross_flwr.distill.synthesis import EnsembleTeacher
@@ -170,3 +173,17 @@ def test_batchnorm_folding_predicts_the_same_and_leaves_the_model_alone():
         assert member.training is False
         assert all(torch.equal(member.state_dict()[k], v) for k, v in state.items())
         assert any(isinstance(m, nn.BatchNorm2d) for m in member.modules())
+
+
+def test_soft_label_profile_hand_computed():
+    # T = 4 steps of B = 2 images, C = 2 classes, profiled in halves; targets (0, 1).
+    sure, unsure = [0.9, 0.1], [0.5, 0.5]
+    probs = torch.tensor([[sure, sure], [sure, sure], [unsure, [0.2, 0.8]], [unsure, [0.2, 0.8]]])
+    profile = soft_label_profile(probs, torch.tensor([0, 1]), parts=2)
+    h_sure = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    h_mixed = (math.log(2) - (0.2 * math.log(0.2) + 0.8 * math.log(0.8))) / 2
+    assert [p["steps"] for p in profile] == [[1, 2], [3, 4]]
+    assert profile[0]["argmax-histogram"] == [4, 0] and profile[1]["argmax-histogram"] == [2, 2]
+    assert profile[0]["entropy"] == pytest.approx(h_sure, abs=1e-4)
+    assert profile[1]["entropy"] == pytest.approx(h_mixed, abs=1e-4)
+    assert profile[0]["target-agreement"] == 0.5 and profile[1]["target-agreement"] == 1.0
