@@ -355,3 +355,22 @@ def test_cost_table_puts_accuracy_and_cost_side_by_side(tmp_path) -> None:
     assert body["fedavg-r"] == "| fedavg-r | 60.00 (1 seed) | 20.00 | 22.00 | 11 | 2 |"
     assert body["local"] == "| local | 30.00 (1 seed) | n/a | n/a | n/a | n/a |"
     assert cost_table(read_cells_csv(path), "digits", 0.5, 5) == ""
+
+
+@pytest.mark.parametrize("preset", sorted((ROOT / "conf").glob("grid-*.toml")),
+                         ids=lambda p: p.stem)
+def test_fedisca_runs_at_fedbicross_budget_in_every_grid(preset: Path) -> None:
+    # FedISCA and FedBiCross share the synthesis: every comparison gives them the same server
+    # epochs E, trajectory length T, synthesis batch B and KD batch.
+    spec = load_grid_preset(preset)
+    cells = spec.cells()
+    budgets: dict[str, set] = {}
+    for cell in cells:
+        if cell.row not in ("fedisca", "fedbicross"):
+            continue
+        cfg = spec.run_config(cell, ROOT / "unused")
+        epochs = (cfg.fedisca_epochs or cfg.server_epochs) if cell.row == "fedisca" \
+            else cfg.server_epochs
+        budgets.setdefault(cell.group_dir, set()).add(
+            (epochs, cfg.synth_steps, cfg.synth_batch, cfg.kd_batch or cfg.synth_batch))
+    assert budgets and all(len(b) == 1 for b in budgets.values()), budgets
