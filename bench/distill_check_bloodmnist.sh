@@ -7,6 +7,8 @@
 #
 #   bench/distill_check_bloodmnist.sh OUT DATA_DIR [ROW ...]
 #
+# One thread (num-threads=1): on 2 cores a second busy process makes a 2-thread run up to 20x
+# slower (its threads spin at every barrier), while one thread keeps its pace beside other work.
 # Each row appends to OUT/distill-check.csv and is listed in OUT/done.txt; rows listed there
 # are skipped, so the script resumes where it stopped. ROW names pick rows (default: all).
 set -euo pipefail
@@ -14,6 +16,7 @@ out=$1 data=$2; shift 2
 fedbicross=${FEDBICROSS:-fedbicross}
 mkdir -p "$out"; touch "$out/done.txt"
 base="dataset='bloodmnist-pbc' data-dir='$data' model-width=16 precision='auto' progress=true
+ num-threads=1
  local-lr=0.01 batch-size=128 synth-steps=100 synth-batch=64 synth-lr=0.05 tv-weight=2.5e-5
  bn-weight=10.0 kd-temperature=20.0 student-lr=0.001 student-momentum=0.9
  student-weight-decay=5e-4 student-lr-milestones='0.5,0.75' noise-teacher-mode='train'

@@ -83,7 +83,9 @@ def noise_adapted_copy(
     mode : str
         'eval' (paper): the copies are returned in eval mode, i.e. they predict with the adapted
         running statistics. 'train' (FedISCA's code): BN layers are left in train mode, so the
-        copies predict with per-batch statistics.
+        copies predict with per-batch statistics and never read the running statistics: the
+        reverse pass is skipped (it cannot change an output) and the copies keep the
+        members' statistics.
     precision : str
         'bf16' to run the adaptation forwards under autocast.
     cutoff : float
@@ -107,7 +109,7 @@ def noise_adapted_copy(
         for bn in bn_layers:
             bn.momentum = momentum  # also replaces a cumulative-average (None) momentum
             bn.train()  # only BN layers update statistics; nothing else changes behaviour
-        for t in range(steps - 1, -1, -1):  # x^(L), ..., x^(1) (L = T without a cutoff)
+        for t in range(steps - 1, -1, -1) if mode == "eval" else ():  # x^(L), ..., x^(1)
             with autocast(trajectory.device, precision):
                 adapted(trajectory[t])  # (B, C_in, H, W); output unused, BN buffers updated
         if mode == "eval":

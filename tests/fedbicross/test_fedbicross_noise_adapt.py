@@ -104,8 +104,10 @@ def test_train_mode_variant_keeps_bn_in_train_mode_and_uses_batch_statistics():
     (fedisca,) = noise_adapted_copy([member], trajectory, 0.9, "train")
     p_paper = teacher_soft_labels(EnsembleTeacher([paper], bn_mode="eval"), trajectory, tau=1.0)
     p_fedisca = teacher_soft_labels(EnsembleTeacher([fedisca], bn_mode="train"), trajectory, tau=1.0)
-    # Assert: same adapted statistics, different predictions (batch vs running statistics)
-    assert torch.equal(paper.bn.running_mean, fedisca.bn.running_mean)
+    # Assert: different predictions (batch vs running statistics); in train mode the adapted
+    # statistics would never be read, so the reverse pass is skipped
+    assert torch.equal(fedisca.bn.running_mean, member.bn.running_mean)
+    assert not torch.equal(paper.bn.running_mean, member.bn.running_mean)
     assert fedisca.bn.training and not paper.bn.training
     assert p_paper.shape == p_fedisca.shape == (4, 6, 3)
     assert not torch.allclose(p_paper, p_fedisca)
@@ -187,3 +189,18 @@ def test_soft_label_profile_hand_computed():
     assert profile[0]["entropy"] == pytest.approx(h_sure, abs=1e-4)
     assert profile[1]["entropy"] == pytest.approx(h_mixed, abs=1e-4)
     assert profile[0]["target-agreement"] == 0.5 and profile[1]["target-agreement"] == 1.0
+
+
+def test_train_mode_soft_labels_do_not_depend_on_the_running_statistics():
+    # Why the reverse pass can be skipped in train mode: the same labels from a copy whose
+    # running statistics were adapted and from one whose statistics are arbitrary.
+    member = make_tiny(1)
+    trajectory = torch.randn(3, 5, 1, 5, 5, generator=torch.Generator().manual_seed(2))
+    adapted = make_tiny(1)
+    with torch.no_grad():
+        adapted.bn.running_mean.add_(3.0)
+        adapted.bn.running_var.mul_(7.0)
+    (skipped,) = noise_adapted_copy([member], trajectory, 0.9, "train")
+    p_a = teacher_soft_labels(EnsembleTeacher([adapted], bn_mode="train"), trajectory, tau=1.0)
+    p_s = teacher_soft_labels(EnsembleTeacher([skipped], bn_mode="train"), trajectory, tau=1.0)
+    assert torch.allclose(p_a, p_s, atol=1e-6)
