@@ -374,3 +374,20 @@ def test_fedisca_runs_at_fedbicross_budget_in_every_grid(preset: Path) -> None:
         budgets.setdefault(cell.group_dir, set()).add(
             (epochs, cfg.synth_steps, cfg.synth_batch, cfg.kd_batch or cfg.synth_batch))
     assert budgets and all(len(b) == 1 for b in budgets.values()), budgets
+
+
+def test_paper_table_puts_the_papers_bloodmnist_numbers_beside_ours() -> None:
+    from fedbicross_flwr.experiments.harness.tables import paper_table
+
+    rows = [{"dataset": "bloodmnist-pbc", "alpha": 0.1, "num-clients": 5, "row": r,
+             "num-clusters": k, "method": r, "seed": 0, "official-after": v,
+             "official-before": v / 2, "majority-rate": 0.1947}
+            for r, k, v in (("fedisca", None, 0.40), ("fedbicross", 2, 0.50),
+                            ("local", None, 0.30))]
+    after = paper_table(rows, 5).splitlines()
+    assert "| baseline | fedisca | 40.00 (1 seed) [paper 48.49] |" in after
+    assert "| ours | fedbicross (K=2) | 50.00 (1 seed) [paper 84.94] |" in after
+    assert "| reference | local | 30.00 (1 seed) |" in after  # not in the paper
+    before = paper_table(rows, 5, "official-before").splitlines()
+    assert "| ours | fedbicross (K=2) | 25.00 (1 seed) [paper 77.69] |" in before
+    assert "[paper" not in paper_table([dict(r, **{"num-clients": 10}) for r in rows], 10)
