@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 
 from client_app.app import app as client_app
@@ -257,3 +257,45 @@ def test_a_one_shot_strategy_runs_exactly_one_round(tmp_path) -> None:
     with pytest.raises(ValueError, match="num_rounds must be 1"):
         FedAvgOneShot().start(grid=grid, initial_arrays=ArrayRecord({}), num_rounds=2)
     assert grid.sent == []  # refused before anything was sent
+
+
+def _claims(partition: int):
+    """A node that answers ``train`` as ``partition`` without training (a forged reply)."""
+    def behaviour(msg: Message, ctx: Context, call):
+        reply = call(msg, ctx)
+        if msg.metadata.message_type != "train":
+            return reply
+        config = ConfigRecord({"partition-id": partition})
+        return Message(RecordDict({"arrays": reply.content["arrays"],
+                                   "metrics": reply.content["metrics"], "config": config}),
+                       reply_to=msg)
+    return behaviour
+
+
+def test_a_node_that_claims_another_partition_cannot_take_its_place(tmp_path):
+    run_config = _tiny_run_config(tmp_path)
+    grid = InProcessGrid(client_app, run_config, NODES, behaviours={1: _claims(0)})
+    init = initial_state(RunConfig.from_run_config(run_config), 1, 3)
+    strategy = FedAvgOneShot(progress=False)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(init))
+    # Assert: node 1 is refused for its own partition; partition 0 is node 0's upload
+    assert [(f.partition_id, f.node) for f in strategy.failures] == [(1, str(grid.node_ids[1]))]
+    assert "spoofed partition-id" in strategy.failures[0].reason
+    honest = _states([r for r in grid.replies if r.metadata.src_node_id == grid.node_ids[0]])
+    assert _same_states({0: strategy.uploads[0].state}, honest)
+    assert [u.partition_id for u in strategy.uploads] == [0, 2]
+
+
+def test_without_a_binding_a_partition_claimed_twice_is_refused_for_both(tmp_path):
+    run_config = _tiny_run_config(tmp_path)
+    grid = InProcessGrid(client_app, run_config, NODES, behaviours={1: _claims(0)})
+    init = initial_state(RunConfig.from_run_config(run_config), 1, 3)
+    strategy = FedAvgOneShot(assign_partitions=False, min_train_nodes=1, progress=False)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(init))
+    # Assert: the sites named their partitions (none was sent); 0 is refused, 2 goes on
+    assert all("partition-id" not in m.content["config"] for m in _sent(grid, "train"))
+    assert [(f.partition_id, "claimed by 2 nodes" in f.reason) for f in strategy.failures] == \
+        [(0, True)]
+    assert [u.partition_id for u in strategy.uploads] == [2]
+    assert [m.metadata.dst_node_id for m in _sent(grid, "train.personalize")] == \
+        [grid.node_ids[2]]

@@ -110,7 +110,8 @@ def read_uploads(replies: Iterable[Message], destinations: Mapping[str, int],
 
     A reply from another node than its instruction's, a reply that names another partition
     than the one its node was sent, and a partition claimed by two nodes (no binding) are
-    refused; an instructed node without a reply is a failure.
+    refused; an instructed node without a reply, and a bound partition whose node is not
+    connected, are failures.
     """
     result = PhaseResult(num_partitions=binding.num_partitions)
     pid_of = binding.partition_of() if binding.bound else {}
@@ -148,6 +149,10 @@ def read_uploads(replies: Iterable[Message], destinations: Mapping[str, int],
         result.failures.append(ClientFailure(pid_of.get(nid), str(nid), "train", "no reply"))
     if binding.bound:
         result.partitions = {pid: str(nid) for pid, nid in binding.node_of.items()}
+        for pid, nid in sorted(binding.node_of.items()):
+            if nid not in destinations.values():
+                result.failures.append(ClientFailure(pid, str(nid), "train",
+                                                     "node not connected"))
     return result
 
 
