@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,16 @@ from fedbicross_flwr.engines.inprocess import InProcessGrid, run_in_process
 from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
 from fedbicross_flwr.methods.catalog import method_names
 from fedbicross_flwr.model import weighted_average
-from fedbicross_flwr.strategies import STRATEGIES, FedAvgOneShot, FedBiCross
+from fedbicross_flwr.strategies import (
+    DAFL,
+    DENSE,
+    STRATEGIES,
+    ClusterFedAvg,
+    CoBoosting,
+    FedAvgOneShot,
+    FedBiCross,
+    FedISCA,
+)
 from tests.conftest import make_archive
 
 NODES = 3
@@ -299,3 +309,32 @@ def test_without_a_binding_a_partition_claimed_twice_is_refused_for_both(tmp_pat
     assert [u.partition_id for u in strategy.uploads] == [2]
     assert [m.metadata.dst_node_id for m in _sent(grid, "train.personalize")] == \
         [grid.node_ids[2]]
+
+
+BASELINES = [(ClusterFedAvg, {"num_clusters": 2, "noise_samples": 16}),
+             (FedISCA, {"fedisca_epochs": 2, "synth_steps": 2, "synth_batch": 8}),
+             (DENSE, {"gen_epochs": 2, "gen_steps": 1, "gen_batch": 8}),
+             (CoBoosting, {"gen_epochs": 2, "gen_steps": 1, "gen_batch": 8}),
+             (DAFL, {"dafl_epochs": 2, "dafl_iterations": 1, "dafl_batch": 8})]
+
+
+@pytest.mark.parametrize("cls, settings", BASELINES, ids=lambda x: getattr(x, "__name__", ""))
+def test_every_baseline_runs_its_method_with_its_settings_on_the_grid(tmp_path, cls, settings):
+    run_config = _tiny_run_config(tmp_path)
+    grid = InProcessGrid(client_app, run_config, NODES)
+    init = initial_state(RunConfig.from_run_config(run_config), 1, 3)
+    strategy = cls(progress=False, output_dir=tmp_path / "out", **settings)
+    # Act
+    result = strategy.start(grid=grid, initial_arrays=ArrayRecord(init))
+    # Assert: every client personalized the model the method chose for it
+    assert result.evaluate_metrics_clientapp[1]["num-clients"] == NODES
+    assert _same_states(_states(_sent(grid, "train.personalize")), strategy.models)
+    if cls is ClusterFedAvg:  # one model per cluster: no global model
+        assert _clusters(tmp_path / "out" / "clusters.csv") == strategy.clusters
+        assert (len(result.arrays) == 0) == (len(set(strategy.clusters.values())) > 1)
+        return
+    # Assert: one global model, distilled for the epochs it was given
+    global_model = result.arrays.to_torch_state_dict()
+    assert all(_same_states({0: global_model}, {0: s}) for s in strategy.models.values())
+    diagnostics = json.loads((tmp_path / "out" / f"{cls.method_name}.json").read_text())
+    assert len(diagnostics["epochs"]) == 2
