@@ -109,7 +109,7 @@ def test_the_package_root_holds_few_modules_and_the_rest_by_concern() -> None:
                             "protocol.py", "server.py", "training.py"]
     subpackages = sorted(p.parent.name for p in (ROOT / "fedbicross_flwr").glob("*/__init__.py"))
     assert subpackages == ["config", "data", "deploy", "distill", "engines", "experiments",
-                           "fedbicross", "methods", "privacy", "reports", "storage"]
+                           "fedbicross", "methods", "privacy", "reports", "storage", "strategies"]
 
 
 def test_the_baselines_and_the_toolkit_do_not_import_the_papers_method() -> None:
