@@ -36,7 +36,10 @@ order=(e1 e10 e10-literal-teacher e10-lr0.01 e10-kd32 e10-bn0.1 e30 e100)
 for row in "${order[@]}"; do
   grep -qx "$row" "$out/done.txt" && { echo "skip $row (done)"; continue; }
   echo "=== $row: ${rows[$row]} ($(date -u +%FT%TZ))"
+  # the row's keys replace the base's (a run config may not name a key twice)
+  keys=$(for kv in ${rows[$row]}; do printf '%s\n' "${kv%%=*}"; done)
+  config=$(for kv in $base; do grep -qx "${kv%%=*}" <<< "$keys" || printf '%s ' "$kv"; done)
   $fedbicross distill-check --dataset bloodmnist-pbc --synthesis fedbicross --teacher-epochs 5 \
-    --out "$out" --run-config "$base ${rows[$row]}"
+    --out "$out" --run-config "$config ${rows[$row]}"
   echo "$row" >> "$out/done.txt"
 done
