@@ -36,6 +36,7 @@ from fedbicross_flwr.config.run_config import (
     parse_overrides,
 )
 from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.storage.atomic import write_text
 
 
 def build_config(preset: str | None, overrides: str, pyproject: Path | None = None
@@ -268,7 +269,7 @@ def simulate_command(args: argparse.Namespace, cfg: RunConfig, root: Path | None
     if not result.ok or result.run_dir is None:
         print(f"simulation failed: {result.status} {result.details}", file=sys.stderr)
         return 1
-    (result.run_dir / "resources.json").write_text(json.dumps({
+    write_text(result.run_dir / "resources.json", json.dumps({
         "wall-s": round(time.perf_counter() - start, 1), "num-supernodes": n,
         "wait-cpu-s": round(result.wait_cpu_s, 1),
         "machine-cpu-s": round(result.machine_cpu_s, 1), "memory": result.memory}, indent=2))

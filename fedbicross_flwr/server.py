@@ -243,11 +243,9 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
                                 device)
     if knowledge is not None:
         summary["knowledge"] = knowledge.get("stages")
-    write_json(run_dir / "summary.json", summary)
-    write_summary_md(run_dir / "summary.md", summary)
-    if knowledge is not None and "stages" in knowledge:
-        with (run_dir / "summary.md").open("a") as fh:
-            fh.write("\n" + knowledge_markdown(knowledge))
+    write_summary_md(run_dir / "summary.md", summary, knowledge_markdown(knowledge)
+                     if knowledge is not None and "stages" in knowledge else "")
+    write_json(run_dir / "summary.json", summary)  # last: the run counts as finished
     if not cfg.keep_checkpoints:  # the run is finished: they could only be used to resume it
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     log(logging.INFO, "done: paper metric (official test, mean over clients, after "

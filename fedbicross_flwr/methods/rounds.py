@@ -58,6 +58,7 @@ from fedbicross_flwr.protocol import (
     upload_problem,
     validate_upload,
 )
+from fedbicross_flwr.storage.atomic import open_text
 
 
 class RoundError(RuntimeError):
@@ -183,7 +184,7 @@ def _round_row(rnd: int, valid: dict[int, Any], num_failures: int) -> dict[str, 
 
 
 def _write_rounds_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as fh:
+    with open_text(path, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)

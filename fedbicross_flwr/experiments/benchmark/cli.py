@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from fedbicross_flwr.storage.atomic import write_text
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``fedbicross bench`` (defaults: the issue's N=5, K=2, B=64 on CPU)."""
@@ -65,7 +67,7 @@ def run_command(args: argparse.Namespace) -> int:
         rows = run_sweep(cfg, axis, values)
         print(format_sweep(rows, axis))
         if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1))
+            write_text(Path(args.json), json.dumps(rows, indent=1))
         if args.plot:
             from .scaling import plot_sweep
 
@@ -75,5 +77,5 @@ def run_command(args: argparse.Namespace) -> int:
     report = run_benchmark(cfg)
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+        write_text(Path(args.json), json.dumps(report, indent=1, default=str))
     return 0 if report.get("checks_passed", True) else 1
