@@ -323,3 +323,37 @@ def test_a_run_stopped_by_a_full_disk_at_uploads_pt_resumes(tiny_run_config, tmp
     monkeypatch.setattr(checkpoint_io.torch, "save", real_save)
     assert main(["run", "--preset", str(preset), "--run-config", "resume=true"]) == 0
     assert (folder.parent / "summary.json").is_file()
+
+
+NO_GPU = not __import__("torch").cuda.is_available()
+BENCH_DEVICES = [("banana", "device 'banana' is not cpu, cuda or cuda:<index>"),
+                 ("cuda:x", "device 'cuda:x' is not cpu, cuda or cuda:<index>"),
+                 ("cuda:7" if NO_GPU else f"cuda:{__import__('torch').cuda.device_count()}",
+                  "CUDA device")]
+if NO_GPU:
+    BENCH_DEVICES.append(("cuda", "device='cuda' but torch sees no CUDA device"))
+
+
+@pytest.mark.parametrize("device,fragment", BENCH_DEVICES, ids=[d for d, _ in BENCH_DEVICES])
+def test_bench_on_a_device_that_is_not_there_is_one_line(device, fragment, capsys) -> None:
+    # as `run`, `simulate` and `privacy-audit`: one line, exit 2, nothing benchmarked
+    code, err = one_line_error(capsys, ["bench", "--device", device, *TINY_BENCH])
+    assert code == 2 and err.startswith("configuration error: bench:") and fragment in err, err
+
+
+def test_bench_refuses_a_width_the_run_config_refuses(capsys) -> None:
+    code, err = one_line_error(capsys, ["bench", "--width", "3", *TINY_BENCH])
+    assert code == 2 and "width must be in [4, 128] (the run config's model-width), got 3" in err, err
+
+
+# a benchmark that takes a second, should a bad argument get through
+TINY_BENCH = ["--model", "tiny", "--no-check", "--clients", "2", "--clusters", "1", "--batch",
+              "2", "--steps", "1", "--image-size", "8", "--num-classes", "2"]
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:x"])
+def test_privacy_audit_on_a_device_that_is_not_a_device_is_one_line(device, tmp_path,
+                                                                    capsys) -> None:
+    code, err = one_line_error(capsys, ["privacy-audit", str(tmp_path), "--client-cache",
+                                        str(tmp_path), "--device", device])
+    assert code == 2 and f"device {device!r} is not cpu, cuda or cuda:<index>" in err, err

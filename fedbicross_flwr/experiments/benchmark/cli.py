@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=4, help="T trajectory steps of the real run")
     parser.add_argument("--ref-steps", type=int, default=2,
                         help="timed steps of the reference-style path (median)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<i>")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                         help="real path precision (the reference is always float32)")
     parser.add_argument("--model", choices=("resnet18", "tiny"), default="resnet18")
@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=28)
     parser.add_argument("--width", type=int, default=64,
-                        help="ResNet-18 base width w (run-config model-width; paper: 64)")
+                        help="ResNet-18 base width w in [4, 128] (run-config model-width; "
+                             "paper: 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="device peak for the FLOP/s ratio (0: estimate)")
