@@ -143,8 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="direct: library calls (no Flower needed); grid: the real ServerApp "
                           "and ClientApp over an in-process Flower Grid")
     run.add_argument("--methods", default="",
-                     help="comma-separated server methods run on the SAME trained clients "
-                          "(direct engine), e.g. fedavg1,local,fedbicross")
+                     help="comma-separated server methods run on the SAME trained clients, "
+                          "e.g. fedavg1,local,fedbicross (as run-config methods)")
     run.add_argument("--client-cache", default="",
                      help="folder of the trained-client cache (direct engine): clients are "
                           "trained once per dataset/partition/local settings and reused")
@@ -360,8 +360,11 @@ def run_command(args: argparse.Namespace) -> int:
                                root / "pyproject.toml" if root else None)
     if args.command == "distill-check":
         cfg = cfg.replace(dataset=args.dataset)
-    if args.command == "run" and args.engine == "direct" and args.methods:
-        cfg.replace(methods=args.methods)  # validates every name before any training
+    if args.command == "run" and args.methods:  # as run-config methods, in both engines
+        cfg = cfg.replace(methods=args.methods)  # validates every name before any training
+    if args.command == "run" and args.engine == "grid" and args.client_cache:
+        raise ConfigError("--client-cache is for the direct engine (the grid engine's "
+                          "ClientApps train their own models)")
     preflight(cfg, partitions=args.command != "distill-check")  # one teacher, no clients
     if cfg.num_threads:
         import torch

@@ -150,7 +150,7 @@ def run_methods(cfg: RunConfig, transport: Transport) -> dict[str, Path]:
     base = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.dataset}"
     run_dirs: dict[str, Path] = {}
     for j, method in enumerate(methods, start=1):
-        one = cfg.replace(method=method, methods="", run_name=f"{base}-{method}")
+        one = cfg.for_method(method, f"{base}-{method}")
         if (done := finished_run_dir(one)) is not None:  # resume=true after a stop
             log(logging.INFO, "resume: method %s already finished in %s; its results are kept",
                 method, done)
@@ -161,7 +161,7 @@ def run_methods(cfg: RunConfig, transport: Transport) -> dict[str, Path]:
             run_dirs[method] = run_server(one, transport, base)
     if len(methods) == 1:
         return run_dirs
-    out = create_run_dir(cfg.replace(methods="", run_name=f"{base}-comparison"))
+    out = create_run_dir(cfg.replace(methods="", strategy_args="", run_name=f"{base}-comparison"))
     table = write_comparison(out, run_dirs)
     log(logging.INFO, "comparison of %d methods on the same client uploads (%s):\n%s",
         len(methods), out, table)

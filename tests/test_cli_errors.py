@@ -127,6 +127,21 @@ CASES: list[tuple[str, Callable[[Path], dict], str]] = [
     ("absolute run-name", lambda t: {"run-name": str(t / "elsewhere")},
      "run-name must be one folder name inside output-dir"),
     ("methods naming no method", lambda t: {"methods": " , "}, "'methods' names no method"),
+    ("strategy-args on a one-shot method", lambda t: {"method": "fedavg1",
+                                                      "strategy-args": "eta=0.1"},
+     "strategy-args is set, but method 'fedavg1' takes no strategy arguments"),
+    ("malformed strategy-args on a one-shot method", lambda t: {"method": "local",
+                                                                "strategy-args": "eta="},
+     "strategy-args is set, but method 'local' takes no strategy arguments"),
+    ("strategy-args on one-shot methods", lambda t: {"methods": "fedavg1,local",
+                                                     "strategy-args": "eta=0.1"},
+     "strategy-args is set, but methods 'fedavg1', 'local' take no strategy arguments"),
+    ("run-name with a newline", lambda t: {"run-name": "two\nlines"},
+     "run-name must hold no control character (newline, tab, ...), got 'two\\nlines'"),
+    ("run-name with an escape", lambda t: {"run-name": "red\x1b[31m"},
+     "run-name must hold no control character"),
+    ("run-name with a tab", lambda t: {"run-name": "a\tb"},
+     "run-name must hold no control character"),
     ("empty train split", lambda t: {"data-path": archive(t, lambda a: a.update(
         train_images=np.zeros((0, 28, 28), np.uint8), train_labels=np.zeros((0, 1), np.int64)))},
      "the training split is empty"),
@@ -265,6 +280,31 @@ def test_a_run_name_never_leaves_output_dir(tmp_path, capsys) -> None:
     assert not (tmp_path / "a" / "escape").exists() and not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize("engine", ["direct", "grid"])
+def test_run_checks_the_methods_option_in_both_engines(engine, tmp_path, capsys,
+                                                       no_training) -> None:
+    run = {**BASE, "data-path": str(make_archive(tmp_path / "site.npz", n_train=20)),
+           "output-dir": str(tmp_path / "runs")}
+    preset = tmp_path / "preset.toml"
+    preset.write_text(tomli_w.dumps(run))
+    code, err = one_line_error(capsys, ["run", "--engine", engine, "--preset", str(preset),
+                                        "--methods", "fedavg1,nosuch"])
+    assert code == 2 and "unknown method 'nosuch'" in err, err
+    assert no_training == [] and not (tmp_path / "runs" / "bad").exists()
+
+
+def test_the_grid_engine_refuses_the_client_cache_option(tmp_path, capsys,
+                                                         no_training) -> None:
+    run = {**BASE, "data-path": str(make_archive(tmp_path / "site.npz", n_train=20)),
+           "output-dir": str(tmp_path / "runs")}
+    preset = tmp_path / "preset.toml"
+    preset.write_text(tomli_w.dumps(run))
+    code, err = one_line_error(capsys, ["run", "--engine", "grid", "--preset", str(preset),
+                                        "--client-cache", str(tmp_path / "cache")])
+    assert code == 2 and "--client-cache is for the direct engine" in err, err
+    assert no_training == []
+
+
 def test_bench_reports_a_bad_argument_on_stderr(capsys) -> None:
     assert main(["bench", "--clients", "-1"]) == 2
     out = capsys.readouterr()
@@ -343,7 +383,8 @@ def test_bench_on_a_device_that_is_not_there_is_one_line(device, fragment, capsy
 
 def test_bench_refuses_a_width_the_run_config_refuses(capsys) -> None:
     code, err = one_line_error(capsys, ["bench", "--width", "3", *TINY_BENCH])
-    assert code == 2 and "width must be in [4, 128] (the run config's model-width), got 3" in err, err
+    assert code == 2, err
+    assert "width must be in [4, 128] (the run config's model-width), got 3" in err
 
 
 # a benchmark that takes a second, should a bad argument get through

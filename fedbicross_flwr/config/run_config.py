@@ -89,10 +89,21 @@ class RunConfig(DAFLConfig, CoBoostingConfig, DenseConfig, GeneratorConfig, FedI
         if (problem := kd_batch_problem(self.kd_batch, self.synth_batch)) is not None:
             raise ConfigError(f"kd-batch {problem}")
         if self.run_name and (self.run_name in (".", "..") or "/" in self.run_name
-                              or "\\" in self.run_name or "\0" in self.run_name):
+                              or "\\" in self.run_name):
             raise ConfigError(f"run-name must be one folder name inside output-dir (no '/', "
                               f"'\\' or '..'), got {self.run_name!r}")
-        _ = self.method_list  # validates the names of `methods`
+        if any(ord(c) < 32 or ord(c) == 127 for c in self.run_name):
+            raise ConfigError(f"run-name must hold no control character (newline, tab, ...), "
+                              f"got {self.run_name!r}")
+        methods = self.method_list  # validates the names of `methods`
+        if self.strategy_args.strip() and not set(methods) & set(method_names(
+                kind="multi-round")):
+            listed = ", ".join(repr(m) for m in methods)
+            raise ConfigError(
+                f"strategy-args is set, but {'methods' if len(methods) > 1 else 'method'} "
+                f"{listed} {'take' if len(methods) > 1 else 'takes'} no strategy arguments "
+                f"(only the multi-round methods do: {', '.join(method_names(kind='multi-round'))})"
+                f"; leave strategy-args empty, got {self.strategy_args!r}")
         if self.resume and not self.run_name:
             raise ConfigError("resume=true needs run-name (the run folder to continue)")
 
@@ -153,6 +164,14 @@ class RunConfig(DAFLConfig, CoBoostingConfig, DenseConfig, GeneratorConfig, FedI
     def replace(self, **overrides: Any) -> "RunConfig":
         """A copy with some fields (snake_case names) changed, validated again."""
         return dataclasses.replace(self, **overrides)
+
+    def for_method(self, method: str, run_name: str) -> "RunConfig":
+        """The config of ``method`` alone, one of ``methods``, in the run folder ``run_name``:
+        without ``methods``, and without ``strategy-args`` unless ``method`` uses it.
+        """
+        uses = method in method_names(kind="multi-round")
+        return self.replace(method=method, methods="", run_name=run_name,
+                            strategy_args=self.strategy_args if uses else "")
 
     def summary(self) -> str:
         """One line per key, for the log."""
