@@ -61,8 +61,10 @@ def preflight(cfg: RunConfig, partitions: bool = True) -> None:
     Raises
     ------
     ConfigError
-        The output folder is not a directory or cannot be written, the device is absent, or
-        a multi-round method's ``strategy-args`` do not fit its Flower strategy.
+        The output folder is not a directory or cannot be written, the device is absent, a
+        multi-round method's ``strategy-args`` do not fit its Flower strategy, or
+        ``dataset='custom'`` has no ``data-path`` (these commands have no sites that bring
+        their own archives).
     DataError
         The dataset is unknown, missing, corrupt or inconsistent with the config.
     PartitionError
@@ -88,8 +90,10 @@ def preflight(cfg: RunConfig, partitions: bool = True) -> None:
     for name in cfg.method_list:  # a multi-round method's strategy-args, before any training
         if name in BY_METHOD:
             strategy_kwargs(cfg.replace(method=name), cfg.num_clients)
-    if cfg.dataset == "custom" and not cfg.data_path:
-        return  # a deployment: every site reads (and checks) its own archive
+    if cfg.sites_bring_data:  # only a deployment's sites bring their own archives
+        raise ConfigError("dataset='custom' but data-path is not set: give the npz archive "
+                          "to read (in a deployment, each site sets data-path in its node "
+                          "config and the operator runs `flwr run`)")
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
                       cfg.in_channels, cfg.num_classes)
     if partitions:

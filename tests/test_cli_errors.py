@@ -233,6 +233,37 @@ def test_invalid_toml_preset(tmp_path, capsys) -> None:
     assert code == 2 and f"grid preset {preset} is not valid TOML" in err
 
 
+@pytest.mark.parametrize("kind,make,fragment", [
+    ("missing", lambda t: t / "nope.toml", "does not exist"),
+    ("folder", lambda t: t, "is a folder, not a TOML file"),
+    ("FIFO", lambda t: Path(fifo(t)), "is a FIFO (named pipe), not a TOML file"),
+    ("device", lambda t: Path("/dev/zero"), "is a character device, not a TOML file"),
+], ids=["missing", "folder", "FIFO", "device"])
+@pytest.mark.parametrize("command", ["run", "grid"])
+def test_a_preset_that_is_not_a_file_says_what_it_is(kind, make, fragment, command, tmp_path,
+                                                     capsys) -> None:
+    # Prepare: a preset path that is no regular file (a FIFO or /dev/zero must not be read:
+    # reading would block or never end)
+    path = make(tmp_path)
+    argv = [command, "--preset", str(path)] + (["--dry-run"] if command == "grid" else [])
+    # Execute
+    code, err = one_line_error(capsys, argv)
+    # Assert
+    name = "grid preset" if command == "grid" else "preset"
+    assert code == 2 and f"{name} {path} {fragment}" in err, err
+
+
+@pytest.mark.parametrize("engine", ["direct", "grid"])
+def test_custom_data_without_data_path_says_that_it_is_not_set(engine, tmp_path, capsys,
+                                                               no_training) -> None:
+    run = {**BASE, "output-dir": str(tmp_path / "runs")}  # no data-path
+    preset = tmp_path / "preset.toml"
+    preset.write_text(tomli_w.dumps(run))
+    code, err = one_line_error(capsys, ["run", "--engine", engine, "--preset", str(preset)])
+    assert code == 2 and "dataset='custom' but data-path is not set" in err, err
+    assert "is a folder" not in err and no_training == []
+
+
 def test_the_in_process_grid_engine_checks_the_data_first(tmp_path, capsys,
                                                           no_training) -> None:
     # Without the up-front check, each ClientApp would reply with an error and the run would

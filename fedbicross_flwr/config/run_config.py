@@ -39,6 +39,7 @@ from fedbicross_flwr.methods.baselines.config import (
 )
 from fedbicross_flwr.methods.catalog import method_names
 from fedbicross_flwr.methods.flower_strategies import MultiRoundConfig
+from fedbicross_flwr.storage.paths import not_a_file
 
 # The sections in the order of docs/CONFIG.md's table. A dataclass takes its bases' fields
 # from the last base to the first, so RunConfig lists them reversed.
@@ -208,16 +209,24 @@ def parse_site_nodes(text: str) -> dict[int, int]:
     return out
 
 
-def load_preset(path: str | Path) -> dict[str, Any]:
-    """Read a preset (a flat TOML file of run-config keys, as ``flwr run --run-config`` takes)."""
+def load_preset(path: str | Path, what: str = "preset") -> dict[str, Any]:
+    """Read a preset (a flat TOML file of run-config keys, as ``flwr run --run-config`` takes).
+
+    Raises
+    ------
+    ConfigError
+        ``path`` is missing or no regular file (a folder, a FIFO, a device: named, and never
+        read), or not valid TOML; the line starts with ``what`` and the path.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"preset {path} does not exist")
+    if (problem := not_a_file(path, "a TOML file")) is not None:
+        raise ConfigError(f"{what} {path} " + ("does not exist" if problem == "not found"
+                                               else problem))
     with path.open("rb") as fh:
         try:
             return tomllib.load(fh)
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"preset {path} is not valid TOML: {err}") from err
+            raise ConfigError(f"{what} {path} is not valid TOML: {err}") from err
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
