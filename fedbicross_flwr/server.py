@@ -34,6 +34,7 @@ from fedbicross_flwr.logging_utils import (
 )
 from fedbicross_flwr.methods import collect_uploads, get_method, method_spec
 from fedbicross_flwr.methods.base import MethodInput
+from fedbicross_flwr.methods.rounds import reply_optional_metrics
 from fedbicross_flwr.model import probe_for
 
 # The protocol types live in fedbicross_flwr.protocol; importing them from here keeps working.
@@ -267,7 +268,8 @@ def _accepted_uploads(cfg: RunConfig, phase1: PhaseResult, init: StateDict,
     sizes = example_bounds(cfg, phase1.num_partitions)
     for pid in sorted(phase1.replies):
         reply: ClientReply = phase1.replies[pid]
-        problem = upload_problem(reply, init, probe, cfg.max_num_examples or sizes.get(pid))
+        problem = upload_problem(reply, init, probe, cfg.max_num_examples or sizes.get(pid),
+                                 reply_optional_metrics(cfg))
         if problem is not None:
             failures.append(ClientFailure(pid, phase1.partitions.get(pid, "-"), "train",
                                           f"rejected upload: {problem}"))
