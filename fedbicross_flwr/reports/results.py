@@ -48,8 +48,8 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
     """The run's ``summary.json`` if the run finished, else None.
 
     A run is finished when its ``summary.json`` is a JSON object. A missing file, or one that
-    is empty, cut short or not an object (a crash or a full disk while it was written by an
-    older version), means the run did not finish: it may be resumed, and that is logged.
+    is empty, cut short or not an object (a crash or a full disk while it was written), means
+    the run did not finish: it may be resumed, and that is logged.
     """
     path = Path(run_dir) / "summary.json"
     if not path.is_file():
