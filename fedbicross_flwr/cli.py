@@ -36,6 +36,7 @@ from fedbicross_flwr.config.run_config import (
     parse_overrides,
 )
 from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.storage.atomic import write_text
 
 
 def build_config(preset: str | None, overrides: str, pyproject: Path | None = None
@@ -60,8 +61,10 @@ def preflight(cfg: RunConfig, partitions: bool = True) -> None:
     Raises
     ------
     ConfigError
-        The output folder is not a directory or cannot be written, the device is absent, or
-        a multi-round method's ``strategy-args`` do not fit its Flower strategy.
+        The output folder is not a directory or cannot be written, the device is absent, a
+        multi-round method's ``strategy-args`` do not fit its Flower strategy, or
+        ``dataset='custom'`` has no ``data-path`` (these commands have no sites that bring
+        their own archives).
     DataError
         The dataset is unknown, missing, corrupt or inconsistent with the config.
     PartitionError
@@ -87,8 +90,10 @@ def preflight(cfg: RunConfig, partitions: bool = True) -> None:
     for name in cfg.method_list:  # a multi-round method's strategy-args, before any training
         if name in BY_METHOD:
             strategy_kwargs(cfg.replace(method=name), cfg.num_clients)
-    if cfg.dataset == "custom" and not cfg.data_path:
-        return  # a deployment: every site reads (and checks) its own archive
+    if cfg.sites_bring_data:  # only a deployment's sites bring their own archives
+        raise ConfigError("dataset='custom' but data-path is not set: give the npz archive "
+                          "to read (in a deployment, each site sets data-path in its node "
+                          "config and the operator runs `flwr run`)")
     ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
                       cfg.in_channels, cfg.num_classes)
     if partitions:
@@ -142,8 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="direct: library calls (no Flower needed); grid: the real ServerApp "
                           "and ClientApp over an in-process Flower Grid")
     run.add_argument("--methods", default="",
-                     help="comma-separated server methods run on the SAME trained clients "
-                          "(direct engine), e.g. fedavg1,local,fedbicross")
+                     help="comma-separated server methods run on the SAME trained clients, "
+                          "e.g. fedavg1,local,fedbicross (as run-config methods)")
     run.add_argument("--client-cache", default="",
                      help="folder of the trained-client cache (direct engine): clients are "
                           "trained once per dataset/partition/local settings and reused")
@@ -268,7 +273,7 @@ def simulate_command(args: argparse.Namespace, cfg: RunConfig, root: Path | None
     if not result.ok or result.run_dir is None:
         print(f"simulation failed: {result.status} {result.details}", file=sys.stderr)
         return 1
-    (result.run_dir / "resources.json").write_text(json.dumps({
+    write_text(result.run_dir / "resources.json", json.dumps({
         "wall-s": round(time.perf_counter() - start, 1), "num-supernodes": n,
         "wait-cpu-s": round(result.wait_cpu_s, 1),
         "machine-cpu-s": round(result.machine_cpu_s, 1), "memory": result.memory}, indent=2))
@@ -359,8 +364,11 @@ def run_command(args: argparse.Namespace) -> int:
                                root / "pyproject.toml" if root else None)
     if args.command == "distill-check":
         cfg = cfg.replace(dataset=args.dataset)
-    if args.command == "run" and args.engine == "direct" and args.methods:
-        cfg.replace(methods=args.methods)  # validates every name before any training
+    if args.command == "run" and args.methods:  # as run-config methods, in both engines
+        cfg = cfg.replace(methods=args.methods)  # validates every name before any training
+    if args.command == "run" and args.engine == "grid" and args.client_cache:
+        raise ConfigError("--client-cache is for the direct engine (the grid engine's "
+                          "ClientApps train their own models)")
     preflight(cfg, partitions=args.command != "distill-check")  # one teacher, no clients
     if cfg.num_threads:
         import torch

@@ -7,6 +7,7 @@ the server, the transports, the methods and the tests can all depend on it witho
 * :class:`ClientReply` - a phase-1 reply as a transport delivers it (not yet checked);
 * :class:`ClientFailure` / :class:`PhaseResult` - what one phase brought back;
 * :data:`REPLY_METRICS` - the metric names a client may send, per message type;
+* :data:`REPLY_RECORDS` / :data:`REPLY_CONFIG_KEYS` - the records a reply may carry;
 * :func:`validate_upload` - why an uploaded state dict is refused, or None;
 * :func:`metrics_problem` - why a reply's metrics are refused (name, type, range), or None.
 """
@@ -57,9 +58,18 @@ METRIC_KINDS: dict[str, str] = {
     "acc-after": "accuracy", "acc-personal-after": "accuracy-or-nan",
     "val-acc-after": "accuracy-or-nan", "norm_bit": "bit",
 }
-# Metrics a reply may add: Flower's adaptiveclipping_mod (a client-side DP round) adds
-# norm_bit, 1 if the site's update was clipped, which the server's DP wrapper counts.
-OPTIONAL_METRICS: dict[str, frozenset[str]] = {"train": frozenset({"norm_bit"})}
+# Metrics a train reply adds in a round of a client-side adaptive DP wrapper only: Flower's
+# adaptiveclipping_mod adds norm_bit, 1 if the site's update was clipped, which the server's
+# DP wrapper counts. Anywhere else (a one-shot phase 1, another method's rounds) it is refused.
+ADAPTIVE_CLIPPING_METRICS = frozenset({"norm_bit"})
+# The records a reply of each phase carries (a Flower RecordDict's keys), and the keys of its
+# config record. A reply with any other record or config key is refused: it is not read, and
+# a site has no reason to send more than the protocol asks for.
+REPLY_RECORDS: dict[str, frozenset[str]] = {
+    "train": frozenset({"arrays", "metrics", "config"}),
+    "train.personalize": frozenset({"metrics", "config"}),
+}
+REPLY_CONFIG_KEYS = frozenset({"partition-id", "error"})
 
 
 @dataclass(frozen=True)
@@ -134,18 +144,19 @@ def num_examples_problem(value: Any, bound: int | None) -> str | None:
     return None
 
 
-def metrics_problem(message_type: str, metrics: Any,
-                    n_test_personal: float | None = None) -> str | None:
+def metrics_problem(message_type: str, metrics: Any, n_test_personal: float | None = None,
+                    optional: frozenset[str] = frozenset()) -> str | None:
     """Why a reply's ``metrics`` are refused by the server, or None.
 
-    The names must be exactly :data:`REPLY_METRICS` of ``message_type``, every value one real
+    The names must be exactly :data:`REPLY_METRICS` of ``message_type`` (plus, where given,
+    some of ``optional``: :data:`ADAPTIVE_CLIPPING_METRICS` in a round of a client-side
+    adaptive DP wrapper), every value one real
     number (not a bool, a list or a string) within its :data:`METRIC_KINDS` range. The
     label-following accuracies may be NaN only when their split is empty (``n-test-personal``
     = 0: in phase 1 the reply's own, in phase 3 ``n_test_personal``, the site's phase-1
     count); ``num-examples`` is checked by :func:`num_examples_problem`, with its bound.
     """
     allowed = REPLY_METRICS[message_type]
-    optional = OPTIONAL_METRICS.get(message_type, frozenset())
     if not isinstance(metrics, Mapping):
         return f"the {message_type} metrics are a {type(metrics).__name__}, not a record"
     extra = sorted(map(str, set(metrics) - allowed - optional))
@@ -189,16 +200,18 @@ def metrics_problem(message_type: str, metrics: Any,
 
 def upload_problem(reply: ClientReply, reference: StateDict,
                    probe: Callable[[StateDict], str | None] | None,
-                   max_examples: int | None) -> str | None:
+                   max_examples: int | None,
+                   optional: frozenset[str] = frozenset()) -> str | None:
     """Why a phase-1 (or one round's) reply is refused, or None: :func:`validate_upload` on
     its model, :func:`num_examples_problem` on its FedAvg weight (bounded by
-    ``max_examples``), then :func:`metrics_problem` on every metric.
+    ``max_examples``), then :func:`metrics_problem` on every metric (``optional``: the
+    metrics this round may add).
     """
     return (validate_upload(reply.state, reference, probe)
             or num_examples_problem(reply.metrics.get("num-examples")
                                     if isinstance(reply.metrics, Mapping) else None,
                                     max_examples)
-            or metrics_problem("train", reply.metrics))
+            or metrics_problem("train", reply.metrics, optional=optional))
 
 
 def validate_upload(state: Any, reference: StateDict,

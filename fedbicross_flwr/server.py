@@ -34,6 +34,7 @@ from fedbicross_flwr.logging_utils import (
 )
 from fedbicross_flwr.methods import collect_uploads, get_method, method_spec
 from fedbicross_flwr.methods.base import MethodInput
+from fedbicross_flwr.methods.rounds import reply_optional_metrics
 from fedbicross_flwr.model import probe_for
 
 # The protocol types live in fedbicross_flwr.protocol; importing them from here keeps working.
@@ -150,7 +151,7 @@ def run_methods(cfg: RunConfig, transport: Transport) -> dict[str, Path]:
     base = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.dataset}"
     run_dirs: dict[str, Path] = {}
     for j, method in enumerate(methods, start=1):
-        one = cfg.replace(method=method, methods="", run_name=f"{base}-{method}")
+        one = cfg.for_method(method, f"{base}-{method}")
         if (done := finished_run_dir(one)) is not None:  # resume=true after a stop
             log(logging.INFO, "resume: method %s already finished in %s; its results are kept",
                 method, done)
@@ -161,7 +162,7 @@ def run_methods(cfg: RunConfig, transport: Transport) -> dict[str, Path]:
             run_dirs[method] = run_server(one, transport, base)
     if len(methods) == 1:
         return run_dirs
-    out = create_run_dir(cfg.replace(methods="", run_name=f"{base}-comparison"))
+    out = create_run_dir(cfg.replace(methods="", strategy_args="", run_name=f"{base}-comparison"))
     table = write_comparison(out, run_dirs)
     log(logging.INFO, "comparison of %d methods on the same client uploads (%s):\n%s",
         len(methods), out, table)
@@ -243,11 +244,9 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
                                 device)
     if knowledge is not None:
         summary["knowledge"] = knowledge.get("stages")
-    write_json(run_dir / "summary.json", summary)
-    write_summary_md(run_dir / "summary.md", summary)
-    if knowledge is not None and "stages" in knowledge:
-        with (run_dir / "summary.md").open("a") as fh:
-            fh.write("\n" + knowledge_markdown(knowledge))
+    write_summary_md(run_dir / "summary.md", summary, knowledge_markdown(knowledge)
+                     if knowledge is not None and "stages" in knowledge else "")
+    write_json(run_dir / "summary.json", summary)  # last: the run counts as finished
     if not cfg.keep_checkpoints:  # the run is finished: they could only be used to resume it
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     log(logging.INFO, "done: paper metric (official test, mean over clients, after "
@@ -269,7 +268,8 @@ def _accepted_uploads(cfg: RunConfig, phase1: PhaseResult, init: StateDict,
     sizes = example_bounds(cfg, phase1.num_partitions)
     for pid in sorted(phase1.replies):
         reply: ClientReply = phase1.replies[pid]
-        problem = upload_problem(reply, init, probe, cfg.max_num_examples or sizes.get(pid))
+        problem = upload_problem(reply, init, probe, cfg.max_num_examples or sizes.get(pid),
+                                 reply_optional_metrics(cfg))
         if problem is not None:
             failures.append(ClientFailure(pid, phase1.partitions.get(pid, "-"), "train",
                                           f"rejected upload: {problem}"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -23,12 +24,25 @@ from fedbicross_flwr.model import is_channels_last
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
+    """The torch device of ``name``: ``auto`` (CUDA when available, else CPU), ``cpu``,
+    ``cuda`` or ``cuda:<index>``.
+
+    Raises
+    ------
+    ConfigError
+        Another name, or a CUDA device that this machine does not have.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' but torch sees no CUDA device on this machine (use "
+    if not re.fullmatch(r"cpu|cuda(:[0-9]+)?", name):
+        raise ConfigError(f"device {name!r} is not cpu, cuda or cuda:<index> (or auto)")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but torch sees no CUDA device on this machine (use "
                           "device='auto' or 'cpu')")
+    count = torch.cuda.device_count() if name.startswith("cuda") else 0
+    if int(name.partition(":")[2] or 0) >= count > 0:
+        raise ConfigError(f"device={name!r} but torch sees {count} CUDA device(s) on this "
+                          f"machine (cuda:0 to cuda:{count - 1})")
     return torch.device(name)
 
 

@@ -127,6 +127,21 @@ CASES: list[tuple[str, Callable[[Path], dict], str]] = [
     ("absolute run-name", lambda t: {"run-name": str(t / "elsewhere")},
      "run-name must be one folder name inside output-dir"),
     ("methods naming no method", lambda t: {"methods": " , "}, "'methods' names no method"),
+    ("strategy-args on a one-shot method", lambda t: {"method": "fedavg1",
+                                                      "strategy-args": "eta=0.1"},
+     "strategy-args is set, but method 'fedavg1' takes no strategy arguments"),
+    ("malformed strategy-args on a one-shot method", lambda t: {"method": "local",
+                                                                "strategy-args": "eta="},
+     "strategy-args is set, but method 'local' takes no strategy arguments"),
+    ("strategy-args on one-shot methods", lambda t: {"methods": "fedavg1,local",
+                                                     "strategy-args": "eta=0.1"},
+     "strategy-args is set, but methods 'fedavg1', 'local' take no strategy arguments"),
+    ("run-name with a newline", lambda t: {"run-name": "two\nlines"},
+     "run-name must hold no control character (newline, tab, ...), got 'two\\nlines'"),
+    ("run-name with an escape", lambda t: {"run-name": "red\x1b[31m"},
+     "run-name must hold no control character"),
+    ("run-name with a tab", lambda t: {"run-name": "a\tb"},
+     "run-name must hold no control character"),
     ("empty train split", lambda t: {"data-path": archive(t, lambda a: a.update(
         train_images=np.zeros((0, 28, 28), np.uint8), train_labels=np.zeros((0, 1), np.int64)))},
      "the training split is empty"),
@@ -218,6 +233,37 @@ def test_invalid_toml_preset(tmp_path, capsys) -> None:
     assert code == 2 and f"grid preset {preset} is not valid TOML" in err
 
 
+@pytest.mark.parametrize("kind,make,fragment", [
+    ("missing", lambda t: t / "nope.toml", "does not exist"),
+    ("folder", lambda t: t, "is a folder, not a TOML file"),
+    ("FIFO", lambda t: Path(fifo(t)), "is a FIFO (named pipe), not a TOML file"),
+    ("device", lambda t: Path("/dev/zero"), "is a character device, not a TOML file"),
+], ids=["missing", "folder", "FIFO", "device"])
+@pytest.mark.parametrize("command", ["run", "grid"])
+def test_a_preset_that_is_not_a_file_says_what_it_is(kind, make, fragment, command, tmp_path,
+                                                     capsys) -> None:
+    # Prepare: a preset path that is no regular file (a FIFO or /dev/zero must not be read:
+    # reading would block or never end)
+    path = make(tmp_path)
+    argv = [command, "--preset", str(path)] + (["--dry-run"] if command == "grid" else [])
+    # Execute
+    code, err = one_line_error(capsys, argv)
+    # Assert
+    name = "grid preset" if command == "grid" else "preset"
+    assert code == 2 and f"{name} {path} {fragment}" in err, err
+
+
+@pytest.mark.parametrize("engine", ["direct", "grid"])
+def test_custom_data_without_data_path_says_that_it_is_not_set(engine, tmp_path, capsys,
+                                                               no_training) -> None:
+    run = {**BASE, "output-dir": str(tmp_path / "runs")}  # no data-path
+    preset = tmp_path / "preset.toml"
+    preset.write_text(tomli_w.dumps(run))
+    code, err = one_line_error(capsys, ["run", "--engine", engine, "--preset", str(preset)])
+    assert code == 2 and "dataset='custom' but data-path is not set" in err, err
+    assert "is a folder" not in err and no_training == []
+
+
 def test_the_in_process_grid_engine_checks_the_data_first(tmp_path, capsys,
                                                           no_training) -> None:
     # Without the up-front check, each ClientApp would reply with an error and the run would
@@ -263,6 +309,31 @@ def test_a_run_name_never_leaves_output_dir(tmp_path, capsys) -> None:
     preset.write_text(tomli_w.dumps(run))
     assert one_line_error(capsys, ["run", "--preset", str(preset)])[0] == 2
     assert not (tmp_path / "a" / "escape").exists() and not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("engine", ["direct", "grid"])
+def test_run_checks_the_methods_option_in_both_engines(engine, tmp_path, capsys,
+                                                       no_training) -> None:
+    run = {**BASE, "data-path": str(make_archive(tmp_path / "site.npz", n_train=20)),
+           "output-dir": str(tmp_path / "runs")}
+    preset = tmp_path / "preset.toml"
+    preset.write_text(tomli_w.dumps(run))
+    code, err = one_line_error(capsys, ["run", "--engine", engine, "--preset", str(preset),
+                                        "--methods", "fedavg1,nosuch"])
+    assert code == 2 and "unknown method 'nosuch'" in err, err
+    assert no_training == [] and not (tmp_path / "runs" / "bad").exists()
+
+
+def test_the_grid_engine_refuses_the_client_cache_option(tmp_path, capsys,
+                                                         no_training) -> None:
+    run = {**BASE, "data-path": str(make_archive(tmp_path / "site.npz", n_train=20)),
+           "output-dir": str(tmp_path / "runs")}
+    preset = tmp_path / "preset.toml"
+    preset.write_text(tomli_w.dumps(run))
+    code, err = one_line_error(capsys, ["run", "--engine", "grid", "--preset", str(preset),
+                                        "--client-cache", str(tmp_path / "cache")])
+    assert code == 2 and "--client-cache is for the direct engine" in err, err
+    assert no_training == []
 
 
 def test_bench_reports_a_bad_argument_on_stderr(capsys) -> None:
@@ -323,3 +394,38 @@ def test_a_run_stopped_by_a_full_disk_at_uploads_pt_resumes(tiny_run_config, tmp
     monkeypatch.setattr(checkpoint_io.torch, "save", real_save)
     assert main(["run", "--preset", str(preset), "--run-config", "resume=true"]) == 0
     assert (folder.parent / "summary.json").is_file()
+
+
+NO_GPU = not __import__("torch").cuda.is_available()
+BENCH_DEVICES = [("banana", "device 'banana' is not cpu, cuda or cuda:<index>"),
+                 ("cuda:x", "device 'cuda:x' is not cpu, cuda or cuda:<index>"),
+                 ("cuda:7" if NO_GPU else f"cuda:{__import__('torch').cuda.device_count()}",
+                  "CUDA device")]
+if NO_GPU:
+    BENCH_DEVICES.append(("cuda", "device='cuda' but torch sees no CUDA device"))
+
+
+@pytest.mark.parametrize("device,fragment", BENCH_DEVICES, ids=[d for d, _ in BENCH_DEVICES])
+def test_bench_on_a_device_that_is_not_there_is_one_line(device, fragment, capsys) -> None:
+    # as `run`, `simulate` and `privacy-audit`: one line, exit 2, nothing benchmarked
+    code, err = one_line_error(capsys, ["bench", "--device", device, *TINY_BENCH])
+    assert code == 2 and err.startswith("configuration error: bench:") and fragment in err, err
+
+
+def test_bench_refuses_a_width_the_run_config_refuses(capsys) -> None:
+    code, err = one_line_error(capsys, ["bench", "--width", "3", *TINY_BENCH])
+    assert code == 2, err
+    assert "width must be in [4, 128] (the run config's model-width), got 3" in err
+
+
+# a benchmark that takes a second, should a bad argument get through
+TINY_BENCH = ["--model", "tiny", "--no-check", "--clients", "2", "--clusters", "1", "--batch",
+              "2", "--steps", "1", "--image-size", "8", "--num-classes", "2"]
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:x"])
+def test_privacy_audit_on_a_device_that_is_not_a_device_is_one_line(device, tmp_path,
+                                                                    capsys) -> None:
+    code, err = one_line_error(capsys, ["privacy-audit", str(tmp_path), "--client-cache",
+                                        str(tmp_path), "--device", device])
+    assert code == 2 and f"device {device!r} is not cpu, cuda or cuda:<index>" in err, err

@@ -124,3 +124,9 @@ def test_bloodmnist_pbc_matches_its_readme() -> None:
     assert np.bincount(ds.test.labels).tolist() == [244, 624, 311, 579, 243, 284, 666, 470]
     assert ds.train.images.shape[1:] == (28, 28, 3) and ds.train.images.dtype == np.uint8
     assert ds.majority_rate("test") == pytest.approx(666 / 3421)
+
+
+def test_custom_without_data_path_says_that_it_is_not_set() -> None:
+    # not "data archive . is a folder": the empty path is not read as the current folder
+    with pytest.raises(DataError, match=r"dataset='custom' but data-path is not set"):
+        load_dataset("custom", data_path="", in_channels=1, num_classes=3)

@@ -78,7 +78,7 @@ class Federation:
         wait_for_port(self.link_port, 60)
 
     def start_site(self, i: int) -> subprocess.Popen:
-        proc = self.d.start(f"site{i}", str(DEPLOY / "start_supernode.sh"),
+        proc = self.d.start(f"site{i}", str(DEPLOY / "start_supernode.sh"), "--allow-any-app",
                             f"127.0.0.1:{self.link_port}", str(self.certs / "ca.crt"),
                             str(self.keys / f"site{i}"), str(self.data[i]), str(i),
                             str(self.root / "out" / f"site{i}"), str(self.site_ports[i]))

@@ -136,7 +136,7 @@ def test_secured_loopback_federation_runs_fedbicross(deployment, tmp_path) -> No
                 str(tmp_path / "out" / f"site{i}"), str(port), PINNED_APPS=str(pins))
     rogue = d.start("rogue", str(DEPLOY / "start_supernode.sh"), f"127.0.0.1:{link_port}",
                     str(certs / "ca.crt"), str(keys / "rogue"), str(data[0]), "9",
-                    str(tmp_path / "out" / "rogue"), str(site_ports[4]))
+                    str(tmp_path / "out" / "rogue"), str(site_ports[4]), PINNED_APPS=str(pins))
     run_config = tmp_path / "run.toml"
     run_config.write_text(tomli_w.dumps({**TINY_FEDBICROSS,
                                          "output-dir": str(tmp_path / "results")}))

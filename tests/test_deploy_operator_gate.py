@@ -150,7 +150,8 @@ def test_site_cannot_use_the_control_api_and_the_operator_can(deployment, tmp_pa
                      "--name", "site0", "--format", "json")
     assert code == 0, out
     node_id = str(json.loads(out)["node-id"])
-    d.start("site0", str(DEPLOY / "start_supernode.sh"), f"{site_ip}:{link_port}",
+    d.start("site0", str(DEPLOY / "start_supernode.sh"), "--allow-any-app",
+            f"{site_ip}:{link_port}",
             str(certs / "ca.crt"), str(keys / "site0"), str(tmp_path / "site0.npz"), "0",
             str(tmp_path / "out0"), str(node_port))
     deadline, nodes = time.monotonic() + 90, []

@@ -201,3 +201,16 @@ def test_an_unusable_aggregate_stops_the_run_in_one_line(tiny_run_config, tmp_pa
     assert code == 1 and "\n" not in err, err
     assert "round 1: DifferentialPrivacyServerSideFixedClipping's aggregate is not a usable " \
            "model" in err and "lower them in strategy-args" in err
+
+
+def test_strategy_args_belong_to_the_multi_round_method_of_a_comparison() -> None:
+    # Prepare: a comparison of one-shot methods and one multi-round method, with its arguments
+    cfg = RunConfig(methods="fedavg1,local,fedadam-r", strategy_args="eta=0.05")
+    # Execute / Assert: each method's own config keeps them only for the method that uses them
+    assert cfg.for_method("fedadam-r", "x-fedadam-r").strategy_args == "eta=0.05"
+    for method in ("fedavg1", "local"):
+        one = cfg.for_method(method, f"x-{method}")
+        assert (one.method, one.methods, one.strategy_args) == (method, "", "")
+    # ... and a method alone that does not use them refuses them, naming it
+    with pytest.raises(ConfigError, match="method 'fedavg1' takes no strategy arguments"):
+        RunConfig(method="fedavg1", strategy_args="eta=")

@@ -16,10 +16,11 @@ import math
 
 import pytest
 import torch
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedbicross_flwr.engines.inprocess import run_in_process
 from fedbicross_flwr.protocol import (
+    ADAPTIVE_CLIPPING_METRICS,
     MAX_BATCHES_TRACKED,
     REPLY_METRICS,
     metrics_problem,
@@ -71,6 +72,59 @@ def test_a_missing_metric_and_a_non_record_are_refused() -> None:
     # an empty label-following split: NaN is the honest value there
     assert metrics_problem("train.personalize", {**GOOD_PERS, "acc-personal-after":
                                                  float("nan")}, n_test_personal=0.0) is None
+
+
+def test_norm_bit_is_accepted_only_in_a_client_side_adaptive_clipping_round() -> None:
+    # Flower's adaptiveclipping_mod adds norm_bit in a dp-adaptive-client-r round; anywhere
+    # else (a one-shot phase 1, another multi-round method) a site has no reason to send it
+    assert "not allowed ['norm_bit']" in metrics_problem("train", {**GOOD_TRAIN,
+                                                                   "norm_bit": 1.0})
+    assert metrics_problem("train", {**GOOD_TRAIN, "norm_bit": 1.0},
+                           optional=ADAPTIVE_CLIPPING_METRICS) is None
+    assert metrics_problem("train", GOOD_TRAIN, optional=ADAPTIVE_CLIPPING_METRICS) is None
+    assert "norm_bit=0.5 is not 0 or 1" in metrics_problem(
+        "train", {**GOOD_TRAIN, "norm_bit": 0.5}, optional=ADAPTIVE_CLIPPING_METRICS)
+    assert "not allowed ['norm_bit']" in metrics_problem("train.personalize", {
+        **GOOD_PERS, "norm_bit": 0.0}, n_test_personal=12.0)
+
+
+def test_only_the_adaptive_client_side_dp_rounds_accept_norm_bit() -> None:
+    from fedbicross_flwr.config.run_config import RunConfig
+    from fedbicross_flwr.methods.rounds import reply_optional_metrics
+
+    assert reply_optional_metrics(RunConfig(method="dp-adaptive-client-r")) == {"norm_bit"}
+    for method in ("fedavg1", "fedbicross", "fedavg-r", "dp-fixed-client-r",
+                   "dp-adaptive-server-r"):
+        assert reply_optional_metrics(RunConfig(method=method)) == frozenset(), method
+
+
+def _reply(message_type: str, records: dict) -> Message:
+    """A reply to a ``message_type`` instruction carrying ``records``."""
+    ins = Message(RecordDict({"config": ConfigRecord({"phase": "x"})}), dst_node_id=5,
+                  message_type=message_type)
+    ins.metadata.__dict__["_message_id"] = ins.object_id
+    return Message(RecordDict(records), reply_to=ins)
+
+
+@pytest.mark.parametrize(("message_type", "extra", "reason"), [
+    ("train", {"labels": MetricRecord({"label-0": 3.0})},
+     "the train reply has a record 'labels' that the phase does not define"),
+    ("train.personalize", {"arrays": ArrayRecord({"w": torch.zeros(2)})},
+     "the train.personalize reply has a record 'arrays' that the phase does not define"),
+    ("train", {"config": ConfigRecord({"partition-id": 0, "site-name": "st-mary"})},
+     "the train reply's config holds 'site-name', which the phase does not define"),
+])
+def test_a_record_the_phase_does_not_define_is_refused(message_type, extra, reason) -> None:
+    from fedbicross_flwr.engines.grid_transport import ReplyError, read_reply
+
+    honest = {"metrics": MetricRecord(GOOD_TRAIN if message_type == "train" else GOOD_PERS),
+              "config": ConfigRecord({"partition-id": 0})}
+    if message_type == "train":
+        honest["arrays"] = ArrayRecord({"w": torch.zeros(2)})
+    assert read_reply(_reply(message_type, honest), message_type).error is None
+    with pytest.raises(ReplyError) as refused:
+        read_reply(_reply(message_type, {**honest, **extra}), message_type)
+    assert reason in str(refused.value)
 
 
 def test_num_batches_tracked_is_bounded() -> None:

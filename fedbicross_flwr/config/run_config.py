@@ -39,6 +39,7 @@ from fedbicross_flwr.methods.baselines.config import (
 )
 from fedbicross_flwr.methods.catalog import method_names
 from fedbicross_flwr.methods.flower_strategies import MultiRoundConfig
+from fedbicross_flwr.storage.paths import not_a_file
 
 # The sections in the order of docs/CONFIG.md's table. A dataclass takes its bases' fields
 # from the last base to the first, so RunConfig lists them reversed.
@@ -89,10 +90,21 @@ class RunConfig(DAFLConfig, CoBoostingConfig, DenseConfig, GeneratorConfig, FedI
         if (problem := kd_batch_problem(self.kd_batch, self.synth_batch)) is not None:
             raise ConfigError(f"kd-batch {problem}")
         if self.run_name and (self.run_name in (".", "..") or "/" in self.run_name
-                              or "\\" in self.run_name or "\0" in self.run_name):
+                              or "\\" in self.run_name):
             raise ConfigError(f"run-name must be one folder name inside output-dir (no '/', "
                               f"'\\' or '..'), got {self.run_name!r}")
-        _ = self.method_list  # validates the names of `methods`
+        if any(ord(c) < 32 or ord(c) == 127 for c in self.run_name):
+            raise ConfigError(f"run-name must hold no control character (newline, tab, ...), "
+                              f"got {self.run_name!r}")
+        methods = self.method_list  # validates the names of `methods`
+        if self.strategy_args.strip() and not set(methods) & set(method_names(
+                kind="multi-round")):
+            listed = ", ".join(repr(m) for m in methods)
+            raise ConfigError(
+                f"strategy-args is set, but {'methods' if len(methods) > 1 else 'method'} "
+                f"{listed} {'take' if len(methods) > 1 else 'takes'} no strategy arguments "
+                f"(only the multi-round methods do: {', '.join(method_names(kind='multi-round'))})"
+                f"; leave strategy-args empty, got {self.strategy_args!r}")
         if self.resume and not self.run_name:
             raise ConfigError("resume=true needs run-name (the run folder to continue)")
 
@@ -154,6 +166,14 @@ class RunConfig(DAFLConfig, CoBoostingConfig, DenseConfig, GeneratorConfig, FedI
         """A copy with some fields (snake_case names) changed, validated again."""
         return dataclasses.replace(self, **overrides)
 
+    def for_method(self, method: str, run_name: str) -> "RunConfig":
+        """The config of ``method`` alone, one of ``methods``, in the run folder ``run_name``:
+        without ``methods``, and without ``strategy-args`` unless ``method`` uses it.
+        """
+        uses = method in method_names(kind="multi-round")
+        return self.replace(method=method, methods="", run_name=run_name,
+                            strategy_args=self.strategy_args if uses else "")
+
     def summary(self) -> str:
         """One line per key, for the log."""
         return "\n".join(f"  {k} = {v!r}" for k, v in self.to_run_config().items())
@@ -189,16 +209,24 @@ def parse_site_nodes(text: str) -> dict[int, int]:
     return out
 
 
-def load_preset(path: str | Path) -> dict[str, Any]:
-    """Read a preset (a flat TOML file of run-config keys, as ``flwr run --run-config`` takes)."""
+def load_preset(path: str | Path, what: str = "preset") -> dict[str, Any]:
+    """Read a preset (a flat TOML file of run-config keys, as ``flwr run --run-config`` takes).
+
+    Raises
+    ------
+    ConfigError
+        ``path`` is missing or no regular file (a folder, a FIFO, a device: named, and never
+        read), or not valid TOML; the line starts with ``what`` and the path.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"preset {path} does not exist")
+    if (problem := not_a_file(path, "a TOML file")) is not None:
+        raise ConfigError(f"{what} {path} " + ("does not exist" if problem == "not found"
+                                               else problem))
     with path.open("rb") as fh:
         try:
             return tomllib.load(fh)
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"preset {path} is not valid TOML: {err}") from err
+            raise ConfigError(f"{what} {path} is not valid TOML: {err}") from err
 
 
 def parse_overrides(text: str) -> dict[str, Any]:

@@ -159,7 +159,9 @@ class ExecutionConfig(Section):
                           "Absolute folder for run folders. Empty: $FEDBICROSS_OUTPUT_DIR, "
                           "else <project>/outputs.")
     run_name: str = key("",
-                        "Name of the run folder (empty: <time>-<dataset>-<method>).")
+                        "Name of the run folder: one folder name inside output-dir, without "
+                        "path separators or control characters (empty: "
+                        "<time>-<dataset>-<method>).")
     progress: bool = key(True, "Show progress bars / periodic log lines.")
     resume: bool = key(False,
                        "Continue the run folder named run-name from its checkpoints (finished "

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedbicross_flwr.config.run_config import ConfigError, RunConfig, markdown_table
+from fedbicross_flwr.storage.atomic import write_text
 
 START, END = "<!-- config-table:start -->", "<!-- config-table:end -->"
 TABLE_DOC = Path("docs") / "CONFIG.md"  # relative to the project folder
@@ -59,6 +60,6 @@ def write_mirrors(root: Path) -> list[Path]:
             raise ConfigError(f"{path} does not exist (--root names the project folder)")
     new_readme = readme_with_table(readme.read_text())
     new_pyproject = pyproject_with_defaults(pyproject.read_text())
-    readme.write_text(new_readme)  # both checked before either is written
-    pyproject.write_text(new_pyproject)
+    write_text(readme, new_readme)  # both checked before either is written
+    write_text(pyproject, new_pyproject)
     return [readme, pyproject]

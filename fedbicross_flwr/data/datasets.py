@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from fedbicross_flwr.storage.digests import file_digest
+from fedbicross_flwr.storage.paths import not_a_file
 
 EMBEDDED_DIR = Path(__file__).resolve().parents[1] / "assets"  # fedbicross_flwr/assets
 SPLITS = ("train", "val", "test")
@@ -239,7 +239,7 @@ def load_rebuilt(name: str, root: Path) -> DatasetArrays:
     how = ("put it into a folder named by the run-config key data-dir or by "
            "$FEDBICROSS_DATA_DIR; with internet access the official archive is "
            "dataset='bloodmnist' with allow-download=true")
-    if (problem := _not_a_file(path)) is not None:
+    if (problem := not_a_file(path, "an npz file")) is not None:
         what = "not found" if problem == "not found" else problem
         raise DataError(f"{name} archive {path} {what} (expected md5 {info.md5}); {how}")
     got = md5sum(path)
@@ -310,7 +310,7 @@ def load_npz_archive(path: Path, in_channels: int, num_classes: int,
     if in_channels not in (1, 3) or num_classes < 2:
         raise DataError(f"a custom archive needs in-channels in {{1, 3}} and num-classes >= 2 "
                         f"in the run config (got {in_channels}, {num_classes})")
-    if (problem := _not_a_file(path)) is not None:
+    if (problem := not_a_file(path, "an npz file")) is not None:
         raise DataError(f"data archive not found: {path}" if problem == "not found"
                         else f"data archive {path} {problem}")
     if not zipfile.is_zipfile(path):  # np.load would try it as .npy or pickle instead
@@ -337,22 +337,6 @@ def load_npz_archive(path: Path, in_channels: int, num_classes: int,
     dataset = DatasetArrays(name, in_channels, num_classes, **splits)
     _check_consistency(dataset, str(path))
     return dataset
-
-
-def _not_a_file(path: Path) -> str | None:
-    """What is wrong with ``path`` as an archive to read (missing, a folder, a FIFO, ...)."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return "not found"
-    except OSError as err:
-        return f"cannot be opened: {err.strerror or err}"
-    if stat.S_ISREG(mode):
-        return None
-    kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
-            else "a character device" if stat.S_ISCHR(mode) else "a block device"
-            if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "not a file")
-    return f"is {kind}, not an npz file"
 
 
 def memory_bytes() -> int:
@@ -466,6 +450,10 @@ def load_dataset(dataset: str, data_dir: str = "", data_path: str = "",
     if dataset == "digits":
         ds = load_digits_dataset()
     elif dataset == "custom":
+        if not data_path.strip():
+            raise DataError("dataset='custom' but data-path is not set: give the npz archive "
+                            "to read (in a deployment, each site sets data-path in its node "
+                            "config)")
         ds = load_npz_archive(Path(data_path).expanduser(), in_channels, num_classes)
     elif dataset in REBUILT:
         ds = _load_rebuilt_cached(dataset, str(resolve_data_dir(data_dir)))

@@ -19,8 +19,11 @@ Usage::
 
     python -m fedbicross_flwr.deploy.supernode_gate hash PROJECT_DIR
     python -m fedbicross_flwr.deploy.supernode_gate --pinned-apps FILE <flower-supernode arguments>
+    python -m fedbicross_flwr.deploy.supernode_gate --allow-any-app <flower-supernode arguments>
 
-``FILE`` holds one sha256 (64 hex digits) per line; ``#`` starts a comment.
+``FILE`` holds one sha256 (64 hex digits) per line; ``#`` starts a comment. A missing, empty,
+unreadable or malformed pin file refuses to start; only ``--allow-any-app`` starts a SuperNode
+that runs any bundle, and that is logged as a warning.
 """
 
 from __future__ import annotations
@@ -108,8 +111,42 @@ def install_pins(pins: frozenset[str]) -> None:
     supernode._verify_fab = verify  # noqa: SLF001
 
 
+def parse_gate_arguments(args: list[str]) -> tuple[str | None, bool, list[str]]:
+    """``(pin file, --allow-any-app, Flower's arguments)`` of the gate's command line.
+
+    Raises
+    ------
+    ValueError
+        ``--pinned-apps`` without a file (missing, empty, or followed by another option), or
+        given together with ``--allow-any-app``, or neither given.
+    """
+    pin_file, allow_any, rest, it = None, False, [], iter(args)
+    for arg in it:
+        if arg == "--allow-any-app":
+            allow_any = True
+        elif arg == "--pinned-apps" or arg.startswith("--pinned-apps="):
+            value = arg.split("=", 1)[1] if "=" in arg else next(it, None)
+            if value is None or value.startswith("--"):
+                raise ValueError("--pinned-apps FILE is required after --pinned-apps")
+            if not value.strip():
+                raise ValueError("--pinned-apps is empty: give the file of the sha256s of the "
+                                 "app bundles this site reviewed")
+            pin_file = value
+        else:
+            rest.append(arg)
+    if pin_file is not None and allow_any:
+        raise ValueError("give --pinned-apps FILE or --allow-any-app, not both")
+    if pin_file is None and not allow_any:
+        raise ValueError("--pinned-apps FILE is required (one sha256 per line; `hash "
+                         "PROJECT_DIR` prints an app's), or --allow-any-app to run any app "
+                         "the operator ships")
+    return pin_file, allow_any, rest
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``hash PROJECT_DIR``, or ``flower-supernode`` with the site's pinned apps."""
+    """``hash PROJECT_DIR``, or ``flower-supernode`` with the site's pinned apps (or, with
+    ``--allow-any-app``, with none: logged as a warning).
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["hash"]:
         if len(args) != 2 or not Path(args[1]).is_dir():
@@ -118,25 +155,20 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2)
         print(app_sha256(Path(args[1])))
         return
-    pin_file, rest, it = None, [], iter(args)
-    for arg in it:
-        if arg == "--pinned-apps":
-            pin_file = next(it, None)
-        elif arg.startswith("--pinned-apps="):
-            pin_file = arg.split("=", 1)[1]
-        else:
-            rest.append(arg)
     try:
-        if pin_file is None:
-            raise ValueError("--pinned-apps FILE is required (one sha256 per line; "
-                             "`hash PROJECT_DIR` prints an app's)")
-        pins = read_pins(Path(pin_file))
+        pin_file, allow_any, rest = parse_gate_arguments(args)
+        pins = read_pins(Path(pin_file)) if pin_file is not None else None
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    install_pins(pins)
-    log(logging.INFO, "this SuperNode runs only the %d pinned app(s) of %s", len(pins),
-        pin_file)
+    if pins is None:
+        log(logging.WARNING, "this SuperNode runs ANY app bundle the operator ships "
+            "(--allow-any-app): no app is pinned, so the ClientApp's guards hold only as far "
+            "as the operator's code keeps them")
+    else:
+        install_pins(pins)
+        log(logging.INFO, "this SuperNode runs only the %d pinned app(s) of %s", len(pins),
+            pin_file)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *rest]

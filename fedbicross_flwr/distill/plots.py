@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from fedbicross_flwr.storage.atomic import atomic_path, save_figure  # noqa: E402
+
 
 def save_synthetic_grid(
     images_per_cluster: Sequence[Tensor],
@@ -58,10 +60,13 @@ def save_synthetic_grid(
                 title = f"{title} y={int(labels_per_cluster[k][i])}".strip()
             ax.set_title(title, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
     # The pictured images as tensors too (``knowledge.json`` measures the student on them).
     # clone(): a slice of a trajectory is a view, and torch.save writes a view's whole storage.
-    torch.save({"images": [x.detach().float().cpu().clone() for x in images_per_cluster]},
-               path.with_suffix(".pt"))
+    with atomic_path(path.with_suffix(".pt")) as tmp:
+        torch.save({"images": [x.detach().float().cpu().clone() for x in images_per_cluster]},
+                   tmp)
     return path

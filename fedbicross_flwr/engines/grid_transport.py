@@ -21,7 +21,14 @@ from flwr.serverapp import Grid
 from fedbicross_flwr.config.run_config import RunConfig, parse_site_nodes
 from fedbicross_flwr.engines.communication import message_bytes
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
+from fedbicross_flwr.protocol import (
+    REPLY_CONFIG_KEYS,
+    REPLY_RECORDS,
+    ClientFailure,
+    ClientReply,
+    PhaseResult,
+    StateDict,
+)
 
 POLL_SECONDS = 3.0  # between pulls of the replies (as Flower's send_and_receive)
 RESENDS = 2  # times an instruction is sent again after a transient failure (below)
@@ -78,10 +85,12 @@ def read_reply(reply: Message, message_type: str) -> Reply:
     """Read one reply of any phase, the one place that does; anything malformed is a
     :class:`ReplyError` naming what is wrong.
 
-    An error reply (Flower's, or the client's own ``error`` in its config record) is read into
-    ``error``. Otherwise a ``train`` reply must carry an ``arrays`` ArrayRecord, a ``metrics``
-    MetricRecord and a ``partition-id``; a ``train.personalize`` reply a ``metrics`` record
-    (its ``partition-id`` is optional). Metric values are kept as sent: their names, types
+    A reply with a record its phase does not define, or a config key other than
+    ``partition-id`` and ``error`` (:data:`~fedbicross_flwr.protocol.REPLY_RECORDS`), is
+    refused. An error reply (Flower's, or the client's own ``error`` in its config record) is
+    read into ``error``. Otherwise a ``train`` reply must carry an ``arrays`` ArrayRecord, a
+    ``metrics`` MetricRecord and a ``partition-id``; a ``train.personalize`` reply a
+    ``metrics`` record (its ``partition-id`` is optional). Metric values are kept as sent: their names, types
     and ranges are the server's check (:func:`fedbicross_flwr.protocol.metrics_problem`).
     """
     try:
@@ -100,9 +109,16 @@ def _read(reply: Message, message_type: str) -> Reply:
             return Reply(node, None, f"no reply ({reply.error.reason})", None, {})
         return Reply(node, None, f"error reply: {reply.error.reason}", None, {})
     content = reply.content
+    if extra := sorted(set(content) - REPLY_RECORDS[message_type]):
+        raise ReplyError(f"the {message_type} reply has a record {extra[0]!r} that the phase "
+                         f"does not define (it carries only "
+                         f"{sorted(REPLY_RECORDS[message_type])})")
     config: Any = content["config"] if "config" in content else ConfigRecord({})
     if not isinstance(config, ConfigRecord):
         raise ReplyError(f"its config is a {type(config).__name__}, not a ConfigRecord")
+    if extra := sorted(set(config) - REPLY_CONFIG_KEYS):
+        raise ReplyError(f"the {message_type} reply's config holds {extra[0]!r}, which the "
+                         f"phase does not define (only {sorted(REPLY_CONFIG_KEYS)})")
     pid = _partition_id(config["partition-id"]) if "partition-id" in config else None
     if "error" in config:
         return Reply(node, pid, f"client error: {config['error']!s}", None, {})

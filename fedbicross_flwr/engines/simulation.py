@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbicross_flwr.engines.resources import PeakMemory, processes_of
+from fedbicross_flwr.storage.atomic import write_text
 
 
 @dataclass
@@ -70,7 +71,7 @@ def local_superlink_ports(flwr_home: Path) -> dict[str, str]:
     while ports["FLWR_LOCAL_CONTROL_API_PORT"] == ports["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"]:
         ports["FLWR_LOCAL_CONTROL_API_PORT"] = str(_free_port())
     flwr_home.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(ports))
+    write_text(path, json.dumps(ports))
     return ports
 
 
@@ -208,7 +209,7 @@ def simulate(project_dir: Path, run_config: dict[str, Any], num_supernodes: int,
     overrides = flwr_home / "run-config.toml"
     import tomli_w
 
-    overrides.write_text(tomli_w.dumps(run_config))
+    write_text(overrides, tomli_w.dumps(run_config))
     log_proc = None
     memory = PeakMemory(flwr_home).start()
     try:

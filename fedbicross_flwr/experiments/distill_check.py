@@ -40,6 +40,7 @@ from fedbicross_flwr.methods import get_method, method_names
 from fedbicross_flwr.methods.base import ClientUpload, MethodInput
 from fedbicross_flwr.model import build_resnet18, load_resnet18
 from fedbicross_flwr.reports.knowledge import agreement, retention
+from fedbicross_flwr.storage.atomic import open_text, save_figure, write_text
 from fedbicross_flwr.storage.checkpoint_io import (
     CheckpointRefused,
     load_with_sidecar,
@@ -172,7 +173,7 @@ def run_check(cfg: RunConfig, synthesis: str, teacher_epochs: int, out_dir: Path
         method_seconds=seconds, settings={k: values[k] for k in REPORTED_KEYS},
         target_agreement=_target_agreement(output.diagnostics),
         student_acc_batch_bn=batch_bn, student_acc_real_bn=real_bn)
-    (run_dir / "distill-check.json").write_text(json.dumps(
+    write_text(run_dir / "distill-check.json", json.dumps(
         {**result.row(), "diagnostics": output.diagnostics}, indent=1, default=str))
     log(logging.INFO, "distill-check: %s on %s: student %.2f %% of teacher %.2f %% "
         "(retention %.3f), agreement on real test images %.3f, %.0f s", synthesis, ds.name,
@@ -248,8 +249,10 @@ def plot_rows(csv_path: Path, png_path: Path) -> Path:
     ax.set_ylim(0, 1.05)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure(fig, png_path, dpi=120)
+    finally:
+        plt.close(fig)
     return png_path
 
 
@@ -265,7 +268,7 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
             rows = list(reader)
             fields = list(reader.fieldnames or []) + [k for k in row
                                                        if k not in (reader.fieldnames or [])]
-    with path.open("w", newline="") as fh:
+    with open_text(path, newline="") as fh:  # the earlier rows survive a full disk
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows + [row])

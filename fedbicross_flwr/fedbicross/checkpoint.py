@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from logging import INFO, WARNING
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from ..logging_utils import log
+from ..storage.atomic import write_text
 from ..storage.checkpoint_io import CheckpointRefused, load_plain, non_finite, save_plain
 
 MANIFEST = "manifest.json"
@@ -111,10 +111,8 @@ class StageCheckpoints:
 
     def _write_manifest(self) -> None:
         assert self.directory is not None
-        tmp = self.directory / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "files": self.files},
-                                  indent=1, sort_keys=True))
-        os.replace(tmp, self.directory / MANIFEST)
+        write_text(self.directory / MANIFEST, json.dumps(
+            {"fingerprint": self.fingerprint, "files": self.files}, indent=1, sort_keys=True))
 
     def has(self, name: str) -> bool:
         """Whether the checkpoint ``name`` was saved (and is in the manifest)."""

@@ -11,6 +11,8 @@ matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..storage.atomic import open_text, save_figure  # noqa: E402
+
 
 def save_weight_history_csv(weight_history: np.ndarray, path: str | Path) -> Path:
     """Write the (S, K, K) weight history as a long CSV: step, target, source, weight.
@@ -31,7 +33,7 @@ def save_weight_history_csv(weight_history: np.ndarray, path: str | Path) -> Pat
         raise ValueError(f"weight_history must be (S, K, K), got {history.shape}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
+    with open_text(path, newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["step", "target_cluster", "source_cluster", "weight"])
         for step, matrix in enumerate(history, start=1):
@@ -75,8 +77,10 @@ def plot_weight_history(weight_history: np.ndarray, path: str | Path, steps_per_
     axes[0][0].set_ylabel("cross-cluster weight $w_{k,j}$")
     axes[0][-1].legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -13,6 +13,7 @@ from torch import nn
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.model import build_resnet18
 from fedbicross_flwr.protocol import ClientUpload, StateDict
+from fedbicross_flwr.storage.atomic import open_text
 
 __all__ = ["ClientUpload", "MethodInput", "MethodOutput", "ServerMethod", "StateDict"]
 
@@ -51,7 +52,7 @@ ServerMethod = Callable[[MethodInput], MethodOutput]
 def write_clusters_csv(run_dir: Path, clusters: dict[int, int]) -> Path:
     """``clusters.csv`` of a clustering method: one ``partition-id,cluster`` row per client."""
     path = run_dir / "clusters.csv"
-    with path.open("w", newline="") as fh:
+    with open_text(path, newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["partition-id", "cluster"])
         writer.writerows(sorted(clusters.items()))

@@ -50,7 +50,8 @@ class MultiRoundConfig(Section):
                              "Arguments of the multi-round method's Flower strategy, as "
                              "Flower names them, e.g. \"eta=0.01 beta_1=0.9\" for fedadam-r "
                              "or \"noise_multiplier=0.5 clipping_norm=2.0\" for a DP wrapper "
-                             "(checked against the strategy's signature).")
+                             "(checked against the strategy's signature; refused when no "
+                             "method of the run is multi-round).")
     round_epochs: int = key(0,
                             "Local epochs per round of a multi-round method (0 = "
                             "ceil(local-epochs / rounds): the clients' total compute matches "

@@ -52,12 +52,14 @@ from fedbicross_flwr.methods.flower_strategies import (
 )
 from fedbicross_flwr.model import float_state, probe_for, with_counters
 from fedbicross_flwr.protocol import (
+    ADAPTIVE_CLIPPING_METRICS,
     ClientFailure,
     ClientReply,
     PhaseResult,
     upload_problem,
     validate_upload,
 )
+from fedbicross_flwr.storage.atomic import open_text
 
 
 class RoundError(RuntimeError):
@@ -67,6 +69,15 @@ class RoundError(RuntimeError):
 def round_epochs(cfg: RunConfig) -> int:
     """Local epochs per round: ``round-epochs``, or ceil(local-epochs / rounds) when 0."""
     return cfg.round_epochs or math.ceil(cfg.local_epochs / cfg.rounds)
+
+
+def reply_optional_metrics(cfg: RunConfig) -> frozenset[str]:
+    """The metrics a train reply of ``cfg.method`` may add to :data:`~fedbicross_flwr.protocol.
+    REPLY_METRICS`: ``norm_bit`` in a client-side adaptive DP wrapper's rounds, else none.
+    """
+    entry = BY_METHOD.get(cfg.method)
+    adaptive = entry is not None and entry.client_clipping == "adaptive"
+    return ADAPTIVE_CLIPPING_METRICS if adaptive else frozenset()
 
 
 def round_config(cfg: RunConfig) -> dict[str, Any]:
@@ -133,7 +144,8 @@ def _valid_replies(cfg: RunConfig, phase: PhaseResult, init: StateDict, probe: A
     valid = {}
     for pid, reply in sorted(phase.replies.items()):
         reply = ClientReply(pid, with_counters(reply.state, init), reply.metrics)
-        problem = upload_problem(reply, init, probe, cfg.max_num_examples or sizes.get(pid))
+        problem = upload_problem(reply, init, probe, cfg.max_num_examples or sizes.get(pid),
+                                 reply_optional_metrics(cfg))
         if problem is None:
             valid[pid] = reply
             continue
@@ -183,7 +195,7 @@ def _round_row(rnd: int, valid: dict[int, Any], num_failures: int) -> dict[str, 
 
 
 def _write_rounds_csv(path: Path, history: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as fh:
+    with open_text(path, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)

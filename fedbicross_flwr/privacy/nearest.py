@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fedbicross_flwr.storage.atomic import save_figure
+
 WIN = 7
 K1, K2 = 0.01, 0.03
 REFERENCE_SHARE = 0.5
@@ -204,6 +206,8 @@ def save_pairs_picture(path: Path, synthetic_px: np.ndarray, train_px: np.ndarra
                 ax.imshow(pixels)
             ax.set_title(title, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     return path

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbicross_flwr.reports.results import write_json
+from fedbicross_flwr.storage.atomic import open_text, write_text
 
 PAIRS_PICTURE = "privacy-audit-pairs.png"
 
@@ -87,11 +88,11 @@ def write_report(run_dir: Path, report: dict[str, Any],
     paths = [run_dir / "privacy-audit.json", run_dir / "privacy-audit.md",
              run_dir / "privacy-audit.csv"]
     write_json(paths[0], report)
-    paths[1].write_text(markdown(report))
+    write_text(paths[1], markdown(report))
     rows = [{"model": "upload", **r} for r in report["uploads"]["rows"]]
     if report["personalized"]["available"]:
         rows += [{"model": "personalized", **r} for r in report["personalized"]["rows"]]
-    with paths[2].open("w", newline="") as fh:
+    with open_text(paths[2], newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedbicross_flwr.reports.results import percent
+from fedbicross_flwr.storage.atomic import open_text, write_text
 
 # column -> key of summary.json
 COLUMNS = {
@@ -99,13 +100,13 @@ def write_comparison(out_dir: Path, run_dirs: dict[str, Path]) -> str:
     rows = comparison_rows(run_dirs)
     fields = ["method", "clients", *COLUMNS, "local-official", "local-label-following",
               "majority-rate", *COST, "dataset", "run-dir"]
-    with (out_dir / "comparison.csv").open("w", newline="") as fh:
+    with open_text(out_dir / "comparison.csv", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields)
         writer.writeheader()
         for r in rows:
             writer.writerow({k: "" if r[k] is None else r[k] for k in fields})
     table = comparison_markdown(rows)
-    (out_dir / "comparison.md").write_text(table + "\n")
+    write_text(out_dir / "comparison.md", table + "\n")
     try:
         from fedbicross_flwr.reports.summary_figure import write_summary_figure
 

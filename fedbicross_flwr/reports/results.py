@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import time
@@ -21,6 +22,8 @@ from typing import Any, Iterable
 
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import project_root
+from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.storage.atomic import open_text, write_text
 
 CLIENT_COLUMNS = [
     "partition-id", "cluster", "n-train", "n-test", "n-test-personal",
@@ -41,25 +44,47 @@ def default_output_dir() -> Path:
     return Path.home() / "fedbicross-flwr" / "outputs"
 
 
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``summary.json`` if the run finished, else None.
+
+    A run is finished when its ``summary.json`` is a JSON object. A missing file, or one that
+    is empty, cut short or not an object (a crash or a full disk while it was written), means
+    the run did not finish: it may be resumed, and that is logged.
+    """
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_bytes())
+    except (ValueError, OSError) as err:  # UnicodeDecodeError is a ValueError
+        summary = err
+    if isinstance(summary, dict):
+        return summary
+    log(logging.WARNING, "%s is not a whole summary (%s): the run did not finish", path,
+        f"{path.stat().st_size} bytes, {type(summary).__name__}")
+    return None
+
+
 def finished_run_dir(cfg: RunConfig) -> Path | None:
-    """With ``resume=true``: the folder ``run-name`` if that run finished (``summary.json``)."""
+    """With ``resume=true``: the folder ``run-name`` if that run finished (:func:`read_summary`)."""
     if not (cfg.resume and cfg.run_name):
         return None
     path = (Path(cfg.output_dir) if cfg.output_dir else default_output_dir()) / cfg.run_name
-    return path if (path / "summary.json").is_file() else None
+    return path if read_summary(path) is not None else None
 
 
 def create_run_dir(cfg: RunConfig) -> Path:
     """Make a NEW run folder; an existing one is never overwritten (a suffix is added).
 
     With ``resume=true`` the folder ``run-name`` is reused when it exists (its checkpoints are
-    continued); a finished run (``summary.json`` present) is refused rather than overwritten.
+    continued); a finished run (a whole ``summary.json``, :func:`read_summary`) is refused
+    rather than overwritten.
     """
     base = Path(cfg.output_dir) if cfg.output_dir else default_output_dir()
     name = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.dataset}-{cfg.method}"
     path = base / name
     if cfg.resume and path.is_dir():
-        if (path / "summary.json").exists():
+        if read_summary(path) is not None:
             raise FileExistsError(f"run {path} already finished (summary.json exists); nothing "
                                   "to resume. Use another run-name to run again.")
         return path
@@ -85,15 +110,16 @@ def _clean(value: Any) -> Any:
 
 
 def write_json(path: Path, payload: Any) -> Path:
-    """Pretty JSON, NaN written as null."""
-    path.write_text(json.dumps(_clean(payload), indent=2, sort_keys=False) + "\n")
-    return path
+    """Pretty JSON, NaN written as null; whole or not at all (:func:`~fedbicross_flwr.storage.
+    atomic.write_text`).
+    """
+    return write_text(path, json.dumps(_clean(payload), indent=2, sort_keys=False) + "\n")
 
 
 def write_clients_csv(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
-    """One row per client; a missing value is an empty cell."""
+    """One row per client; a missing value is an empty cell (written whole or not at all)."""
     rows = sorted(rows, key=lambda r: r["partition-id"])
-    with path.open("w", newline="") as fh:
+    with open_text(path, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CLIENT_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
@@ -129,8 +155,10 @@ def summarize(rows: list[dict[str, Any]], cfg: RunConfig, extra: dict[str, Any])
     return summary
 
 
-def write_summary_md(path: Path, summary: dict[str, Any]) -> Path:
-    """A short Markdown version of ``summary.json``."""
+def write_summary_md(path: Path, summary: dict[str, Any], extra: str = "") -> Path:
+    """A short Markdown version of ``summary.json``, then ``extra`` (more Markdown, e.g. the
+    knowledge table), written whole or not at all.
+    """
     def pct(v: Any) -> str:
         return "n/a" if v is None else f"{100 * v:.2f}"
 
@@ -150,5 +178,6 @@ def write_summary_md(path: Path, summary: dict[str, Any]) -> Path:
     ]
     if summary.get("missing-partitions"):
         lines.append(f"Missing clients (not averaged in): {summary['missing-partitions']}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    if extra:
+        lines += ["", extra]
+    return write_text(path, "\n".join(lines) + "\n")

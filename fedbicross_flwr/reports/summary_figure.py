@@ -23,6 +23,8 @@ import torch  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from fedbicross_flwr.storage.atomic import save_figure  # noqa: E402
+
 BARS = (("official-received", "official, received"),
         ("official-after", "official, after pers."),
         ("label-following-received", "label-following, received"),
@@ -140,6 +142,8 @@ def write_summary_figure(path: Path, rows: list[dict[str, Any]],
                          run_dirs: dict[str, Path]) -> Path:
     """Draw :func:`summary_figure` for a run's methods and save it as a PNG at ``path``."""
     fig, _ = summary_figure(rows, run_dirs.get("fedbicross"))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
     return path

@@ -8,12 +8,11 @@ plain containers (dict, list, tuple, str, int, float, bool, None) before saving,
 travel as tensors and are restored on loading, every file's sha256 is recorded when it is
 written and checked before it is read, and loading refuses anything but weights.
 
-This module imports nothing else from the package.
+It imports nothing else from the package but :mod:`.atomic`.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import shutil
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedbicross_flwr.storage.atomic import WriteError, replacing, write_problem, write_text
 from fedbicross_flwr.storage.digests import file_digest
 
 _NUMPY = "__numpy__"  # a numpy array saved as {_NUMPY: tensor}
@@ -32,7 +32,7 @@ class CheckpointRefused(RuntimeError):
     """A checkpoint file that is missing, altered, not plain data, or holds bad values."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(WriteError):
     """A checkpoint file could not be written (a full disk, a read-only folder)."""
 
 
@@ -77,19 +77,18 @@ def from_plain(payload: Any) -> Any:
 
 
 def save_plain(payload: Any, path: Path) -> str:
-    """Write ``to_plain(payload)`` atomically (temporary file + rename); returns its sha256."""
+    """Write ``to_plain(payload)`` whole or not at all (:func:`~.atomic.replacing`); returns
+    its sha256.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     plain = to_plain(payload)
     try:
-        torch.save(plain, tmp)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            torch.save(plain, tmp)
     except (OSError, RuntimeError) as err:  # torch reports a full disk as a RuntimeError
-        tmp.unlink(missing_ok=True)
         free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else 0
         raise CheckpointWriteError(
-            f"cannot write {path.name} in {path.parent}: {' '.join(str(err).split())[:200]} "
-            f"(it needs about {tensor_bytes(plain) / 2**20:.0f} MiB, {free / 2**20:.0f} MiB "
+            f"{write_problem(path, err)} (it needs about {tensor_bytes(plain) / 2**20:.0f} MiB, {free / 2**20:.0f} MiB "
             "are free there); the partial file is removed and the earlier checkpoints are "
             "kept: free space, then rerun with resume=true") from err
     return sha256_file(path)
@@ -109,7 +108,7 @@ def tensor_bytes(payload: Any) -> int:
 def save_with_sidecar(payload: Any, path: Path, sidecar: Path) -> str:
     """:func:`save_plain`, then the sha256 as one line of text in ``sidecar``; returns it."""
     digest = save_plain(payload, path)
-    Path(sidecar).write_text(digest + "\n")
+    write_text(Path(sidecar), digest + "\n")
     return digest
 
 

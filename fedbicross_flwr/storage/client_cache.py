@@ -19,6 +19,7 @@ import torch
 from fedbicross_flwr import __version__
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.storage.atomic import write_text
 from fedbicross_flwr.storage.checkpoint_io import CheckpointRefused, load_plain, save_plain
 
 # Keys that change what phase 1 produces.
@@ -74,6 +75,6 @@ def save(cache_dir: Path, cfg: RunConfig, payload: Any) -> Path:
     entry = cache_dir / cache_key(cfg)
     entry.mkdir(parents=True, exist_ok=True)
     digest = save_plain(payload, entry / "clients.pt")
-    (entry / "meta.json").write_text(json.dumps(
+    write_text(entry / "meta.json", json.dumps(
         {"producer": producer(cfg), "sha256": digest}, indent=2))
     return entry

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from fedbicross_flwr.storage.atomic import write_text
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``fedbicross bench`` (defaults: the issue's N=5, K=2, B=64 on CPU)."""
@@ -16,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=4, help="T trajectory steps of the real run")
     parser.add_argument("--ref-steps", type=int, default=2,
                         help="timed steps of the reference-style path (median)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<i>")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                         help="real path precision (the reference is always float32)")
     parser.add_argument("--model", choices=("resnet18", "tiny"), default="resnet18")
@@ -24,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=28)
     parser.add_argument("--width", type=int, default=64,
-                        help="ResNet-18 base width w (run-config model-width; paper: 64)")
+                        help="ResNet-18 base width w in [4, 128] (run-config model-width; "
+                             "paper: 64)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--peak-tflops", type=float, default=0.0,
                         help="device peak for the FLOP/s ratio (0: estimate)")
@@ -65,7 +68,7 @@ def run_command(args: argparse.Namespace) -> int:
         rows = run_sweep(cfg, axis, values)
         print(format_sweep(rows, axis))
         if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=1))
+            write_text(Path(args.json), json.dumps(rows, indent=1))
         if args.plot:
             from .scaling import plot_sweep
 
@@ -75,5 +78,5 @@ def run_command(args: argparse.Namespace) -> int:
     report = run_benchmark(cfg)
     print(format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+        write_text(Path(args.json), json.dumps(report, indent=1, default=str))
     return 0 if report.get("checks_passed", True) else 1

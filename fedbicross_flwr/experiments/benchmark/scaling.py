@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ...logging_utils import log
+from ...storage.atomic import save_figure
 from .server_stage import BenchConfig, run_benchmark
 
 _AXES = {"clients": "num_clients", "clusters": "num_clusters", "batch": "batch"}
@@ -84,5 +85,7 @@ def plot_sweep(rows: list[dict[str, Any]], axis: str, path: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)

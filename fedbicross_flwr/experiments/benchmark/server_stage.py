@@ -24,12 +24,13 @@ import copy
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ...config.sections import TaskConfig
 from ...distill.losses import BNStatsHook
 from ...distill.noise_adapt import effective_steps, noise_adapted_copy, teacher_soft_labels
 from ...distill.synthesis import (
@@ -44,12 +45,14 @@ from ...fedbicross.bilevel import OnlineBilevelTrainer, fixed_weights
 from ...fedbicross.config import FedBiCrossSettings
 from ...fedbicross.method import init_cluster_models
 from ...model import build_resnet18
+from ...training import resolve_device
 from .hardware import count_flops, estimate_peak_flops, peak_memory_mib, reset_peak_memory, timed
 from .reference import ReferenceBilevel, reference_synthesis_loss, reference_synthesis_step
 
 TIGHT_RTOL = 5e-3
 LOOSE_RTOL = 0.15
 _MODELS = ("resnet18", "tiny")
+_WIDTH = {f.name: f for f in fields(TaskConfig)}["model_width"]  # its range: the run config's
 _DTYPES = ("bf16", "fp32")
 
 
@@ -80,7 +83,7 @@ class BenchConfig:
     ref_steps : int
         Timed steps of the reference-style path (synthesis per cluster, and bi-level).
     device : str
-        'cpu' or 'cuda[:i]'.
+        'cpu', 'cuda' or 'cuda:<i>' (a device this machine has), or 'auto'.
     dtype : str
         'bf16' (autocast) or 'fp32' for the real path; the reference is always float32.
     model : str
@@ -124,6 +127,11 @@ class BenchConfig:
             raise ValueError(f"num_clusters ({self.num_clusters}) > num_clients ({self.num_clients})")
         if self.model not in _MODELS or self.dtype not in _DTYPES:
             raise ValueError(f"model must be in {_MODELS}, dtype in {_DTYPES}")
+        low, high = _WIDTH.metadata["low"], _WIDTH.metadata["high"]
+        if not low <= self.width <= high:
+            raise ValueError(f"width must be in [{low:g}, {high:g}] (the run config's "
+                             f"model-width), got {self.width}")
+        resolve_device(self.device)  # ConfigError (a ValueError): not a device of this machine
 
 
 @dataclass
@@ -235,7 +243,7 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         keys), 'speedup', 'images_per_s', 'flops', 'peak', 'memory', 'checks' (list of dicts
         with name, errors, rtol, passed) and 'checks_passed'.
     """
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     K, T = cfg.num_clusters, cfg.steps
     settings = _settings(cfg)
     clients = make_clients(cfg, device)

@@ -10,8 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedbicross_flwr.experiments.harness.runner import is_finished, run_dir_of
+from fedbicross_flwr.experiments.harness.runner import run_dir_of
 from fedbicross_flwr.experiments.harness.spec import GridSpec
+from fedbicross_flwr.reports.results import read_summary
+from fedbicross_flwr.storage.atomic import open_text
 
 # summary.json key -> CSV column (accuracies as fractions in [0, 1])
 METRICS = {
@@ -47,10 +49,10 @@ def cell_rows(spec: GridSpec, out_dir: Path) -> list[dict[str, Any]]:
     """The finished cells of ``spec`` (unfinished ones are left out)."""
     rows = []
     for cell in spec.cells():
-        if not is_finished(out_dir, cell):
-            continue
         run_dir = run_dir_of(out_dir, cell)
-        summary = json.loads((run_dir / "summary.json").read_text())
+        summary = read_summary(run_dir)
+        if summary is None:  # not finished
+            continue
         times = summary.get("wall-times-s") or {}
         knowledge_path = run_dir / "knowledge.json"
         stages = (json.loads(knowledge_path.read_text()).get("stages") or {}
@@ -72,7 +74,7 @@ def cell_rows(spec: GridSpec, out_dir: Path) -> list[dict[str, Any]]:
 
 def write_cells_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     """``cells.csv``: every finished cell; an unknown value is an empty cell."""
-    with path.open("w", newline="") as fh:
+    with open_text(path, newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:

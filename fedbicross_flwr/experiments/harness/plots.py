@@ -7,6 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from fedbicross_flwr.experiments.harness.tables import row_label
+from fedbicross_flwr.storage.atomic import save_figure
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Save ``fig`` at ``path`` whole or not at all, and close it."""
+    import matplotlib.pyplot as plt
+
+    try:
+        save_figure(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -60,8 +71,7 @@ def accuracy_vs_alpha(rows: list[dict[str, Any]], path: Path, num_clients: int,
         ax.set_xticks(ticks, [f"{a:g}" for a in ticks])
     _legend(fig, axes[0])
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -102,6 +112,5 @@ def fig2_bars(rows: list[dict[str, Any]], path: Path, labels: list[str],
         ax.set_ylabel("accuracy % (official test)")
     _legend(fig, axes[0])
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return path

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,8 @@ from fedbicross_flwr.experiments.harness.tables import (
     row_label,
 )
 from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.reports.results import read_summary
+from fedbicross_flwr.storage.atomic import write_text
 
 ARTEFACTS = ("synthetic.png", "weights.png", "rounds.csv", "clusters.csv")
 
@@ -44,14 +45,14 @@ def artefact_links(spec: GridSpec, out_dir: Path) -> str:
              "|---|---|---|---|"]
     for cell in spec.cells():
         run_dir = run_dir_of(out_dir, cell)
-        summary_path = run_dir / "summary.json"
-        if not summary_path.is_file():
+        summary = read_summary(run_dir)
+        if summary is None:  # not finished
             continue
         rel = run_dir.relative_to(out_dir)
         links = [f"[{name}]({rel}/{name})" for name in ARTEFACTS if (run_dir / name).is_file()]
         links += [f"[{p.name}]({rel}/{p.name})" for p in sorted(run_dir.glob("*.png"))
                   if p.name not in ARTEFACTS]
-        diag = json.loads(summary_path.read_text()).get("method-diagnostics") or {}
+        diag = summary.get("method-diagnostics") or {}
         weights = diag.get("final-weights")
         lines.append(f"| {cell.describe()} | [{rel}]({rel}/summary.md) | "
                      f"{', '.join(links) or '-'} | {weights if weights is not None else '-'} |")
@@ -124,7 +125,6 @@ def write_report(spec: GridSpec, out_dir: Path) -> Path:
         artefact_links(spec, out_dir),
         "",
     ])
-    path = out_dir / "tables.md"
-    path.write_text(text)
+    path = write_text(out_dir / "tables.md", text)
     log(logging.INFO, "[grid %s] report: %s (%d/%d cells)", spec.name, path, len(rows), total)
     return path

@@ -1,7 +1,7 @@
 """Run the cells of a grid, resuming where a previous invocation stopped.
 
 A cell is finished when ``<out>/runs/<dataset>/a<alpha>-n<N>-s<seed>/<row>[-k<K>]/summary.json``
-exists; finished cells are skipped. An interrupted cell is run again in its own folder with
+is a whole summary; finished cells are skipped. An interrupted cell is run again in its own folder with
 ``resume=true`` (FedBiCross continues from its checkpoints). Cells that share their clients
 (same dataset, alpha, N, seed and local-training settings) share one in-process transport, so
 the clients are trained once per invocation, and at most once overall with a client cache.
@@ -20,6 +20,8 @@ from typing import Any, Callable
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.experiments.harness.spec import Cell, GridSpec
 from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.reports.results import read_summary
+from fedbicross_flwr.storage.atomic import write_text
 from fedbicross_flwr.storage.client_cache import producer
 
 # (cell, its run config, the transport shared by its group) -> run folder
@@ -34,8 +36,10 @@ def run_dir_of(out_dir: Path, cell: Cell) -> Path:
 
 
 def is_finished(out_dir: Path, cell: Cell) -> bool:
-    """A cell is finished when its summary exists."""
-    return (run_dir_of(out_dir, cell) / "summary.json").is_file()
+    """A cell is finished when its run's summary is whole (:func:`~fedbicross_flwr.reports.
+    results.read_summary`); a cell with an empty or cut-short ``summary.json`` runs again.
+    """
+    return read_summary(run_dir_of(out_dir, cell)) is not None
 
 
 def default_cell_runner(cell: Cell, cfg: RunConfig, transport: Any) -> Path:
@@ -111,7 +115,7 @@ def run_grid(spec: GridSpec, out_dir: Path, make_transport: TransportFactory,
         progress.seconds.append(time.perf_counter() - start)
         progress.ran.append(cell)
     if progress.failed:
-        (out_dir / "failed_cells.txt").write_text("".join(
+        write_text(out_dir / "failed_cells.txt", "".join(
             f"{c.describe()}: {reason}\n" for c, reason in progress.failed))
     log(logging.INFO, "[grid %s] ran %d cells (%.1f min), %d failed, %d were finished before",
         spec.name, len(progress.ran), sum(progress.seconds) / 60, len(progress.failed),

@@ -29,12 +29,11 @@ the same (dataset, alpha, N, seed) and the same local-training settings share th
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedbicross_flwr.config.run_config import ConfigError, RunConfig
+from fedbicross_flwr.config.run_config import ConfigError, RunConfig, load_preset
 
 GRID_KEYS = {"datasets", "alphas", "num-clients", "num-clusters", "seeds", "methods", "k-rows",
              "fig2-rows"}
@@ -185,13 +184,7 @@ def load_grid_preset(path: str | Path) -> GridSpec:
         An unknown or missing key, a bad value, or a cell whose run config is invalid.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"grid preset {path} does not exist")
-    with path.open("rb") as fh:
-        try:
-            data = tomllib.load(fh)
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"grid preset {path} is not valid TOML: {err}") from err
+    data = load_preset(path, "grid preset")
     unknown = set(data) - {"grid", "run-config", "rows"}
     if unknown or "grid" not in data:
         raise ConfigError(f"grid preset {path}: needs a [grid] table; unknown tables "
