@@ -68,3 +68,36 @@ def test_append_row_keeps_old_rows_when_columns_are_added(tmp_path) -> None:
     with path.open() as fh:
         rows = list(csv.DictReader(fh))
     assert rows == [{"a": "1", "b": "2", "c": ""}, {"a": "3", "b": "4", "c": "5"}]
+
+
+def test_batch_bn_probe_mixes_the_classes_of_a_class_sorted_test_split() -> None:
+    # A test split stored sorted by class (as bloodmnist-pbc's is) must not give one-class
+    # batches to the batch-statistics probe: each image encodes its class in its brightness,
+    # and a recording model sees how many classes each training-mode test batch holds.
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from fedbicross_flwr.data.datasets import ArraySplit, DatasetArrays
+    from fedbicross_flwr.experiments.distill_check import bn_probes
+
+    class Recorder(nn.Module):
+        batches: list[int] = []
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.bn = nn.BatchNorm2d(1)
+            self.fc = nn.Linear(1, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if self.training and x.shape[0] in (16, 12):  # the test batches (60 = 3 x 16 + 12)
+                Recorder.batches.append(len(torch.unique(x[:, 0, 0, 0])))
+            return self.fc(self.bn(x).mean(dim=(2, 3)))
+
+    labels = np.repeat(np.arange(3), 20)
+    images = np.broadcast_to((labels * 80)[:, None, None], (60, 28, 28)).astype(np.uint8)
+    split = ArraySplit(images.copy(), labels.astype(np.int64))
+    big_train = ArraySplit(np.zeros((7, 28, 28), np.uint8), np.zeros(7, np.int64))
+    bn_probes(Recorder(), DatasetArrays("t", 1, 3, big_train, split, split),
+              torch.device("cpu"), 16)
+    assert len(Recorder.batches) == 4 and min(Recorder.batches) >= 2, Recorder.batches

@@ -185,10 +185,13 @@ def run_check(cfg: RunConfig, synthesis: str, teacher_epochs: int, out_dir: Path
 def bn_probes(student: nn.Module, ds: DatasetArrays, device: torch.device,
               batch_size: int) -> tuple[float, float]:
     """The student's official-test accuracy with batch-statistics BN (test batches of
-    ``batch_size``), and with its BN statistics re-estimated on the real train images (one
-    pass, cumulative average); both on copies, fp32.
+    ``batch_size`` in a seeded random order: an archive may store its test split sorted by
+    class), and with its BN statistics re-estimated on the real train images (one pass,
+    cumulative average); both on copies, fp32.
     """
     x_test, y_test = to_tensors(ds.test.images, ds.test.labels)
+    order = torch.randperm(len(y_test), generator=torch.Generator().manual_seed(0))
+    x_test, y_test = x_test[order], y_test[order]
     x_train, _ = to_tensors(ds.train.images, ds.train.labels)
 
     def accuracy(model: nn.Module) -> float:
