@@ -225,7 +225,9 @@ def _target_agreement(diagnostics: dict[str, Any]) -> float | None:
 
 def plot_rows(csv_path: Path, png_path: Path) -> Path:
     """Retention against the method's wall time, one marker per row, labelled T, B / kd-batch,
-    a_BN, passes and the width when it is not 64.
+    a_BN, passes, the server epochs when more than one and the width when it is not 64; a
+    hollow marker above or below each gives the retention with the student's BN statistics
+    re-estimated on real images, where the row has it.
     """
     import matplotlib
 
@@ -237,12 +239,22 @@ def plot_rows(csv_path: Path, png_path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for synthesis in sorted({r["synthesis"] for r in rows}):
         mine = [r for r in rows if r["synthesis"] == synthesis]
-        ax.scatter([float(r["method-seconds"]) / 60 for r in mine],
-                   [float(r["retention"]) for r in mine], label=synthesis)
+        dots = ax.scatter([float(r["method-seconds"]) / 60 for r in mine],
+                          [float(r["retention"]) for r in mine], label=synthesis)
+        probed = [r for r in mine if r.get("student-acc-real-bn")]
+        if probed:
+            ax.scatter([float(r["method-seconds"]) / 60 for r in probed],
+                       [float(r["student-acc-real-bn"]) / float(r["teacher-acc"]) for r in probed],
+                       facecolors="none", edgecolors=dots.get_facecolor(),
+                       label=f"{synthesis}, BN re-estimated on real images")
         for r in mine:
             passes = f" x{r['kd-passes']} passes" if r.get("kd-passes") not in ("1", None) else ""
             kd = f"/{r['kd-batch']}" if r.get("kd-batch") not in ("0", "", None) else ""
             width = f" w{r['model-width']}" if r.get("model-width") not in ("64", "", None) else ""
+            epochs = r.get("server-epochs")
+            width += f" E{epochs}" if epochs not in ("1", "", None) else ""
+            width += " literal F~" if r.get("noise-teacher-mode") == "eval" else ""
+            width += f" lr{r['student-lr']}" if r.get("student-lr") not in ("0.001", "", None) else ""
             ax.annotate(f"T{r['synth-steps']} B{r['synth-batch']}{kd} a{r['bn-weight']}{passes}"
                         f"{width}",
                         (float(r["method-seconds"]) / 60, float(r["retention"])), fontsize=6)
