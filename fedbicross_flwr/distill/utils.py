@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 from logging import WARNING
 from typing import Iterator, Sequence
 
@@ -154,14 +153,3 @@ def batchnorm_folded(model: nn.Module) -> nn.Module:
     if channels_last:
         folded.to(memory_format=torch.channels_last)
     return folded
-
-
-def step_schedule(epoch: int, epochs: int, lr: float, milestones: tuple[float, ...]) -> float:
-    """Step decay: ``lr * 0.1^m`` with m = number of milestones (fractions of ``epochs``)
-    already reached by the 0-based ``epoch`` (FedISCA and FedBiCross's
-    ``student-lr-milestones``: 0.5, 0.75; DAFL: 0.4, 0.8).
-
-    A milestone f is reached from epoch ceil(f * epochs) on, so a 1-epoch run never decays.
-    """
-    reached = sum(epoch >= math.ceil(fraction * epochs) for fraction in milestones)
-    return lr * 0.1**reached

@@ -11,12 +11,12 @@ tau of Eq. 5). This module imports no torch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from fedbicross_flwr.config.errors import ConfigError
 from fedbicross_flwr.config.fields import Section, key
 from fedbicross_flwr.distill.config import SynthesisSettings
+from fedbicross_flwr.distill.schedule import step_schedule
 
 # What FedBiCross clusters the clients on (fedbicross_flwr.fedbicross.clustering_alternatives).
 CLUSTER_ON = ("predictions", "parameters", "hierarchical")
@@ -138,9 +138,8 @@ class FedBiCrossConfig(Section):
 
     def lr_at(self, epoch: int) -> float:
         """eta_G in the 0-based server epoch ``epoch`` (step decay at the milestones)."""
-        reached = sum(epoch >= math.ceil(f * self.server_epochs)
-                      for f in parse_milestones(self.student_lr_milestones))
-        return self.student_lr * 0.1**reached
+        return step_schedule(epoch, self.server_epochs, self.student_lr,
+                             parse_milestones(self.student_lr_milestones))
 
 
 def parse_milestones(text: str) -> tuple[float, ...]:

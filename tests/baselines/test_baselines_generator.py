@@ -13,10 +13,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fedbicross"))
 from fbc_models import TinyCNN  # noqa: E402
 
-from fedbicross_flwr.distill.utils import (
-    cpu_generator,  # noqa: E402
-    step_schedule,  # noqa: E402
-)
+from fedbicross_flwr.distill.schedule import step_schedule  # noqa: E402
+from fedbicross_flwr.distill.utils import cpu_generator  # noqa: E402
 from fedbicross_flwr.methods.baselines.coboosting import ods_perturbation, update_ensemble_weights  # noqa: E402
 from fedbicross_flwr.methods.baselines.generator import (  # noqa: E402
     Generator,

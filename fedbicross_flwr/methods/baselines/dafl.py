@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from ...distill.losses import kd_kl
-from ...distill.utils import cpu_generator, derive_seed, full_precision, step_schedule
+from ...distill.schedule import step_schedule
+from ...distill.utils import cpu_generator, derive_seed, full_precision
 from ...logging_utils import log
 from ...training import autocast
 from ..base import MethodInput, MethodOutput

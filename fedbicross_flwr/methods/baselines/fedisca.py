@@ -35,8 +35,9 @@ import torch
 from ...distill.config import SynthesisSettings
 from ...distill.losses import kd_loss
 from ...distill.noise_adapt import noise_adapted_copy, teacher_soft_labels
+from ...distill.schedule import step_schedule
 from ...distill.synthesis import EnsembleTeacher, synthesize_trajectory
-from ...distill.utils import derive_seed, full_precision, step_schedule
+from ...distill.utils import derive_seed, full_precision
 from ...logging_utils import log
 from ...training import autocast
 from ..base import MethodInput, MethodOutput
