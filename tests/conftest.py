@@ -69,3 +69,14 @@ def deployment(tmp_path: Path):
         dep.stop()
         # Assert: nothing this test started is still running
         assert [processes_of(h) for h in dep.homes] == [[] for _ in dep.homes]
+
+
+# Fuzz tests (hypothesis): one fixed seed and a recorded example database in the repository,
+# so CI replays the same examples on every machine and a found failure is kept as an example.
+from hypothesis import settings  # noqa: E402
+from hypothesis.database import DirectoryBasedExampleDatabase  # noqa: E402
+
+settings.register_profile(  # the seed is pytest's --hypothesis-seed=0 (pyproject.toml)
+    "fedbicross", deadline=None, max_examples=60, print_blob=True,
+    database=DirectoryBasedExampleDatabase(str(Path(__file__).parent / "hypothesis-examples")))
+settings.load_profile("fedbicross")
