@@ -3,20 +3,15 @@ against hand-computed values.
 """
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fedbicross"))
-from fbc_models import TinyCNN  # noqa: E402
-
-from fedbicross_flwr.distill.schedule import step_schedule  # noqa: E402
-from fedbicross_flwr.distill.utils import cpu_generator  # noqa: E402
-from fedbicross_flwr.methods.baselines.coboosting import ods_perturbation, update_ensemble_weights  # noqa: E402
-from fedbicross_flwr.methods.baselines.generator import (  # noqa: E402
+from fedbicross_flwr.distill.schedule import step_schedule
+from fedbicross_flwr.distill.utils import cpu_generator
+from fedbicross_flwr.methods.baselines.coboosting import ods_perturbation, update_ensemble_weights
+from fedbicross_flwr.methods.baselines.generator import (
     Generator,
     RoundSettings,
     SyntheticPool,
@@ -27,6 +22,7 @@ from fedbicross_flwr.methods.baselines.generator import (  # noqa: E402
     information_entropy_loss,
     train_generator_round,
 )
+from tests.tiny_models import TinyCNN
 
 STUDENT = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
 TEACHER = torch.tensor([[3.0, 0.0, 0.0], [2.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 1.0, 6.0]])

@@ -1,28 +1,24 @@
 """Clustering ablations (cluster-on): planted groups of clients trained on disjoint labels."""
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fedbicross"))
-from fbc_models import TinyCNN  # noqa: E402
-
-from fedbicross_flwr.client import initial_state  # noqa: E402
-from fedbicross_flwr.config.run_config import ConfigError, RunConfig  # noqa: E402
-from fedbicross_flwr.fedbicross.clustering_alternatives import (  # noqa: E402
+from fedbicross_flwr.client import initial_state
+from fedbicross_flwr.config.run_config import ConfigError, RunConfig
+from fedbicross_flwr.fedbicross.clustering_alternatives import (
     assign_clusters,
     hierarchical_update_clusters,
     initial_model_state,
     isometric_embedding,
     parameter_gram,
 )
-from fedbicross_flwr.fedbicross.config import FedBiCrossSettings  # noqa: E402
-from fedbicross_flwr.fedbicross.method import run_fedbicross  # noqa: E402
-from fedbicross_flwr.model import build_resnet18  # noqa: E402
+from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
+from fedbicross_flwr.fedbicross.method import run_fedbicross
+from fedbicross_flwr.model import build_resnet18
+from tests.tiny_models import TinyCNN
 
 SEED = 7
 

@@ -5,7 +5,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from fbc_models import make_tiny
 
 from fedbicross_flwr.config.errors import ConfigError
 from fedbicross_flwr.distill.losses import kd_loss
@@ -17,6 +16,7 @@ from fedbicross_flwr.fedbicross.bilevel import (
     project_to_simplex,
 )
 from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
+from tests.tiny_models import make_tiny
 
 
 @pytest.mark.parametrize(

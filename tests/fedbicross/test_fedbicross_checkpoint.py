@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
-from fbc_models import make_tiny
 
 import fedbicross_flwr.fedbicross.method as method_module
 from fedbicross_flwr.fedbicross.bilevel import OnlineBilevelTrainer
 from fedbicross_flwr.fedbicross.checkpoint import CheckpointMismatch
 from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
 from fedbicross_flwr.fedbicross.method import run_fedbicross
+from tests.tiny_models import make_tiny
 
 TINY = dict(noise_samples=8, synth_steps=3, synth_batch=8, synth_lr=0.1, bn_weight=0.1,
             num_examples=4, kmeans_n_init=2, num_clusters=2, server_epochs=2)

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from fbc_models import make_tiny
 
 from fedbicross_flwr.fedbicross.clustering import (
     cluster_centroids,
@@ -12,6 +11,7 @@ from fedbicross_flwr.fedbicross.clustering import (
     noise_predictions,
     similarity_weights,
 )
+from tests.tiny_models import make_tiny
 
 
 def _biased(seed: int, bias: list[float]):

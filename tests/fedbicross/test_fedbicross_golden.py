@@ -33,11 +33,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fbc_models import make_tiny
 
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
 from fedbicross_flwr.fedbicross.method import run_fedbicross
+from tests.tiny_models import make_tiny
 
 GOLDEN = Path(__file__).with_name("golden_fedbicross.json")
 # student-lr-milestones='' keeps eta_G constant, as every run did before the key existed.

@@ -6,13 +6,13 @@ import csv
 import numpy as np
 import pytest
 import torch
-from fbc_models import make_tiny
 
 from fedbicross_flwr.distill.plots import save_synthetic_grid
 from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
 from fedbicross_flwr.fedbicross.method import run_fedbicross
 from fedbicross_flwr.fedbicross.plots import plot_weight_history, save_weight_history_csv
 from fedbicross_flwr.model import build_resnet18
+from tests.tiny_models import make_tiny
 
 TINY = dict(noise_samples=8, synth_steps=3, synth_batch=8, synth_lr=0.1, bn_weight=0.1,
             num_examples=4, kmeans_n_init=2)

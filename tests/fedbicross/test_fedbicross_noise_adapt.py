@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from fbc_models import ConstantLogits, make_tiny
 from torch import nn
 
 from fedbicross_flwr.distill.noise_adapt import (
@@ -14,6 +13,7 @@ from fedbicross_flwr.distill.noise_adapt import (
     teacher_soft_labels,
 )
 from fedbicross_flwr.distill.synthesis import EnsembleTeacher
+from tests.tiny_models import ConstantLogits, make_tiny
 
 
 def _trajectory() -> torch.Tensor:

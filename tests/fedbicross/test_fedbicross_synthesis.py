@@ -5,11 +5,11 @@ import shutil
 
 import pytest
 import torch
-from fbc_models import make_tiny
 from torch import nn
 
 from fedbicross_flwr.distill.synthesis import balanced_labels, synthesize_trajectory
 from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
+from tests.tiny_models import make_tiny
 
 SMALL = dict(synth_steps=30, synth_batch=12, synth_lr=0.1, noise_samples=8)
 
