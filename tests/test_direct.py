@@ -58,3 +58,37 @@ def test_client_cache_is_reused_and_a_tampered_entry_is_rejected(tiny_run_config
     assert len(calls) == 6
     # Other local-training settings: another key, never the old entry
     assert client_cache.cache_key(cfg.replace(local_epochs=2)) != client_cache.cache_key(cfg)
+
+
+def test_a_phase_1_stopped_half_way_resumes_with_the_clients_left(tiny_run_config, tmp_path,
+                                                                   monkeypatch) -> None:
+    import fedbicross_flwr.engines.direct as direct
+    from fedbicross_flwr.storage import client_cache
+
+    cfg = RunConfig.from_run_config({**tiny_run_config, "run-name": "stopped"})
+    whole = run_direct_methods(cfg.replace(run_name="whole"), ["local"])  # no cache
+    cache = tmp_path / "cache"
+    calls: list[int] = []
+    real = direct.run_local_training
+
+    def stop_at_third(cfg_, site, *a, **k):
+        calls.append(site.partition_id)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the session ends during client 2's training
+        return real(cfg_, site, *a, **k)
+
+    monkeypatch.setattr(direct, "run_local_training", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_direct_methods(cfg, ["local"], cache)
+    entry = cache / client_cache.cache_key(cfg)
+    assert sorted(p.name for p in entry.glob("client-*.pt")) == ["client-0.pt", "client-1.pt"]
+    # Resumed: only client 2 trains, and every model is the one an unbroken phase 1 gives
+    resumed = run_direct_methods(cfg.replace(run_name="resumed"), ["local"], cache)
+    assert calls == [0, 1, 2, 2]
+    assert _rows(resumed["local"]).keys() == _rows(whole["local"]).keys()
+    for pid, row in _rows(whole["local"]).items():
+        assert _rows(resumed["local"])[pid]["local-test-acc"] == row["local-test-acc"]
+    # An altered kept client is retrained, not used
+    with (entry / "client-0.pt").open("ab") as fh:
+        fh.write(b"tamper")
+    assert 0 not in client_cache.load_clients(cache, cfg)

@@ -66,13 +66,22 @@ class DirectTransport:
                     self.own_models[pid] = load_resnet18(state)
                 return _formula_traffic(self._phase1, state_bytes(init))
         result = self._phase_result()
+        kept = (client_cache.load_clients(self.cache_dir, cfg) if self.cache_dir is not None
+                else {})
         for site in self.sites:
-            try:
-                model, metrics = run_local_training(cfg, site, self.device, init)
-            except Exception as err:  # noqa: BLE001 - a failing client must not stop the run
-                result.failures.append(ClientFailure(site.partition_id, "local", "train",
-                                                     _reason(err)))
-                continue
+            if site.partition_id in kept:
+                model = load_resnet18(kept[site.partition_id]["state"])
+                metrics = kept[site.partition_id]["metrics"]
+            else:
+                try:
+                    model, metrics = run_local_training(cfg, site, self.device, init)
+                except Exception as err:  # noqa: BLE001 - a failing client must not stop the run
+                    result.failures.append(ClientFailure(site.partition_id, "local", "train",
+                                                         _reason(err)))
+                    continue
+                if self.cache_dir is not None:
+                    client_cache.save_client(self.cache_dir, cfg, site.partition_id, {
+                        "state": model.state_dict(), "metrics": metrics})
             self.own_models[site.partition_id] = model
             result.replies[site.partition_id] = ClientReply(
                 site.partition_id, {k: v.detach().clone() for k, v in
