@@ -6,6 +6,7 @@ fedbicross run --preset conf/cpu.toml --run-config "dataset='digits' method='fed
 fedbicross run --engine grid --run-config "local-epochs=2"      # through the real apps
 fedbicross config-table [--write]                                 # README's key table
 fedbicross bench --clients 5 --clusters 2 --batch 64 --steps 4    # server-stage benchmark
+fedbicross bench --device-check --device cuda                     # GPU check, peak, epochs
 fedbicross grid --preset conf/grid-cpu.toml                       # experiment grid + tables
 fedbicross distill-check --dataset digits --synthesis fedbicross  # one-teacher retention
 fedbicross privacy-audit outputs/RUN --client-cache CACHE         # what a run reveals

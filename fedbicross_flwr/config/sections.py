@@ -155,6 +155,16 @@ class ExecutionConfig(Section):
                         "(inductor; a one-off compile of about a minute on CPU, seconds from "
                         "its disk cache, one graph per architecture; then about 13% less "
                         "time per synthesis step on CPU at N=5, B=64; docs/BENCHMARKS.md).")
+    # What `compile` covers: the synthesis forwards only (measured on CPU, where the other
+    # stages gained at most 5 % each), or every per-step loop of the server stage (synthesis,
+    # noise adaptation, soft labels, the bi-level step: the GPU path, where kernel launches,
+    # not arithmetic, set the pace).
+    compile_scope: str = key("synthesis",
+                             "With compile = true: torch.compile the synthesis forwards only "
+                             "(synthesis) or also the noise-adaptation and soft-label forwards "
+                             "and the bi-level student forward (all; one compile per graph, "
+                             "for GPUs, docs/BENCHMARKS.md). Ignored when compile is false.",
+                             choices=("synthesis", "all"))
     output_dir: str = key("",
                           "Absolute folder for run folders. Empty: $FEDBICROSS_OUTPUT_DIR, "
                           "else <project>/outputs.")

@@ -3,8 +3,8 @@ the noise-adapted teacher (Eq. 3) and the soft labels and KD batches (Eq. 5).
 
 FedBiCross (:mod:`fedbicross_flwr.fedbicross.config` adds its own keys) and FedISCA read them.
 :class:`SynthesisSettings` is what :mod:`.synthesis` and :mod:`.noise_adapt` read: these keys,
-the shared keys ``seed``, ``precision`` and ``compile``, and the engineering constant
-``label_chunk``. This module imports no torch.
+the shared keys ``seed``, ``precision``, ``compile`` and ``compile-scope``, and the
+engineering constant ``label_chunk``. This module imports no torch.
 """
 
 from __future__ import annotations
@@ -99,9 +99,17 @@ class SynthesisSettings(SynthesisConfig):
     seed: int = same_key(TaskConfig, "seed")
     precision: str = same_key(ExecutionConfig, "precision")
     compile: bool = same_key(ExecutionConfig, "compile")
+    compile_scope: str = same_key(ExecutionConfig, "compile_scope")
     # An engineering constant, not a run-config key (RunConfig does not include this class).
     label_chunk: int = key(8, "Trajectory steps forwarded together for soft labels (memory).",
                            low=1)
+
+    @property
+    def compile_all(self) -> bool:
+        """Whether every per-step loop runs compiled (``compile`` with ``compile-scope = all``),
+        not only the synthesis forwards.
+        """
+        return self.compile and self.compile_scope == "all"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ..training import autocast
 from .synthesis import EnsembleTeacher
-from .utils import batchnorm_folded, frozen_buffers
+from .utils import batchnorm_folded, compiled, frozen_buffers
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
@@ -51,6 +51,7 @@ def noise_adapted_copy(
     mode: str = "eval",
     precision: str = "fp32",
     cutoff: float = 0.0,
+    compile_forwards: bool = False,
 ) -> list[nn.Module]:
     """Deep copies of the members with BN statistics adapted to the trajectory (Eq. 3).
 
@@ -90,6 +91,9 @@ def noise_adapted_copy(
         'bf16' to run the adaptation forwards under autocast.
     cutoff : float
         Skip the steps whose total EMA weight is below this (0: forward every step).
+    compile_forwards : bool
+        Run the adaptation forwards through ``torch.compile`` (:func:`compiled`; run-config
+        ``compile`` with ``compile-scope = "all"``); the copies returned are plain modules.
 
     Returns
     -------
@@ -109,9 +113,10 @@ def noise_adapted_copy(
         for bn in bn_layers:
             bn.momentum = momentum  # also replaces a cumulative-average (None) momentum
             bn.train()  # only BN layers update statistics; nothing else changes behaviour
+        forward = compiled(adapted, compile_forwards and mode == "eval")
         for t in range(steps - 1, -1, -1) if mode == "eval" else ():  # x^(L), ..., x^(1)
             with autocast(trajectory.device, precision):
-                adapted(trajectory[t])  # (B, C_in, H, W); output unused, BN buffers updated
+                forward(trajectory[t])  # (B, C_in, H, W); output unused, BN buffers updated
         if mode == "eval":
             adapted.eval()
         copies.append(adapted)
@@ -126,6 +131,7 @@ def teacher_soft_labels(
     chunk: int = 8,
     precision: str = "fp32",
     fold_bn: bool = True,
+    compile_forwards: bool = False,
 ) -> Tensor:
     """Probabilities of a frozen teacher at temperature tau for every trajectory step, once.
 
@@ -148,6 +154,12 @@ def teacher_soft_labels(
     fold_bn : bool
         In eval mode, predict with BN folded into the convolutions (:func:`batchnorm_folded`;
         the same probabilities up to float rounding, fewer passes over the activations).
+    compile_forwards : bool
+        Run the members' forwards through ``torch.compile`` (:func:`compiled`; run-config
+        ``compile`` with ``compile-scope = "all"``). The members are then compiled as they
+        are, not BN-folded: a folded copy is a new torch.fx class, i.e. a new compile per
+        member and epoch, while the members of one architecture share one graph (inductor
+        fuses eval-mode BN into the pass after each convolution instead).
 
     Returns
     -------
@@ -158,11 +170,15 @@ def teacher_soft_labels(
     steps, batch = trajectory.shape[:2]
     if teacher.bn_mode == "train":
         chunk = 1
-    elif fold_bn:  # eval-mode BN is an affine map: fold it into the convolutions (exact)
+    elif fold_bn and not compile_forwards:  # eval-mode BN is affine: fold it into the convs
         teacher = EnsembleTeacher([batchnorm_folded(m) for m in teacher.members],
                                   teacher.ensemble, "eval")
+    members = teacher.members
+    if compile_forwards:
+        teacher = EnsembleTeacher([compiled(m, True) for m in members], teacher.ensemble,
+                                  teacher.bn_mode)
     out = []
-    with frozen_buffers(teacher.members):  # train-mode BN must not drift while predicting
+    with frozen_buffers(members):  # train-mode BN must not drift while predicting
         for start in range(0, steps, chunk):
             x = trajectory[start : start + chunk].flatten(0, 1)  # (c*B, C_in, H, W)
             with autocast(trajectory.device, precision):

@@ -21,7 +21,14 @@ from ..logging_utils import Cadence, log, position_text, progress_text
 from ..training import autocast
 from .config import SynthesisSettings
 from .losses import BNStatsHook, tv_loss
-from .utils import cpu_generator, full_precision, model_dtype, preserved_modes, to_channels_last
+from .utils import (
+    compiled,
+    cpu_generator,
+    full_precision,
+    model_dtype,
+    preserved_modes,
+    to_channels_last,
+)
 
 
 class EnsembleTeacher:
@@ -134,9 +141,7 @@ def loss_members(members: Sequence[nn.Module], settings: SynthesisSettings) -> l
     of one architecture share one compiled graph (parameters are graph inputs), so the compile
     cost is paid once per process and shape, not per member.
     """
-    if settings.compile:
-        return [torch.compile(member) for member in members]  # type: ignore[misc]
-    return list(members)
+    return [compiled(member, settings.compile) for member in members]
 
 
 def deepinversion_loss(

@@ -85,6 +85,20 @@ def frozen_buffers(models: Sequence[nn.Module]) -> Iterator[None]:
                     buffer.copy_(value)
 
 
+def compiled(module: nn.Module, on: bool) -> nn.Module:
+    """``torch.compile(module)`` (inductor, static shapes) when ``on``, else ``module`` itself.
+
+    The wrapper shares the module's parameters, buffers and submodules (hooks registered on
+    them fire, ``eval()``/``train()`` reach them). Parameters and buffers are graph inputs,
+    so modules of one architecture share one compiled graph per input shape: the compile is
+    paid once per process, not per model or per noise-adapted copy. Shapes are static (a
+    second shape is a second graph, not a dynamic one).
+    """
+    if not on:
+        return module
+    return torch.compile(module, dynamic=False)  # type: ignore[return-value]
+
+
 # torch 2.14.1 on CPU: the weight gradient of a channels-last 1x1 stride-2 convolution with
 # fewer than 16 input channels corrupts the heap (segmentation fault, "double free") when the
 # batch size is odd, in float32 and bfloat16 alike (ResNet-18's stage-2 shortcut has w input

@@ -29,7 +29,9 @@ BatchNorm handling (the paper is silent). Every forward runs through
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from logging import INFO
 from typing import Sequence
@@ -144,6 +146,27 @@ class InnerStepResult:
     val_loss: Tensor
 
 
+def _functional_forward(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor],
+                        x: Tensor) -> Tensor:
+    """``model(x)`` with the given parameters and buffers (train-mode BN updates ``buffers``)."""
+    return functional_call(model, (params, buffers), (x,))
+
+
+@functools.cache
+def _compiled_forward() -> Callable[..., Tensor]:
+    """:func:`_functional_forward` under ``torch.compile`` (one wrapper per process; the
+    students are graph inputs, so the K students of one architecture share its graphs).
+    """
+    return torch.compile(_functional_forward, dynamic=False)
+
+
+def student_forward(compiled: bool) -> Callable[..., Tensor]:
+    """The student forward of the bi-level step: compiled (run-config ``compile`` with
+    ``compile-scope = "all"``) or eager.
+    """
+    return _compiled_forward() if compiled else _functional_forward
+
+
 def _trainable(model: nn.Module) -> dict[str, Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -182,6 +205,8 @@ def inner_step_and_hypergradient(
     compute_hypergradient: bool = True,
     precision: str = "fp32",
     bn_mode: str = "train",
+    active_sources: Sequence[int] | None = None,
+    compiled: bool = False,
 ) -> InnerStepResult:
     """Inner update (Eq. 7) of one cluster model, in place, and the exact hypergradient (Eq. 8).
 
@@ -222,31 +247,30 @@ def inner_step_and_hypergradient(
         mixture of the per-source updates (module docstring). 'keep': BN uses batch
         statistics, the running statistics are left unchanged. 'eval': BN uses the running
         statistics in every forward and they are left unchanged.
+    active_sources : Sequence[int] or None
+        Fixed weights: the sources of non-zero weight (None: read from ``weights``, a sync).
+    compiled : bool
+        Run the student forwards through ``torch.compile`` (:func:`student_forward`).
 
     Returns
     -------
     InnerStepResult
     """
-    num_sources = len(source_inputs)
-    if weights.shape != (num_sources,):
-        raise ValueError(f"weights must have shape ({num_sources},), got {tuple(weights.shape)}")
+    _check_step(weights, len(source_inputs), bn_mode)
     device = val_inputs.device
     params = _trainable(model)
     names = list(params)
-    if bn_mode not in ("train", "keep", "eval"):
-        raise ValueError(f"bn_mode must be 'train', 'keep' or 'eval', got {bn_mode!r}")
     # 'train' and 'keep': BN uses batch statistics in every functional forward below; 'eval':
     # the running statistics. Only 'train' commits the running-statistics update below.
     model.train(bn_mode != "eval")
 
     # --- per-source losses L_j and gradients g_j at G ------------------------------------------
-    active: Sequence[int] = range(num_sources)
-    if not compute_hypergradient:
-        active = [j for j, w in enumerate(weights.tolist()) if w > 0.0]
+    active = _active(weights, compute_hypergradient, active_sources)
     param_list = [params[n] for n in names]
+    forward = student_forward(compiled)
     source_losses, grads, source_buffers = _source_gradients(
         model, params, active, source_inputs, source_noise_probs, source_teacher_probs, lam, tau,
-        weights, device, precision)
+        weights, device, precision, forward)
 
     # --- inner update G' = G - eta_G * (momentum-filtered) sum_j w_j g_j (Eq. 7) --------------
     stepped = _inner_update(param_list, names, grads, weights, device, lr, momentum,
@@ -256,18 +280,38 @@ def inner_step_and_hypergradient(
     # --- validation loss at G' and hypergradient (Eq. 8) ----------------------------------------
     val_loss, hypergradient = _validation_and_hypergradient(
         model, new_params, grads, val_inputs, val_noise_probs, val_teacher_probs, lam, tau, lr,
-        weights.dtype, compute_hypergradient, precision)
+        weights.dtype, compute_hypergradient, precision, forward)
 
     # --- commit G^(t) = G' and the w-weighted BN running statistics ------------------------------
     _commit(model, param_list, [new_params[n] for n in names], source_buffers, weights, bn_mode)
     return InnerStepResult(hypergradient, source_losses, val_loss.detach())
 
 
+def _check_step(weights: Tensor, num_sources: int, bn_mode: str) -> None:
+    """Raise ValueError for weights of another shape than (K,) or an unknown ``bn_mode``."""
+    if weights.shape != (num_sources,):
+        raise ValueError(f"weights must have shape ({num_sources},), got {tuple(weights.shape)}")
+    if bn_mode not in ("train", "keep", "eval"):
+        raise ValueError(f"bn_mode must be 'train', 'keep' or 'eval', got {bn_mode!r}")
+
+
+def _active(weights: Tensor, compute_hypergradient: bool,
+            known: Sequence[int] | None) -> Sequence[int]:
+    """The sources whose gradients a step needs: all when the weights are learnt, else those
+    of non-zero weight (``known``, or read from ``weights``: a device-to-host sync).
+    """
+    if compute_hypergradient:
+        return range(weights.numel())
+    if known is not None:
+        return known
+    return [j for j, w in enumerate(weights.tolist()) if w > 0.0]
+
+
 def _validation_and_hypergradient(
     model: nn.Module, new_params: dict[str, Tensor], grads: dict[int, tuple[Tensor, ...]],
     val_inputs: Tensor, val_noise_probs: Tensor, val_teacher_probs: Tensor, lam: float,
     tau: float, lr: float, dtype: torch.dtype, compute_hypergradient: bool,
-    precision: str,
+    precision: str, forward: Callable[..., Tensor] = _functional_forward,
 ) -> tuple[Tensor, Tensor | None]:
     """L_val(G') and, if asked, the (K,) hypergradient -eta_G <dL_val/dG', g_j> (Eq. 8).
 
@@ -276,7 +320,7 @@ def _validation_and_hypergradient(
     device = val_inputs.device
     buffers_val = _cloned_buffers(model)  # batch-stat forward; its buffer updates are discarded
     with torch.set_grad_enabled(compute_hypergradient), autocast(device, precision):
-        logits_val = functional_call(model, (new_params, buffers_val), (val_inputs,))  # (n_val, C)
+        logits_val = forward(model, new_params, buffers_val, val_inputs)  # (n_val, C)
     logits_val = logits_val.float() if logits_val.dtype == torch.bfloat16 else logits_val
     with torch.set_grad_enabled(compute_hypergradient):
         val_loss = kd_loss(logits_val, val_noise_probs, val_teacher_probs, lam, tau)
@@ -294,7 +338,7 @@ def _source_gradients(
     model: nn.Module, params: dict[str, Tensor], active: Sequence[int],
     source_inputs: Sequence[Tensor], source_noise_probs: Sequence[Tensor],
     source_teacher_probs: Sequence[Tensor], lam: float, tau: float, weights: Tensor,
-    device: torch.device, precision: str,
+    device: torch.device, precision: str, forward: Callable[..., Tensor] = _functional_forward,
 ) -> tuple[Tensor, dict[int, tuple[Tensor, ...]], dict[int, dict[str, Tensor]]]:
     """L_j(G), g_j = dL_j/dG and each source's BN running-statistics update, for j in ``active``.
 
@@ -311,7 +355,7 @@ def _source_gradients(
     with autocast(device, precision):
         for j in active:
             buffers_j = _cloned_buffers(model)  # this source's BN running-stat update lands here
-            logits = functional_call(model, (params, buffers_j), (source_inputs[j],))  # (n, C)
+            logits = forward(model, params, buffers_j, source_inputs[j])  # (n, C)
             with autocast_off(device, precision):  # loss and backward as before
                 loss_j = kd_loss(logits.float() if logits.dtype == torch.bfloat16 else logits,
                                  source_noise_probs[j], source_teacher_probs[j], lam, tau)
@@ -417,6 +461,10 @@ class OnlineBilevelTrainer:
         # With one cluster the only point of the simplex is w = [1]: nothing to learn.
         self.learn_weights = settings.weights_mode == "bilevel" and self.num_clusters > 1
         self.momentum_buffers: list[dict[str, Tensor]] = [{} for _ in students]
+        # Fixed weights: each target's sources of non-zero weight, read from the host array
+        # once (not from the device tensor at every step).
+        self.active_sources = None if self.learn_weights else [
+            [j for j, w in enumerate(row) if w > 0.0] for row in initial_weights.tolist()]
         self._split: tuple[Tensor, Tensor] | None = None
         # eta_G of the current server epoch (``student-lr-milestones``); set by run_epoch.
         self.lr = settings.student_lr
@@ -601,6 +649,8 @@ class OnlineBilevelTrainer:
                 compute_hypergradient=self.learn_weights,
                 precision=s.precision,
                 bn_mode=s.student_bn,
+                active_sources=None if self.active_sources is None else self.active_sources[k],
+                compiled=s.compile_all,
             )
             if self.learn_weights:
                 new_weights[k] = outer_update(

@@ -4,8 +4,8 @@
 the trajectory synthesis, noise adaptation and soft-label keys it shares with FedISCA are in
 :mod:`fedbicross_flwr.distill.config`. Each default is the paper's value where the paper gives
 one (``conf/paper.toml``). :class:`FedBiCrossSettings` is what the algorithm core reads: both,
-the shared keys ``seed``, ``precision`` and ``compile``, and two engineering constants that are
-not run-config keys. Field names are the keys' names (``kd_temperature`` is ``kd-temperature``,
+the shared keys ``seed``, ``precision``, ``compile`` and ``compile-scope``, and two engineering
+constants that are not run-config keys. Field names are the keys' names (``kd_temperature`` is ``kd-temperature``,
 tau of Eq. 5). This module imports no torch.
 """
 

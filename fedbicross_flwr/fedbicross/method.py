@@ -312,16 +312,16 @@ def _synthesize_cluster(members: list[nn.Module], s: FedBiCrossSettings, num_cla
         start = members if noise_start is None else _with_buffers(members, noise_start)
         adapted = noise_adapted_copy(start, trajectory, s.noise_momentum,
                                      s.noise_teacher_mode, s.precision,
-                                     cutoff=s.noise_ema_cutoff)
+                                     cutoff=s.noise_ema_cutoff, compile_forwards=s.compile_all)
         noise_buffers = [{n: b.detach().cpu().clone() for n, b in m.named_buffers()}
                          for m in adapted] if s.noise_teacher_carry else None
     with timer("soft_labels"):  # teachers are frozen: soft labels for every step, computed once
         teacher = EnsembleTeacher(members, s.ensemble, "eval")
         noise_teacher = EnsembleTeacher(adapted, s.ensemble, s.noise_teacher_mode)
         probs_f = teacher_soft_labels(teacher, trajectory, s.kd_temperature, s.label_chunk,
-                                      s.precision)  # (T, B, C)
+                                      s.precision, compile_forwards=s.compile_all)  # (T, B, C)
         probs_fn = teacher_soft_labels(noise_teacher, trajectory, s.kd_temperature, s.label_chunk,
-                                       s.precision)  # (T, B, C)
+                                       s.precision, compile_forwards=s.compile_all)  # (T, B, C)
         del adapted, noise_teacher
     diag["soft_label_profile"] = {"teacher": soft_label_profile(probs_f, labels),
                                   "noise_teacher": soft_label_profile(probs_fn, labels)}

@@ -37,7 +37,7 @@ class FedISCA(OneShotStrategy):
 
     method_name = "fedisca"
     sections = (SynthesisConfig, FedISCAConfig)
-    extra_keys = ("server_epochs", "student_init", "compile")
+    extra_keys = ("server_epochs", "student_init", "compile", "compile_scope")
 
     def __init__(self, *, fedisca_epochs: int = FedISCAConfig.fedisca_epochs,
                  fedisca_lr: float = FedISCAConfig.fedisca_lr,

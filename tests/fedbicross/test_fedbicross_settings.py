@@ -38,7 +38,7 @@ def test_every_setting_is_a_run_config_key_of_the_same_name_and_default():
         assert f.type in (type(f.default), type(f.default).__name__), f.name
     # the FedBiCross and synthesis sections plus the three shared keys, declared elsewhere
     own = {f.name for s in (FedBiCrossConfig, SynthesisConfig) for f in dataclasses.fields(s)}
-    assert {f.name for f in settings} - own == {"seed", "precision", "compile"}
+    assert {f.name for f in settings} - own == {"seed", "precision", "compile", "compile_scope"}
     assert (FedBiCrossSettings().seed, FedBiCrossSettings().precision) == (
         TaskConfig().seed, ExecutionConfig().precision)
 
@@ -92,6 +92,7 @@ def test_of_copies_every_key_from_the_run_config():
         ("kd_temperature", 0.0),
         ("cluster_on", "pacfl"),
         ("compile", "yes"),
+        ("compile_scope", "everything"),
         ("label_chunk", 0),
     ],
 )

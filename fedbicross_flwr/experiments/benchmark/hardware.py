@@ -1,14 +1,17 @@
-"""Device facts for the benchmark: timing sync, peak memory, FLOP counting, peak FLOP/s."""
+"""Device facts for the benchmark: timing sync, peak memory, FLOP counting, peak FLOP/s, TF32."""
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from ...training import uses_bf16
 
 # Dense (no sparsity) peak TFLOP/s of known GPUs: (bf16, fp32), SXM variants.
 _GPU_PEAKS = {"H200": (989.0, 67.0), "H100": (989.0, 67.0), "A100": (312.0, 19.5),
@@ -96,3 +99,39 @@ def estimate_peak_flops(device: torch.device, bf16: bool) -> tuple[float | None,
     how = (f"{threads} threads x {mhz:.0f} MHz x {per_cycle} FLOP/cycle "
            f"({'bf16 dot products' if per_cycle > 32 else 'FMA'}; rough)")
     return threads * mhz * 1e6 * per_cycle, how
+
+
+@contextlib.contextmanager
+def tf32_disabled() -> Iterator[None]:
+    """float32 convolutions and matmuls in true float32 on CUDA (no TF32) inside the block.
+
+    PyTorch lets cuDNN run float32 convolutions in TF32 on Ampere and later GPUs (10-bit
+    mantissa), which is not float32 arithmetic: equality checks and the float32 peak are
+    measured without it. The previous settings are restored on exit; a no-op without CUDA.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether the device computes bfloat16 in hardware (a CUDA GPU with bf16, or a CPU with
+    AVX512-BF16 or AMX); bf16 elsewhere is emulated and its rate says nothing about the chip.
+    """
+    return uses_bf16(device, "auto")
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo (its flags say the rest)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"

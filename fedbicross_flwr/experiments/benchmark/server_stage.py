@@ -54,6 +54,7 @@ LOOSE_RTOL = 0.15
 _MODELS = ("resnet18", "tiny")
 _WIDTH = {f.name: f for f in fields(TaskConfig)}["model_width"]  # its range: the run config's
 _DTYPES = ("bf16", "fp32")
+_COMPILE_SCOPES = ("synthesis", "all")
 
 
 class TinyNet(nn.Module):
@@ -94,6 +95,9 @@ class BenchConfig:
         Device peak for the FLOP/s ratio; 0 estimates it (see ``estimate_peak_flops``).
     check : bool
         Run the reference comparison (timing of the reference needs it too).
+    count : bool
+        Count the FLOPs of one step (False: 'flops', 'achieved_flops_per_s' and 'peak' are
+        left out of the report; a timing probe needs none of them).
     perturb : float
         Noise added to the reference's images (a test hook: the checks must then fail).
     """
@@ -113,9 +117,11 @@ class BenchConfig:
     seed: int = 0
     peak_tflops: float = 0.0
     check: bool = True
+    count: bool = True
     warmup: bool = True
     perturb: float = 0.0
     compile: bool = False  # torch.compile the members inside synthesis (settings.compile)
+    compile_scope: str = "synthesis"  # with compile: 'all' compiles every per-step loop
 
     def __post_init__(self) -> None:
         for name in ("num_clients", "num_clusters", "steps", "ref_steps", "in_channels", "width"):
@@ -127,6 +133,8 @@ class BenchConfig:
             raise ValueError(f"num_clusters ({self.num_clusters}) > num_clients ({self.num_clients})")
         if self.model not in _MODELS or self.dtype not in _DTYPES:
             raise ValueError(f"model must be in {_MODELS}, dtype in {_DTYPES}")
+        if self.compile_scope not in _COMPILE_SCOPES:
+            raise ValueError(f"compile_scope must be in {_COMPILE_SCOPES}, got {self.compile_scope!r}")
         low, high = _WIDTH.metadata["low"], _WIDTH.metadata["high"]
         if not low <= self.width <= high:
             raise ValueError(f"width must be in [{low:g}, {high:g}] (the run config's "
@@ -193,7 +201,7 @@ def _settings(cfg: BenchConfig, dtype: str | None = None) -> FedBiCrossSettings:
     return FedBiCrossSettings(num_clusters=cfg.num_clusters, synth_steps=cfg.steps,
                               synth_batch=cfg.batch, seed=cfg.seed,
                               precision="bf16" if (dtype or cfg.dtype) == "bf16" else "fp32",
-                              compile=cfg.compile)
+                              compile=cfg.compile, compile_scope=cfg.compile_scope)
 
 
 def _student_factory(cfg: BenchConfig):
@@ -269,15 +277,18 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
         adapted, dt = timed(lambda: noise_adapted_copy(members[k], traj, settings.noise_momentum,
                                                        settings.noise_teacher_mode,
                                                        settings.precision,
-                                                       cutoff=settings.noise_ema_cutoff), device)
+                                                       cutoff=settings.noise_ema_cutoff,
+                                                       compile_forwards=settings.compile_all),
+                            device)
         times["noise_adaptation"] += dt
         teacher = EnsembleTeacher(members[k], settings.ensemble, "eval")
         noise_teacher = EnsembleTeacher(adapted, settings.ensemble, settings.noise_teacher_mode)
         (pf, pn), dt = timed(lambda: (
             teacher_soft_labels(teacher, traj, settings.kd_temperature, settings.label_chunk,
-                                settings.precision),
+                                settings.precision, compile_forwards=settings.compile_all),
             teacher_soft_labels(noise_teacher, traj, settings.kd_temperature, settings.label_chunk,
-                                settings.precision)), device)
+                                settings.precision, compile_forwards=settings.compile_all)),
+            device)
         times["soft_labels"] += dt
         trajectories.append(traj)
         labels.append(lab)
@@ -296,30 +307,37 @@ def run_benchmark(cfg: BenchConfig) -> dict[str, Any]:
     peak, what = peak_memory_mib(device)
     traj_mib = sum(t.numel() * t.element_size() for t in trajectories) / 2**20
     report["memory"] = {"peak_mib": peak, "measures": what, "trajectories_mib": traj_mib}
-
-    # --- useful FLOPs of one real step (counted, not timed) -------------------------------------
-    report["flops"] = _count_real_flops(cfg, settings, members, trajectories, labels, adapted_all,
-                                        initial_students, teacher_probs, noise_probs, device)
-    peak_flops = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
-    how = "given" if peak_flops else ""
-    if peak_flops is None:
-        peak_flops, how = estimate_peak_flops(device, cfg.dtype == "bf16")
-    report["peak"] = {"flops_per_s": peak_flops, "how": how}
-    achieved = report["flops"]["total"] / (real_ms["total"] / 1e3)
-    report["achieved_flops_per_s"] = achieved
     report["images_per_s"] = K * cfg.batch / (real_ms["total"] / 1e3)
     report["synthesis_images_per_s"] = K * cfg.batch / (real_ms["synthesis"] / 1e3)
-
+    if cfg.count:  # useful FLOPs of one real step (counted, not timed)
+        report["flops"] = _count_real_flops(cfg, settings, members, trajectories, labels,
+                                            adapted_all, initial_students, teacher_probs,
+                                            noise_probs, device)
+        _add_rates(cfg, report, device)
     if cfg.check:
         _reference_and_checks(cfg, report, members, trajectories, labels, adapted_all,
                               initial_students, teacher_probs, noise_probs, device)
     return report
 
 
+def _add_rates(cfg: BenchConfig, report: dict[str, Any], device: torch.device) -> None:
+    """The peak (given or estimated) and the achieved FLOP/s of the counted step."""
+    peak_flops = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
+    how = "given" if peak_flops else ""
+    if peak_flops is None:
+        peak_flops, how = estimate_peak_flops(device, cfg.dtype == "bf16")
+    report["peak"] = {"flops_per_s": peak_flops, "how": how}
+    report["achieved_flops_per_s"] = report["flops"]["total"] / (report["real_ms"]["total"] / 1e3)
+
+
 def _count_real_flops(cfg, settings, members, trajectories, labels, adapted_all,
                       initial_students, teacher_probs, noise_probs, device) -> dict[str, float]:
-    """FLOPs of one trajectory step of the real path (synthesis, adaptation, labels, bi-level)."""
+    """FLOPs of one trajectory step of the real path (synthesis, adaptation, labels, bi-level).
+
+    Counted on the eager path (the counter sees torch's operators, not compiled kernels).
+    """
     K, T = cfg.num_clusters, cfg.steps
+    settings = replace(settings, compile=False)
     offsets = synthesis_start(cfg.num_classes, cfg.in_channels, settings, cfg.seed,
                             cfg.image_size)[2]
     flops = {"synthesis": 0.0, "noise_adaptation": 0.0, "soft_labels": 0.0, "bilevel": 0.0}

@@ -69,17 +69,20 @@ def fedisca(inp: MethodInput) -> MethodOutput:
             inp.device, progress=cfg.progress, tag=tag)  # (T, B, C_in, H, W), (B,)
         t1 = time.perf_counter()
         adapted = noise_adapted_copy(adapted, trajectory, s.noise_momentum, s.noise_teacher_mode,
-                                     s.precision, cutoff=s.noise_ema_cutoff)
+                                     s.precision, cutoff=s.noise_ema_cutoff,
+                                     compile_forwards=s.compile_all)
         t2 = time.perf_counter()
         probs_f = teacher_soft_labels(EnsembleTeacher(members, s.ensemble, "eval"), trajectory,
-                                      s.kd_temperature, s.label_chunk, s.precision)  # (T, B, C)
+                                      s.kd_temperature, s.label_chunk, s.precision,
+                                      compile_forwards=s.compile_all)  # (T, B, C)
         probs_fn = teacher_soft_labels(EnsembleTeacher(adapted, s.ensemble, s.noise_teacher_mode),
-                                       trajectory, s.kd_temperature, s.label_chunk, s.precision)
+                                       trajectory, s.kd_temperature, s.label_chunk, s.precision,
+                                       compile_forwards=s.compile_all)
         t3 = time.perf_counter()
         student.train()
         steps, batch = trajectory.shape[:2]
         kd_batch = s.kd_batch or batch  # kd-batch < B: B / kd-batch KD steps per step t
-        losses = []
+        step_losses = []  # on the device: no host sync per KD step
         for t in range(steps):
             alpha = t / steps  # weight of the original teacher, 0 -> 1 (reference)
             for lo in range(0, batch, kd_batch):
@@ -90,7 +93,8 @@ def fedisca(inp: MethodInput) -> MethodOutput:
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                losses.append(loss.item())
+                step_losses.append(loss.detach())
+        losses = torch.stack(step_losses).tolist()
         t4 = time.perf_counter()
         for key, seconds in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
             times[key] += seconds
