@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from fbc_models import TinyCNN, make_tiny
 
 from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
 from fedbicross_flwr.fedbicross.method import run_fedbicross
+from tests.tiny_models import TinyCNN, make_tiny
 
 TINY = dict(num_clusters=2, noise_samples=8, synth_steps=3, synth_batch=8, synth_lr=0.1,
             bn_weight=0.1, num_examples=8, kmeans_n_init=2)
