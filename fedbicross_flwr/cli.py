@@ -73,7 +73,7 @@ def preflight(cfg: RunConfig, partitions: bool = True) -> None:
     """
     from fedbicross_flwr.data.datasets import load_dataset
     from fedbicross_flwr.data.partition import make_client_splits
-    from fedbicross_flwr.methods.flower_strategies import BY_METHOD, strategy_kwargs
+    from fedbicross_flwr.methods.rounds import check_strategy_args
     from fedbicross_flwr.reports.results import default_output_dir
     from fedbicross_flwr.training import resolve_device
 
@@ -88,9 +88,7 @@ def preflight(cfg: RunConfig, partitions: bool = True) -> None:
         raise ConfigError(f"output-dir {base} cannot be created or written: "
                           f"{err.strerror or err}") from err
     resolve_device(cfg.device)
-    for name in cfg.method_list:  # a multi-round method's strategy-args, before any training
-        if name in BY_METHOD:
-            strategy_kwargs(cfg.replace(method=name), cfg.num_clients)
+    check_strategy_args(cfg)  # every multi-round method's strategy-args, before any training
     if cfg.sites_bring_data:  # only a deployment's sites bring their own archives
         raise ConfigError("dataset='custom' but data-path is not set: give the npz archive "
                           "to read (in a deployment, each site sets data-path in its node "
@@ -145,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--preset", help="a TOML file of run-config keys (conf/*.toml)")
     run.add_argument("--run-config", default="", help="overrides, as for `flwr run`")
     run.add_argument("--engine", choices=("direct", "grid"), default="direct",
-                     help="direct: library calls (no Flower needed); grid: the real ServerApp "
+                     help="direct: library calls (no Flower runtime); grid: the real ServerApp "
                           "and ClientApp over an in-process Flower Grid")
     run.add_argument("--methods", default="",
                      help="comma-separated server methods run on the SAME trained clients, "

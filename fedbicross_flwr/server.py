@@ -1,23 +1,24 @@
 """The one-shot protocol on the server, independent of how messages travel.
 
-Phase 1 collects every client's single upload, phase 2 runs the configured server method
-(:mod:`fedbicross_flwr.methods`), phase 3 sends each client its own model for
-``train.personalize`` and collects the metrics; then the run folder is written. A
+Phase 1 collects every client's single upload, phase 2 runs the configured server method,
+phase 3 sends each client its own model for ``train.personalize`` and collects the metrics;
+then the run folder is written. A one-shot method's phase 2 is its Flower strategy's
+(:mod:`fedbicross_flwr.strategies`): the strategy object built from the run config
+aggregates the uploads (``OneShotStrategy.aggregate_uploads``), the same code its
+``aggregate_train`` runs in a user's ServerApp; the uploads are accepted and the replies read
+by the same functions too (:mod:`fedbicross_flwr.strategies.replies`). A
 :class:`Transport` carries the client phases: Flower's Grid in
 :mod:`fedbicross_flwr.engines.grid_transport` (simulation or deployment), or plain function calls in
-:mod:`fedbicross_flwr.engines.direct` (one process, no Flower, e.g. on the GPU machine).
+:mod:`fedbicross_flwr.engines.direct` (one process, no Flower runtime).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-
-import torch
 
 from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config.run_config import RunConfig
@@ -32,9 +33,9 @@ from fedbicross_flwr.logging_utils import (
     remove_handler,
     run_position,
 )
-from fedbicross_flwr.methods import collect_uploads, get_method, method_spec
-from fedbicross_flwr.methods.base import MethodInput
-from fedbicross_flwr.methods.rounds import reply_optional_metrics
+from fedbicross_flwr.methods import collect_uploads, get_method, method_names, method_spec
+from fedbicross_flwr.methods.base import MethodInput, MethodOutput, run_method
+from fedbicross_flwr.methods.rounds import check_strategy_args, reply_optional_metrics
 from fedbicross_flwr.model import probe_for
 
 # The protocol types live in fedbicross_flwr.protocol; importing them from here keeps working.
@@ -60,6 +61,8 @@ from fedbicross_flwr.reports.results import (
     write_summary_md,
 )
 from fedbicross_flwr.storage.uploads_checkpoint import checkpointed_uploads
+from fedbicross_flwr.strategies import BY_METHOD, strategy_for
+from fedbicross_flwr.strategies.replies import accept_uploads, refuse_bad_metrics
 from fedbicross_flwr.training import resolve_device
 
 
@@ -136,9 +139,13 @@ def run_methods(cfg: RunConfig, transport: Transport) -> dict[str, Path]:
 
     Phase 1 runs once (the transport hands the same replies to every later method); each
     method then runs phase 2 and phase 3 in its own run folder ``<run-name>-<method>``. The
+    multi-round methods (any number of them) run after the others (:func:`run_order`): each
+    replaces phase 1 by its R rounds from the same initial model w^(0), on the same
+    partition, and its clients personalize with their last round's local model. The
     folder ``<run-name>-comparison`` gets the comparison table (``comparison.csv``,
-    ``comparison.md``) and the summary picture (``summary.png``); the table is also logged.
-    One method alone gets no comparison.
+    ``comparison.md``, the methods in the order listed) and the summary picture
+    (``summary.png``); the table is also logged. One method alone gets no comparison.
+    Every multi-round method's ``strategy-args`` are checked before anything is sent.
 
     Returns
     -------
@@ -148,9 +155,13 @@ def run_methods(cfg: RunConfig, transport: Transport) -> dict[str, Path]:
     from fedbicross_flwr.reports.comparison import write_comparison
 
     methods = cfg.method_list
+    check_strategy_args(cfg)
     base = cfg.run_name or f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.dataset}"
     run_dirs: dict[str, Path] = {}
-    for j, method in enumerate(methods, start=1):
+    if (order := run_order(methods)) != methods:
+        log(logging.INFO, "methods run in the order %s: the one-shot methods share phase 1, "
+            "then each multi-round method retrains the clients from w^(0)", ",".join(order))
+    for j, method in enumerate(order, start=1):
         one = cfg.for_method(method, f"{base}-{method}")
         if (done := finished_run_dir(one)) is not None:  # resume=true after a stop
             log(logging.INFO, "resume: method %s already finished in %s; its results are kept",
@@ -163,10 +174,22 @@ def run_methods(cfg: RunConfig, transport: Transport) -> dict[str, Path]:
     if len(methods) == 1:
         return run_dirs
     out = create_run_dir(cfg.replace(methods="", strategy_args="", run_name=f"{base}-comparison"))
-    table = write_comparison(out, run_dirs)
+    table = write_comparison(out, {m: run_dirs[m] for m in methods})
     log(logging.INFO, "comparison of %d methods on the same client uploads (%s):\n%s",
         len(methods), out, table)
     return {**run_dirs, "comparison": out}
+
+
+def run_order(methods: list[str]) -> list[str]:
+    """The order :func:`run_methods` runs ``methods`` in: the methods that use phase 1's uploads
+    (one-shot, references) as listed, then the multi-round methods as listed.
+
+    A multi-round method retrains the clients, and a client keeps its last local model as its
+    own model f_i for the personalization; the one-shot methods before it personalize with
+    phase 1's f_i, each multi-round method with the f_i of its own last round.
+    """
+    rounds = set(method_names(kind="multi-round"))
+    return [m for m in methods if m not in rounds] + [m for m in methods if m in rounds]
 
 
 def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
@@ -211,15 +234,10 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     device = resolve_device(cfg.device)
     log(logging.INFO, "%sphase 2/3: server method %r on %d client models (device %s)",
         position_text(), cfg.method, len(uploads), device)
-    method = get_method(cfg.method)
     with run_position(f"phase 2/3 {cfg.method}"):
-        out = method(MethodInput(uploads, cfg, in_channels, num_classes, device, run_dir,
-                                 round_model=phase1.global_state))
+        out = server_method(MethodInput(uploads, cfg, in_channels, num_classes, device, run_dir,
+                                        round_model=phase1.global_state), probe)
     times["phase2-server-method"] = time.perf_counter() - t0
-    missing = sorted({u.partition_id for u in uploads} - set(out.models))
-    if missing:
-        raise RuntimeError(f"method {cfg.method!r} returned no model for partitions {missing}")
-    check_outgoing_models(cfg.method, out.models, uploads, probe, run_dir)
 
     # Phase 3: personalization ----------------------------------------------------------------
     t0 = time.perf_counter()
@@ -254,6 +272,22 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     return run_dir
 
 
+def server_method(inp: MethodInput, probe: Callable[[StateDict], str | None]) -> MethodOutput:
+    """Phase 2 of ``inp.cfg.method``: every partition's model, checked before it is sent.
+
+    A one-shot method runs through its Flower strategy, built from the run config
+    (:func:`~fedbicross_flwr.strategies.strategy_for`,
+    :meth:`~fedbicross_flwr.strategies.base.OneShotStrategy.aggregate_uploads`); a reference
+    (``local``, ``central``) or a multi-round method (w^(R) for every client), which has no
+    one-shot strategy, through its function (:func:`~fedbicross_flwr.methods.get_method`).
+    Both go through :func:`~fedbicross_flwr.methods.base.run_method`.
+    """
+    name = inp.cfg.method
+    if name in BY_METHOD:
+        return strategy_for(inp.cfg).aggregate_uploads(inp, probe)
+    return run_method(name, get_method(name), inp, probe)
+
+
 def _accepted_uploads(cfg: RunConfig, phase1: PhaseResult, init: StateDict,
                       probe: Callable[[StateDict], str | None]
                       ) -> tuple[list[ClientUpload], dict[int, dict], list[ClientFailure]]:
@@ -263,24 +297,16 @@ def _accepted_uploads(cfg: RunConfig, phase1: PhaseResult, init: StateDict,
     (:func:`validate_upload`), its ``num-examples`` above ``max-num-examples`` (else the
     partition's size bound), or any metric out of its range (:func:`metrics_problem`).
     """
-    failures = list(phase1.failures)
-    uploads, local_metrics = [], {}
     sizes = example_bounds(cfg, phase1.num_partitions)
-    for pid in sorted(phase1.replies):
-        reply: ClientReply = phase1.replies[pid]
-        problem = upload_problem(reply, init, probe, cfg.max_num_examples or sizes.get(pid),
-                                 reply_optional_metrics(cfg))
-        if problem is not None:
-            failures.append(ClientFailure(pid, phase1.partitions.get(pid, "-"), "train",
-                                          f"rejected upload: {problem}"))
-            log(logging.WARNING, "partition %d: rejected upload: %s", pid, problem)
-            continue
-        uploads.append(ClientUpload(pid, reply.state, int(reply.metrics["num-examples"])))
-        local_metrics[pid] = reply.metrics
+    uploads, local_metrics, refused = accept_uploads(
+        phase1, init, probe, lambda pid: cfg.max_num_examples or sizes.get(pid),
+        reply_optional_metrics(cfg))
+    for f in refused:
+        log(logging.WARNING, "partition %d: %s", f.partition_id, f.reason)
     for f in phase1.failures:
         log(logging.WARNING, "client %s (node %s) left out in phase 1: %s", f.partition_id,
             f.node, f.reason)
-    return uploads, local_metrics, failures
+    return uploads, local_metrics, phase1.failures + refused
 
 
 def _client_rows(phase1: PhaseResult, phase3: PhaseResult, clusters: dict[int, int],
@@ -327,92 +353,3 @@ def cost_summary(cfg: RunConfig, rows: list[dict], times: dict[str, float],
             "client-train-seconds-mean": mean("train-seconds"),
             "phase1-seconds": times.get("phase1-local-training"),
             "phase3-seconds": times.get("phase3-personalization")}
-
-
-def refuse_bad_metrics(phase3: PhaseResult, local_metrics: dict[int, dict[str, float]],
-                       nodes: dict[int, str]) -> list[ClientFailure]:
-    """Remove the phase-3 replies whose metrics are refused (:func:`metrics_problem`, and
-    ``num-examples`` equal to the site's phase-1 count); their failures, with the reason.
-    """
-    refused = []
-    for pid in sorted(phase3.replies):
-        metrics, own = phase3.replies[pid], local_metrics.get(pid, {})
-        problem = metrics_problem("train.personalize", metrics, own.get("n-test-personal"))
-        if problem is None and metrics["num-examples"] != own.get("num-examples"):
-            problem = (f"metric num-examples={metrics['num-examples']!r} differs from the "
-                       f"{own.get('num-examples')!r} the site uploaded with in phase 1")
-        if problem is not None:
-            del phase3.replies[pid]
-            refused.append(ClientFailure(pid, nodes.get(pid, "-"), "personalize",
-                                         f"rejected metrics: {problem}"))
-    return refused
-
-
-def check_outgoing_models(method: str, models: dict[int, StateDict],
-                          uploads: list[ClientUpload],
-                          probe: Callable[[StateDict], str | None], run_dir: Path) -> None:
-    """Refuse to send a model that is not usable: non-finite values, a BatchNorm variance
-    <= 0, or a forward pass on the fixed probe batch with non-finite or huge outputs.
-
-    Raises
-    ------
-    FloatingPointError
-        Naming the partitions, the first problem of each and the most extreme of the uploads
-        the method was given (the likely culprit); nothing is sent, the run stops unfinished
-        and the run folder (with its checkpoints) is kept.
-    """
-    check_finite_models(method, models, run_dir, uploads)
-    bad = {}
-    for pid, state in sorted(models.items()):
-        variances = [k for k, v in state.items() if k.endswith("running_var")
-                     and v.numel() and float(v.min()) <= 0]
-        problem = (f"{variances[0]} has a BatchNorm variance <= 0" if variances
-                   else probe(state))
-        if problem is not None:
-            bad[pid] = problem
-    if bad:
-        raise FloatingPointError(
-            f"method {method!r} produced unusable models for partitions {sorted(bad)} "
-            f"({bad}); {_most_extreme(uploads)}. Nothing was sent to the clients; the run "
-            f"folder {run_dir} and its checkpoints are kept.")
-
-
-def _most_extreme(uploads: list[ClientUpload]) -> str:
-    """The accepted upload with the largest absolute value, to name as the likely culprit."""
-    if not uploads:
-        return "no uploads"
-    scores = {}
-    for u in uploads:
-        name, value = max(((k, float(v.detach().abs().max())) for k, v in u.state.items()
-                           if v.is_floating_point() and v.numel()),
-                          key=lambda kv: kv[1] if math.isfinite(kv[1]) else math.inf)
-        scores[u.partition_id] = (value, name)
-    pid = max(scores, key=lambda p: scores[p][0])
-    value, name = scores[pid]
-    return (f"the most extreme upload it was given is partition {pid}'s "
-            f"(|{name}| up to {value:.3g})")
-
-
-def check_finite_models(method: str, models: dict[int, StateDict], run_dir: Path,
-                        uploads: list[ClientUpload] | None = None) -> None:
-    """Refuse to send a non-finite model to a client (a diverged server stage).
-
-    Raises
-    ------
-    FloatingPointError
-        Naming the partitions and the first non-finite tensor of each; nothing is sent and the
-        run folder (with its checkpoints) is kept.
-    """
-    bad = {}
-    for pid, state in sorted(models.items()):
-        for name, tensor in state.items():
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-                bad[pid] = name
-                break
-    if bad:
-        raise FloatingPointError(
-            f"method {method!r} produced non-finite models (NaN/Inf) for partitions "
-            f"{sorted(bad)} (first bad tensor per partition: {bad})"
-            + (f"; {_most_extreme(uploads)}" if uploads else "")
-            + f"; nothing was sent to the clients. The run folder {run_dir} and its checkpoints "
-            "are kept.")

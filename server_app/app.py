@@ -1,10 +1,12 @@
 """ServerApp: the one-shot protocol over Flower's Grid.
 
 ``train`` (phase 1) goes to every node once; the configured server method runs on the
-replies; ``train.personalize`` (phase 3) sends each node the model chosen for ITS partition.
-The messages, the partition-to-node binding and the refusal of spoofed replies are in
-:class:`fedbicross_flwr.engines.grid_transport.GridTransport`; the protocol is
-:func:`fedbicross_flwr.server.run_server`.
+replies (a one-shot method through its Flower strategy object, built from the run config:
+:mod:`fedbicross_flwr.strategies`); ``train.personalize`` (phase 3) sends each node the model
+chosen for ITS partition. The messages are in
+:class:`fedbicross_flwr.engines.grid_transport.GridTransport`, the partition-to-node binding
+and the reading and refusal of replies in :mod:`fedbicross_flwr.strategies.replies` (as a
+strategy's); the protocol is :func:`fedbicross_flwr.server.run_server`.
 """
 
 from __future__ import annotations

@@ -214,3 +214,28 @@ def test_strategy_args_belong_to_the_multi_round_method_of_a_comparison() -> Non
     # ... and a method alone that does not use them refuses them, naming it
     with pytest.raises(ConfigError, match="method 'fedavg1' takes no strategy arguments"):
         RunConfig(method="fedavg1", strategy_args="eta=")
+
+
+def test_a_qualified_strategy_arg_belongs_to_its_method_alone() -> None:
+    # Prepare: two multi-round methods; eta qualified for each, tau for both
+    cfg = RunConfig(methods="fedadam-r,fedyogi-r,local",
+                    strategy_args="fedadam-r:eta=0.05, tau=1e-3 fedyogi-r:eta=0.02")
+    # Execute / Assert: each method's config holds its own pairs, unqualified
+    assert cfg.for_method("fedadam-r", "x").strategy_args == "eta=0.05 tau=1e-3"
+    assert cfg.for_method("fedyogi-r", "x").strategy_args == "tau=1e-3 eta=0.02"
+    assert cfg.for_method("local", "x").strategy_args == ""
+    # ... and the strategies are built with them, from the run's config as from each one's
+    adam = build_strategy(cfg.replace(method="fedadam-r"), 3)
+    yogi = build_strategy(cfg.for_method("fedyogi-r", "x"), 3)
+    assert (adam.eta, adam.tau, yogi.eta, yogi.tau) == (0.05, 1e-3, 0.02, 1e-3)
+    # Assert: a pair unqualified that one of the methods does not take stops the run before
+    # any training, naming the method and the way to qualify it
+    from fedbicross_flwr.methods.rounds import check_strategy_args
+
+    with pytest.raises(ConfigError, match=r"^fedavgm-r: strategy-args: FedAvgM takes no "
+                                          r"argument 'eta'.*'fedadam-r:eta=0.05'"):
+        check_strategy_args(RunConfig(methods="fedadam-r,fedavgm-r", strategy_args="eta=0.05"))
+    # Assert: a pair qualified with a method that is not a multi-round method of the run
+    with pytest.raises(ConfigError, match="qualifies a pair with 'krum-r'"):
+        RunConfig(methods="fedadam-r,local", strategy_args="krum-r:num_malicious_nodes=1")
+

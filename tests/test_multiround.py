@@ -188,3 +188,72 @@ def test_proximal_term_value_and_effect() -> None:
         dist[mu] = math.sqrt(sum(float(((q.detach() - s) ** 2).sum())
                                  for q, s in zip(model.parameters(), start)))
     assert dist[5.0] < 0.5 * dist[0.0]
+
+
+def _client_rows(run_dir: Path) -> list[dict]:
+    """``clients.csv`` without the cost columns (timings and bytes differ between runs)."""
+    with (run_dir / "clients.csv").open() as fh:
+        return [{k: v for k, v in r.items()
+                 if k not in ("train-seconds", "bytes-up", "bytes-down")}
+                for r in csv.DictReader(fh)]
+
+
+@pytest.fixture(scope="module")
+def several_strategies(tmp_path_factory):
+    """``methods = fedadam-r,krum-r,fedavg1`` through the real apps on the in-process Grid
+    (FedAdam with its own server rate), and each multi-round method alone (direct engine).
+    """
+    from tests.conftest import make_archive
+
+    tmp = tmp_path_factory.mktemp("several")
+    rc = {"dataset": "custom", "data-path": str(make_archive(tmp / "tiny.npz")),
+          "in-channels": 1, "num-classes": 3, "num-clients": 3, "alpha": 1.0,
+          "min-partition-size": 5, "local-epochs": 2, "pers-epochs": 1, "batch-size": 16,
+          "local-lr": 0.01, "output-dir": str(tmp / "runs"), "progress": False,
+          "node-wait-timeout": 0.0, "model-width": 8, "rounds": 2}
+    _, comparison = run_in_process({**rc, "run-name": "all", "methods": "fedadam-r,krum-r,fedavg1",
+                                    "strategy-args": "fedadam-r:eta=0.05"}, num_nodes=3)
+    args = {"fedadam-r": "eta=0.05", "krum-r": "", "fedavg1": ""}
+    alone = {m: run_direct_methods(RunConfig.from_run_config(
+        {**rc, "method": m, "run-name": f"alone-{m}", "strategy-args": a}), [m])[m]
+        for m, a in args.items()}
+    return comparison, alone
+
+
+def test_methods_compare_several_multi_round_strategies_in_one_table(several_strategies):
+    comparison, _ = several_strategies
+    # Assert: one run folder per method, the table in the order the methods were listed
+    with (comparison / "comparison.csv").open() as fh:
+        assert [r["method"] for r in csv.DictReader(fh)] == ["fedadam-r", "krum-r", "fedavg1"]
+    runs = comparison.parent
+    configs = {m: json.loads((runs / f"all-{m}" / "run_config.json").read_text())
+               for m in ("fedadam-r", "krum-r", "fedavg1")}
+    assert {m: c["strategy-args"] for m, c in configs.items()} == {
+        "fedadam-r": "eta=0.05", "krum-r": "", "fedavg1": ""}
+    diagnostics = {m: json.loads((runs / f"all-{m}" / "summary.json").read_text())[
+        "method-diagnostics"] for m in ("fedadam-r", "krum-r")}
+    assert [diagnostics[m]["strategy"] for m in diagnostics] == ["FedAdam", "Krum"]
+    # Assert: both multi-round methods ran their 2 rounds on every client
+    for m in ("fedadam-r", "krum-r"):
+        with (runs / f"all-{m}" / "rounds.csv").open() as fh:
+            assert [int(r["clients"]) for r in csv.DictReader(fh)] == [3, 3]
+
+
+def test_each_multi_round_strategy_starts_from_the_same_model_as_alone(several_strategies):
+    comparison, alone = several_strategies
+    runs = comparison.parent
+    # Assert: every method gives the numbers it gives alone (direct engine): a multi-round
+    # method after another (whose rounds retrained the clients) starts from the same w^(0)
+    # on the same partition and personalizes with its own last round's f_i (the Grid's node
+    # state); the one-shot method, listed last, still personalizes with phase 1's f_i
+    for m in ("fedadam-r", "krum-r", "fedavg1"):
+        assert _client_rows(runs / f"all-{m}") == _client_rows(alone[m]), m
+
+
+def test_run_order_puts_the_multi_round_methods_last_as_listed() -> None:
+    from fedbicross_flwr.server import run_order
+
+    assert run_order(["fedadam-r", "krum-r", "fedavg1", "local"]) == \
+        ["fedavg1", "local", "fedadam-r", "krum-r"]
+    assert RunConfig(methods="fedadam-r,krum-r,fedavg1").method_list == \
+        ["fedadam-r", "krum-r", "fedavg1"]

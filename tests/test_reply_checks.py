@@ -1,5 +1,5 @@
 """One hostile site can neither crash nor falsify a run: every reply is read in one place
-(``grid_transport.read_reply``) and every metric the server reads is checked for name, type
+(``strategies.replies.read_reply``) and every metric the server reads is checked for name, type
 and range (``protocol.metrics_problem``); a bad site fails alone, named, with its reason.
 
 One in-process run (real ServerApp/ClientApp, fedavg1, 9 nodes): nodes 0 and 8 are honest;
@@ -115,7 +115,7 @@ def _reply(message_type: str, records: dict) -> Message:
      "the train reply's config holds 'site-name', which the phase does not define"),
 ])
 def test_a_record_the_phase_does_not_define_is_refused(message_type, extra, reason) -> None:
-    from fedbicross_flwr.engines.grid_transport import ReplyError, read_reply
+    from fedbicross_flwr.strategies.replies import ReplyError, read_reply
 
     honest = {"metrics": MetricRecord(GOOD_TRAIN if message_type == "train" else GOOD_PERS),
               "config": ConfigRecord({"partition-id": 0})}

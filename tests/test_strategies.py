@@ -37,6 +37,7 @@ from fedbicross_flwr.strategies import (
     FedAvgOneShot,
     FedBiCross,
     FedISCA,
+    strategy_for,
 )
 from tests.conftest import make_archive
 
@@ -260,6 +261,20 @@ def test_from_run_config_reads_the_project_keys() -> None:
                                                    weight_lr=0.5)
     assert (strategy.min_available_nodes, strategy.min_train_nodes) == (6, 4)
     assert strategy.site_nodes == {0: 11, 1: 12} and strategy.max_num_examples == 50
+
+
+def test_the_projects_run_builds_its_one_shot_methods_strategy_from_the_whole_run_config():
+    # the project's phase 2 (server.server_method) takes the strategy strategy_for builds
+    for name in method_names(kind="one-shot"):
+        cfg = RunConfig(method=name, methods=f"{name},local", seed=3, model_width=8,
+                        num_clients=4, min_clients=3)
+        strategy = strategy_for(cfg.for_method(name, "x"))
+        assert type(strategy).method_name == name
+        # every key of the run, not only the method's settings (model-width, min-clients)
+        assert strategy.run_config == cfg.for_method(name, "x")
+        assert strategy.min_train_nodes == 3
+    with pytest.raises(KeyError, match="'local' has no one-shot strategy"):
+        strategy_for(RunConfig(method="local"))
 
 
 def test_a_one_shot_strategy_runs_exactly_one_round(tmp_path) -> None:

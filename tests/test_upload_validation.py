@@ -82,9 +82,8 @@ def test_the_probe_forward_refuses_a_model_that_passes_every_bound(reference) ->
 def test_an_unusable_outgoing_model_stops_the_run_naming_the_extreme_upload(reference,
                                                                           tmp_path) -> None:
     # Prepare: two accepted uploads; a "method" output with a zero BN variance
-    from fedbicross_flwr.methods.base import ClientUpload
+    from fedbicross_flwr.methods.base import ClientUpload, check_outgoing_models
     from fedbicross_flwr.model import probe_for
-    from fedbicross_flwr.server import check_outgoing_models
 
     big = {k: v.clone() for k, v in reference.items()}
     big["fc.weight"].mul_(100.0)
@@ -119,7 +118,7 @@ def test_weighted_average_by_hand() -> None:
 
 def test_non_finite_server_models_are_never_sent(tmp_path):
     # Prepare: one finite and one diverged outgoing model
-    from fedbicross_flwr.server import check_finite_models
+    from fedbicross_flwr.methods.base import check_finite_models
 
     good = {"w": torch.ones(2), "n": torch.tensor(3)}
     bad = {"w": torch.tensor([1.0, float("nan")]), "n": torch.tensor(3)}

@@ -38,7 +38,11 @@ from fedbicross_flwr.methods.baselines.config import (
     GeneratorConfig,
 )
 from fedbicross_flwr.methods.catalog import method_names
-from fedbicross_flwr.methods.flower_strategies import MultiRoundConfig
+from fedbicross_flwr.methods.flower_strategies import (
+    MultiRoundConfig,
+    method_args,
+    qualifying_methods,
+)
 from fedbicross_flwr.storage.paths import not_a_file
 
 # The sections in the order of docs/CONFIG.md's table. A dataclass takes its bases' fields
@@ -105,6 +109,11 @@ class RunConfig(DAFLConfig, CoBoostingConfig, DenseConfig, GeneratorConfig, FedI
                 f"{listed} {'take' if len(methods) > 1 else 'takes'} no strategy arguments "
                 f"(only the multi-round methods do: {', '.join(method_names(kind='multi-round'))})"
                 f"; leave strategy-args empty, got {self.strategy_args!r}")
+        rounds = [m for m in methods if m in method_names(kind="multi-round")]
+        if stray := [m for m in qualifying_methods(self.strategy_args) if m not in rounds]:
+            raise ConfigError(f"strategy-args qualifies a pair with {stray[0]!r}, which is not "
+                              f"a multi-round method of this run ({', '.join(rounds)}); got "
+                              f"{self.strategy_args!r}")
         if self.resume and not self.run_name:
             raise ConfigError("resume=true needs run-name (the run folder to continue)")
 
@@ -121,25 +130,19 @@ class RunConfig(DAFLConfig, CoBoostingConfig, DenseConfig, GeneratorConfig, FedI
         Raises
         ------
         ConfigError
-            On an unknown or repeated name, or a multi-round method that is not the only one
-            and last (it retrains the clients, whose f_i the later methods would then use).
+            On an unknown or repeated name.
         """
         names = [m.strip() for m in self.methods.split(",") if m.strip()] or [self.method]
         if self.methods.strip() and not self.methods.replace(",", "").strip():
             raise ConfigError(f"run-config key 'methods' names no method: {self.methods!r} "
                               "(leave it empty to run `method` alone)")
-        known, multiround = method_names(), method_names(kind="multi-round")
+        known = method_names()
         for name in names:
             if name not in known:
                 raise ConfigError(f"run-config key 'methods': unknown method {name!r}; known: "
                                   f"{', '.join(known)}")
         if len(set(names)) < len(names):
             raise ConfigError(f"run-config key 'methods' names a method twice: {self.methods!r}")
-        rounds = [i for i, m in enumerate(names) if m in multiround]
-        if len(rounds) > 1 or (rounds and rounds[0] != len(names) - 1):
-            raise ConfigError(f"run-config key 'methods': a multi-round method "
-                              f"({', '.join(multiround)}) retrains the clients, so at most "
-                              f"one may be listed, as the last; got {self.methods!r}")
         return names
 
     @property
@@ -168,11 +171,13 @@ class RunConfig(DAFLConfig, CoBoostingConfig, DenseConfig, GeneratorConfig, FedI
 
     def for_method(self, method: str, run_name: str) -> "RunConfig":
         """The config of ``method`` alone, one of ``methods``, in the run folder ``run_name``:
-        without ``methods``, and without ``strategy-args`` unless ``method`` uses it.
+        without ``methods``, and with only its own ``strategy-args`` (the plain pairs and those
+        qualified with its name; none for a method that is not multi-round).
         """
         uses = method in method_names(kind="multi-round")
         return self.replace(method=method, methods="", run_name=run_name,
-                            strategy_args=self.strategy_args if uses else "")
+                            strategy_args=method_args(self.strategy_args, method) if uses
+                            else "")
 
     def summary(self) -> str:
         """One line per key, for the log."""

@@ -27,9 +27,10 @@ class TaskConfig(Section):
                        "Comma-separated server methods run in ONE run on the same client "
                        "uploads (phase 1 once; then per method: server method and "
                        "personalization), one run folder each plus, for 2+ methods, "
-                       "<run-name>-comparison (table and summary picture). Empty: only `method`. A multi-round "
-                       "method (fedavg-r, fedadam-r, ...) retrains the clients: at most one, "
-                       "last.")
+                       "<run-name>-comparison (table and summary picture). Empty: only `method`. Any number "
+                       "of multi-round methods (fedavg-r, fedadam-r, ...) may be listed: each "
+                       "retrains the clients from the same initial model, after the one-shot "
+                       "methods.")
     dataset: str = key("retinamnist",
                        "MedMNIST 2D flag (e.g. bloodmnist), `bloodmnist-pbc` (BloodMNIST "
                        "rebuilt from its source images, read from data-dir), `digits` "

@@ -1,11 +1,12 @@
-"""Run a whole experiment in one process, without Flower or Ray.
+"""Run a whole experiment in one process, without Ray or a SuperLink.
 
 The same client functions (:mod:`fedbicross_flwr.client`) and the same server protocol
 (:func:`fedbicross_flwr.server.run_server`) as the Flower app, with clients called one after
 the other. This is the path for quick CPU experiments (no Ray start-up) and for a machine
-without Flower: one-shot methods import none of it; the multi-round references need it, since
-Flower's strategy objects configure and aggregate their rounds here too. A client that raises
-is reported as a failure, like a Flower error reply, and the run goes on.
+that runs no Flower runtime. Flower's strategy objects are used as in every engine: a
+one-shot method's server stage is its strategy's (:mod:`fedbicross_flwr.strategies`), and
+a multi-round reference's strategy configures and aggregates its rounds. A client that
+raises is reported as a failure, like a Flower error reply, and the run goes on.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Flower's Grid (:class:`fedbicross_flwr.engines.grid_transport.GridTransport`, simulation or
 deployment) and plain function calls (:class:`fedbicross_flwr.engines.direct.DirectTransport`, one
-process, no Flower) implement it. It lives below the server
+process, no Flower runtime) implement it. It lives below the server
 and the methods, so both can name it without importing each other.
 """
 

@@ -3,13 +3,17 @@
 A spec says what the rest of the project needs to know about a method without importing it
 (and so without torch): its name, its kind, whether it distils from synthetic images, its
 group and row in the paper's tables, and where its function is defined. The configuration
-validates ``method`` / ``methods`` against it, the server looks the function up through it
-(:func:`fedbicross_flwr.methods.get_method` imports the defining module on first use), and
+validates ``method`` / ``methods`` against it, the server looks a reference's or a
+multi-round method's function up through it (:func:`fedbicross_flwr.methods.get_method`
+imports the defining module on first use; a one-shot method's server stage runs through its
+Flower strategy, :mod:`fedbicross_flwr.strategies`, whose class names the function), and
 the knowledge flow, the distill-check, the privacy audit and the grid's tables read their
 method sets from it.
 
 Adding a method: write ``fedbicross_flwr/methods/<name>.py`` with a function
-``(MethodInput) -> MethodOutput`` and register its spec below.
+``(MethodInput) -> MethodOutput`` and register its spec below; a one-shot method also gets its
+strategy, a subclass of ``OneShotStrategy`` in ``fedbicross_flwr/strategies/<name>.py``
+listed in ``STRATEGIES`` (the project's run finds it there).
 """
 
 from __future__ import annotations

@@ -15,7 +15,10 @@ node; q-FedAvg's ``client_learning_rate`` is ``local-lr`` and its loss key ``tra
 FedProx's ``proximal_mu`` is the ``proximal-mu`` key. Everything else comes from the run-config
 key ``strategy-args``, written as Flower names them (``"eta=0.01 beta_1=0.9"``), checked
 against the strategy's signature: an unknown name, a reserved one or a value of the wrong type
-is a :class:`~fedbicross_flwr.config.errors.ConfigError` naming it.
+is a :class:`~fedbicross_flwr.config.errors.ConfigError` naming it. A run comparing several
+multi-round methods (``methods``) gives every one of them the plain pairs, and one of them
+alone a pair qualified with its name (``"fedadam-r:eta=0.05 krum-r:num_malicious_nodes=1"``,
+:func:`method_args`).
 
 Client-side DP: the server's wrapper sends ``clipping_norm``; the site clips its update with
 Flower's ``fixedclipping_mod`` / ``adaptiveclipping_mod`` (:func:`dp_clipping_mod` picks the
@@ -51,7 +54,9 @@ class MultiRoundConfig(Section):
                              "Flower names them, e.g. \"eta=0.01 beta_1=0.9\" for fedadam-r "
                              "or \"noise_multiplier=0.5 clipping_norm=2.0\" for a DP wrapper "
                              "(checked against the strategy's signature; refused when no "
-                             "method of the run is multi-round).")
+                             "method of the run is multi-round). With several multi-round "
+                             "methods, a pair qualified with a method's name is that "
+                             "method's alone: \"fedadam-r:eta=0.05\".")
     round_epochs: int = key(0,
                             "Local epochs per round of a multi-round method (0 = "
                             "ceil(local-epochs / rounds): the clients' total compute matches "
@@ -177,6 +182,30 @@ def parse_strategy_args(text: str) -> dict[str, Any]:
     return args
 
 
+def _pairs(text: str) -> list[tuple[str | None, str]]:
+    """``strategy-args``'s pairs, each with the method it is qualified with (None: every
+    multi-round method of the run).
+    """
+    pairs: list[tuple[str | None, str]] = []
+    for pair in text.replace(",", " ").split():
+        owner, sep, rest = pair.partition(":")
+        qualified = sep and "=" not in owner  # a ':' after the '=' is the value's
+        pairs.append((owner, rest) if qualified else (None, pair))
+    return pairs
+
+
+def qualifying_methods(text: str) -> list[str]:
+    """The method names ``strategy-args`` qualifies pairs with (``fedadam-r:eta=0.05``)."""
+    return list(dict.fromkeys(owner for owner, _ in _pairs(text) if owner is not None))
+
+
+def method_args(text: str, method: str) -> str:
+    """The ``strategy-args`` of ``method``: the plain pairs and the pairs qualified with its
+    name (``"eta=0.1 krum-r:num_malicious_nodes=1"`` is ``"eta=0.1"`` for fedadam-r).
+    """
+    return " ".join(pair for owner, pair in _pairs(text) if owner in (None, method))
+
+
 def _type_problem(value: Any, annotation: Any) -> str | None:
     """Why ``value`` does not fit a strategy argument annotated ``annotation``, or None."""
     text = str(annotation)
@@ -209,7 +238,7 @@ def strategy_kwargs(cfg: StrategyConfig, num_nodes: int) -> tuple[FlowerStrategy
                           f"({', '.join(BY_METHOD)})")
     entry = BY_METHOD[cfg.method]
     params = inspect.signature(getattr(flower, entry.cls)).parameters
-    given = parse_strategy_args(cfg.strategy_args)
+    given = parse_strategy_args(method_args(cfg.strategy_args, cfg.method))
     for name, value in given.items():
         if name in RESERVED:
             raise ConfigError(f"strategy-args: {name} is set by the protocol for {entry.cls}"
@@ -278,5 +307,5 @@ def dp_clipping_mod(msg: "Message", context: "Context",
 
 
 __all__ = ["BY_METHOD", "CLIPPING_KEY", "FLOWER_STRATEGIES", "FlowerStrategy", "MultiRoundConfig",
-           "StrategyConfig", "build_strategy", "dp_clipping_mod", "parse_strategy_args",
-           "strategy_kwargs"]
+           "StrategyConfig", "build_strategy", "dp_clipping_mod", "method_args",
+           "parse_strategy_args", "qualifying_methods", "strategy_kwargs"]

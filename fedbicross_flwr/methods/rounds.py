@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from fedbicross_flwr.config.errors import ConfigError
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.site import example_bounds
 from fedbicross_flwr.engines.communication import add_traffic
@@ -49,6 +50,7 @@ from fedbicross_flwr.methods.flower_strategies import (
     BY_METHOD,
     CLIPPING_KEY,
     build_strategy,
+    strategy_kwargs,
 )
 from fedbicross_flwr.model import float_state, probe_for, with_counters
 from fedbicross_flwr.protocol import (
@@ -89,6 +91,29 @@ def round_config(cfg: RunConfig) -> dict[str, Any]:
     if clipping is not None:
         config[CLIPPING_KEY] = clipping
     return config
+
+
+def check_strategy_args(cfg: RunConfig) -> None:
+    """Check the Flower strategy arguments of every multi-round method of the run (``method``
+    or ``methods``), before any training.
+
+    Raises
+    ------
+    ConfigError
+        A ``strategy-args`` pair a method's strategy does not take, or a value of the wrong
+        type (:func:`~.flower_strategies.strategy_kwargs`), naming the method when the run
+        has several.
+    """
+    rounds = [m for m in cfg.method_list if m in BY_METHOD]
+    for name in rounds:
+        try:
+            strategy_kwargs(cfg.replace(method=name), cfg.num_clients)
+        except ConfigError as err:
+            if len(rounds) == 1:
+                raise
+            raise ConfigError(f"{name}: {err} (a pair for one method alone is written "
+                              f"<method>:<name>=<value>, e.g. '{rounds[0]}:eta=0.05')"
+                              ) from None
 
 
 def run_rounds(cfg: RunConfig, transport: Transport, init: StateDict,

@@ -11,10 +11,10 @@ A one-shot method is exactly one round of Flower's ``start`` loop:
   ``train`` message the project's ClientApp answers (``client_app.app.train``): each node
   trains its local model f_i once and uploads it;
 * ``aggregate_train`` reads and checks the uploads (:mod:`.replies`) and runs the server
-  method on the usable ones (the same function the run config's ``method`` names, called
-  through :class:`~fedbicross_flwr.methods.base.MethodInput`); it returns the global model
-  when every client receives the same one, else None (a personalized method: FedBiCross,
-  cluster-FedAvg), and the uploads' mean local metrics;
+  method on the usable ones (:meth:`OneShotStrategy.aggregate_uploads`, which is also phase 2
+  of the project's own run, ``fedbicross_flwr.server.run_server``, in every engine); it
+  returns the global model when every client receives the same one, else None (a
+  personalized method: FedBiCross, cluster-FedAvg), and the uploads' mean local metrics;
 * ``configure_evaluate`` sends each node the model chosen for ITS partition as a
   ``train.personalize`` message (``client_app.app.personalize``): the node distils it with
   its own f_i (Eq. 9) and reports its accuracies before and after, never a model;
@@ -58,15 +58,15 @@ from fedbicross_flwr.config.fields import Section, is_key
 from fedbicross_flwr.config.run_config import RunConfig, parse_site_nodes
 from fedbicross_flwr.config.sections import ExecutionConfig, FederationConfig, TaskConfig
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.methods.base import MethodInput, MethodOutput
+from fedbicross_flwr.methods.base import MethodInput, MethodOutput, run_method
 from fedbicross_flwr.model import build_resnet18, probe_for, resnet18_shape, with_counters
 from fedbicross_flwr.protocol import ClientFailure, ClientUpload, StateDict
-from fedbicross_flwr.server import check_outgoing_models
 from fedbicross_flwr.strategies.replies import (
     Binding,
     accept_uploads,
     read_personalized,
     read_uploads,
+    refuse_bad_metrics,
 )
 from fedbicross_flwr.training import resolve_device
 
@@ -179,20 +179,28 @@ class OneShotStrategy(Strategy):
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any] | RunConfig,
                         **overrides: Any) -> Self:
-        """The strategy with the settings of a project run config (kebab-case keys, as
-        ``context.run_config``), its federation keys included (``num-clients``,
-        ``min-clients``, ``site-nodes``, ``max-num-examples``); ``overrides`` as keywords.
+        """The strategy of a project run config (kebab-case keys, as ``context.run_config``,
+        or a :class:`RunConfig`): ``overrides`` as keywords.
+
+        Its :attr:`run_config` is that run config, for this strategy's method, so the server
+        method reads every key of it as the project's own run does; the federation keys
+        (``num-clients``, ``min-clients``, ``site-nodes``, ``max-num-examples``) become the
+        node arguments. The project's run (``fedbicross_flwr.server.run_server``) builds its
+        one-shot method's strategy this way.
         """
         cfg = (run_config if isinstance(run_config, RunConfig)
                else RunConfig.from_run_config(run_config))
-        values: dict[str, Any] = {name: getattr(cfg, name) for name in (*SHARED,
-                                                                        *cls.setting_names())}
+        own = (*SHARED, *cls.setting_names())
+        values: dict[str, Any] = {name: getattr(cfg, name) for name in own}
         values.update(min_available_nodes=cfg.num_clients,
                       min_train_nodes=cfg.effective_min_clients,
                       site_nodes=parse_site_nodes(cfg.site_nodes) or None,
                       assign_partitions=not cfg.sites_bring_data,
                       max_num_examples=cfg.max_num_examples or None)
-        return cls(**{**values, **overrides})
+        strategy = cls(**{**values, **overrides})  # checks the overrides
+        settings = {k: v for k, v in overrides.items() if k in own}
+        strategy.run_config = cfg.for_method(cls.method_name, cfg.run_name).replace(**settings)
+        return strategy
 
     def summary(self) -> None:
         """Log the strategy's configuration (Flower calls it at ``start``)."""
@@ -279,7 +287,10 @@ class OneShotStrategy(Strategy):
                                f"min_train_nodes is {self.min_train_nodes}; failures: "
                                f"{[(f.partition_id, f.reason) for f in self.failures]}")
         self.uploads = uploads
-        self.output = self._run_method(uploads)
+        with self._artefacts_dir() as run_dir:
+            self.output = self.aggregate_uploads(self._method_input(uploads, run_dir),
+                                                 probe_for(self.reference))
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # nothing to resume
         metrics: dict[str, float] = {"num-uploads": len(uploads),
                                      "num-failures": len(self.failures)}
         metrics.update(client_means(self.local_metrics.values(), TRAIN_METRICS))
@@ -290,27 +301,31 @@ class OneShotStrategy(Strategy):
             return self.max_num_examples.get(pid)
         return self.max_num_examples
 
-    def _run_method(self, uploads: list[ClientUpload]) -> MethodOutput:
-        """The server method on ``uploads``; every partition's model is checked before use."""
+    def _method_input(self, uploads: list[ClientUpload], run_dir: Path) -> MethodInput:
+        """What the server method gets in round 1: the uploads, :attr:`run_config` with the
+        model's shape (read from w^(0)), the device, the artefacts folder.
+        """
         assert self.reference is not None
         in_channels, num_classes, width = resnet18_shape(self.reference)
         cfg = self.run_config.replace(
             dataset="custom", in_channels=in_channels, num_classes=num_classes,
-            model_width=width, num_clients=max(len(uploads), self.run_config.num_clusters))
+            model_width=width, num_clients=max(len(uploads), self.run_config.num_clients))
         device = resolve_device(cfg.device)
         log(logging.INFO, "aggregate_train: server method %r on %d uploads (device %s)",
             self.method_name, len(uploads), device)
-        with self._artefacts_dir() as run_dir:
-            out = self.server_method(MethodInput(uploads, cfg, in_channels, num_classes,
-                                                 device, run_dir))
-            missing = sorted({u.partition_id for u in uploads} - set(out.models))
-            if missing:
-                raise RuntimeError(f"{self.method_name} returned no model for partitions "
-                                   f"{missing}")
-            check_outgoing_models(self.method_name, out.models, uploads,
-                                  probe_for(self.reference), run_dir)
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # nothing to resume
-        return out
+        return MethodInput(uploads, cfg, in_channels, num_classes, device, run_dir)
+
+    def aggregate_uploads(self, inp: MethodInput,
+                          probe: Callable[[StateDict], str | None]) -> MethodOutput:
+        """The server method on checked uploads: one model per partition, each checked
+        before it is sent (:func:`~fedbicross_flwr.methods.base.run_method`; ``probe``: the
+        forward pass on the fixed probe batch, :func:`~fedbicross_flwr.model.probe_for`).
+
+        The one path from the uploads to the models the clients personalize: round 1's
+        ``aggregate_train`` calls it on the uploads it read, and the project's run
+        (``fedbicross_flwr.server.run_server``, every engine) on phase 1's uploads.
+        """
+        return run_method(self.method_name, self.server_method, inp, probe)
 
     @contextmanager
     def _artefacts_dir(self) -> Iterator[Path]:
@@ -361,8 +376,10 @@ class OneShotStrategy(Strategy):
         """
         if server_round != 1 or self.output is None:
             return None
-        phase = read_personalized(replies, self._destinations(), self.binding,
-                                  self.local_metrics)
+        phase = read_personalized(replies, self._destinations(), self.binding)
+        phase.failures.extend(refuse_bad_metrics(
+            phase, self.local_metrics,
+            {pid: str(nid) for pid, nid in self.binding.node_of.items()}))
         self.client_metrics = dict(phase.replies)
         self.failures.extend(phase.failures)
         _log_failures(phase.failures)

@@ -1,17 +1,25 @@
-"""A one-shot strategy's two rounds of replies, read into partitions with the project's checks.
+"""Flower replies read into partitions with the project's checks: one home for every reader.
 
-Which node holds which partition is fixed before any instruction is sent (:class:`Binding`):
-the operator's ``site_nodes`` (deployment), or the server's own assignment of partitions
-0..n-1 to the connected nodes, sent with the instructions (simulation, as the project's
-ServerApp does). A reply counts for partition p only if it comes from p's node and names p.
-Without a binding (deployment without ``site_nodes``) every site names its own partition, and
-a partition claimed by two nodes is refused for both.
+A one-shot strategy (:mod:`.base`) and the project's Grid transport
+(:class:`~fedbicross_flwr.engines.grid_transport.GridTransport`) read their replies here, with
+the same rules:
 
-Every reply is read with :func:`~fedbicross_flwr.engines.grid_transport.read_reply`; an upload
-is then refused by :func:`~fedbicross_flwr.protocol.upload_problem` (its model against w^(0),
-a forward pass on the fixed probe batch, its ``num-examples``, every metric in its range), a
-personalization reply by :func:`~fedbicross_flwr.server.refuse_bad_metrics`. What is refused
-becomes a :class:`~fedbicross_flwr.protocol.ClientFailure` with its reason; the run goes on.
+* :func:`read_reply` reads one reply of any phase; anything malformed is a
+  :class:`ReplyError` naming what is wrong (the site fails alone, the run goes on);
+* :class:`Binding` says which node holds which partition, fixed before any instruction is
+  sent: the operator's ``site-nodes`` (deployment), or the server's own assignment of
+  partitions 0..n-1 to the connected nodes, sent with the instructions (simulation). A reply
+  counts for partition p only if it comes from p's node and names p. Without a binding
+  (deployment without ``site-nodes``) every site names its own partition, and a partition
+  claimed by two nodes is refused for both;
+* :func:`read_uploads` / :func:`read_personalized` read a ``train`` / ``train.personalize``
+  round into a :class:`~fedbicross_flwr.protocol.PhaseResult` keyed by partition;
+* :func:`accept_uploads` refuses an upload that
+  :func:`~fedbicross_flwr.protocol.upload_problem` refuses (its model against w^(0), a forward
+  pass on the fixed probe batch, its ``num-examples``, every metric in its range), and
+  :func:`refuse_bad_metrics` a personalization reply whose metrics are out of range.
+
+What is refused becomes a :class:`~fedbicross_flwr.protocol.ClientFailure` with its reason.
 """
 
 from __future__ import annotations
@@ -21,25 +29,108 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import Message
-from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
-from fedbicross_flwr.engines.grid_transport import ReplyError, read_reply
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.protocol import (
+    REPLY_CONFIG_KEYS,
+    REPLY_RECORDS,
     ClientFailure,
     ClientReply,
     ClientUpload,
     PhaseResult,
     StateDict,
+    metrics_problem,
     upload_problem,
 )
-from fedbicross_flwr.server import refuse_bad_metrics
+
+# Error replies the SuperLink makes itself when a node never answers (the message or its reply
+# expired, or the node stopped sending heartbeats).
+SUPERLINK_ERRORS = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
+                              ErrorCode.NODE_UNAVAILABLE})
+
+
+
+class ReplyError(ValueError):
+    """A reply that cannot be read: its site fails with this reason, the run goes on."""
+
+
+@dataclass
+class Reply:
+    """One reply, read: what the site says it is and what it sent (not yet checked)."""
+
+    node: int  # the Flower node id the reply came from (set by the SuperLink)
+    partition_id: int | None  # the partition the reply names, when it names one
+    error: str | None  # the error the client reported instead of a result
+    state: StateDict | None  # the model (``train`` replies)
+    metrics: dict[str, Any]  # the metric record, values as sent (checked by the server)
+
+
+def _partition_id(value: Any) -> int:
+    """A reply's ``partition-id``: a whole number, or ReplyError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ReplyError(f"partition-id {value!r} is not a whole number")
+    return int(value)
+
+
+def read_reply(reply: Message, message_type: str) -> Reply:
+    """Read one reply of any phase, the one place that does; anything malformed is a
+    :class:`ReplyError` naming what is wrong.
+
+    A reply with a record its phase does not define, or a config key other than
+    ``partition-id`` and ``error`` (:data:`~fedbicross_flwr.protocol.REPLY_RECORDS`), is
+    refused. An error reply (Flower's, or the client's own ``error`` in its config record) is
+    read into ``error``. Otherwise a ``train`` reply must carry an ``arrays`` ArrayRecord, a
+    ``metrics`` MetricRecord and a ``partition-id``; a ``train.personalize`` reply a
+    ``metrics`` record (its ``partition-id`` is optional). Metric values are kept as sent: their names, types
+    and ranges are the server's check (:func:`fedbicross_flwr.protocol.metrics_problem`).
+    """
+    try:
+        return _read(reply, message_type)
+    except ReplyError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever a site sends, it fails alone
+        raise ReplyError(f"malformed {message_type} reply: {type(err).__name__}: {err}"
+                         ) from None
+
+
+def _read(reply: Message, message_type: str) -> Reply:
+    node = int(reply.metadata.src_node_id)
+    if reply.has_error():
+        if reply.error.code in SUPERLINK_ERRORS:  # the SuperLink's: the site never answered
+            return Reply(node, None, f"no reply ({reply.error.reason})", None, {})
+        return Reply(node, None, f"error reply: {reply.error.reason}", None, {})
+    content = reply.content
+    if extra := sorted(set(content) - REPLY_RECORDS[message_type]):
+        raise ReplyError(f"the {message_type} reply has a record {extra[0]!r} that the phase "
+                         f"does not define (it carries only "
+                         f"{sorted(REPLY_RECORDS[message_type])})")
+    config: Any = content["config"] if "config" in content else ConfigRecord({})
+    if not isinstance(config, ConfigRecord):
+        raise ReplyError(f"its config is a {type(config).__name__}, not a ConfigRecord")
+    if extra := sorted(set(config) - REPLY_CONFIG_KEYS):
+        raise ReplyError(f"the {message_type} reply's config holds {extra[0]!r}, which the "
+                         f"phase does not define (only {sorted(REPLY_CONFIG_KEYS)})")
+    pid = _partition_id(config["partition-id"]) if "partition-id" in config else None
+    if "error" in config:
+        return Reply(node, pid, f"client error: {config['error']!s}", None, {})
+    if "metrics" not in content or not isinstance(content["metrics"], MetricRecord):
+        raise ReplyError(f"the {message_type} reply has no metrics record")
+    metrics = dict(content["metrics"].items())
+    state = None
+    if message_type == "train":
+        if pid is None:
+            raise ReplyError("the train reply names no partition-id")
+        if "arrays" not in content or not isinstance(content["arrays"], ArrayRecord):
+            raise ReplyError("the train reply has no arrays record (an ArrayRecord)")
+        state = content["arrays"].to_torch_state_dict()
+    return Reply(node, pid, None, state, metrics)
 
 
 @dataclass
 class Binding:
-    """Which node holds which partition, for one run of a one-shot strategy.
+    """Which node holds which partition, for one run (of a strategy, or of the project).
 
     Attributes
     ----------
@@ -47,7 +138,7 @@ class Binding:
         Partition-id -> Flower node id: fixed before round 1 when ``bound``, else filled from
         the sites' own claims in round 1.
     bound : bool
-        The server fixed ``node_of`` before sending anything (``site_nodes``, or assigned).
+        The server fixed ``node_of`` before sending anything (``site-nodes``, or assigned).
     num_partitions : int
         > 0 when the server assigned partitions 0..n-1 of the run's dataset (simulation).
     """
@@ -66,20 +157,22 @@ class Binding:
         nodes : list[int]
             The connected node ids, sorted.
         site_nodes : mapping, optional
-            Partition-id -> node id, the operator's binding (deployment).
+            Partition-id -> node id, the operator's binding (deployment: the run-config
+            key ``site-nodes``, a strategy's ``site_nodes``).
         assign : bool
             Without ``site_nodes``: assign partitions 0..n-1 to ``nodes`` in order (True), or
             let every site name its own partition (False).
         """
         if site_nodes:
             for nid in sorted(set(nodes) - set(site_nodes.values())):
-                log(logging.WARNING, "node %d is not in site_nodes: it is sent nothing", nid)
+                log(logging.WARNING, "node %d is not in site-nodes: it is sent nothing", nid)
             registry = {int(p): int(n) for p, n in site_nodes.items()}
             return cls(registry, True), [n for n in registry.values() if n in nodes]
         if assign:
             return cls(dict(enumerate(nodes)), True, len(nodes)), list(nodes)
-        log(logging.WARNING, "no site_nodes and assign_partitions=False: each site's "
-            "partition-id is its own claim; a partition claimed by two nodes is refused")
+        log(logging.WARNING, "no site-nodes and the server assigns no partitions: each "
+            "site's partition-id is its own claim; a partition claimed by two nodes is refused "
+            "(bind sites to nodes with site-nodes)")
         return cls(), list(nodes)
 
     def instruction(self, pid: int | None) -> dict[str, Any]:
@@ -104,14 +197,21 @@ def sender(reply: Message, destinations: Mapping[str, int]) -> int:
     return src
 
 
+def no_reply(nid: int) -> str:
+    """The reason of an instructed node that sent nothing back (no more is known)."""
+    return "no reply"
+
+
 def read_uploads(replies: Iterable[Message], destinations: Mapping[str, int],
-                 binding: Binding) -> PhaseResult:
-    """Round 1's replies as a phase result keyed by partition (failures with reasons).
+                 binding: Binding, why_silent: Callable[[int], str] = no_reply) -> PhaseResult:
+    """A ``train`` round's replies as a phase result keyed by partition (failures with
+    reasons).
 
     A reply from another node than its instruction's, a reply that names another partition
     than the one its node was sent, and a partition claimed by two nodes (no binding) are
-    refused; an instructed node without a reply, and a bound partition whose node is not
-    connected, are failures.
+    refused; an instructed node without a reply (``why_silent(node)`` says why), and a bound
+    partition whose node is not connected, are failures. ``destinations``: message id ->
+    the node it was sent to, for every instruction of the round.
     """
     result = PhaseResult(num_partitions=binding.num_partitions)
     pid_of = binding.partition_of() if binding.bound else {}
@@ -139,14 +239,16 @@ def read_uploads(replies: Iterable[Message], destinations: Mapping[str, int],
         if binding.bound and pid != expected:
             result.failures.append(ClientFailure(
                 expected, str(nid), "train",
-                f"spoofed partition-id: node {nid} replied as partition {pid}, but was sent "
-                f"partition {expected}'s instruction; reply refused"))
+                f"spoofed partition-id: node {nid} replied as partition {pid}, but "
+                f"partition {pid} belongs to node {binding.node_of.get(pid)} and this node "
+                f"was sent partition {expected}'s instruction; reply refused"))
             continue
         claims.setdefault(pid, []).append(nid)
         result.replies[pid] = ClientReply(pid, state, reply.metrics)
     _settle_claims(result, claims, binding)
     for nid in sorted(set(destinations.values()) - answered):
-        result.failures.append(ClientFailure(pid_of.get(nid), str(nid), "train", "no reply"))
+        result.failures.append(ClientFailure(pid_of.get(nid), str(nid), "train",
+                                             why_silent(nid)))
     if binding.bound:
         result.partitions = {pid: str(nid) for pid, nid in binding.node_of.items()}
         for pid, nid in sorted(binding.node_of.items()):
@@ -164,25 +266,27 @@ def _settle_claims(result: PhaseResult, claims: dict[int, list[int]], binding: B
             result.failures.append(ClientFailure(
                 pid, ",".join(map(str, claimants)), "train",
                 f"partition-id {pid} claimed by {len(claimants)} nodes {claimants}; all "
-                "refused (bind sites to nodes with site_nodes)"))
+                "refused (bind sites to nodes with site-nodes)"))
         elif not binding.bound:
             binding.node_of[pid] = claimants[0]
 
 
 def accept_uploads(phase: PhaseResult, reference: StateDict,
                    probe: Callable[[StateDict], str | None],
-                   max_examples: Callable[[int], int | None]
+                   max_examples: Callable[[int], int | None],
+                   optional: frozenset[str] = frozenset()
                    ) -> tuple[list[ClientUpload], dict[int, dict[str, Any]], list[ClientFailure]]:
     """The usable uploads (sorted by partition), each one's metrics, and the refused ones.
 
     An upload is refused when :func:`~fedbicross_flwr.protocol.upload_problem` names a
     problem: its state against ``reference`` (w^(0)) and the ``probe``, its ``num-examples``
-    above ``max_examples(pid)``, or a metric out of its range.
+    above ``max_examples(pid)``, or a metric out of its range (``optional``: the metrics it
+    may add to the required ones).
     """
     uploads, metrics, refused = [], {}, []
     for pid in sorted(phase.replies):
         reply: ClientReply = phase.replies[pid]
-        problem = upload_problem(reply, reference, probe, max_examples(pid))
+        problem = upload_problem(reply, reference, probe, max_examples(pid), optional)
         if problem is not None:
             refused.append(ClientFailure(pid, phase.partitions.get(pid, "-"), "train",
                                          f"rejected upload: {problem}"))
@@ -193,13 +297,14 @@ def accept_uploads(phase: PhaseResult, reference: StateDict,
 
 
 def read_personalized(replies: Iterable[Message], destinations: Mapping[str, int],
-                      binding: Binding, local_metrics: Mapping[int, Mapping[str, Any]]
+                      binding: Binding, why_silent: Callable[[int], str] = no_reply
                       ) -> PhaseResult:
     """The personalization round's metrics keyed by partition (failures with reasons).
 
     Each reply must come from the node its partition's model went to and name no other
-    partition; its metrics are checked against the site's round-1 upload
-    (:func:`~fedbicross_flwr.server.refuse_bad_metrics`).
+    partition; an instructed node without a reply is a failure (``why_silent(node)``). The
+    metrics are kept as sent: :func:`refuse_bad_metrics` checks them against the site's
+    upload.
     """
     result = PhaseResult()
     pid_of = binding.partition_of()
@@ -227,11 +332,29 @@ def read_personalized(replies: Iterable[Message], destinations: Mapping[str, int
             result.replies[pid] = reply.metrics
     for nid in sorted(set(destinations.values()) - answered):
         result.failures.append(ClientFailure(pid_of.get(nid), str(nid), "personalize",
-                                             "no reply"))
-    nodes = {pid: str(nid) for pid, nid in binding.node_of.items()}
-    local = {pid: dict(m) for pid, m in local_metrics.items()}
-    result.failures.extend(refuse_bad_metrics(result, local, nodes))
+                                             why_silent(nid)))
     return result
 
 
-__all__ = ["Binding", "accept_uploads", "read_personalized", "read_uploads", "sender"]
+def refuse_bad_metrics(phase3: PhaseResult, local_metrics: Mapping[int, Mapping[str, Any]],
+                       nodes: Mapping[int, str]) -> list[ClientFailure]:
+    """Remove the phase-3 replies whose metrics are refused (:func:`metrics_problem`, and
+    ``num-examples`` equal to the site's phase-1 count); their failures, with the reason.
+    """
+    refused = []
+    for pid in sorted(phase3.replies):
+        metrics, own = phase3.replies[pid], local_metrics.get(pid, {})
+        problem = metrics_problem("train.personalize", metrics, own.get("n-test-personal"))
+        if problem is None and metrics["num-examples"] != own.get("num-examples"):
+            problem = (f"metric num-examples={metrics['num-examples']!r} differs from the "
+                       f"{own.get('num-examples')!r} the site uploaded with in phase 1")
+        if problem is not None:
+            del phase3.replies[pid]
+            refused.append(ClientFailure(pid, nodes.get(pid, "-"), "personalize",
+                                         f"rejected metrics: {problem}"))
+    return refused
+
+
+__all__ = ["SUPERLINK_ERRORS", "Binding", "Reply", "ReplyError", "accept_uploads",
+           "no_reply", "read_personalized", "read_reply", "read_uploads", "refuse_bad_metrics",
+           "sender"]

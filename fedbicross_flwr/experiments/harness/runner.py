@@ -50,7 +50,7 @@ def default_cell_runner(cell: Cell, cfg: RunConfig, transport: Any) -> Path:
 
 
 def direct_transports(cache_dir: Path | None) -> TransportFactory:
-    """In-process clients (no Flower), with the trained-client cache when given."""
+    """In-process clients (no Flower runtime), with the trained-client cache when given."""
     def make(cfg: RunConfig) -> Any:
         from fedbicross_flwr.engines.direct import DirectTransport
 
