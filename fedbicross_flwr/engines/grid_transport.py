@@ -24,6 +24,8 @@ from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.protocol import (
     REPLY_CONFIG_KEYS,
     REPLY_RECORDS,
+    RETURN_MODEL,
+    SCORING_RECORDS,
     ClientFailure,
     ClientReply,
     PhaseResult,
@@ -70,7 +72,7 @@ class Reply:
     node: int  # the Flower node id the reply came from (set by the SuperLink)
     partition_id: int | None  # the partition the reply names, when it names one
     error: str | None  # the error the client reported instead of a result
-    state: StateDict | None  # the model (``train`` replies)
+    state: StateDict | None  # the model (``train`` replies; ``train.personalize`` when asked)
     metrics: dict[str, Any]  # the metric record, values as sent (checked by the server)
 
 
@@ -81,7 +83,7 @@ def _partition_id(value: Any) -> int:
     return int(value)
 
 
-def read_reply(reply: Message, message_type: str) -> Reply:
+def read_reply(reply: Message, message_type: str, with_model: bool = False) -> Reply:
     """Read one reply of any phase, the one place that does; anything malformed is a
     :class:`ReplyError` naming what is wrong.
 
@@ -90,11 +92,13 @@ def read_reply(reply: Message, message_type: str) -> Reply:
     refused. An error reply (Flower's, or the client's own ``error`` in its config record) is
     read into ``error``. Otherwise a ``train`` reply must carry an ``arrays`` ArrayRecord, a
     ``metrics`` MetricRecord and a ``partition-id``; a ``train.personalize`` reply a
-    ``metrics`` record (its ``partition-id`` is optional). Metric values are kept as sent: their names, types
-    and ranges are the server's check (:func:`fedbicross_flwr.protocol.metrics_problem`).
+    ``metrics`` record (its ``partition-id`` is optional), and, ``with_model`` (the server
+    asked for the personalized model to score it), an ``arrays`` ArrayRecord too. Metric
+    values are kept as sent: their names, types and ranges are the server's check
+    (:func:`fedbicross_flwr.protocol.metrics_problem`).
     """
     try:
-        return _read(reply, message_type)
+        return _read(reply, message_type, with_model)
     except ReplyError:
         raise
     except Exception as err:  # noqa: BLE001 - whatever a site sends, it fails alone
@@ -102,17 +106,17 @@ def read_reply(reply: Message, message_type: str) -> Reply:
                          ) from None
 
 
-def _read(reply: Message, message_type: str) -> Reply:
+def _read(reply: Message, message_type: str, with_model: bool) -> Reply:
     node = int(reply.metadata.src_node_id)
     if reply.has_error():
         if reply.error.code in SUPERLINK_ERRORS:  # the SuperLink's: the site never answered
             return Reply(node, None, f"no reply ({reply.error.reason})", None, {})
         return Reply(node, None, f"error reply: {reply.error.reason}", None, {})
     content = reply.content
-    if extra := sorted(set(content) - REPLY_RECORDS[message_type]):
+    records = REPLY_RECORDS[message_type] | (SCORING_RECORDS if with_model else frozenset())
+    if extra := sorted(set(content) - records):
         raise ReplyError(f"the {message_type} reply has a record {extra[0]!r} that the phase "
-                         f"does not define (it carries only "
-                         f"{sorted(REPLY_RECORDS[message_type])})")
+                         f"does not define (it carries only {sorted(records)})")
     config: Any = content["config"] if "config" in content else ConfigRecord({})
     if not isinstance(config, ConfigRecord):
         raise ReplyError(f"its config is a {type(config).__name__}, not a ConfigRecord")
@@ -126,11 +130,13 @@ def _read(reply: Message, message_type: str) -> Reply:
         raise ReplyError(f"the {message_type} reply has no metrics record")
     metrics = dict(content["metrics"].items())
     state = None
-    if message_type == "train":
-        if pid is None:
-            raise ReplyError("the train reply names no partition-id")
+    if message_type == "train" and pid is None:
+        raise ReplyError("the train reply names no partition-id")
+    if message_type == "train" or with_model:
         if "arrays" not in content or not isinstance(content["arrays"], ArrayRecord):
-            raise ReplyError("the train reply has no arrays record (an ArrayRecord)")
+            what = "" if message_type == "train" else " of the personalized model, to score"
+            raise ReplyError(f"the {message_type} reply has no arrays record (an "
+                             f"ArrayRecord{what})")
         state = content["arrays"].to_torch_state_dict()
     return Reply(node, pid, None, state, metrics)
 
@@ -381,23 +387,32 @@ class GridTransport:
                                                          "node not connected"))
         return result
 
-    def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
-        """Phase 3 over the Grid: each partition's model to its node, the metrics back."""
+    def personalize(self, cfg: RunConfig, models: dict[int, StateDict],
+                    return_models: bool = False) -> PhaseResult:
+        """Phase 3 over the Grid: each partition's model to its node, the metrics back.
+
+        ``return_models`` (a simulation, :mod:`fedbicross_flwr.reports.scoring`): the
+        instruction asks for the personalized model too (:data:`~fedbicross_flwr.protocol.
+        RETURN_MODEL`), a reply without one is refused, and the models are in the result's
+        ``models``; their bytes are not counted in ``bytes_up`` (a deployment never sends
+        them, so they are no cost of the method).
+        """
         messages, pid_of = [], {}
+        ask = {RETURN_MODEL: True} if return_models else {}
         for pid, state in sorted(models.items()):
             nid = self.node_of[pid]
             pid_of[nid] = pid
             messages.append(Message(RecordDict({"arrays": ArrayRecord(state),
-                                                "config": self._config(pid)}),
+                                                "config": self._config(pid, **ask)}),
                                     dst_node_id=nid, message_type="train.personalize"))
-        result = PhaseResult()
+        result, scoring_bytes = PhaseResult(), {}
         for message in self._send(messages, cfg):
             nid = message.metadata.src_node_id
             if (found := pid_of.get(nid)) is None:
                 continue  # not a node this phase instructed
             pid = found
             try:
-                reply = read_reply(message, "train.personalize")
+                reply = read_reply(message, "train.personalize", with_model=return_models)
             except ReplyError as err:
                 result.failures.append(ClientFailure(pid, str(nid), "personalize", str(err)))
                 continue
@@ -412,12 +427,17 @@ class GridTransport:
                     f"{reply.partition_id} to partition {pid}'s model; reply refused"))
                 continue
             result.replies[pid] = reply.metrics
+            if reply.state is not None:
+                result.models[pid] = reply.state
+                scoring_bytes[pid] = message_bytes(message.content["arrays"])
         for nid, pid in pid_of.items():
             if pid not in result.replies and not any(f.partition_id == pid
                                                      for f in result.failures):
                 result.failures.append(ClientFailure(pid, str(nid), "personalize",
                                                      self._no_reply(nid, cfg)))
         self._traffic(result)
+        for pid, n in scoring_bytes.items():
+            result.bytes_up[pid] = max(0, result.bytes_up.get(pid, 0) - n)
         return result
 
 
