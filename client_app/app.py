@@ -1,7 +1,9 @@
 """ClientApp: local training (``train``) and personalized distillation (``train.personalize``).
 
 The client keeps its own trained model f_i in ``context.state`` between the two messages. A
-reply carries model arrays, metrics and the partition-id, never data or labels; its metrics
+reply carries model arrays, metrics and the partition-id, never data or labels (in phase 3 the
+personalized model only when a simulation's server asks for it to score it; a deployment site,
+one with a ``data-path`` or an ``output-dir``, keeps it); its metrics
 must be exactly the names of ``fedbicross_flwr.client.REPLY_METRICS`` (otherwise the ClientApp
 raises, and only Flower's error reply leaves the site). In simulation the partition comes with
 the server's instruction (the server binds each partition to the node it sends it to); a
@@ -32,6 +34,7 @@ from fedbicross_flwr.data.site import assigned_node_config, load_site, site_part
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.flower_strategies import dp_clipping_mod
 from fedbicross_flwr.model import build_resnet18, load_resnet18
+from fedbicross_flwr.protocol import RETURN_MODEL
 from fedbicross_flwr.training import resolve_device
 
 # Flower's client-side DP clipping, when a DP wrapper's round asks for it
@@ -133,4 +136,11 @@ def personalize(msg: Message, context: Context) -> Message:
         torch.save(personal.state_dict(), path)
     content = RecordDict({"metrics": MetricRecord(metrics),  # type: ignore[arg-type]
                           "config": ConfigRecord({"partition-id": site.partition_id})})
+    if _instruction(msg).get(RETURN_MODEL):
+        if out_dir or str(context.node_config.get("data-path", "")):
+            log(logging.WARNING, "[client %d] the server asks for the personalized model; a "
+                "deployment site keeps it (only a simulation's sites send it back to be "
+                "scored)", site.partition_id)
+        else:  # simulation: the server scores it on the official test split it holds
+            content["arrays"] = ArrayRecord(personal.state_dict())
     return Message(content, reply_to=msg)

@@ -3,7 +3,8 @@
 Phase 1 (``train``): train the local ResNet-18 f_i on the client's partition.
 Phase 3 (``train.personalize``): start from the model the server chose for this client
 (G_k for FedBiCross), fine-tune it with Eq. 9, report accuracy before and after in both
-evaluation views. Only metrics leave the client; data and labels never do.
+evaluation views. Only metrics leave the client (and, in a simulation, the personalized model,
+which the server scores itself); data and labels never do.
 
 :data:`REPLY_METRICS` is the one list of metric names a client may send in each phase;
 :func:`checked_reply_metrics` enforces it (names, count, scalar number values) in the

@@ -7,7 +7,8 @@ the server, the transports, the methods and the tests can all depend on it witho
 * :class:`ClientReply` - a phase-1 reply as a transport delivers it (not yet checked);
 * :class:`ClientFailure` / :class:`PhaseResult` - what one phase brought back;
 * :data:`REPLY_METRICS` - the metric names a client may send, per message type;
-* :data:`REPLY_RECORDS` / :data:`REPLY_CONFIG_KEYS` - the records a reply may carry;
+* :data:`REPLY_RECORDS` / :data:`REPLY_CONFIG_KEYS` - the records a reply may carry
+  (:data:`SCORING_RECORDS` too in a phase 3 that asked for the model: :data:`RETURN_MODEL`);
 * :func:`validate_upload` - why an uploaded state dict is refused, or None;
 * :func:`metrics_problem` - why a reply's metrics are refused (name, type, range), or None.
 """
@@ -70,6 +71,11 @@ REPLY_RECORDS: dict[str, frozenset[str]] = {
     "train.personalize": frozenset({"metrics", "config"}),
 }
 REPLY_CONFIG_KEYS = frozenset({"partition-id", "error"})
+# The key of a phase-3 instruction's config by which a simulation's server asks for the
+# personalized model back, to score it itself (fedbicross_flwr.reports.scoring); only then may,
+# and must, a train.personalize reply carry these records too. A deployment site never sends it.
+RETURN_MODEL = "return-personalized-model"
+SCORING_RECORDS = frozenset({"arrays"})
 
 
 @dataclass(frozen=True)
@@ -121,6 +127,9 @@ class PhaseResult:
     bytes_up: dict[int, int] = field(default_factory=dict)  # partition-id -> bytes it sent
     measured: bool = False  # bytes of the real messages (Flower), else the arrays' formula
     global_state: StateDict | None = None  # a multi-round method's w^(R) (methods.rounds)
+    # phase 3, when the server asked for them: partition-id -> the personalized model it sent
+    # back to be scored (fedbicross_flwr.reports.scoring); never counted in bytes_up
+    models: dict[int, StateDict] = field(default_factory=dict)
 
 
 def num_examples_problem(value: Any, bound: int | None) -> str | None:
@@ -135,7 +144,9 @@ def num_examples_problem(value: Any, bound: int | None) -> str | None:
         ``max-num-examples`` when set); None: no bound is known.
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return f"metric num-examples is missing or not a number ({value!r})"
+        return f"metric num-examples is missing or not a number ({_shown(value)})"
+    if _as_float(value) is None:
+        return f"metric num-examples={_shown(value)} is too large for a number of examples"
     if not math.isfinite(value) or value != int(value) or value < 1:
         return f"metric num-examples={value!r} is not a positive integer"
     if bound is not None and value > bound:
@@ -168,7 +179,9 @@ def metrics_problem(message_type: str, metrics: Any, n_test_personal: float | No
         value = metrics[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return f"metric {name} is a {type(value).__name__}, not one number"
-        kind, value = METRIC_KINDS[name], float(value)
+        kind, value = METRIC_KINDS[name], _as_float(value)
+        if value is None:
+            return f"metric {name}={_shown(metrics[name])} is too large to be a float"
         if math.isnan(value) and kind in ("accuracy-or-nan", "loss"):
             continue
         if kind == "examples":
@@ -196,6 +209,22 @@ def metrics_problem(message_type: str, metrics: Any, n_test_personal: float | No
             return (f"metric {name} is NaN, but the site's label-following split has "
                     f"n-test-personal={n_test_personal:g} examples")
     return None
+
+
+def _as_float(value: int | float) -> float | None:
+    """``value`` as a float, or None for an integer beyond the float range (a float of it
+    raises OverflowError).
+    """
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def _shown(value: Any) -> str:
+    """``repr(value)``, cut to 24 characters (an integer of 400 digits stays one short line)."""
+    text = repr(value)
+    return text if len(text) <= 24 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def upload_problem(reply: ClientReply, reference: StateDict,

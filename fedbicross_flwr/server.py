@@ -1,10 +1,11 @@
 """The one-shot protocol on the server, independent of how messages travel.
 
 Phase 1 collects every client's single upload, phase 2 runs the configured server method,
-phase 3 sends each client its own model for ``train.personalize`` and collects the metrics;
-then the run folder is written. A one-shot method's phase 2 is its Flower strategy's
-(:mod:`fedbicross_flwr.strategies`): the strategy object built from the run config
-aggregates the uploads (``OneShotStrategy.aggregate_uploads``), the same code its
+phase 3 sends each client its own model for ``train.personalize`` and collects the metrics (in
+a simulation with the personalized models, which the server scores itself:
+:func:`personalize_and_score`); then the run folder is written. A one-shot method's phase 2 is
+its Flower strategy's (:mod:`fedbicross_flwr.strategies`): the strategy object built from the
+run config aggregates the uploads (``OneShotStrategy.aggregate_uploads``), the same code its
 ``aggregate_train`` runs in a user's ServerApp; the uploads are accepted and the replies read
 by the same functions too (:mod:`fedbicross_flwr.strategies.replies`). A
 :class:`Transport` carries the client phases: Flower's Grid in
@@ -19,6 +20,8 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config.run_config import RunConfig
@@ -50,6 +53,7 @@ from fedbicross_flwr.protocol import (  # noqa: F401
     upload_problem,
     validate_upload,
 )
+from fedbicross_flwr.reports.headline import SCORED_BY_SERVER, SELF_REPORTED, headline
 from fedbicross_flwr.reports.knowledge import knowledge_markdown, write_knowledge
 from fedbicross_flwr.reports.results import (
     create_run_dir,
@@ -60,6 +64,7 @@ from fedbicross_flwr.reports.results import (
     write_json,
     write_summary_md,
 )
+from fedbicross_flwr.reports.scoring import server_scoring
 from fedbicross_flwr.storage.uploads_checkpoint import checkpointed_uploads
 from fedbicross_flwr.strategies import BY_METHOD, strategy_for
 from fedbicross_flwr.strategies.replies import accept_uploads, refuse_bad_metrics
@@ -197,8 +202,10 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
 
     Phase 1 collects one upload per client (each validated against w^(0) and its example
     bound; the rejected ones become failures) and checkpoints them; phase 2 runs the server
-    method; phase 3 sends its models back for personalization. ``clients.csv``,
-    ``summary.json``/``.md`` and the knowledge report are then written.
+    method; phase 3 sends its models back for personalization (:func:`personalize_and_score`:
+    who scores the accuracies). ``clients.csv``, ``summary.json``/``.md`` (with the headline:
+    :func:`~fedbicross_flwr.reports.headline.headline`) and the knowledge report are then
+    written.
 
     Raises
     ------
@@ -243,18 +250,16 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     t0 = time.perf_counter()
     log(logging.INFO, "%sphase 3/3: personalized distillation on the clients",
         position_text())
-    phase3 = transport.personalize(cfg, out.models)
+    phase3, scored_by = personalize_and_score(cfg, transport, out.models, phase1,
+                                              local_metrics, (init, probe, device))
     times["phase3-personalization"] = time.perf_counter() - t0
-    phase3.failures.extend(refuse_bad_metrics(phase3, local_metrics, phase1.partitions))
     failures.extend(phase3.failures)
-    for f in phase3.failures:
-        log(logging.WARNING, "client %s (node %s) missing in phase 3: %s", f.partition_id,
-            f.node, f.reason)
 
     # Results ----------------------------------------------------------------------------------
     rows = _client_rows(phase1, phase3, out.clusters, local_metrics, failures)
     write_clients_csv(run_dir / "clients.csv", rows)
-    summary = summarize(rows, cfg, {"majority-rate": majority, "wall-times-s": times,
+    summary = summarize(rows, cfg, {"majority-rate": majority, **headline(rows, scored_by),
+                                    "wall-times-s": times,
                                     "cost": cost_summary(cfg, rows, times, phase1.measured),
                                     "failures": [f.__dict__ for f in failures],
                                     "method-diagnostics": out.diagnostics})
@@ -286,6 +291,38 @@ def server_method(inp: MethodInput, probe: Callable[[StateDict], str | None]) ->
     if name in BY_METHOD:
         return strategy_for(inp.cfg).aggregate_uploads(inp, probe)
     return run_method(name, get_method(name), inp, probe)
+
+
+def personalize_and_score(cfg: RunConfig, transport: Transport, models: dict[int, StateDict],
+                          phase1: PhaseResult, local_metrics: dict[int, dict],
+                          check: tuple[StateDict, Callable[[StateDict], str | None],
+                                       torch.device]) -> tuple[PhaseResult, str]:
+    """Phase 3, and who scored its accuracies: ``"server"`` or ``"site (self-reported)"``.
+
+    In a simulation (the server assigned the partitions and reads the dataset) the sites send
+    their personalized models back and the server scores them and the models it sent
+    (:mod:`fedbicross_flwr.reports.scoring`): a site's own figures cannot move the results. In
+    a deployment the figures are the sites' own. Either way a reply whose metrics are refused
+    (:func:`refuse_bad_metrics`) is left out; the phase's failures (refusals and, scored,
+    self-report mismatches) are in the result's ``failures``, each logged.
+
+    ``check`` is (w^(0), the probe forward pass, the server's device).
+    """
+    reference, probe, device = check
+    scoring = server_scoring(cfg, phase1.num_partitions, reference, probe)
+    phase3 = transport.personalize(cfg, models, return_models=scoring is not None)
+    phase3.failures.extend(refuse_bad_metrics(phase3, local_metrics, phase1.partitions))
+    mismatches: list[ClientFailure] = []
+    if scoring is not None:
+        refused, mismatches = scoring.score(phase3, models, phase1.partitions, device)
+        phase3.failures.extend(refused)
+    for f in phase3.failures:
+        log(logging.WARNING, "client %s (node %s) missing in phase 3: %s", f.partition_id,
+            f.node, f.reason)
+    for f in mismatches:
+        log(logging.WARNING, "client %s (node %s): %s", f.partition_id, f.node, f.reason)
+    phase3.failures.extend(mismatches)
+    return phase3, SCORED_BY_SERVER if scoring is not None else SELF_REPORTED
 
 
 def _accepted_uploads(cfg: RunConfig, phase1: PhaseResult, init: StateDict,

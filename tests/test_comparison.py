@@ -35,17 +35,22 @@ def test_comparison_table_hand_computed(tmp_path) -> None:
     dirs = {"local": _summary(tmp_path / "a", "local", 0.25, 0.3),
             "fedbicross": _summary(tmp_path / "b", "fedbicross", 0.4012, 0.45678, cost={
                 "bytes-up-per-client": 2_846_000, "bytes-down-per-client": 5_690_123,
-                "model-exchanges": 2, "server-seconds": 373.4})}
+                "model-exchanges": 2, "server-seconds": 373.4}, **{
+                "scored-by": "server", "acc-after-median": 0.5, "acc-after-outliers": [],
+                "acc-after-per-site": {"0": 0.37034, "1": 0.5, "2": 0.5}})}
     # Execute
     table = comparison_markdown(comparison_rows(dirs))
     # Assert: percentages with 2 decimals, missing as n/a, rows in the order given
     lines = table.splitlines()
-    assert lines[2] == "| local | 5/5 | 25.00 | **30.00** | 12.50 | n/a | n/a | n/a | n/a | n/a |"
-    assert lines[3] == ("| fedbicross | 5/5 | 40.12 | **45.68** | 20.06 | n/a | 2.85 | 5.69 | 2 "
-                        "| 373 |")
+    assert lines[2] == ("| local | 5/5 | n/a | 25.00 | **30.00** | n/a | 12.50 | n/a | n/a | n/a "
+                        "| n/a | n/a |")
+    assert lines[3] == ("| fedbicross | 5/5 | server | 40.12 | **45.68** | 50.00 | 20.06 | n/a "
+                        "| 2.85 | 5.69 | 2 | 373 |")
     assert lines[5] == ("Mean client accuracy (%) on digits. Majority-class rate of the official "
                         "test split: 10.17. The clients' own models before any server method: "
                         "official 25.00, label-following 50.00.")
+    assert lines[7:] == ["Per site, official test after personalization (%):", "- local: n/a",
+                         "- fedbicross: 0: 37.03, 1: 50.00, 2: 50.00"]
 
 
 def test_methods_key_is_validated() -> None:

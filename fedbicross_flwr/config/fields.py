@@ -16,6 +16,7 @@ This module imports no torch.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping, TypeVar
@@ -100,16 +101,18 @@ def coerce(name: str, value: Any, want: type) -> Any:
 
 
 def check_value(f: dataclasses.Field, value: Any) -> None:
-    """Raise :class:`ConfigError` naming the key when ``value`` is outside ``f``'s range."""
+    """Raise :class:`ConfigError` naming the key when ``value`` is outside ``f``'s range, or
+    is not finite (NaN, inf).
+    """
     meta, name = f.metadata, key_name(f)
     if meta["choices"] is not None and value not in meta["choices"]:
         raise ConfigError(f"run-config key {name!r} must be one of {list(meta['choices'])}, "
                           f"got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):  # NaN, inf: no setting's value
+        raise ConfigError(f"run-config key {name!r} must be a finite number, got {value!r}")
     low, high = meta["low"], meta["high"]
     if low is None and high is None:
         return
-    if value != value:  # NaN
-        raise ConfigError(f"run-config key {name!r} must be a number, got NaN")
     bad_low = low is not None and (value <= low if meta["low_open"] else value < low)
     bad_high = high is not None and value > high
     if bad_low or bad_high:

@@ -240,10 +240,9 @@ def parse_overrides(text: str) -> dict[str, Any]:
         return {}
     import shlex
 
-    toml_lines = "\n".join(shlex.split(text, posix=False))
     try:
-        return tomllib.loads(toml_lines)
-    except tomllib.TOMLDecodeError as err:
+        return tomllib.loads("\n".join(shlex.split(text, posix=False)))
+    except (ValueError, tomllib.TOMLDecodeError) as err:  # shlex: "No closing quotation"
         raise ConfigError(f"cannot parse run-config overrides {text!r}: {err}") from err
 
 

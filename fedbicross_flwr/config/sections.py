@@ -58,7 +58,8 @@ class TaskConfig(Section):
                            low=4, high=128)
     # In FedBiCross: the master seed of the noise images, K-means, labels, jitter, the I^val
     # split and the cluster-model initialisation.
-    seed: int = key(0, "Seed of the partition, the models and every sampler.", low=0)
+    seed: int = key(0, "Seed of the partition, the models and every sampler.", low=0,
+                    high=10**9)  # numpy's legacy generator (Flower's DP noise) takes < 2^32
 
 
 @dataclass(frozen=True)

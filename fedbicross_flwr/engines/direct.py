@@ -163,8 +163,11 @@ class DirectTransport:
         return PhaseResult(partitions={s.partition_id: "local" for s in self.sites},
                            num_partitions=len(self.sites))
 
-    def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
-        """Phase 3 on every site: personalize from its model, return the metrics."""
+    def personalize(self, cfg: RunConfig, models: dict[int, StateDict],
+                    return_models: bool = False) -> PhaseResult:
+        """Phase 3 on every site: personalize from its model, return the metrics (and, with
+        ``return_models``, the personalized models, for the server to score).
+        """
         result = PhaseResult()
         for site in self.sites:
             pid = site.partition_id
@@ -173,13 +176,15 @@ class DirectTransport:
             try:
                 received = build_resnet18(site.in_channels, site.num_classes, cfg.model_width)
                 received.load_state_dict(models[pid])
-                _, metrics = run_personalization(cfg, site, self.active_own[pid], received,
-                                                 self.device)
+                personal, metrics = run_personalization(cfg, site, self.active_own[pid],
+                                                        received, self.device)
             except Exception as err:  # noqa: BLE001
                 result.failures.append(ClientFailure(pid, "local", "personalize",
                                                      _reason(err)))
                 continue
             result.replies[pid] = metrics
+            if return_models:
+                result.models[pid] = personal.state_dict()
         result.bytes_down = {pid: state_bytes(state) for pid, state in models.items()}
         result.bytes_up = {pid: 0 for pid in result.replies}  # metrics only, no arrays
         return result

@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from fedbicross_flwr.config.run_config import RunConfig, parse_site_nodes
 from fedbicross_flwr.engines.communication import message_bytes
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.protocol import PhaseResult, StateDict
+from fedbicross_flwr.protocol import RETURN_MODEL, PhaseResult, StateDict
 from fedbicross_flwr.strategies.replies import Binding, read_personalized, read_uploads
 
 POLL_SECONDS = 3.0  # between pulls of the replies (as Flower's send_and_receive)
@@ -245,19 +245,30 @@ class GridTransport:
         self._traffic(result)
         return result
 
-    def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
+    def personalize(self, cfg: RunConfig, models: dict[int, StateDict],
+                    return_models: bool = False) -> PhaseResult:
         """Phase 3 over the Grid: each partition's model to its node, the metrics back
         (read by :func:`~fedbicross_flwr.strategies.replies.read_personalized`).
+
+        ``return_models`` (a simulation, :mod:`fedbicross_flwr.reports.scoring`): the
+        instruction asks for the personalized model too (:data:`~fedbicross_flwr.protocol.
+        RETURN_MODEL`), a reply without one is refused, and the models are in the result's
+        ``models``; their bytes are not counted in ``bytes_up`` (a deployment never sends
+        them, so they are no cost of the method).
         """
         assert self.binding is not None  # phase 1 bound the partitions
+        ask = {RETURN_MODEL: True} if return_models else {}
         messages = [Message(RecordDict({"arrays": ArrayRecord(state),
-                                        "config": self._config(pid)}),
+                                        "config": self._config(pid, **ask)}),
                             dst_node_id=self.binding.node_of[pid],
                             message_type="train.personalize")
                     for pid, state in sorted(models.items())]
         result = read_personalized(self._send(messages, cfg), self.destinations, self.binding,
-                                   partial(self._no_reply, cfg=cfg))
+                                   partial(self._no_reply, cfg=cfg), with_model=return_models)
         self._traffic(result)
+        for pid, state in result.models.items():  # the scoring copy is no cost of the method
+            n = message_bytes(ArrayRecord(state))
+            result.bytes_up[pid] = max(0, result.bytes_up.get(pid, 0) - n)
         return result
 
 

@@ -31,8 +31,12 @@ class Transport(Protocol):
         the client was sent, trained).
         """
 
-    def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
-        """Phase 3: send each partition its model; replies are metric dicts."""
+    def personalize(self, cfg: RunConfig, models: dict[int, StateDict],
+                    return_models: bool = False) -> PhaseResult:
+        """Phase 3: send each partition its model; replies are metric dicts. With
+        ``return_models`` (a simulation: the server scores them) the result's ``models``
+        holds each site's personalized model, not counted in ``bytes_up``.
+        """
 
 
 __all__ = ["Transport"]

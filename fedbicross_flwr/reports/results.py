@@ -3,7 +3,9 @@
 ``<output-dir>/<run-name>/``
     ``run_config.json``   every key of the run (after presets and overrides)
     ``clients.csv``       one row per client, keyed by partition-id
-    ``summary.json``      means over clients; ``acc_after_mean`` is the paper's metric
+    ``summary.json``      means over clients; ``acc_after_mean`` is the paper's metric; who
+                          scored it (``scored-by``), its median and per-site figures
+                          (:mod:`fedbicross_flwr.reports.headline`)
     ``summary.md``        the same as a small Markdown table
     ``log.txt``           the server log
     plus whatever the method writes (clusters, weights, synthetic images ...)
@@ -23,6 +25,7 @@ from typing import Any, Iterable
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import project_root
 from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.reports.headline import per_site_text
 from fedbicross_flwr.storage.atomic import open_text, write_text
 
 CLIENT_COLUMNS = [
@@ -176,6 +179,16 @@ def write_summary_md(path: Path, summary: dict[str, Any], extra: str = "") -> Pa
         "",
         f"Majority-class rate of the official test split: {pct(summary.get('majority-rate'))}",
     ]
+    if "scored-by" in summary:
+        sites = per_site_text(summary.get("acc-after-per-site"),
+                              summary.get("acc-after-outliers") or ())
+        lines += ["", f"Accuracies scored by: {summary['scored-by']}. Per site, official test "
+                  f"after personalization (paper metric): {sites}; median "
+                  f"{pct(summary.get('acc-after-median'))}, mean "
+                  f"{pct(summary['acc-after-mean'])}."]
+        if summary.get("acc-after-outliers"):
+            lines.append(f"Sites far from the others (self-reported figures; "
+                         f"{summary['outlier-rule']}): {summary['acc-after-outliers']}")
     if summary.get("missing-partitions"):
         lines.append(f"Missing clients (not averaged in): {summary['missing-partitions']}")
     if extra:

@@ -36,6 +36,7 @@ from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.protocol import (
     REPLY_CONFIG_KEYS,
     REPLY_RECORDS,
+    SCORING_RECORDS,
     ClientFailure,
     ClientReply,
     ClientUpload,
@@ -63,7 +64,7 @@ class Reply:
     node: int  # the Flower node id the reply came from (set by the SuperLink)
     partition_id: int | None  # the partition the reply names, when it names one
     error: str | None  # the error the client reported instead of a result
-    state: StateDict | None  # the model (``train`` replies)
+    state: StateDict | None  # the model (``train`` replies; ``train.personalize`` when asked)
     metrics: dict[str, Any]  # the metric record, values as sent (checked by the server)
 
 
@@ -74,7 +75,7 @@ def _partition_id(value: Any) -> int:
     return int(value)
 
 
-def read_reply(reply: Message, message_type: str) -> Reply:
+def read_reply(reply: Message, message_type: str, with_model: bool = False) -> Reply:
     """Read one reply of any phase, the one place that does; anything malformed is a
     :class:`ReplyError` naming what is wrong.
 
@@ -83,11 +84,13 @@ def read_reply(reply: Message, message_type: str) -> Reply:
     refused. An error reply (Flower's, or the client's own ``error`` in its config record) is
     read into ``error``. Otherwise a ``train`` reply must carry an ``arrays`` ArrayRecord, a
     ``metrics`` MetricRecord and a ``partition-id``; a ``train.personalize`` reply a
-    ``metrics`` record (its ``partition-id`` is optional). Metric values are kept as sent: their names, types
-    and ranges are the server's check (:func:`fedbicross_flwr.protocol.metrics_problem`).
+    ``metrics`` record (its ``partition-id`` is optional), and, ``with_model`` (the server
+    asked for the personalized model to score it), an ``arrays`` ArrayRecord too. Metric
+    values are kept as sent: their names, types and ranges are the server's check
+    (:func:`fedbicross_flwr.protocol.metrics_problem`).
     """
     try:
-        return _read(reply, message_type)
+        return _read(reply, message_type, with_model)
     except ReplyError:
         raise
     except Exception as err:  # noqa: BLE001 - whatever a site sends, it fails alone
@@ -95,17 +98,17 @@ def read_reply(reply: Message, message_type: str) -> Reply:
                          ) from None
 
 
-def _read(reply: Message, message_type: str) -> Reply:
+def _read(reply: Message, message_type: str, with_model: bool) -> Reply:
     node = int(reply.metadata.src_node_id)
     if reply.has_error():
         if reply.error.code in SUPERLINK_ERRORS:  # the SuperLink's: the site never answered
             return Reply(node, None, f"no reply ({reply.error.reason})", None, {})
         return Reply(node, None, f"error reply: {reply.error.reason}", None, {})
     content = reply.content
-    if extra := sorted(set(content) - REPLY_RECORDS[message_type]):
+    records = REPLY_RECORDS[message_type] | (SCORING_RECORDS if with_model else frozenset())
+    if extra := sorted(set(content) - records):
         raise ReplyError(f"the {message_type} reply has a record {extra[0]!r} that the phase "
-                         f"does not define (it carries only "
-                         f"{sorted(REPLY_RECORDS[message_type])})")
+                         f"does not define (it carries only {sorted(records)})")
     config: Any = content["config"] if "config" in content else ConfigRecord({})
     if not isinstance(config, ConfigRecord):
         raise ReplyError(f"its config is a {type(config).__name__}, not a ConfigRecord")
@@ -119,13 +122,16 @@ def _read(reply: Message, message_type: str) -> Reply:
         raise ReplyError(f"the {message_type} reply has no metrics record")
     metrics = dict(content["metrics"].items())
     state = None
-    if message_type == "train":
-        if pid is None:
-            raise ReplyError("the train reply names no partition-id")
+    if message_type == "train" and pid is None:
+        raise ReplyError("the train reply names no partition-id")
+    if message_type == "train" or with_model:
         if "arrays" not in content or not isinstance(content["arrays"], ArrayRecord):
-            raise ReplyError("the train reply has no arrays record (an ArrayRecord)")
+            what = "" if message_type == "train" else " of the personalized model, to score"
+            raise ReplyError(f"the {message_type} reply has no arrays record (an "
+                             f"ArrayRecord{what})")
         state = content["arrays"].to_torch_state_dict()
     return Reply(node, pid, None, state, metrics)
+
 
 
 @dataclass
@@ -297,14 +303,15 @@ def accept_uploads(phase: PhaseResult, reference: StateDict,
 
 
 def read_personalized(replies: Iterable[Message], destinations: Mapping[str, int],
-                      binding: Binding, why_silent: Callable[[int], str] = no_reply
-                      ) -> PhaseResult:
+                      binding: Binding, why_silent: Callable[[int], str] = no_reply,
+                      with_model: bool = False) -> PhaseResult:
     """The personalization round's metrics keyed by partition (failures with reasons).
 
     Each reply must come from the node its partition's model went to and name no other
     partition; an instructed node without a reply is a failure (``why_silent(node)``). The
     metrics are kept as sent: :func:`refuse_bad_metrics` checks them against the site's
-    upload.
+    upload. ``with_model`` (the server asked for the personalized models, to score them): a
+    reply without one is refused, and the models are in the result's ``models``.
     """
     result = PhaseResult()
     pid_of = binding.partition_of()
@@ -317,7 +324,7 @@ def read_personalized(replies: Iterable[Message], destinations: Mapping[str, int
             continue  # not a node this round instructed, or not its own instruction
         answered.add(nid)
         try:
-            reply = read_reply(message, "train.personalize")
+            reply = read_reply(message, "train.personalize", with_model=with_model)
         except ReplyError as err:
             result.failures.append(ClientFailure(pid, str(nid), "personalize", str(err)))
             continue
@@ -330,6 +337,8 @@ def read_personalized(replies: Iterable[Message], destinations: Mapping[str, int
                 f"to partition {pid}'s model; reply refused"))
         else:
             result.replies[pid] = reply.metrics
+            if reply.state is not None:
+                result.models[pid] = reply.state
     for nid in sorted(set(destinations.values()) - answered):
         result.failures.append(ClientFailure(pid_of.get(nid), str(nid), "personalize",
                                              why_silent(nid)))
