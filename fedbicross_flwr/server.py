@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -59,6 +58,7 @@ from fedbicross_flwr.reports.results import (
     write_json,
     write_summary_md,
 )
+from fedbicross_flwr.storage.checkpoint_io import discard_checkpoints
 from fedbicross_flwr.storage.uploads_checkpoint import checkpointed_uploads
 from fedbicross_flwr.training import resolve_device
 
@@ -248,7 +248,7 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
                      if knowledge is not None and "stages" in knowledge else "")
     write_json(run_dir / "summary.json", summary)  # last: the run counts as finished
     if not cfg.keep_checkpoints:  # the run is finished: they could only be used to resume it
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        discard_checkpoints(run_dir / "checkpoints")
     log(logging.INFO, "done: paper metric (official test, mean over clients, after "
         "personalization) %s; results in %s", percent(summary["acc-after-mean"], "%"), run_dir)
     return run_dir

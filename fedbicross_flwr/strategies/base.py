@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 import tempfile
 import time
 from abc import abstractmethod
@@ -62,6 +61,7 @@ from fedbicross_flwr.methods.base import MethodInput, MethodOutput
 from fedbicross_flwr.model import build_resnet18, probe_for, resnet18_shape, with_counters
 from fedbicross_flwr.protocol import ClientFailure, ClientUpload, StateDict
 from fedbicross_flwr.server import check_outgoing_models
+from fedbicross_flwr.storage.checkpoint_io import discard_checkpoints
 from fedbicross_flwr.strategies.replies import (
     Binding,
     accept_uploads,
@@ -309,7 +309,7 @@ class OneShotStrategy(Strategy):
                                    f"{missing}")
             check_outgoing_models(self.method_name, out.models, uploads,
                                   probe_for(self.reference), run_dir)
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # nothing to resume
+            discard_checkpoints(run_dir / "checkpoints")  # nothing to resume
         return out
 
     @contextmanager
