@@ -186,9 +186,19 @@ def probe_problem(state: dict[str, torch.Tensor], in_channels: int, num_classes:
         model.load_state_dict(state)
     except (RuntimeError, KeyError) as err:
         return f"the model cannot be loaded into ResNet-18: {err}"
+    return forward_problem(model, in_channels, image_size)
+
+
+@torch.no_grad()
+def forward_problem(model: nn.Module, in_channels: int, image_size: int = 28) -> str | None:
+    """Why ``model``'s eval-mode forward pass on the fixed probe batch is unusable, or None
+    (see :func:`probe_problem`; any image classifier, in its parameters' dtype). The model is
+    left in eval mode.
+    """
+    dtype = next((p.dtype for p in model.parameters()), torch.float32)
     generator = torch.Generator().manual_seed(PROBE_SEED)
     probe = torch.randn(PROBE_BATCH, in_channels, image_size, image_size, generator=generator)
-    logits = model.eval()(probe)
+    logits = model.eval()(probe.to(dtype)).float()
     if not bool(torch.isfinite(logits).all()):
         return "its forward pass on the fixed probe batch gives NaN or Inf outputs"
     largest = float(logits.abs().max())

@@ -16,7 +16,6 @@ by the same functions too (:mod:`fedbicross_flwr.strategies.replies`). A
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -65,6 +64,7 @@ from fedbicross_flwr.reports.results import (
     write_summary_md,
 )
 from fedbicross_flwr.reports.scoring import server_scoring
+from fedbicross_flwr.storage.checkpoint_io import discard_checkpoints
 from fedbicross_flwr.storage.uploads_checkpoint import checkpointed_uploads
 from fedbicross_flwr.strategies import BY_METHOD, strategy_for
 from fedbicross_flwr.strategies.replies import accept_uploads, refuse_bad_metrics
@@ -271,7 +271,7 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
                      if knowledge is not None and "stages" in knowledge else "")
     write_json(run_dir / "summary.json", summary)  # last: the run counts as finished
     if not cfg.keep_checkpoints:  # the run is finished: they could only be used to resume it
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        discard_checkpoints(run_dir / "checkpoints")
     log(logging.INFO, "done: paper metric (official test, mean over clients, after "
         "personalization) %s; results in %s", percent(summary["acc-after-mean"], "%"), run_dir)
     return run_dir

@@ -221,3 +221,70 @@ def test_an_upload_checkpoint_that_is_a_folder_is_refused_in_one_line(tmp_path, 
     fresh = _uploads(reference, scale=0.5)
     assert _resume_with(run_dir, reference, fresh, caplog) == fresh
     assert path.is_file() and "is not a file" in caplog.text
+
+
+def _cache_meta_is_a_list(entry) -> str:
+    (entry / "meta.json").write_text("[]")
+    return "meta.json"
+
+
+def _cache_rewritten(change):
+    """Change the cached payload with the real reader and writer; meta.json's sha256 is
+    updated to match, as anyone who can write the cache folder can.
+    """
+    import json
+
+    from fedbicross_flwr.storage.checkpoint_io import load_plain, save_plain
+
+    def tamper(entry) -> str:
+        meta = json.loads((entry / "meta.json").read_text())
+        payload = load_plain(entry / "clients.pt", meta["sha256"])
+        change(payload)
+        meta["sha256"] = save_plain(payload, entry / "clients.pt")
+        (entry / "meta.json").write_text(json.dumps(meta))
+        return "clients.pt"
+    return tamper
+
+
+def _own_with_seven_classes(payload) -> None:
+    payload["own"][0] = build_resnet18(1, 7, 4).state_dict()
+
+
+def _failure_with_another_field(payload) -> None:
+    payload["failures"].append({"partition_id": 1, "node": "local", "phase": "train",
+                                "reason": "x", "extra": 1})
+
+
+CACHE_TAMPERING = {  # what the cached entry read on main raised
+    "meta-is-a-list": (_cache_meta_is_a_list, "AttributeError"),
+    "own-model-of-7-classes": (_cache_rewritten(_own_with_seven_classes), "RuntimeError"),
+    "failure-with-another-field": (_cache_rewritten(_failure_with_another_field), "TypeError"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CACHE_TAMPERING))
+def test_a_client_cache_entry_that_does_not_fit_the_run_is_set_aside_and_retrained(
+        kind, tmp_path, tiny_run_config, caplog) -> None:
+    # Prepare: phase 1 trained once (the cache filled), then one cache file altered
+    from fedbicross_flwr.client import initial_state
+    from fedbicross_flwr.config.run_config import RunConfig
+    from fedbicross_flwr.engines.direct import DirectTransport
+    from fedbicross_flwr.storage import client_cache
+
+    cfg = RunConfig.from_run_config({**tiny_run_config, "model-width": 4})
+    init = initial_state(cfg, 1, 3)
+    first = DirectTransport(cfg, tmp_path).collect_models(cfg, init)
+    entry = tmp_path / client_cache.cache_key(cfg)
+    name = CACHE_TAMPERING[kind][0](entry)
+    altered = (entry / name).read_bytes()
+    # Execute: a later run reads the cache (no exception may escape)
+    with caplog.at_level(logging.WARNING):
+        again = DirectTransport(cfg, tmp_path).collect_models(cfg, init)
+    # Assert: one line names the file; it is set aside; the clients are retrained, the same
+    lines = [r.getMessage() for r in caplog.records if str(entry / name) in r.getMessage()]
+    assert len(lines) == 1 and f"set aside as {name}.bad, retraining" in lines[0], caplog.text
+    assert (entry / f"{name}.bad").read_bytes() == altered
+    assert sorted(again.replies) == sorted(first.replies) == [0, 1, 2]
+    assert all(torch.equal(again.replies[p].state[k], first.replies[p].state[k])
+               for p in first.replies for k in init)
+    assert client_cache.load(tmp_path, cfg) is not None  # the retrained entry is used again

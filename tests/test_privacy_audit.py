@@ -108,3 +108,49 @@ def test_audit_of_a_fedbicross_run_covers_synthetic_and_personalized(tmp_path, c
     assert models == ["upload"] * 3 + ["personalized"] * 3
     md = (run_dir / "privacy-audit.md").read_text()
     assert "reproduces the run's clients.csv: yes" in md and "closer to a training" in md
+
+
+def _kept_bilevel(run_dir: Path, students: list) -> None:
+    """A run folder whose kept checkpoints hold ``students`` as the last epoch's models."""
+    from fedbicross_flwr.storage.checkpoint_io import save_plain
+
+    folder = run_dir / "checkpoints"
+    folder.mkdir(parents=True)
+    digest = save_plain({"students": students}, folder / "epoch0-bilevel.pt")
+    (folder / "manifest.json").write_text(json.dumps(
+        {"fingerprint": "f", "files": {"epoch0-bilevel": digest}}))
+    (run_dir / "clusters.csv").write_text("partition-id,cluster\n0,0\n1,1\n")
+
+
+@pytest.mark.parametrize("case", ["manifest-is-a-list", "files-is-a-string",
+                                  "a-cluster-model-of-7-classes", "one-model-two-clusters"])
+def test_the_audit_names_a_kept_checkpoint_it_refuses(tmp_path, case) -> None:
+    # Prepare: a fedbicross run folder whose kept checkpoints were altered
+    from fedbicross_flwr.config.run_config import RunConfig
+    from fedbicross_flwr.model import build_resnet18
+    from fedbicross_flwr.privacy.personalized import NotRecomputable, received_models
+
+    cfg = RunConfig.from_run_config({"method": "fedbicross", "num-classes": 3,
+                                     "in-channels": 1, "model-width": 4})
+    good = build_resnet18(1, 3, 4).state_dict()
+    students = {"a-cluster-model-of-7-classes": [good, build_resnet18(1, 7, 4).state_dict()],
+                "one-model-two-clusters": [good]}.get(case, [good, good])
+    _kept_bilevel(tmp_path, students)
+    manifest = tmp_path / "checkpoints" / "manifest.json"
+    if case == "manifest-is-a-list":
+        manifest.write_text("[]")
+    if case == "files-is-a-string":
+        manifest.write_text(json.dumps({"fingerprint": "f", "files": "epoch0-bilevel"}))
+    # Execute / Assert: one reason naming the file, never a traceback
+    with pytest.raises(NotRecomputable) as err:
+        received_models(tmp_path, cfg, {})
+    assert {"manifest-is-a-list": "manifest.json is refused: the manifest is a list",
+            "files-is-a-string": "manifest.json is refused: the manifest's files are a str",
+            "a-cluster-model-of-7-classes": "epoch0-bilevel.pt: cluster model 1 is refused: "
+                                            "different number of classes",
+            "one-model-two-clusters": "names clusters [0, 1], the checkpoint holds 1 cluster "
+                                      "models"}[case] in str(err.value)
+    # the intact folder is read
+    if case == "a-cluster-model-of-7-classes":
+        _kept_bilevel(tmp_path / "intact", [good, good])
+        assert sorted(received_models(tmp_path / "intact", cfg, {})) == [0, 1]

@@ -68,3 +68,45 @@ def test_interrupted_run_resumes_in_place_with_the_same_numbers(tiny_run_config,
 def test_resume_needs_a_run_name(tiny_run_config):
     with pytest.raises(ConfigError, match="run-name"):
         RunConfig.from_run_config({**tiny_run_config, "run-name": "", "resume": True})
+
+
+def test_a_resume_from_scaled_students_recomputes_the_epoch(tiny_run_config, monkeypatch):
+    # Prepare: a clean run, and the same run stopped in server epoch 2 whose epoch-1 state
+    # then holds its cluster models x1e3, with the manifest's sha256 rewritten to match
+    import json
+
+    from fedbicross_flwr.storage.checkpoint_io import load_plain, save_plain
+
+    base = {**tiny_run_config, **TINY_SERVER, "model-width": 4}
+    clean = run_direct(RunConfig.from_run_config({**base, "run-name": "clean"}))
+    original = OnlineBilevelTrainer.run_epoch
+    calls = []
+
+    def stop_in_epoch_two(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("server stopped")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(OnlineBilevelTrainer, "run_epoch", stop_in_epoch_two)
+    cfg = RunConfig.from_run_config({**base, "run-name": "scaled"})
+    with pytest.raises(KeyboardInterrupt):
+        run_direct(cfg)
+    monkeypatch.setattr(OnlineBilevelTrainer, "run_epoch", original)
+    folder = clean.parent / "scaled" / "checkpoints"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    state = load_plain(folder / "epoch0-bilevel.pt", manifest["files"]["epoch0-bilevel"])
+    state["students"] = [{k: v * 1e3 if v.is_floating_point() else v for k, v in s.items()}
+                         for s in state["students"]]
+    manifest["files"]["epoch0-bilevel"] = save_plain(state, folder / "epoch0-bilevel.pt")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    # Execute: resume (before, a FloatingPointError traceback on every resume)
+    resumed = run_direct(cfg.replace(resume=True))
+    # Assert: the file named in one line and kept aside; the run's numbers are a clean run's
+    log_lines = (resumed / "log.txt").read_text().splitlines()
+    named = [line for line in log_lines if "epoch0-bilevel.pt does not hold" in line]
+    assert len(named) == 1 and "is not a usable model" in named[0], named
+    assert "set aside as epoch0-bilevel.pt.bad" in named[0]
+    assert (folder / "epoch0-bilevel.pt.bad").is_file()
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch0-bilevel.pt.bad"]
+    assert _after(resumed) == _after(clean)

@@ -23,7 +23,6 @@ import copy
 import csv
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from fedbicross_flwr.reports.knowledge import agreement, retention
 from fedbicross_flwr.storage.atomic import open_text, save_figure, write_text
 from fedbicross_flwr.storage.checkpoint_io import (
     CheckpointRefused,
+    discard_checkpoints,
     load_with_sidecar,
     save_with_sidecar,
 )
@@ -159,7 +159,7 @@ def run_check(cfg: RunConfig, synthesis: str, teacher_epochs: int, out_dir: Path
         remove_handler(handler)
     seconds = time.perf_counter() - start
     if not cfg.keep_checkpoints:
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        discard_checkpoints(run_dir / "checkpoints")
 
     student = load_resnet18(output.models[0])
     student_logits = predict_logits(student, x_test, device, precision=cfg.eval_precision).float().cpu()

@@ -14,10 +14,19 @@ at three points and a rerun continues from the last one instead of starting over
 Every file is written atomically (temporary file + rename) so a crash during a save never
 leaves a half-written checkpoint, and ``manifest.json`` records a fingerprint of what the
 checkpoints belong to (settings, client models, shapes) plus each file's sha256. A checkpoint
-made for other inputs raises :class:`CheckpointMismatch` instead of being used silently; a
-file that is corrupt or altered (checksum mismatch), that is not plain tensor data (files are
-read with ``torch.load(weights_only=True)``, see :mod:`fedbicross_flwr.storage.checkpoint_io`) or that
-holds NaN/Inf is reported and ignored, so that stage is recomputed.
+made for other inputs raises :class:`CheckpointMismatch` instead of being used silently.
+
+A checkpoint that is refused is named with the reason in one warning line, renamed to
+``<name>.pt.bad`` in the same folder (:func:`~fedbicross_flwr.storage.checkpoint_io.set_aside`;
+an earlier ``.bad`` of that name is replaced) and dropped from the manifest, and its stage is
+recomputed as if it had never been saved: a file that is corrupt or altered (checksum
+mismatch), that is not plain tensor data (files are read with
+``torch.load(weights_only=True)``, see :mod:`fedbicross_flwr.storage.checkpoint_io`), that
+holds NaN/Inf, or whose content is not what this run would have computed (keys, types,
+shapes, dtypes, index ranges, a usable model: :mod:`.checkpoint_checks`). A malformed
+``manifest.json`` (not JSON, not a dict, files that are not a mapping of plain names to
+sha256 digests) is set aside the same way, as ``manifest.json.bad``, and the folder is then
+treated as holding no checkpoints.
 Every stage is seeded from the settings (no global RNG state), which is why a resumed run gives
 the same numbers as an uninterrupted one on CPU.
 """
@@ -26,7 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -36,7 +45,15 @@ from torch import nn
 
 from ..logging_utils import log
 from ..storage.atomic import write_text
-from ..storage.checkpoint_io import CheckpointRefused, load_plain, non_finite, save_plain
+from ..storage.checkpoint_io import (
+    CheckpointRefused,
+    load_plain,
+    non_finite,
+    save_plain,
+    set_aside,
+)
+from ..storage.payload_checks import PayloadError
+from .checkpoint_checks import check_manifest
 
 MANIFEST = "manifest.json"
 
@@ -87,22 +104,38 @@ class StageCheckpoints:
         if self.directory is None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
-        manifest = self.directory / MANIFEST
-        if manifest.is_file():
-            try:
-                data = json.loads(manifest.read_text())
-            except json.JSONDecodeError as err:
-                raise CheckpointMismatch(f"unreadable checkpoint manifest {manifest}: {err}; "
-                                         "remove the folder to start over") from err
-            if data.get("fingerprint") != fingerprint:
-                raise CheckpointMismatch(
-                    f"the checkpoints in {self.directory} were made with other settings or other "
-                    "client models; use another run name, or remove that folder to start over")
-            self.files = dict(data.get("files", {}))
-            if self.files:
-                log(INFO, "resuming from checkpoints in %s: %s", self.directory,
-                    sorted(self.files))
+        self.files = self._read_manifest()
+        if self.files:
+            log(INFO, "resuming from checkpoints in %s: %s", self.directory, sorted(self.files))
         self._write_manifest()
+
+    def _read_manifest(self) -> dict[str, str]:
+        """The recorded checkpoints (name -> sha256): none when there is no manifest, or when
+        it is malformed (then it is set aside, with one warning line).
+
+        Raises
+        ------
+        CheckpointMismatch
+            A well-formed manifest of another fingerprint.
+        """
+        assert self.directory is not None
+        manifest = self.directory / MANIFEST
+        if not (manifest.exists() or manifest.is_symlink()):
+            return {}
+        try:
+            if not manifest.is_file():  # a folder, a FIFO, a device: never read
+                raise OSError("it is not a regular file")
+            found, files = check_manifest(json.loads(manifest.read_bytes()))
+        except (OSError, ValueError, RecursionError) as err:  # unreadable, not JSON, malformed
+            aside = set_aside(manifest)
+            log(WARNING, "checkpoint manifest %s is refused: %s; set aside as %s, the stages "
+                "are recomputed", manifest, " ".join(str(err).split())[:300], aside.name)
+            return {}
+        if found != self.fingerprint:
+            raise CheckpointMismatch(
+                f"the checkpoints in {self.directory} were made with other settings or other "
+                "client models; use another run name, or remove that folder to start over")
+        return files
 
     @property
     def enabled(self) -> bool:
@@ -118,12 +151,14 @@ class StageCheckpoints:
         """Whether the checkpoint ``name`` was saved (and is in the manifest)."""
         return self.enabled and name in self.files
 
-    def load(self, name: str) -> Any | None:
-        """The payload saved under ``name``, or None: absent, or refused (logged; the stage is
-        then recomputed). A file is refused when its sha256 differs from the manifest's, when
-        it holds anything but tensors and plain containers (it is read with
-        ``torch.load(weights_only=True)``, so a pickled object never runs), or when a tensor
-        in it holds NaN/Inf.
+    def load(self, name: str, check: Callable[[Any], None] | None = None) -> Any | None:
+        """The payload saved under ``name``, or None: absent, or refused. A file is refused
+        when its sha256 differs from the manifest's, when it holds anything but tensors and
+        plain containers (it is read with ``torch.load(weights_only=True)``, so a pickled
+        object never runs), when a tensor in it holds NaN/Inf, or when ``check(payload)``
+        raises :class:`~fedbicross_flwr.storage.payload_checks.PayloadError` (content this run
+        would not have computed). A refused file is named in one warning line, set aside as
+        ``<name>.pt.bad`` and dropped from the manifest; the caller recomputes the stage.
         """
         if not self.has(name):
             return None
@@ -133,12 +168,24 @@ class StageCheckpoints:
             payload = load_plain(path, self.files[name])
             if (where := non_finite(payload)) is not None:
                 raise CheckpointRefused(f"checkpoint {path} holds NaN/Inf values in {where}")
-        except CheckpointRefused as err:
-            log(WARNING, "%s; recomputing that stage", err)
-            self.files.pop(name, None)
-            self._write_manifest()
+            if check is not None:
+                check(payload)
+        except (CheckpointRefused, PayloadError) as err:
+            self._refuse(name, path, err)
             return None
         return payload
+
+    def _refuse(self, name: str, path: Path, err: Exception) -> None:
+        """One warning line naming the file and the problem; the file set aside, the entry
+        dropped from the manifest.
+        """
+        reason = str(err) if isinstance(err, CheckpointRefused) else (
+            f"checkpoint {path} does not hold what this run computes: {err}")
+        aside = set_aside(path) if path.exists() or path.is_symlink() else None
+        self.files.pop(name, None)
+        self._write_manifest()
+        log(WARNING, "%s; %srecomputing that stage", " ".join(reason.split())[:500],
+            f"set aside as {aside.name}, " if aside is not None else "")
 
     def save(self, name: str, payload: Any) -> None:
         """Write ``payload`` (tensors, numpy arrays, plain containers) atomically and record

@@ -17,11 +17,12 @@ from torch import Tensor, nn
 
 from ..distill.noise_adapt import noise_adapted_copy, soft_label_profile, teacher_soft_labels
 from ..distill.synthesis import EnsembleTeacher, synthesize_trajectory
-from ..distill.utils import derive_seed
+from ..distill.utils import derive_seed, model_dtype
 from ..logging_utils import StagePlan, keeps_position, log
 from ..model import build_resnet18, resnet18_shape, weighted_average
 from .bilevel import OnlineBilevelTrainer, fixed_weights
 from .checkpoint import StageCheckpoints, fingerprint
+from .checkpoint_checks import StageLayout, check_bilevel, check_cluster, check_clustering
 from .clustering import (
     cluster_centroids,
     log_clustering,
@@ -162,13 +163,16 @@ def run_fedbicross(
                            image_size, client_weights, student_factory, device)
 
     plan = StagePlan(algorithm_stages(s.num_clusters, s.server_epochs))
+    layout = StageLayout(s, num_clients, num_classes, in_channels, image_size,
+                         model_dtype(clients[0]))  # what a restored checkpoint must hold
 
     # --- Stage 1a: clustering by output similarity on noise (Algorithm 1, lines 1-3) ----------
     plan.begin(plan.names[0])
     clustering = stages.run("clustering", lambda: cluster_clients(clients, s, in_channels,
                                                                   num_classes, image_size,
                                                                   factory, device),
-                            timed_as="clustering")
+                            timed_as="clustering",
+                            check=lambda payload: check_clustering(payload, layout))
     preds, assignment = clustering["preds"], clustering["assignment"]  # (N, M * C), (N,)
     centroids = cluster_centroids(preds, assignment, s.num_clusters)  # (K, M * C)
     members = [[clients[i] for i in np.flatnonzero(assignment == k)] for k in range(s.num_clusters)]
@@ -182,11 +186,13 @@ def run_fedbicross(
     )
     log(INFO, "Initial cross-cluster weights (%s): %s", s.weights_mode, np.round(initial_weights, 3).tolist())
     trainer = OnlineBilevelTrainer(students, s, initial_weights, device)
-    record = stages.resume_epochs(s.server_epochs, students, trainer)
+    record = stages.resume_epochs(
+        s.server_epochs, students, trainer,
+        lambda state, epoch: check_bilevel(state, layout, epoch, members, students[0]))
 
     for epoch in range(record.next_epoch, s.server_epochs):
-        _server_epoch(epoch, stages, record, trainer, students, members, s, num_classes,
-                      in_channels, image_size, device, progress, plan)
+        _server_epoch(epoch, stages, record, trainer, students, members, layout, device,
+                      progress, plan)
 
     plan.finish()
     return _result(stages, record, clustering, initial_weights, students, s.num_clusters)
@@ -194,16 +200,19 @@ def run_fedbicross(
 
 def _server_epoch(epoch: int, stages: StageRunner, record: EpochRecord,
                   trainer: OnlineBilevelTrainer, students: list[nn.Module],
-                  members: list[list[nn.Module]], s: FedBiCrossSettings, num_classes: int,
-                  in_channels: int, image_size: int, device: torch.device, progress: bool,
-                  plan: StagePlan) -> None:
+                  members: list[list[nn.Module]], layout: StageLayout, device: torch.device,
+                  progress: bool, plan: StagePlan) -> None:
     """One server epoch: Stages 1b-1c for every cluster, then Stage 2; checkpointed."""
+    s = layout.settings
     # --- Stage 1b-1c per cluster: synthesis with fresh noise, noise-adapted teacher, frozen
     # teachers' soft labels (lines 4-9) ----------------------------------------------------
     carried = record.noise_teachers if s.noise_teacher_carry else []
-    clusters = [stages.run(f"epoch{epoch}-cluster{k}", lambda k=k: _synthesize_cluster(  # type: ignore[misc]
-        members[k], s, num_classes, in_channels, image_size, epoch, k, device, progress,
-        plan, carried[k] if carried else None))
+    clusters = [stages.run(
+        f"epoch{epoch}-cluster{k}",
+        lambda k=k: _synthesize_cluster(  # type: ignore[misc]
+            members[k], s, layout.num_classes, layout.in_channels, layout.image_size, epoch,
+            k, device, progress, plan, carried[k] if carried else None),
+        check=lambda payload, k=k: check_cluster(payload, layout, members[k]))  # type: ignore[misc]
         for k in range(s.num_clusters)]
     record.add_synthesis(clusters, s.num_examples)
     if s.noise_teacher_carry:  # F~_k continues from this epoch's statistics next epoch

@@ -107,15 +107,18 @@ class StageRunner:
         return self.timer(name)
 
     def run(self, name: str, compute: Callable[[], dict[str, Any]],
-            timed_as: str | None = None) -> dict[str, Any]:
+            timed_as: str | None = None,
+            check: Callable[[Any], None] | None = None) -> dict[str, Any]:
         """The payload of checkpoint ``name``, restored or computed by ``compute()`` and saved.
 
         Top-level tensors are saved on CPU and returned on the device. A ``"times"`` entry of
         the payload (stage -> seconds) is added to :attr:`times`; ``timed_as`` adds this
-        call's own wall time (restore or compute) to that stage.
+        call's own wall time (restore or compute) to that stage. ``check`` validates a
+        restored payload (:mod:`.checkpoint_checks`); a refused one is set aside and the stage
+        computed.
         """
         start = time.perf_counter()
-        payload = self.checkpoints.load(name)
+        payload = self.checkpoints.load(name, check)
         if payload is None:
             payload = compute()
             self.checkpoints.save(name, {key: value.cpu() if isinstance(value, Tensor) else value
@@ -131,10 +134,16 @@ class StageRunner:
         return payload
 
     def resume_epochs(self, num_epochs: int, students: Sequence[nn.Module],
-                      trainer: OnlineBilevelTrainer) -> EpochRecord:
-        """Restore the latest finished server epoch into ``students`` and ``trainer``."""
+                      trainer: OnlineBilevelTrainer,
+                      check: Callable[[Any, int], None] | None = None) -> EpochRecord:
+        """Restore the latest finished server epoch into ``students`` and ``trainer``;
+        ``check(state, epoch)`` validates a checkpoint before any of it is used (a refused one
+        is set aside, and an earlier epoch or none is restored).
+        """
         for epoch in reversed(range(num_epochs)):
-            state = self.checkpoints.load(f"epoch{epoch}-bilevel")
+            state = self.checkpoints.load(
+                f"epoch{epoch}-bilevel",
+                None if check is None else lambda state, e=epoch: check(state, e))  # type: ignore[misc]
             if state is None:
                 continue
             for student, weights in zip(students, state["students"]):

@@ -47,7 +47,6 @@ def received_models(run_dir: Path, cfg: RunConfig, replies: dict[int, dict[str, 
         or refused.
     """
     from fedbicross_flwr.model import weighted_average
-    from fedbicross_flwr.storage.checkpoint_io import CheckpointRefused, load_plain
 
     if cfg.method == "local":
         return {pid: r["state"] for pid, r in replies.items()}
@@ -60,27 +59,57 @@ def received_models(run_dir: Path, cfg: RunConfig, replies: dict[int, dict[str, 
         raise NotRecomputable(f"method {cfg.method!r}: the audit recomputes the received "
                               "models of fedbicross (from its kept checkpoints), fedavg1 and "
                               "local runs only")
-    manifest = run_dir / "checkpoints" / "manifest.json"
-    if not manifest.is_file():
-        raise NotRecomputable(f"run {run_dir.name} kept no checkpoints; make the run with "
-                              "keep-checkpoints=true to audit the personalized models")
-    files: dict[str, str] = json.loads(manifest.read_text()).get("files", {})
-    epochs = sorted(int(m.group(1)) for name in files
-                    if (m := re.fullmatch(r"epoch(\d+)-bilevel", name)))
-    if not epochs:
-        raise NotRecomputable(f"the checkpoints of run {run_dir.name} hold no finished "
-                              "bi-level epoch")
-    name = f"epoch{epochs[-1]}-bilevel"
-    try:
-        students = load_plain(manifest.parent / f"{name}.pt", files[name])["students"]
-    except CheckpointRefused as err:
-        raise NotRecomputable(str(err)) from err
+    students = _cluster_models(run_dir, cfg)
     clusters_csv = run_dir / "clusters.csv"
     if not clusters_csv.is_file():
         raise NotRecomputable(f"run {run_dir.name} has no clusters.csv")
     with clusters_csv.open() as fh:
         clusters = {int(r["partition-id"]): int(r["cluster"]) for r in csv.DictReader(fh)}
+    if not all(0 <= k < len(students) for k in clusters.values()):
+        raise NotRecomputable(f"{clusters_csv} names clusters {sorted(set(clusters.values()))}, "
+                              f"the checkpoint holds {len(students)} cluster models")
     return {pid: students[k] for pid, k in clusters.items()}
+
+
+def _cluster_models(run_dir: Path, cfg: RunConfig) -> list[StateDict]:
+    """The cluster models G_k of the last bi-level checkpoint, each checked as an upload is.
+
+    Raises
+    ------
+    NotRecomputable
+        No checkpoints, a manifest or a checkpoint that is refused (named, with the reason).
+    """
+    from fedbicross_flwr.fedbicross.checkpoint_checks import check_manifest
+    from fedbicross_flwr.model import build_resnet18, probe_for
+    from fedbicross_flwr.protocol import validate_upload
+    from fedbicross_flwr.storage.checkpoint_io import CheckpointRefused, load_plain
+
+    manifest = run_dir / "checkpoints" / "manifest.json"
+    if not manifest.is_file():
+        raise NotRecomputable(f"run {run_dir.name} kept no checkpoints; make the run with "
+                              "keep-checkpoints=true to audit the personalized models")
+    try:
+        _, files = check_manifest(json.loads(manifest.read_bytes()))
+    except (OSError, ValueError, RecursionError) as err:  # not JSON, or malformed
+        raise NotRecomputable(f"checkpoint manifest {manifest} is refused: {err}") from err
+    epochs = sorted(int(m.group(1)) for name in files
+                    if (m := re.fullmatch(r"epoch(\d+)-bilevel", name)))
+    if not epochs:
+        raise NotRecomputable(f"the checkpoints of run {run_dir.name} hold no finished "
+                              "bi-level epoch")
+    path = manifest.parent / f"epoch{epochs[-1]}-bilevel.pt"
+    try:
+        payload = load_plain(path, files[path.stem])
+    except CheckpointRefused as err:
+        raise NotRecomputable(str(err)) from err
+    students = payload.get("students") if isinstance(payload, dict) else None
+    if not isinstance(students, list) or not students:
+        raise NotRecomputable(f"checkpoint {path} holds no list of cluster models")
+    reference = build_resnet18(cfg.in_channels, cfg.num_classes, cfg.model_width).state_dict()
+    for k, state in enumerate(students):
+        if (problem := validate_upload(state, reference, probe_for(reference))) is not None:
+            raise NotRecomputable(f"checkpoint {path}: cluster model {k} is refused: {problem}")
+    return students
 
 
 def personalized_models(cfg: RunConfig, sites: dict[int, SiteData], own: dict[int, StateDict],

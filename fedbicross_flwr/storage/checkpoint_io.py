@@ -13,7 +13,6 @@ It imports nothing else from the package but :mod:`.atomic`.
 
 from __future__ import annotations
 
-import pickle
 import re
 import shutil
 from pathlib import Path
@@ -115,7 +114,9 @@ def save_with_sidecar(payload: Any, path: Path, sidecar: Path) -> str:
 def load_with_sidecar(path: Path, sidecar: Path) -> Any:
     """:func:`load_plain` with the sha256 recorded in ``sidecar`` (refused if it is missing)."""
     sidecar = Path(sidecar)
-    return load_plain(path, sidecar.read_text().strip() if sidecar.is_file() else None)
+    recorded = (sidecar.read_bytes()[:1000].decode("ascii", "replace").strip()
+                if sidecar.is_file() else None)
+    return load_plain(path, recorded)
 
 
 def load_plain(path: Path, sha256: str | None) -> Any:
@@ -146,10 +147,29 @@ def load_plain(path: Path, sha256: str | None) -> Any:
                                 f"{actual[:12]}..., recorded {sha256[:12]}...)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - a crafted file can make the unpickler raise anything
         raise CheckpointRefused(f"checkpoint {path} is not plain tensor data and was not "
                                 f"loaded (torch.load weights_only=True: {_why(err)})") from err
-    return from_plain(payload)
+    try:
+        return from_plain(payload)
+    except (TypeError, RuntimeError) as err:  # a tagged array numpy cannot hold (bfloat16)
+        raise CheckpointRefused(f"checkpoint {path} holds an array that is not plain numpy "
+                                f"data ({_why(err)})") from err
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a refused checkpoint file (or folder) to ``<name>.bad`` beside it, replacing an
+    earlier one of that name, so that it is kept for a look but never read again; returns the
+    new path.
+    """
+    path = Path(path)
+    aside = path.with_name(path.name + ".bad")
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside)
+    elif aside.exists() or aside.is_symlink():
+        aside.unlink()
+    path.rename(aside)
+    return aside
 
 
 def _why(err: Exception) -> str:
@@ -160,6 +180,25 @@ def _why(err: Exception) -> str:
         return found.group(0)
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
+
+
+def discard_checkpoints(folder: Path) -> None:
+    """Delete a finished run's checkpoint folder, except what was set aside as ``*.bad``
+    (:func:`set_aside`): those files stay there, for a look at what was refused.
+    """
+    folder = Path(folder)
+    if not folder.is_dir() or folder.is_symlink():
+        return
+    kept = False
+    for entry in folder.iterdir():
+        if entry.name.endswith(".bad"):
+            kept = True
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    if not kept:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def non_finite(payload: Any, where: str = "") -> str | None:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shutil
 import tempfile
 import time
 from abc import abstractmethod
@@ -61,6 +60,7 @@ from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, run_method
 from fedbicross_flwr.model import build_resnet18, probe_for, resnet18_shape, with_counters
 from fedbicross_flwr.protocol import ClientFailure, ClientUpload, StateDict
+from fedbicross_flwr.storage.checkpoint_io import discard_checkpoints
 from fedbicross_flwr.strategies.replies import (
     Binding,
     accept_uploads,
@@ -290,7 +290,7 @@ class OneShotStrategy(Strategy):
         with self._artefacts_dir() as run_dir:
             self.output = self.aggregate_uploads(self._method_input(uploads, run_dir),
                                                  probe_for(self.reference))
-            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # nothing to resume
+            discard_checkpoints(run_dir / "checkpoints")  # nothing to resume
         metrics: dict[str, float] = {"num-uploads": len(uploads),
                                      "num-failures": len(self.failures)}
         metrics.update(client_means(self.local_metrics.values(), TRAIN_METRICS))
