@@ -41,7 +41,7 @@ from fedbicross_flwr.protocol import ClientFailure, validate_upload
 from fedbicross_flwr.storage.checkpoint_io import CheckpointRefused, load_plain, sha256_file
 from fedbicross_flwr.storage.payload_checks import PayloadError
 from fedbicross_flwr.storage.uploads_checkpoint import load_uploads
-from tests.fedbicross.fbc_models import make_tiny
+from tests.tiny_models import make_tiny
 
 N, K, C, SIDE = 4, 2, 3, 6
 TINY = dict(noise_samples=8, synth_steps=3, synth_batch=8, synth_lr=0.1, bn_weight=0.1,
