@@ -353,3 +353,32 @@ def test_every_baseline_runs_its_method_with_its_settings_on_the_grid(tmp_path, 
     assert all(_same_states({0: global_model}, {0: s}) for s in strategy.models.values())
     diagnostics = json.loads((tmp_path / "out" / f"{cls.method_name}.json").read_text())
     assert len(diagnostics["epochs"]) == 2
+
+
+def test_a_site_lying_about_its_accuracy_is_flagged_and_moves_the_median_less(tmp_path):
+    """A user's ServerApp holds no site's test data: the figures are the sites' own. Two honest
+    sites report 0.30 and 0.32 after personalization, the second node reports 1.0.
+    """
+    reported = {0: 0.30, 1: 1.0, 2: 0.32}  # by node index
+
+    def report(i):
+        def behaviour(msg: Message, ctx: Context, call):
+            reply = call(msg, ctx)
+            if msg.metadata.message_type != "train.personalize" or reply.has_error():
+                return reply
+            metrics = dict(reply.content["metrics"].items())
+            metrics["acc-after"] = reported[i]
+            return Message(RecordDict({"metrics": MetricRecord(metrics),
+                                       "config": reply.content["config"]}), reply_to=msg)
+        return behaviour
+
+    run_config = _tiny_run_config(tmp_path)
+    grid = InProcessGrid(client_app, run_config, NODES,
+                         behaviours={i: report(i) for i in reported})
+    init = initial_state(RunConfig.from_run_config(run_config), 1, 3)
+    result = FedAvgOneShot(progress=False).start(grid=grid, initial_arrays=ArrayRecord(init))
+    evaluation = result.evaluate_metrics_clientapp[1]
+    assert evaluation["acc-after"] == pytest.approx((0.30 + 1.0 + 0.32) / 3)
+    assert evaluation["acc-after-median"] == pytest.approx(0.32)
+    assert evaluation["acc-after-outliers"] == 1
+    assert "acc-before-median" in evaluation

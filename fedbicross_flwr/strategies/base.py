@@ -60,6 +60,7 @@ from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, run_method
 from fedbicross_flwr.model import build_resnet18, probe_for, resnet18_shape, with_counters
 from fedbicross_flwr.protocol import ClientFailure, ClientUpload, StateDict
+from fedbicross_flwr.reports.headline import OUTLIER_RULE, PHASE3_COLUMNS, median, outlier_sites
 from fedbicross_flwr.storage.checkpoint_io import discard_checkpoints
 from fedbicross_flwr.strategies.replies import (
     Binding,
@@ -387,6 +388,10 @@ class OneShotStrategy(Strategy):
             return None
         metrics: dict[str, float] = {"num-clients": len(self.client_metrics)}
         metrics.update(client_means(self.client_metrics.values(), EVALUATE_METRICS))
+        metrics.update(self_reported_spread(self.client_metrics))
+        if far := outlier_sites(_per_site(self.client_metrics, "acc-after")):
+            log(logging.WARNING, "aggregate_evaluate: self-reported acc-after of partitions %s "
+                "is far from the others' (%s)", far, OUTLIER_RULE)
         return MetricRecord(metrics)  # type: ignore[arg-type]
 
     # --- Flower's loop, one round --------------------------------------------------------------
@@ -407,7 +412,9 @@ class OneShotStrategy(Strategy):
             ``arrays``: the global model (empty for a personalized method: see
             :attr:`models`); ``train_metrics_clientapp[1]``: the uploads' mean local
             metrics; ``evaluate_metrics_clientapp[1]``: the mean accuracies before and after
-            personalization; ``evaluate_metrics_serverapp``: ``evaluate_fn``'s.
+            personalization, as the sites report them, with each one's median and the number
+            of sites far from the others (:func:`self_reported_spread`);
+            ``evaluate_metrics_serverapp``: ``evaluate_fn``'s.
         """
         if num_rounds != 1:
             raise ValueError(f"{type(self).__name__} is one-shot: one round (the upload, then "
@@ -477,5 +484,25 @@ def _log_failures(failures: Iterable[ClientFailure]) -> None:
             f.node, f.phase, f.reason)
 
 
+def _per_site(client_metrics: Mapping[int, Mapping[str, Any]], key: str) -> dict[int, float]:
+    """Partition -> its finite figure ``key``."""
+    return {pid: float(m[key]) for pid, m in client_metrics.items()
+            if isinstance(m.get(key), (int, float)) and math.isfinite(float(m[key]))}
+
+
+def self_reported_spread(client_metrics: Mapping[int, Mapping[str, Any]]) -> dict[str, float]:
+    """The personalization round's figures are the sites' own (a user's ServerApp holds no
+    site's test data): beside each mean, its ``<key>-median``, and ``acc-after-outliers``, the
+    number of sites whose ``acc-after`` is far from the others'
+    (:func:`~fedbicross_flwr.reports.headline.outlier_sites`; partitions logged).
+    """
+    out: dict[str, float] = {}
+    for key in PHASE3_COLUMNS:
+        if (mid := median(_per_site(client_metrics, key).values())) is not None:
+            out[f"{key}-median"] = mid
+    out["acc-after-outliers"] = len(outlier_sites(_per_site(client_metrics, "acc-after")))
+    return out
+
+
 __all__ = ["EVALUATE_METRICS", "OneShotStrategy", "TRAIN_METRICS", "client_means",
-           "distinct_models", "full_state"]
+           "distinct_models", "full_state", "self_reported_spread"]

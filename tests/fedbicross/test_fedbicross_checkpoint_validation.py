@@ -14,9 +14,9 @@ import logging
 import numpy as np
 import pytest
 import torch
-from test_fedbicross_checkpoint import TINY, _assert_same, _run
 
 from fedbicross_flwr.storage.checkpoint_io import load_plain, save_plain
+from tests.fedbicross.test_fedbicross_checkpoint import TINY, _assert_same, _run
 from tests.tiny_models import make_tiny
 
 
