@@ -17,13 +17,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
 from fedbicross_flwr.client import received_state, run_local_training, run_personalization
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import load_dataset
 from fedbicross_flwr.data.site import SiteData, site_from_partition
+from fedbicross_flwr.engines.client_mods import dp_clipping_mod
 from fedbicross_flwr.engines.communication import state_bytes
+from fedbicross_flwr.engines.task_identity import ensure_task_identity
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import build_resnet18, load_resnet18
 from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
@@ -101,24 +104,18 @@ class DirectTransport:
         return len(self.sites)
 
     def train_round(self, cfg: RunConfig, strategy: Any, state: StateDict,
-                    server_round: int) -> PhaseResult:
+                    server_round: int, config: dict[str, Any]) -> PhaseResult:
         """One round of a multi-round method: Flower's ``strategy`` builds the round's
-        messages (``configure_train``, over this engine's sites as nodes ``pid + 1``); each
-        site trains from the message's arrays with its config, through the ClientApp's
-        client-side DP mod (:func:`fedbicross_flwr.methods.flower_strategies.dp_clipping_mod`),
-        and replies with the arrays it was sent, trained. Needs Flower (imported here).
+        messages (``configure_train`` with the caller's round ``config``, over this engine's
+        sites as nodes ``pid + 1``); each site trains from the message's arrays with its
+        config, through the ClientApp's client-side DP mod
+        (:func:`fedbicross_flwr.engines.client_mods.dp_clipping_mod`), and replies with the
+        arrays it was sent, trained.
         """
-        from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-
-        from fedbicross_flwr.engines.task_identity import ensure_task_identity
-        from fedbicross_flwr.methods.flower_strategies import dp_clipping_mod
-        from fedbicross_flwr.methods.rounds import round_config
-
         ensure_task_identity()
         by_node = {s.partition_id + 1: s for s in self.sites}
         messages = strategy.configure_train(server_round, ArrayRecord(state),
-                                            ConfigRecord(round_config(cfg)),
-                                            _SiteNodes(sorted(by_node)))
+                                            ConfigRecord(config), _SiteNodes(sorted(by_node)))
         result, round_own = self._phase_result(), {}
         for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
             site = by_node[msg.metadata.dst_node_id]
@@ -143,8 +140,6 @@ class DirectTransport:
     def _train_site(self, cfg: RunConfig, site: SiteData, trained: dict[str, nn.Module],
                     msg: Any, context: Any) -> Any:
         """What the ClientApp's ``train`` does with a round message, for one in-process site."""
-        from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-
         config = msg.content["config"]
         received = msg.content["arrays"].to_torch_state_dict()
         model, metrics = run_local_training(

@@ -209,22 +209,20 @@ class GridTransport:
         return len(self._bind(cfg)[1])
 
     def train_round(self, cfg: RunConfig, strategy: Any, state: StateDict,
-                    server_round: int) -> PhaseResult:
+                    server_round: int, config: dict[str, Any]) -> PhaseResult:
         """One round of a multi-round method, configured by Flower's ``strategy``.
 
         The strategy's ``configure_train`` samples every connected node and puts
         ``server-round`` (and its own keys: FedProx's ``proximal-mu``, a client-side DP
-        wrapper's ``clipping_norm``) into the message config; each node's partition is added
-        here. :mod:`fedbicross_flwr.methods.rounds` aggregates the replies with the same
-        strategy.
+        wrapper's ``clipping_norm``) into the caller's round ``config``; each node's partition
+        is added here. The caller (:mod:`fedbicross_flwr.methods.rounds`) aggregates the
+        replies with the same strategy.
         """
-        from fedbicross_flwr.methods.rounds import round_config
-
         binding, nodes = self._bind(cfg)
         pid_of = binding.partition_of()
-        config = ConfigRecord(round_config(cfg))
         messages = []
-        for m in strategy.configure_train(server_round, ArrayRecord(state), config, self.grid):
+        for m in strategy.configure_train(server_round, ArrayRecord(state),
+                                          ConfigRecord(config), self.grid):
             nid = m.metadata.dst_node_id
             if nid not in nodes:
                 continue  # a node outside site-nodes

@@ -24,11 +24,12 @@ class Transport(Protocol):
         """How many sites a round reaches (every one of them trains each round)."""
 
     def train_round(self, cfg: RunConfig, strategy: Any, state: StateDict,
-                    server_round: int) -> PhaseResult:
+                    server_round: int, config: dict[str, Any]) -> PhaseResult:
         """Round ``server_round`` of a multi-round method (its phase 1 is R of them): Flower's
         ``strategy`` configures the round from the global model ``state`` (its floating-point
-        entries) and every client trains from it; replies are ``ClientReply`` (the arrays
-        the client was sent, trained).
+        entries) and the caller's round ``config`` (``local-epochs``, and the client-side DP
+        clipping key when the method asks for it), and every client trains from it; replies
+        are ``ClientReply`` (the arrays the client was sent, trained).
         """
 
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
