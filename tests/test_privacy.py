@@ -24,7 +24,7 @@ import pytest
 import client_app.app as client_app_module
 from fedbicross_flwr.client import REPLY_METRICS, run_local_training
 from fedbicross_flwr.config.run_config import RunConfig
-from fedbicross_flwr.engines.inprocess import run_in_process
+from fedbicross_flwr.runners.inprocess import run_in_process
 
 ALLOWED = {"train": {"arrays", "metrics", "config"},
            "train.personalize": {"metrics", "config"}}

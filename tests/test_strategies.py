@@ -24,10 +24,10 @@ from client_app.app import app as client_app
 from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config.errors import ConfigError
 from fedbicross_flwr.config.run_config import RunConfig
-from fedbicross_flwr.engines.inprocess import InProcessGrid, run_in_process
 from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
 from fedbicross_flwr.methods.catalog import method_names
 from fedbicross_flwr.model import weighted_average
+from fedbicross_flwr.runners.inprocess import InProcessGrid, run_in_process
 from fedbicross_flwr.strategies import (
     DAFL,
     DENSE,

@@ -43,10 +43,6 @@ from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from fedbicross_flwr.config.errors import ConfigError
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.site import example_bounds
-from fedbicross_flwr.engines.client_mods import CLIPPING_KEY
-from fedbicross_flwr.engines.communication import add_traffic
-from fedbicross_flwr.engines.task_identity import ensure_task_identity
-from fedbicross_flwr.engines.transport import Transport
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, StateDict
 from fedbicross_flwr.methods.flower_strategies import (
@@ -64,6 +60,10 @@ from fedbicross_flwr.protocol import (
     validate_upload,
 )
 from fedbicross_flwr.storage.atomic import open_text
+from fedbicross_flwr.transports.client_mods import CLIPPING_KEY
+from fedbicross_flwr.transports.communication import add_traffic
+from fedbicross_flwr.transports.task_identity import ensure_task_identity
+from fedbicross_flwr.transports.transport import Transport
 
 
 class RoundError(RuntimeError):

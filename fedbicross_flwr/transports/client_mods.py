@@ -1,7 +1,7 @@
 """The ClientApp's mods: what a site applies to a message before its handler sees it.
 
 The project's ClientApp (``client_app.app``) installs :func:`dp_clipping_mod`; the direct
-transport (:class:`fedbicross_flwr.engines.direct.DirectTransport`) applies the same mod to a
+transport (:class:`fedbicross_flwr.transports.direct.DirectTransport`) applies the same mod to a
 multi-round method's round messages, as a site would. This module imports Flower lazily.
 """
 

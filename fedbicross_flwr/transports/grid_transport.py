@@ -1,9 +1,9 @@
-"""The :class:`~fedbicross_flwr.engines.transport.Transport` over Flower's Grid (simulation or deployment).
+"""The :class:`~fedbicross_flwr.transports.transport.Transport` over Flower's Grid (simulation or deployment).
 
 ``train`` (phase 1, or one round of a multi-round method) and ``train.personalize`` (phase 3)
 as Flower messages. Results are keyed by partition-id, never by Flower node ids; each
 partition is bound to one node, and a reply that claims another node's partition is refused
-(see :class:`GridTransport`). :class:`fedbicross_flwr.engines.direct.DirectTransport` is the same
+(see :class:`GridTransport`). :class:`fedbicross_flwr.transports.direct.DirectTransport` is the same
 interface as plain function calls.
 """
 
@@ -19,10 +19,10 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
 from fedbicross_flwr.config.run_config import RunConfig, parse_site_nodes
-from fedbicross_flwr.engines.communication import message_bytes
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.protocol import PhaseResult, StateDict
-from fedbicross_flwr.strategies.replies import Binding, read_personalized, read_uploads
+from fedbicross_flwr.transports.communication import message_bytes
+from fedbicross_flwr.transports.replies import Binding, read_personalized, read_uploads
 
 POLL_SECONDS = 3.0  # between pulls of the replies (as Flower's send_and_receive)
 RESENDS = 2  # times an instruction is sent again after a transient failure (below)
@@ -51,7 +51,7 @@ def transient_failure(reply: Message) -> bool:
 class GridTransport:
     """Phase 1 and phase 3 as Flower messages, each partition bound to one node.
 
-    The binding (:class:`~fedbicross_flwr.strategies.replies.Binding`, as a one-shot
+    The binding (:class:`~fedbicross_flwr.transports.replies.Binding`, as a one-shot
     strategy's) is fixed before any instruction is sent: the operator's ``site-nodes``
     (deployment), or, in simulation, the server's own assignment of partitions 0..n-1 to the
     connected nodes (sent with the instructions). Every instruction for partition p goes to p's
@@ -59,7 +59,7 @@ class GridTransport:
     claims another site's partition is refused and cannot displace it. Without ``site-nodes``
     in a deployment (the server holds no dataset) the sites name their own partitions, and a
     partition claimed by two nodes is refused for both. The replies are read as a one-shot
-    strategy reads them (:mod:`fedbicross_flwr.strategies.replies`).
+    strategy reads them (:mod:`fedbicross_flwr.transports.replies`).
     """
 
     def __init__(self, grid: Grid) -> None:
@@ -234,7 +234,7 @@ class GridTransport:
 
     def _train_replies(self, messages: list[Message], cfg: RunConfig) -> PhaseResult:
         """Send a ``train`` round; its replies keyed by partition-id (failures with reasons),
-        read by :func:`~fedbicross_flwr.strategies.replies.read_uploads`.
+        read by :func:`~fedbicross_flwr.transports.replies.read_uploads`.
         """
         assert self.binding is not None
         replies = self._send(messages, cfg)
@@ -245,7 +245,7 @@ class GridTransport:
 
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict]) -> PhaseResult:
         """Phase 3 over the Grid: each partition's model to its node, the metrics back
-        (read by :func:`~fedbicross_flwr.strategies.replies.read_personalized`).
+        (read by :func:`~fedbicross_flwr.transports.replies.read_personalized`).
         """
         assert self.binding is not None  # phase 1 bound the partitions
         messages = [Message(RecordDict({"arrays": ArrayRecord(state),

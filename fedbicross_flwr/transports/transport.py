@@ -1,7 +1,7 @@
 """How the server reaches the clients: the :class:`Transport` interface of the protocol.
 
-Flower's Grid (:class:`fedbicross_flwr.engines.grid_transport.GridTransport`, simulation or
-deployment) and plain function calls (:class:`fedbicross_flwr.engines.direct.DirectTransport`, one
+Flower's Grid (:class:`fedbicross_flwr.transports.grid_transport.GridTransport`, simulation or
+deployment) and plain function calls (:class:`fedbicross_flwr.transports.direct.DirectTransport`, one
 process, no Flower runtime) implement it. It lives below the server
 and the methods, so both can name it without importing each other.
 """
