@@ -77,7 +77,7 @@ def test_waiting_for_a_run_reads_its_status_when_the_log_stream_ends(tmp_path,
     import subprocess
     import time
 
-    from fedbicross_flwr.transports import simulation
+    from fedbicross_flwr.runners import simulation
 
     calls = []
 
@@ -99,7 +99,7 @@ def test_waiting_backs_off_when_the_log_stream_ended_early(tmp_path, monkeypatch
     import subprocess
     import time
 
-    from fedbicross_flwr.transports import simulation
+    from fedbicross_flwr.runners import simulation
 
     calls = []
 

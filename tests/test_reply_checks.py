@@ -238,7 +238,7 @@ def test_a_node_that_goes_offline_fails_at_once_not_at_the_timeout(phase, messag
             return PENDING
         return call(msg, ctx)
 
-    from fedbicross_flwr.transports import inprocess
+    from fedbicross_flwr.runners import inprocess
 
     real_init = inprocess.InProcessGrid.__init__
 
@@ -261,7 +261,8 @@ def test_a_node_that_goes_offline_fails_at_once_not_at_the_timeout(phase, messag
 
 
 def test_a_failed_pull_is_retried_and_loses_no_honest_reply(tmp_path, monkeypatch) -> None:
-    from fedbicross_flwr.transports import grid_transport, inprocess
+    from fedbicross_flwr.runners import inprocess
+    from fedbicross_flwr.transports import grid_transport
 
     monkeypatch.setattr(grid_transport, "POLL_SECONDS", 0.01)
     real_pull, failures = inprocess.InProcessGrid.pull_messages, []
@@ -294,7 +295,8 @@ def _lost_reply(reply):
 
 @pytest.mark.parametrize("losses", [1, 3])
 def test_a_reply_lost_in_transit_is_asked_for_again(losses, tmp_path, monkeypatch) -> None:
-    from fedbicross_flwr.transports import grid_transport, inprocess
+    from fedbicross_flwr.runners import inprocess
+    from fedbicross_flwr.transports import grid_transport
 
     monkeypatch.setattr(grid_transport, "POLL_SECONDS", 0.01)
     real_pull, lost, holder = inprocess.InProcessGrid.pull_messages, [], {}
