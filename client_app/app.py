@@ -32,10 +32,10 @@ from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import DataError
 from fedbicross_flwr.data.site import assigned_node_config, load_site, site_partition_id
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.methods.flower_strategies import dp_clipping_mod
 from fedbicross_flwr.model import build_resnet18, load_resnet18
 from fedbicross_flwr.protocol import RETURN_MODEL
 from fedbicross_flwr.training import resolve_device
+from fedbicross_flwr.transports.client_mods import dp_clipping_mod
 
 # Flower's client-side DP clipping, when a DP wrapper's round asks for it
 app = ClientApp(mods=[dp_clipping_mod])

@@ -252,7 +252,7 @@ def distill_check_command(args: argparse.Namespace, cfg: RunConfig, root: Path |
 def simulate_command(args: argparse.Namespace, cfg: RunConfig, root: Path | None,
                      start: float) -> int:
     """``fedbicross simulate``: a real ``flwr run``; prints the comparison (or summary) table."""
-    from fedbicross_flwr.engines.simulation import simulate
+    from fedbicross_flwr.runners.simulation import simulate
 
     overrides = {**(load_preset(args.preset) if args.preset else {}),
                  **parse_overrides(args.run_config)}
@@ -285,7 +285,7 @@ def simulate_command(args: argparse.Namespace, cfg: RunConfig, root: Path | None
 
 def direct_methods_command(args: argparse.Namespace, cfg: RunConfig, start: float) -> int:
     """``fedbicross run --engine direct`` with several methods (or a client cache)."""
-    from fedbicross_flwr.engines.direct import run_direct_methods
+    from fedbicross_flwr.runners.direct import run_direct_methods
 
     methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
                else cfg.method_list)
@@ -308,11 +308,11 @@ def run_experiment_command(args: argparse.Namespace, cfg: RunConfig, root: Path 
     if args.engine == "direct" and (args.methods or args.client_cache or cfg.methods):
         return direct_methods_command(args, cfg, start)
     if args.engine == "direct":
-        from fedbicross_flwr.engines.direct import run_direct
+        from fedbicross_flwr.runners.direct import run_direct
 
         run_dir = run_direct(cfg)
     else:
-        from fedbicross_flwr.engines.inprocess import run_in_process
+        from fedbicross_flwr.runners.inprocess import run_in_process
 
         _, run_dir = run_in_process(cfg.to_run_config(), cfg.num_clients)
     log(logging.INFO, "wall time %.1f s", time.perf_counter() - start)

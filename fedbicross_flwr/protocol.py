@@ -116,7 +116,7 @@ class PhaseResult:
     clients trained partition ``pid`` of ``num_partitions`` of the run's dataset, as the
     server assigned them (simulation), so the server knows each partition's size.
     ``bytes_down`` / ``bytes_up`` are the phase's traffic per partition
-    (:mod:`fedbicross_flwr.engines.communication`).
+    (:mod:`fedbicross_flwr.transports.communication`).
     """
 
     replies: dict[int, Any] = field(default_factory=dict)  # partition-id -> reply

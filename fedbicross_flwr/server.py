@@ -7,10 +7,10 @@ a simulation with the personalized models, which the server scores itself:
 its Flower strategy's (:mod:`fedbicross_flwr.strategies`): the strategy object built from the
 run config aggregates the uploads (``OneShotStrategy.aggregate_uploads``), the same code its
 ``aggregate_train`` runs in a user's ServerApp; the uploads are accepted and the replies read
-by the same functions too (:mod:`fedbicross_flwr.strategies.replies`). A
+by the same functions too (:mod:`fedbicross_flwr.transports.replies`). A
 :class:`Transport` carries the client phases: Flower's Grid in
-:mod:`fedbicross_flwr.engines.grid_transport` (simulation or deployment), or plain function calls in
-:mod:`fedbicross_flwr.engines.direct` (one process, no Flower runtime).
+:mod:`fedbicross_flwr.transports.grid_transport` (simulation or deployment), or plain function
+calls in :mod:`fedbicross_flwr.transports.direct` (one process, no Flower runtime).
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import DataError, load_dataset
 from fedbicross_flwr.data.site import example_bounds
-from fedbicross_flwr.engines.communication import add_traffic
-from fedbicross_flwr.engines.transport import Transport
 from fedbicross_flwr.logging_utils import (
     add_file_handler,
     log,
@@ -67,8 +65,10 @@ from fedbicross_flwr.reports.scoring import server_scoring
 from fedbicross_flwr.storage.checkpoint_io import discard_checkpoints
 from fedbicross_flwr.storage.uploads_checkpoint import checkpointed_uploads
 from fedbicross_flwr.strategies import BY_METHOD, strategy_for
-from fedbicross_flwr.strategies.replies import accept_uploads, refuse_bad_metrics
 from fedbicross_flwr.training import resolve_device
+from fedbicross_flwr.transports.communication import add_traffic
+from fedbicross_flwr.transports.replies import accept_uploads, refuse_bad_metrics
+from fedbicross_flwr.transports.transport import Transport
 
 
 def dataset_shape(cfg: RunConfig) -> tuple[int, int, float | None]:

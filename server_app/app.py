@@ -4,8 +4,8 @@
 replies (a one-shot method through its Flower strategy object, built from the run config:
 :mod:`fedbicross_flwr.strategies`); ``train.personalize`` (phase 3) sends each node the model
 chosen for ITS partition. The messages are in
-:class:`fedbicross_flwr.engines.grid_transport.GridTransport`, the partition-to-node binding
-and the reading and refusal of replies in :mod:`fedbicross_flwr.strategies.replies` (as a
+:class:`fedbicross_flwr.transports.grid_transport.GridTransport`, the partition-to-node binding
+and the reading and refusal of replies in :mod:`fedbicross_flwr.transports.replies` (as a
 strategy's); the protocol is :func:`fedbicross_flwr.server.run_server`.
 """
 
@@ -18,8 +18,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore.exit import add_exit_handler
 
 from fedbicross_flwr.config.run_config import RunConfig
-from fedbicross_flwr.engines.grid_transport import GridTransport
 from fedbicross_flwr.server import log_stopped_runs, run_methods, run_server
+from fedbicross_flwr.transports.grid_transport import GridTransport
 
 app = ServerApp()
 

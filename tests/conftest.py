@@ -50,7 +50,7 @@ def tiny_run_config(tiny_archive: Path, tmp_path: Path) -> dict:
 def _flower_task_identity() -> None:
     """Building a Message outside a Flower run needs the task identity set (flwr 1.42)."""
     try:
-        from fedbicross_flwr.engines.inprocess import set_task_identity
+        from fedbicross_flwr.transports.task_identity import set_task_identity
     except ImportError:  # pragma: no cover
         return
     set_task_identity(1)
@@ -59,7 +59,7 @@ def _flower_task_identity() -> None:
 @pytest.fixture
 def deployment(tmp_path: Path):
     """A loopback federation's processes (tests/test_deploy_loopback.py), stopped at the end."""
-    from fedbicross_flwr.engines.simulation import processes_of
+    from fedbicross_flwr.runners.simulation import processes_of
     from tests.test_deploy_loopback import Deployment
 
     dep = Deployment(tmp_path)

@@ -13,8 +13,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client_app.app import OWN_MODEL
 from client_app.app import app as client_app
-from fedbicross_flwr.engines.inprocess import run_in_process
 from fedbicross_flwr.model import build_resnet18
+from fedbicross_flwr.runners.inprocess import run_in_process
 
 
 def _context(run_config: dict, pid: int, n: int = 3) -> Context:

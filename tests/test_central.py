@@ -12,9 +12,9 @@ from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import load_dataset
 from fedbicross_flwr.data.site import site_from_partition
-from fedbicross_flwr.engines.direct import run_direct_methods
 from fedbicross_flwr.methods import get_method
 from fedbicross_flwr.methods.base import ClientUpload, MethodInput
+from fedbicross_flwr.runners.direct import run_direct_methods
 
 
 def test_central_trains_on_exactly_the_union_of_the_partitions(tiny_run_config,

@@ -268,8 +268,8 @@ def test_a_client_cache_entry_that_does_not_fit_the_run_is_set_aside_and_retrain
     # Prepare: phase 1 trained once (the cache filled), then one cache file altered
     from fedbicross_flwr.client import initial_state
     from fedbicross_flwr.config.run_config import RunConfig
-    from fedbicross_flwr.engines.direct import DirectTransport
     from fedbicross_flwr.storage import client_cache
+    from fedbicross_flwr.transports.direct import DirectTransport
 
     cfg = RunConfig.from_run_config({**tiny_run_config, "model-width": 4})
     init = initial_state(cfg, 1, 3)

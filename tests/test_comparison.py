@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from fedbicross_flwr.config.run_config import ConfigError, RunConfig, load_preset
-from fedbicross_flwr.engines.direct import run_direct_methods
 from fedbicross_flwr.fedbicross.method import algorithm_stages
 from fedbicross_flwr.logging_utils import Cadence, StagePlan, position_text, run_position
 from fedbicross_flwr.reports.comparison import comparison_markdown, comparison_rows
 from fedbicross_flwr.reports.summary_figure import read_weight_history, summary_figure
+from fedbicross_flwr.runners.direct import run_direct_methods
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,7 +157,7 @@ def test_three_methods_write_the_comparison_and_the_summary_picture(tiny_run_con
 
 
 def test_a_stopped_comparison_resumes_and_keeps_the_methods_it_finished(tmp_path) -> None:
-    from fedbicross_flwr.engines.inprocess import run_in_process
+    from fedbicross_flwr.runners.inprocess import run_in_process
     from tests.conftest import make_archive
 
     # Prepare: a finished two-method comparison, then the second method made unfinished

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from fedbicross_flwr.engines.simulation import flwr_env, stop_processes
+from fedbicross_flwr.runners.simulation import flwr_env, stop_processes
 from tests.conftest import make_archive
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from client_app.app import app as client_app
-from fedbicross_flwr.engines.inprocess import run_in_process
+from fedbicross_flwr.runners.inprocess import run_in_process
 from tests.conftest import make_archive
 
 

@@ -17,8 +17,8 @@ import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 
 import fedbicross_flwr.methods.fedbicross as fbc_adapter
-from fedbicross_flwr.engines.inprocess import run_in_process
 from fedbicross_flwr.model import build_resnet18
+from fedbicross_flwr.runners.inprocess import run_in_process
 from tests.conftest import make_archive
 
 

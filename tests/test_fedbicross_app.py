@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from fedbicross_flwr.config.run_config import RunConfig
-from fedbicross_flwr.engines.inprocess import run_in_process
 from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
+from fedbicross_flwr.runners.inprocess import run_in_process
 
 TINY_SERVER = {"method": "fedbicross", "num-clusters": 2, "noise-samples": 8,
                "synth-steps": 3, "synth-batch": 8, "server-epochs": 1}

@@ -15,7 +15,7 @@ from typing import Any
 from flwr.app import Context, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 
-from fedbicross_flwr.engines.inprocess import InProcessGrid
+from fedbicross_flwr.runners.inprocess import InProcessGrid
 from tests.test_docs import between
 
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "FLOWER.md"

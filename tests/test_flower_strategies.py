@@ -18,8 +18,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 
 from fedbicross_flwr.config.run_config import ConfigError, RunConfig
-from fedbicross_flwr.engines.direct import _SiteNodes, run_direct_methods
-from fedbicross_flwr.engines.inprocess import run_in_process
 from fedbicross_flwr.methods.catalog import method_names
 from fedbicross_flwr.methods.flower_strategies import (
     FLOWER_STRATEGIES,
@@ -29,6 +27,9 @@ from fedbicross_flwr.methods.flower_strategies import (
 from fedbicross_flwr.methods.rounds import _aggregate
 from fedbicross_flwr.model import build_resnet18, float_state, probe_for
 from fedbicross_flwr.protocol import ClientReply
+from fedbicross_flwr.runners.direct import run_direct_methods
+from fedbicross_flwr.runners.inprocess import run_in_process
+from fedbicross_flwr.transports.direct import _SiteNodes
 
 # A DP wrapper's noise must leave BatchNorm's running variances positive on this tiny model
 STRATEGY_ARGS = {"dp-fixed-server-r": "noise_multiplier=0.001 clipping_norm=10.0",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fedbicross_flwr.engines.simulation import processes_of, simulate
+from fedbicross_flwr.runners.simulation import processes_of, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,7 +58,7 @@ def test_flwr_run_simulation_completes_and_writes_results(tiny_run_config, tmp_p
 
 def test_each_flwr_home_gets_its_own_local_superlink_ports(tmp_path) -> None:
     # Prepare / Execute
-    from fedbicross_flwr.engines.simulation import flwr_env, local_superlink_ports
+    from fedbicross_flwr.runners.simulation import flwr_env, local_superlink_ports
 
     first = local_superlink_ports(tmp_path / "a")
     again = local_superlink_ports(tmp_path / "a")
@@ -77,7 +77,7 @@ def test_waiting_for_a_run_reads_its_status_when_the_log_stream_ends(tmp_path,
     import subprocess
     import time
 
-    from fedbicross_flwr.engines import simulation
+    from fedbicross_flwr.runners import simulation
 
     calls = []
 
@@ -99,7 +99,7 @@ def test_waiting_backs_off_when_the_log_stream_ended_early(tmp_path, monkeypatch
     import subprocess
     import time
 
-    from fedbicross_flwr.engines import simulation
+    from fedbicross_flwr.runners import simulation
 
     calls = []
 
@@ -127,7 +127,7 @@ def test_cpu_accounting_counts_a_reaped_child_and_the_whole_machine() -> None:
     import subprocess
     import sys
 
-    from fedbicross_flwr.engines.simulation import machine_cpu_seconds, own_cpu_seconds
+    from fedbicross_flwr.runners.simulation import machine_cpu_seconds, own_cpu_seconds
 
     # Prepare: a child that burns about 0.6 s of CPU, then is reaped
     own, machine = own_cpu_seconds(), machine_cpu_seconds()

@@ -43,7 +43,7 @@ from fedbicross_flwr.protocol import (
 )
 from fedbicross_flwr.reports.scoring import ServerScoring
 from fedbicross_flwr.server import refuse_bad_metrics
-from fedbicross_flwr.strategies.replies import ReplyError, read_reply
+from fedbicross_flwr.transports.replies import ReplyError, read_reply
 from tests.conftest import make_archive
 
 TRAIN, PERS = "train", "train.personalize"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import fedbicross_flwr.engines.direct as direct
+import fedbicross_flwr.transports.direct as direct
 from fedbicross_flwr.config.run_config import ConfigError
 from fedbicross_flwr.experiments.harness.collect import read_cells_csv
 from fedbicross_flwr.experiments.harness.report import write_report

@@ -16,11 +16,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedbicross_flwr.engines.inprocess import run_in_process
 from fedbicross_flwr.reports.comparison import comparison_markdown, comparison_rows
 from fedbicross_flwr.reports.headline import SELF_REPORTED, outlier_sites
 from fedbicross_flwr.reports.scoring import differs, tolerance
-from fedbicross_flwr.strategies.replies import ReplyError, read_reply
+from fedbicross_flwr.runners.inprocess import run_in_process
+from fedbicross_flwr.transports.replies import ReplyError, read_reply
 from tests.conftest import make_archive
 
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedbicross_flwr.engines.inprocess import run_in_process
 from fedbicross_flwr.model import probe_for, weighted_average
+from fedbicross_flwr.runners.inprocess import run_in_process
 from tests.conftest import make_archive
 
 

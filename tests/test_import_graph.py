@@ -108,8 +108,43 @@ def test_the_package_root_holds_few_modules_and_the_rest_by_concern() -> None:
     assert root_modules == ["__init__.py", "cli.py", "client.py", "logging_utils.py", "model.py",
                             "protocol.py", "server.py", "training.py"]
     subpackages = sorted(p.parent.name for p in (ROOT / "fedbicross_flwr").glob("*/__init__.py"))
-    assert subpackages == ["config", "data", "deploy", "distill", "engines", "experiments",
-                           "fedbicross", "methods", "privacy", "reports", "storage", "strategies"]
+    assert subpackages == ["config", "data", "deploy", "distill", "experiments", "fedbicross",
+                           "methods", "privacy", "reports", "runners", "storage", "strategies",
+                           "transports"]
+
+
+ABOVE_THE_TRANSPORTS = ("fedbicross_flwr.server", "fedbicross_flwr.runners",
+                        "fedbicross_flwr.strategies", "fedbicross_flwr.methods")
+
+
+def imports_above_the_transports(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Transport module -> what it imports from the server, runners, strategies or methods."""
+    return {m: above for m in graph if m.startswith("fedbicross_flwr.transports")
+            if (above := {d for d in graph[m] if d.startswith(ABOVE_THE_TRANSPORTS)})}
+
+
+def test_the_transports_import_nothing_above_them() -> None:
+    # the server calls the transports; the runners call the server: arrows point down only
+    graph = import_graph(ROOT)
+    assert len([m for m in graph if m.startswith("fedbicross_flwr.transports")]) >= 7
+    assert imports_above_the_transports(graph) == {}
+
+
+def test_the_transport_rule_fails_on_an_import_of_the_server(tmp_path: Path) -> None:
+    # Prepare: a synthetic project whose transport imports the server inside a function
+    pkg = tmp_path / "fedbicross_flwr"
+    (pkg / "transports").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "server.py").write_text("")
+    (pkg / "transports" / "__init__.py").write_text("")
+    (pkg / "transports" / "direct.py").write_text(
+        "def run():\n    from fedbicross_flwr.server import run_server\n")
+    for other in PACKAGES[1:]:
+        (tmp_path / other).mkdir()
+    # Act
+    found = imports_above_the_transports(import_graph(tmp_path))
+    # Assert
+    assert found == {"fedbicross_flwr.transports.direct": {"fedbicross_flwr.server"}}
 
 
 def test_the_baselines_and_the_toolkit_do_not_import_the_papers_method() -> None:

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from fedbicross_flwr.config.run_config import RunConfig
-from fedbicross_flwr.engines.direct import run_direct_methods
 from fedbicross_flwr.methods.base import ClientUpload
 from fedbicross_flwr.model import build_resnet18
 from fedbicross_flwr.reports.knowledge import (
@@ -18,6 +17,7 @@ from fedbicross_flwr.reports.knowledge import (
     mixture_probs,
     retention,
 )
+from fedbicross_flwr.runners.direct import run_direct_methods
 
 
 def test_mixture_is_the_weighted_mean_of_the_cluster_teachers() -> None:

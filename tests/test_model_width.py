@@ -13,9 +13,9 @@ import torch
 from flwr.app import ArrayRecord, Message, RecordDict
 
 from fedbicross_flwr.config.run_config import RunConfig
-from fedbicross_flwr.engines.direct import run_direct_methods
-from fedbicross_flwr.engines.inprocess import run_in_process
 from fedbicross_flwr.model import build_resnet18, resnet18_shape
+from fedbicross_flwr.runners.direct import run_direct_methods
+from fedbicross_flwr.runners.inprocess import run_in_process
 
 TINY_SERVER = {"num-clusters": 2, "noise-samples": 8, "synth-steps": 3, "synth-batch": 8,
                "server-epochs": 1, "fedisca-epochs": 1, "gen-epochs": 1, "gen-steps": 1,

@@ -18,12 +18,13 @@ from flwr.serverapp.strategy import FedAvg
 import client_app.app as client_module
 from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config.run_config import ConfigError, RunConfig
-from fedbicross_flwr.engines.direct import DirectTransport, run_direct_methods
-from fedbicross_flwr.engines.inprocess import run_in_process
 from fedbicross_flwr.methods.flower_strategies import build_strategy
-from fedbicross_flwr.methods.rounds import round_epochs
+from fedbicross_flwr.methods.rounds import round_config, round_epochs
 from fedbicross_flwr.model import float_state
+from fedbicross_flwr.runners.direct import run_direct_methods
+from fedbicross_flwr.runners.inprocess import run_in_process
 from fedbicross_flwr.training import proximal_term
+from fedbicross_flwr.transports.direct import DirectTransport
 
 
 def _np_state(message) -> dict[str, np.ndarray]:
@@ -143,7 +144,8 @@ def test_one_shot_method_after_multiround_keeps_phase_one_models(tiny_run_config
     phase1_models = dict(transport.own_models)
     # Execute
     rounds_cfg = cfg.replace(method="fedavg-r", rounds=1)
-    transport.train_round(rounds_cfg, build_strategy(rounds_cfg, 3), float_state(init), 1)
+    transport.train_round(rounds_cfg, build_strategy(rounds_cfg, 3), float_state(init), 1,
+                          round_config(rounds_cfg))
     used_by_rounds = transport.active_own
     transport.collect_models(cfg, init)  # the next one-shot method (cached uploads)
     # Assert: the rounds' personalization uses the round models, a later one-shot method

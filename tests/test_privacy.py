@@ -24,10 +24,13 @@ import pytest
 import client_app.app as client_app_module
 from fedbicross_flwr.client import REPLY_METRICS, run_local_training
 from fedbicross_flwr.config.run_config import RunConfig
-from fedbicross_flwr.engines.inprocess import run_in_process
+from fedbicross_flwr.runners.inprocess import run_in_process
 
+# A phase-3 reply holds the personalized model's arrays only when the server asked for them
+# (a simulation asks, so that it scores the models itself; a deployment does not).
 ALLOWED = {"train": {"arrays", "metrics", "config"},
            "train.personalize": {"metrics", "config"}}
+ALLOWED_WHEN_ASKED = {"train.personalize": {"arrays"}}
 # Every metric a site may report: aggregates over its data, no per-sample value.
 ALLOWED_METRICS = {
     "train": {"num-examples", "train-loss", "val-acc", "test-acc", "test-acc-personal",
@@ -57,13 +60,19 @@ def grid_and_config(tmp_path_factory):
     return grid, run_config
 
 
-def check_replies(replies) -> None:
+def check_replies(replies, asked_for_models: bool) -> None:
     """Every reply holds only the allowed records, config keys and metric names and values."""
     assert replies
+    upload_names = {name for r in replies if r.metadata.message_type == "train"
+                    for name in r.content["arrays"].keys()}
     for reply in replies:
         kind = reply.metadata.message_type
         assert not reply.has_error()
-        assert set(reply.content.keys()) == ALLOWED[kind], kind
+        extra = ALLOWED_WHEN_ASKED.get(kind, set()) if asked_for_models else set()
+        assert set(reply.content.keys()) == ALLOWED[kind] | extra, kind
+        if kind == "train.personalize" and extra:
+            # the returned model has exactly the uploaded model's tensors, nothing beside them
+            assert set(reply.content["arrays"].keys()) == upload_names
         # config: the partition-id and nothing else
         assert set(reply.content["config"].keys()) == {"partition-id"}
         # metrics: exactly the allowed names, each one scalar number (no per-sample values)
@@ -105,7 +114,7 @@ def phase1_reply(run_config: dict):
 def test_every_reply_holds_only_the_allowed_records(grid_and_config) -> None:
     grid, _ = grid_and_config
     assert len(grid.replies) == 6  # 3 uploads + 3 personalization reports
-    check_replies(grid.replies)
+    check_replies(grid.replies, asked_for_models=True)  # a simulation scores them itself
     # the code's allowlist is the one pinned here
     assert {k: set(v) for k, v in REPLY_METRICS.items()} == ALLOWED_METRICS
 
@@ -119,7 +128,7 @@ def test_the_reply_check_catches_labels_sent_as_metrics(tmp_path, monkeypatch) -
     # Assert: the labels did leave the client, and the reply check fails on them
     assert any(name.startswith("label-") for name in reply.content["metrics"])
     with pytest.raises(AssertionError):
-        check_replies([reply])
+        check_replies([reply], asked_for_models=False)
 
 
 def test_the_client_app_refuses_to_send_labels_as_metrics(tmp_path, monkeypatch) -> None:

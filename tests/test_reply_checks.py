@@ -1,5 +1,5 @@
 """One hostile site can neither crash nor falsify a run: every reply is read in one place
-(``strategies.replies.read_reply``) and every metric the server reads is checked for name, type
+(``transports.replies.read_reply``) and every metric the server reads is checked for name, type
 and range (``protocol.metrics_problem``); a bad site fails alone, named, with its reason.
 
 One in-process run (real ServerApp/ClientApp, fedavg1, 9 nodes): nodes 0 and 8 are honest;
@@ -18,7 +18,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
-from fedbicross_flwr.engines.inprocess import run_in_process
 from fedbicross_flwr.protocol import (
     ADAPTIVE_CLIPPING_METRICS,
     MAX_BATCHES_TRACKED,
@@ -26,6 +25,7 @@ from fedbicross_flwr.protocol import (
     metrics_problem,
     validate_upload,
 )
+from fedbicross_flwr.runners.inprocess import run_in_process
 from tests.conftest import make_archive
 
 GOOD_TRAIN = {"num-examples": 40.0, "train-loss": 0.7, "val-acc": float("nan"), "test-acc": 0.5,
@@ -115,7 +115,7 @@ def _reply(message_type: str, records: dict) -> Message:
      "the train reply's config holds 'site-name', which the phase does not define"),
 ])
 def test_a_record_the_phase_does_not_define_is_refused(message_type, extra, reason) -> None:
-    from fedbicross_flwr.strategies.replies import ReplyError, read_reply
+    from fedbicross_flwr.transports.replies import ReplyError, read_reply
 
     honest = {"metrics": MetricRecord(GOOD_TRAIN if message_type == "train" else GOOD_PERS),
               "config": ConfigRecord({"partition-id": 0})}
@@ -226,8 +226,8 @@ def test_a_node_that_goes_offline_fails_at_once_not_at_the_timeout(phase, messag
                                                                    monkeypatch) -> None:
     import time
 
-    from fedbicross_flwr.engines import grid_transport
-    from fedbicross_flwr.engines.inprocess import PENDING
+    from fedbicross_flwr.runners.inprocess import PENDING
+    from fedbicross_flwr.transports import grid_transport
 
     monkeypatch.setattr(grid_transport, "POLL_SECONDS", 0.05)
     holder = {}
@@ -238,7 +238,7 @@ def test_a_node_that_goes_offline_fails_at_once_not_at_the_timeout(phase, messag
             return PENDING
         return call(msg, ctx)
 
-    from fedbicross_flwr.engines import inprocess
+    from fedbicross_flwr.runners import inprocess
 
     real_init = inprocess.InProcessGrid.__init__
 
@@ -261,7 +261,8 @@ def test_a_node_that_goes_offline_fails_at_once_not_at_the_timeout(phase, messag
 
 
 def test_a_failed_pull_is_retried_and_loses_no_honest_reply(tmp_path, monkeypatch) -> None:
-    from fedbicross_flwr.engines import grid_transport, inprocess
+    from fedbicross_flwr.runners import inprocess
+    from fedbicross_flwr.transports import grid_transport
 
     monkeypatch.setattr(grid_transport, "POLL_SECONDS", 0.01)
     real_pull, failures = inprocess.InProcessGrid.pull_messages, []
@@ -294,7 +295,8 @@ def _lost_reply(reply):
 
 @pytest.mark.parametrize("losses", [1, 3])
 def test_a_reply_lost_in_transit_is_asked_for_again(losses, tmp_path, monkeypatch) -> None:
-    from fedbicross_flwr.engines import grid_transport, inprocess
+    from fedbicross_flwr.runners import inprocess
+    from fedbicross_flwr.transports import grid_transport
 
     monkeypatch.setattr(grid_transport, "POLL_SECONDS", 0.01)
     real_pull, lost, holder = inprocess.InProcessGrid.pull_messages, [], {}
@@ -330,7 +332,7 @@ def test_only_the_transient_errors_are_asked_for_again() -> None:
     from flwr.app import ConfigRecord, Error, Message, RecordDict
     from flwr.common.constant import ErrorCode
 
-    from fedbicross_flwr.engines.grid_transport import transient_failure
+    from fedbicross_flwr.transports.grid_transport import transient_failure
 
     ins = Message(RecordDict({"config": ConfigRecord({"phase": "train"})}), dst_node_id=5,
                   message_type="train")

@@ -8,9 +8,9 @@ import pytest
 
 import fedbicross_flwr.fedbicross.method as method_module
 from fedbicross_flwr.config.run_config import ConfigError, RunConfig
-from fedbicross_flwr.engines.direct import run_direct
 from fedbicross_flwr.fedbicross.bilevel import OnlineBilevelTrainer
 from fedbicross_flwr.reports.results import create_run_dir
+from fedbicross_flwr.runners.direct import run_direct
 
 TINY_SERVER = {"method": "fedbicross", "num-clusters": 2, "noise-samples": 8,
                "synth-steps": 3, "synth-batch": 8, "server-epochs": 2}

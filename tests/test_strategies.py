@@ -24,11 +24,11 @@ from client_app.app import app as client_app
 from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config.errors import ConfigError
 from fedbicross_flwr.config.run_config import RunConfig
-from fedbicross_flwr.engines.inprocess import InProcessGrid, run_in_process
 from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
 from fedbicross_flwr.methods.catalog import method_names
 from fedbicross_flwr.model import weighted_average
 from fedbicross_flwr.protocol import RETURN_MODEL
+from fedbicross_flwr.runners.inprocess import InProcessGrid, run_in_process
 from fedbicross_flwr.strategies import (
     DAFL,
     DENSE,
@@ -140,6 +140,14 @@ def test_the_strategy_gives_todays_clusters_weights_and_received_models(both_pat
     assert len(received_b) == NODES and _same_states(received_a, received_b)
     assert _same_states(received_b, strategy.models)
     assert not (out_b / "checkpoints").exists()  # nothing left to resume from
+    # Assert: the sites' personalization replies carry a model only where it was asked for
+    replies_a = [r for r in both_paths["grid_a"].replies
+                 if r.metadata.message_type == "train.personalize"]
+    replies_b = [r for r in both_paths["grid_b"].replies
+                 if r.metadata.message_type == "train.personalize"]
+    assert len(replies_a) == len(replies_b) == NODES
+    assert all("arrays" in r.content.keys() for r in replies_a)
+    assert not any("arrays" in r.content.keys() for r in replies_b)
 
 
 def test_the_result_holds_the_personalization_and_server_evaluation(both_paths):

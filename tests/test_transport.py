@@ -6,9 +6,9 @@ import inspect
 
 import pytest
 
-from fedbicross_flwr.engines.direct import DirectTransport
-from fedbicross_flwr.engines.grid_transport import GridTransport
-from fedbicross_flwr.engines.transport import Transport
+from fedbicross_flwr.transports.direct import DirectTransport
+from fedbicross_flwr.transports.grid_transport import GridTransport
+from fedbicross_flwr.transports.transport import Transport
 
 PHASES = ("collect_models", "num_sites", "train_round", "personalize")
 

@@ -18,7 +18,7 @@ from typing import Any
 _HOMES = {
     "InnerStepResult": "bilevel", "OnlineBilevelTrainer": "bilevel",
     "inner_step_and_hypergradient": "bilevel", "outer_update": "bilevel",
-    "project_to_simplex": "bilevel", "cluster_clients": "clustering",
+    "project_to_simplex": "bilevel", "kmeans_labels": "clustering",
     "noise_predictions": "clustering", "lambda_schedule": "losses",
     "personalization_loss": "losses", "FedBiCrossResult": "method", "run_fedbicross": "method",
 }

@@ -95,7 +95,7 @@ def degenerate_clients(preds: np.ndarray, num_classes: int) -> list[int]:
     return [i for i in range(preds.shape[0]) if np.unique(argmax[i]).size == 1]
 
 
-def cluster_clients(preds: np.ndarray, num_clusters: int, seed: int, n_init: int = 10) -> np.ndarray:
+def kmeans_labels(preds: np.ndarray, num_clusters: int, seed: int, n_init: int = 10) -> np.ndarray:
     """K-means on the flattened prediction matrices (minimises sum ||p_i - c_k||_F^2).
 
     Labels are made deterministic and non-empty: every cluster gets at least one client (if

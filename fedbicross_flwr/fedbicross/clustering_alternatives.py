@@ -28,7 +28,7 @@ from sklearn.cluster import AgglomerativeClustering
 from torch import Tensor, nn
 
 from ..logging_utils import log
-from .clustering import cluster_clients
+from .clustering import kmeans_labels
 from .config import CLUSTER_ON
 
 
@@ -177,10 +177,10 @@ def assign_clusters(
         (N,) int64 cluster of each client, 0..K-1, each used, numbered by smallest client.
     """
     if cluster_on == "predictions":
-        return cluster_clients(preds, num_clusters, seed, n_init=n_init)
+        return kmeans_labels(preds, num_clusters, seed, n_init=n_init)
     if cluster_on == "parameters":
         embedding = isometric_embedding(parameter_gram(clients))  # (N, N)
-        labels = cluster_clients(embedding, num_clusters, seed, n_init=n_init)
+        labels = kmeans_labels(embedding, num_clusters, seed, n_init=n_init)
     elif cluster_on == "hierarchical":
         w0 = initial_model_state(factory, seed)
         labels = hierarchical_update_clusters(parameter_gram(clients, w0), num_clusters)

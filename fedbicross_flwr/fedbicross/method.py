@@ -168,9 +168,9 @@ def run_fedbicross(
 
     # --- Stage 1a: clustering by output similarity on noise (Algorithm 1, lines 1-3) ----------
     plan.begin(plan.names[0])
-    clustering = stages.run("clustering", lambda: cluster_clients(clients, s, in_channels,
-                                                                  num_classes, image_size,
-                                                                  factory, device),
+    clustering = stages.run("clustering", lambda: cluster_on_noise(clients, s, in_channels,
+                                                                 num_classes, image_size,
+                                                                 factory, device),
                             timed_as="clustering",
                             check=lambda payload: check_clustering(payload, layout))
     preds, assignment = clustering["preds"], clustering["assignment"]  # (N, M * C), (N,)
@@ -277,9 +277,9 @@ def _resnet18_like(client: nn.Module) -> Callable[[], nn.Module]:
     return lambda: build_resnet18(in_channels, num_classes, width)
 
 
-def cluster_clients(clients: list[nn.Module], s: FedBiCrossSettings, in_channels: int,
-                    num_classes: int, image_size: int, factory: Callable[[], nn.Module],
-                    device: torch.device) -> dict[str, Any]:
+def cluster_on_noise(clients: list[nn.Module], s: FedBiCrossSettings, in_channels: int,
+                     num_classes: int, image_size: int, factory: Callable[[], nn.Module],
+                     device: torch.device) -> dict[str, Any]:
     """Stage 1a (Algorithm 1, lines 1-3): noise predictions, cluster assignment and the
     clients that look degenerate.
 

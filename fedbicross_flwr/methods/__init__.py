@@ -31,9 +31,9 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from fedbicross_flwr.config.run_config import RunConfig
-    from fedbicross_flwr.engines.transport import Transport
     from fedbicross_flwr.methods.base import ServerMethod
     from fedbicross_flwr.protocol import PhaseResult, StateDict
+    from fedbicross_flwr.transports.transport import Transport
 
 
 def get_method(name: str) -> "ServerMethod":

@@ -21,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from fedbicross_flwr.methods.flower_strategies import FLOWER_STRATEGIES
+
 Kind = Literal["one-shot", "multi-round", "reference"]
 Group = Literal["baseline", "ours", "reference"]
 
@@ -120,8 +122,6 @@ register(MethodSpec("cluster-fedavg", "one-shot", "baseline", 5,
 
 def _register_flower_strategies() -> None:
     """Flower's strategies, one multi-round reference row each (:mod:`.flower_strategies`)."""
-    from fedbicross_flwr.methods.flower_strategies import FLOWER_STRATEGIES
-
     for row, entry in enumerate(FLOWER_STRATEGIES, start=1):
         register(MethodSpec(entry.method, "multi-round", "reference", row, "rounds:flower_r",
                             strategy=entry.cls))

@@ -15,7 +15,7 @@ import logging
 import numpy as np
 
 from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
-from fedbicross_flwr.fedbicross.method import cluster_clients
+from fedbicross_flwr.fedbicross.method import cluster_on_noise
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, write_clusters_csv
 from fedbicross_flwr.model import load_resnet18, weighted_average
@@ -28,8 +28,8 @@ def cluster_fedavg(inp: MethodInput) -> MethodOutput:
     settings = FedBiCrossSettings.of(cfg, num_clusters=k)
     clients = [load_resnet18(u.state).to(inp.device).eval().requires_grad_(False)
                for u in inp.uploads]
-    clustering = cluster_clients(clients, settings, inp.in_channels, inp.num_classes, 28,
-                                 inp.new_model, inp.device)
+    clustering = cluster_on_noise(clients, settings, inp.in_channels, inp.num_classes, 28,
+                                  inp.new_model, inp.device)
     assignment = np.asarray(clustering["assignment"])  # (N,)
     models, clusters = {}, {}
     for c in range(k):

@@ -21,9 +21,10 @@ alone a pair qualified with its name (``"fedadam-r:eta=0.05 krum-r:num_malicious
 :func:`method_args`).
 
 Client-side DP: the server's wrapper sends ``clipping_norm``; the site clips its update with
-Flower's ``fixedclipping_mod`` / ``adaptiveclipping_mod`` (:func:`dp_clipping_mod` picks the
-one the round asks for; the adaptive one adds the metric ``norm_bit``, whether the update was
-clipped, which the server's wrapper reads to adapt the norm).
+Flower's ``fixedclipping_mod`` / ``adaptiveclipping_mod``
+(:func:`~fedbicross_flwr.transports.client_mods.dp_clipping_mod` picks the one the round asks for;
+the adaptive one adds the metric ``norm_bit``, whether the update was clipped, which the
+server's wrapper reads to adapt the norm).
 
 This module imports Flower lazily: the catalog reads :data:`FLOWER_STRATEGIES` without it.
 """
@@ -35,11 +36,10 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from fedbicross_flwr.config.errors import ConfigError
 from fedbicross_flwr.config.fields import Section, key
 
 if TYPE_CHECKING:
-    from flwr.app import Context, Message
-    from flwr.clientapp.typing import ClientAppCallable
     from flwr.serverapp.strategy import Strategy
 
 
@@ -152,8 +152,6 @@ RESERVED = frozenset({
     "min_available_nodes", "weighted_by_key", "arrayrecord_key", "configrecord_key",
     "train_metrics_aggr_fn", "evaluate_metrics_aggr_fn", "train_loss_key",
     "client_learning_rate", "proximal_mu", "strategy", "num_sampled_clients", "accountant"})
-# The round-config key that tells a site which Flower clipping mod to apply.
-CLIPPING_KEY = "dp-clipping"
 
 
 def parse_strategy_args(text: str) -> dict[str, Any]:
@@ -167,8 +165,6 @@ def parse_strategy_args(text: str) -> dict[str, Any]:
     ConfigError
         A pair that is not ``name=value`` or a value that is not a TOML literal.
     """
-    from fedbicross_flwr.config.errors import ConfigError
-
     args: dict[str, Any] = {}
     for pair in text.replace(",", " ").split():
         name, sep, value = pair.partition("=")
@@ -231,8 +227,6 @@ def strategy_kwargs(cfg: StrategyConfig, num_nodes: int) -> tuple[FlowerStrategy
     """
     from flwr.serverapp import strategy as flower
 
-    from fedbicross_flwr.config.errors import ConfigError
-
     if cfg.method not in BY_METHOD:
         raise ConfigError(f"method {cfg.method!r} is not one of Flower's strategies "
                           f"({', '.join(BY_METHOD)})")
@@ -276,8 +270,6 @@ def build_strategy(cfg: StrategyConfig, num_nodes: int) -> "Strategy":
     """
     from flwr.serverapp import strategy as flower
 
-    from fedbicross_flwr.config.errors import ConfigError
-
     entry, kwargs = strategy_kwargs(cfg, num_nodes)
     try:
         if entry.dp_wrapper:
@@ -289,23 +281,6 @@ def build_strategy(cfg: StrategyConfig, num_nodes: int) -> "Strategy":
         raise ConfigError(f"{entry.cls}({kwargs}): {err}") from None
 
 
-def dp_clipping_mod(msg: "Message", context: "Context",
-                    call_next: "ClientAppCallable") -> "Message":
-    """ClientApp mod: Flower's client-side DP clipping when the round asks for it.
-
-    A ``train`` message whose config carries ``dp-clipping`` goes through Flower's
-    ``fixedclipping_mod`` or ``adaptiveclipping_mod``; every other message passes unchanged.
-    """
-    config = msg.content["config"] if "config" in msg.content else None
-    mode = config.get(CLIPPING_KEY) if config is not None else None  # type: ignore[union-attr]
-    if msg.metadata.message_type != "train" or mode is None:
-        return call_next(msg, context)
-    from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
-
-    mod = fixedclipping_mod if mode == "fixed" else adaptiveclipping_mod
-    return mod(msg, context, call_next)
-
-
-__all__ = ["BY_METHOD", "CLIPPING_KEY", "FLOWER_STRATEGIES", "FlowerStrategy", "MultiRoundConfig",
-           "StrategyConfig", "build_strategy", "dp_clipping_mod", "method_args",
+__all__ = ["BY_METHOD", "FLOWER_STRATEGIES", "FlowerStrategy", "MultiRoundConfig",
+           "StrategyConfig", "build_strategy", "method_args",
            "parse_strategy_args", "qualifying_methods", "strategy_kwargs"]

@@ -38,17 +38,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
 from fedbicross_flwr.config.errors import ConfigError
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.site import example_bounds
-from fedbicross_flwr.engines.communication import add_traffic
-from fedbicross_flwr.engines.transport import Transport
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, StateDict
 from fedbicross_flwr.methods.flower_strategies import (
     BY_METHOD,
-    CLIPPING_KEY,
     build_strategy,
     strategy_kwargs,
 )
@@ -62,6 +60,10 @@ from fedbicross_flwr.protocol import (
     validate_upload,
 )
 from fedbicross_flwr.storage.atomic import open_text
+from fedbicross_flwr.transports.client_mods import CLIPPING_KEY
+from fedbicross_flwr.transports.communication import add_traffic
+from fedbicross_flwr.transports.task_identity import ensure_task_identity
+from fedbicross_flwr.transports.transport import Transport
 
 
 class RoundError(RuntimeError):
@@ -140,7 +142,8 @@ def run_rounds(cfg: RunConfig, transport: Transport, init: StateDict,
     bytes_down: dict[int, int] = {}
     state, probe, sizes = init, probe_for(init), None
     for rnd in range(1, cfg.rounds + 1):
-        phase = transport.train_round(cfg, strategy, float_state(state), rnd)
+        phase = transport.train_round(cfg, strategy, float_state(state), rnd,
+                                      round_config(cfg))
         add_traffic(bytes_up, phase.bytes_up)
         add_traffic(bytes_down, phase.bytes_down)
         sizes = sizes or example_bounds(cfg, phase.num_partitions)
@@ -184,10 +187,6 @@ def _valid_replies(cfg: RunConfig, phase: PhaseResult, init: StateDict, probe: A
 def _aggregate(strategy: Any, rnd: int, valid: dict[int, ClientReply], init: StateDict,
                probe: Any) -> StateDict:
     """w^(rnd): the strategy's ``aggregate_train`` over the valid replies, as w^(0)'s dtypes."""
-    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-
-    from fedbicross_flwr.engines.task_identity import ensure_task_identity
-
     ensure_task_identity()
     replies = [Message(RecordDict({"arrays": ArrayRecord(float_state(r.state)),
                                    "metrics": MetricRecord(r.metrics)}),  # type: ignore[arg-type]

@@ -10,10 +10,10 @@ A one-shot method is exactly one round of Flower's ``start`` loop:
 * ``configure_train`` sends w^(0) (``initial_arrays``) to every connected node, as the
   ``train`` message the project's ClientApp answers (``client_app.app.train``): each node
   trains its local model f_i once and uploads it;
-* ``aggregate_train`` reads and checks the uploads (:mod:`.replies`) and runs the server
-  method on the usable ones (:meth:`OneShotStrategy.aggregate_uploads`, which is also phase 2
-  of the project's own run, ``fedbicross_flwr.server.run_server``, in every engine); it
-  returns the global model when every client receives the same one, else None (a
+* ``aggregate_train`` reads and checks the uploads (:mod:`fedbicross_flwr.transports.replies`)
+  and runs the server method on the usable ones (:meth:`OneShotStrategy.aggregate_uploads`,
+  which is also phase 2 of the project's own run, ``fedbicross_flwr.server.run_server``, in
+  every engine); it returns the global model when every client receives the same one, else None (a
   personalized method: FedBiCross, cluster-FedAvg), and the uploads' mean local metrics;
 * ``configure_evaluate`` sends each node the model chosen for ITS partition as a
   ``train.personalize`` message (``client_app.app.personalize``): the node distils it with
@@ -62,14 +62,14 @@ from fedbicross_flwr.model import build_resnet18, probe_for, resnet18_shape, wit
 from fedbicross_flwr.protocol import ClientFailure, ClientUpload, StateDict
 from fedbicross_flwr.reports.headline import OUTLIER_RULE, PHASE3_COLUMNS, median, outlier_sites
 from fedbicross_flwr.storage.checkpoint_io import discard_checkpoints
-from fedbicross_flwr.strategies.replies import (
+from fedbicross_flwr.training import resolve_device
+from fedbicross_flwr.transports.replies import (
     Binding,
     accept_uploads,
     read_personalized,
     read_uploads,
     refuse_bad_metrics,
 )
-from fedbicross_flwr.training import resolve_device
 
 PERSONALIZE = "train.personalize"  # the ClientApp's @app.train("personalize")
 # Local metrics of the uploads averaged in round 1's MetricRecord, and the personalization

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from fedbicross_flwr.config.run_config import RunConfig
-from fedbicross_flwr.engines.inprocess import run_in_process
 from fedbicross_flwr.methods import get_method, method_names
+from fedbicross_flwr.runners.inprocess import run_in_process
 
 TINY = {
     "fedisca": {"fedisca-epochs": 2, "synth-steps": 3, "synth-batch": 6, "fedisca-lr": 0.01},

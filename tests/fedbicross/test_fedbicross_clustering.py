@@ -6,8 +6,8 @@ import torch
 
 from fedbicross_flwr.fedbicross.clustering import (
     cluster_centroids,
-    cluster_clients,
     degenerate_clients,
+    kmeans_labels,
     noise_predictions,
     similarity_weights,
 )
@@ -32,7 +32,7 @@ def test_clustering_recovers_planted_label_groups():
     ]
     # Execute
     preds = noise_predictions(models, num_noise=16, in_channels=1, seed=0, device="cpu", image_size=6)
-    labels = cluster_clients(preds, num_clusters=2, seed=0)
+    labels = kmeans_labels(preds, num_clusters=2, seed=0)
     # Assert: shape (N, M*C), rows are softmax matrices, planted partition, cluster 0 has client 0
     assert preds.shape == (4, 16 * 4)
     assert np.allclose(preds.reshape(4, 16, 4).sum(axis=2), 1.0)
@@ -53,21 +53,21 @@ def test_labels_are_numbered_by_smallest_client_and_stable_across_seeds():
     preds = np.array([[10.0, 0.0], [0.0, 0.0], [10.1, 0.0], [0.1, 0.0], [0.0, 0.1]])
     # Execute / Assert
     for seed in range(5):
-        assert cluster_clients(preds, 2, seed=seed).tolist() == [0, 1, 0, 1, 1]
+        assert kmeans_labels(preds, 2, seed=seed).tolist() == [0, 1, 0, 1, 1]
 
 
 def test_k_larger_than_n_raises_and_k1_is_all_zero():
     preds = np.random.default_rng(0).random((3, 4))
     with pytest.raises(ValueError, match="num_clusters"):
-        cluster_clients(preds, 4, seed=0)
-    assert cluster_clients(preds, 1, seed=0).tolist() == [0, 0, 0]
+        kmeans_labels(preds, 4, seed=0)
+    assert kmeans_labels(preds, 1, seed=0).tolist() == [0, 0, 0]
 
 
 def test_identical_outputs_still_give_k_non_empty_clusters_and_degenerate_detection():
     # Prepare: three clients that all predict class 1 on every one of 2 noise images (C = 2)
     preds = np.tile(np.array([0.1, 0.9, 0.2, 0.8]), (3, 1))
     # Execute
-    labels = cluster_clients(preds, 2, seed=0)
+    labels = kmeans_labels(preds, 2, seed=0)
     # Assert
     assert sorted(set(labels.tolist())) == [0, 1]
     assert degenerate_clients(preds, num_classes=2) == [0, 1, 2]

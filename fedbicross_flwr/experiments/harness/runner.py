@@ -52,7 +52,7 @@ def default_cell_runner(cell: Cell, cfg: RunConfig, transport: Any) -> Path:
 def direct_transports(cache_dir: Path | None) -> TransportFactory:
     """In-process clients (no Flower runtime), with the trained-client cache when given."""
     def make(cfg: RunConfig) -> Any:
-        from fedbicross_flwr.engines.direct import DirectTransport
+        from fedbicross_flwr.transports.direct import DirectTransport
 
         return DirectTransport(cfg, cache_dir)
 

@@ -21,7 +21,9 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
-from fedbicross_flwr.engines.task_identity import set_task_identity
+from client_app.app import app as client_app
+from fedbicross_flwr.transports.task_identity import set_task_identity
+from server_app.app import main
 
 # A hook to alter what a node does, for fault-injection tests: (message, context, call) ->
 # reply, or None for "no reply" (a node that never answers).
@@ -131,9 +133,6 @@ def run_in_process(run_config: dict[str, Any], num_nodes: int,
 
     Returns the grid (with every message sent and received) and the run folder.
     """
-    from client_app.app import app as client_app
-    from server_app.app import main
-
     grid = InProcessGrid(client_app, run_config, num_nodes, **grid_kwargs)
     context = Context(run_id=grid.run.run_id, node_id=SUPERLINK_NODE_ID, node_config={},
                       state=RecordDict(), run_config=dict(run_config))

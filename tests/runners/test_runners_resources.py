@@ -1,4 +1,4 @@
-"""The peak-memory sampler of ``fedbicross simulate`` (engines/resources.py), on real processes."""
+"""The peak-memory sampler of ``fedbicross simulate`` (runners/resources.py), on real processes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from fedbicross_flwr.engines.resources import PeakMemory, program_name, role_of
+from fedbicross_flwr.runners.resources import PeakMemory, program_name, role_of
 
 HOLD = "import sys, time; x = b'\\x01' * ({mib} * 2**20); print('ready', flush=True); " \
        "time.sleep(60)"

@@ -1,9 +1,9 @@
-"""The :class:`~fedbicross_flwr.engines.transport.Transport` over Flower's Grid (simulation or deployment).
+"""The :class:`~fedbicross_flwr.transports.transport.Transport` over Flower's Grid (simulation or deployment).
 
 ``train`` (phase 1, or one round of a multi-round method) and ``train.personalize`` (phase 3)
 as Flower messages. Results are keyed by partition-id, never by Flower node ids; each
 partition is bound to one node, and a reply that claims another node's partition is refused
-(see :class:`GridTransport`). :class:`fedbicross_flwr.engines.direct.DirectTransport` is the same
+(see :class:`GridTransport`). :class:`fedbicross_flwr.transports.direct.DirectTransport` is the same
 interface as plain function calls.
 """
 
@@ -19,10 +19,10 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
 from fedbicross_flwr.config.run_config import RunConfig, parse_site_nodes
-from fedbicross_flwr.engines.communication import message_bytes
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.protocol import RETURN_MODEL, PhaseResult, StateDict
-from fedbicross_flwr.strategies.replies import Binding, read_personalized, read_uploads
+from fedbicross_flwr.transports.communication import message_bytes
+from fedbicross_flwr.transports.replies import Binding, read_personalized, read_uploads
 
 POLL_SECONDS = 3.0  # between pulls of the replies (as Flower's send_and_receive)
 RESENDS = 2  # times an instruction is sent again after a transient failure (below)
@@ -51,7 +51,7 @@ def transient_failure(reply: Message) -> bool:
 class GridTransport:
     """Phase 1 and phase 3 as Flower messages, each partition bound to one node.
 
-    The binding (:class:`~fedbicross_flwr.strategies.replies.Binding`, as a one-shot
+    The binding (:class:`~fedbicross_flwr.transports.replies.Binding`, as a one-shot
     strategy's) is fixed before any instruction is sent: the operator's ``site-nodes``
     (deployment), or, in simulation, the server's own assignment of partitions 0..n-1 to the
     connected nodes (sent with the instructions). Every instruction for partition p goes to p's
@@ -59,7 +59,7 @@ class GridTransport:
     claims another site's partition is refused and cannot displace it. Without ``site-nodes``
     in a deployment (the server holds no dataset) the sites name their own partitions, and a
     partition claimed by two nodes is refused for both. The replies are read as a one-shot
-    strategy reads them (:mod:`fedbicross_flwr.strategies.replies`).
+    strategy reads them (:mod:`fedbicross_flwr.transports.replies`).
     """
 
     def __init__(self, grid: Grid) -> None:
@@ -209,22 +209,20 @@ class GridTransport:
         return len(self._bind(cfg)[1])
 
     def train_round(self, cfg: RunConfig, strategy: Any, state: StateDict,
-                    server_round: int) -> PhaseResult:
+                    server_round: int, config: dict[str, Any]) -> PhaseResult:
         """One round of a multi-round method, configured by Flower's ``strategy``.
 
         The strategy's ``configure_train`` samples every connected node and puts
         ``server-round`` (and its own keys: FedProx's ``proximal-mu``, a client-side DP
-        wrapper's ``clipping_norm``) into the message config; each node's partition is added
-        here. :mod:`fedbicross_flwr.methods.rounds` aggregates the replies with the same
-        strategy.
+        wrapper's ``clipping_norm``) into the caller's round ``config``; each node's partition
+        is added here. The caller (:mod:`fedbicross_flwr.methods.rounds`) aggregates the
+        replies with the same strategy.
         """
-        from fedbicross_flwr.methods.rounds import round_config
-
         binding, nodes = self._bind(cfg)
         pid_of = binding.partition_of()
-        config = ConfigRecord(round_config(cfg))
         messages = []
-        for m in strategy.configure_train(server_round, ArrayRecord(state), config, self.grid):
+        for m in strategy.configure_train(server_round, ArrayRecord(state),
+                                          ConfigRecord(config), self.grid):
             nid = m.metadata.dst_node_id
             if nid not in nodes:
                 continue  # a node outside site-nodes
@@ -236,7 +234,7 @@ class GridTransport:
 
     def _train_replies(self, messages: list[Message], cfg: RunConfig) -> PhaseResult:
         """Send a ``train`` round; its replies keyed by partition-id (failures with reasons),
-        read by :func:`~fedbicross_flwr.strategies.replies.read_uploads`.
+        read by :func:`~fedbicross_flwr.transports.replies.read_uploads`.
         """
         assert self.binding is not None
         replies = self._send(messages, cfg)
@@ -248,7 +246,7 @@ class GridTransport:
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict],
                     return_models: bool = False) -> PhaseResult:
         """Phase 3 over the Grid: each partition's model to its node, the metrics back
-        (read by :func:`~fedbicross_flwr.strategies.replies.read_personalized`).
+        (read by :func:`~fedbicross_flwr.transports.replies.read_personalized`).
 
         ``return_models`` (a simulation, :mod:`fedbicross_flwr.reports.scoring`): the
         instruction asks for the personalized model too (:data:`~fedbicross_flwr.protocol.

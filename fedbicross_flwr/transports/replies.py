@@ -1,7 +1,7 @@
 """Flower replies read into partitions with the project's checks: one home for every reader.
 
 A one-shot strategy (:mod:`.base`) and the project's Grid transport
-(:class:`~fedbicross_flwr.engines.grid_transport.GridTransport`) read their replies here, with
+(:class:`~fedbicross_flwr.transports.grid_transport.GridTransport`) read their replies here, with
 the same rules:
 
 * :func:`read_reply` reads one reply of any phase; anything malformed is a

@@ -1,12 +1,11 @@
-"""Run a whole experiment in one process, without Ray or a SuperLink.
+"""The :class:`~fedbicross_flwr.transports.transport.Transport` as plain function calls.
 
-The same client functions (:mod:`fedbicross_flwr.client`) and the same server protocol
-(:func:`fedbicross_flwr.server.run_server`) as the Flower app, with clients called one after
-the other. This is the path for quick CPU experiments (no Ray start-up) and for a machine
-that runs no Flower runtime. Flower's strategy objects are used as in every engine: a
-one-shot method's server stage is its strategy's (:mod:`fedbicross_flwr.strategies`), and
-a multi-round reference's strategy configures and aggregates its rounds. A client that
-raises is reported as a failure, like a Flower error reply, and the run goes on.
+The same client functions (:mod:`fedbicross_flwr.client`) as the Flower app, with clients
+called one after the other in this process, without Ray or a SuperLink (the direct runner,
+:mod:`fedbicross_flwr.runners.direct`, runs the server protocol over it). A multi-round
+method's Flower strategy configures each round's messages, and each site handles its message
+as the ClientApp does (through the ClientApp's mods). A client that raises is reported as a
+failure, like a Flower error reply, and the run goes on.
 """
 
 from __future__ import annotations
@@ -17,19 +16,21 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
 from fedbicross_flwr.client import received_state, run_local_training, run_personalization
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import load_dataset
 from fedbicross_flwr.data.site import SiteData, site_from_partition
-from fedbicross_flwr.engines.communication import state_bytes
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import build_resnet18, load_resnet18
 from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
-from fedbicross_flwr.server import run_methods, run_server
 from fedbicross_flwr.storage import client_cache
 from fedbicross_flwr.training import resolve_device
+from fedbicross_flwr.transports.client_mods import dp_clipping_mod
+from fedbicross_flwr.transports.communication import state_bytes
+from fedbicross_flwr.transports.task_identity import ensure_task_identity
 
 
 class DirectTransport:
@@ -101,24 +102,18 @@ class DirectTransport:
         return len(self.sites)
 
     def train_round(self, cfg: RunConfig, strategy: Any, state: StateDict,
-                    server_round: int) -> PhaseResult:
+                    server_round: int, config: dict[str, Any]) -> PhaseResult:
         """One round of a multi-round method: Flower's ``strategy`` builds the round's
-        messages (``configure_train``, over this engine's sites as nodes ``pid + 1``); each
-        site trains from the message's arrays with its config, through the ClientApp's
-        client-side DP mod (:func:`fedbicross_flwr.methods.flower_strategies.dp_clipping_mod`),
-        and replies with the arrays it was sent, trained. Needs Flower (imported here).
+        messages (``configure_train`` with the caller's round ``config``, over this engine's
+        sites as nodes ``pid + 1``); each site trains from the message's arrays with its
+        config, through the ClientApp's client-side DP mod
+        (:func:`fedbicross_flwr.transports.client_mods.dp_clipping_mod`), and replies with the
+        arrays it was sent, trained.
         """
-        from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
-
-        from fedbicross_flwr.engines.task_identity import ensure_task_identity
-        from fedbicross_flwr.methods.flower_strategies import dp_clipping_mod
-        from fedbicross_flwr.methods.rounds import round_config
-
         ensure_task_identity()
         by_node = {s.partition_id + 1: s for s in self.sites}
         messages = strategy.configure_train(server_round, ArrayRecord(state),
-                                            ConfigRecord(round_config(cfg)),
-                                            _SiteNodes(sorted(by_node)))
+                                            ConfigRecord(config), _SiteNodes(sorted(by_node)))
         result, round_own = self._phase_result(), {}
         for msg in sorted(messages, key=lambda m: m.metadata.dst_node_id):
             site = by_node[msg.metadata.dst_node_id]
@@ -143,8 +138,6 @@ class DirectTransport:
     def _train_site(self, cfg: RunConfig, site: SiteData, trained: dict[str, nn.Module],
                     msg: Any, context: Any) -> Any:
         """What the ClientApp's ``train`` does with a round message, for one in-process site."""
-        from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
-
         config = msg.content["config"]
         received = msg.content["arrays"].to_torch_state_dict()
         model, metrics = run_local_training(
@@ -214,17 +207,4 @@ def _reason(err: Exception) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def run_direct(cfg: RunConfig) -> Path:
-    """Run ``cfg`` end to end in this process; returns the run folder."""
-    return run_server(cfg, DirectTransport(cfg))
-
-
-def run_direct_methods(cfg: RunConfig, methods: list[str],
-                       cache_dir: Path | None = None) -> dict[str, Path]:
-    """Several server methods on the SAME client models (trained once) and partition.
-
-    :func:`fedbicross_flwr.server.run_methods` with in-process clients: each method gets its
-    own run folder ``<run-name>-<method>``, and ``<run-name>-comparison`` the table and the
-    summary picture (key ``"comparison"`` of the result) when there are two or more.
-    """
-    return run_methods(cfg.replace(methods=",".join(methods)), DirectTransport(cfg, cache_dir))
+__all__ = ["DirectTransport"]

@@ -1,7 +1,7 @@
 """How the server reaches the clients: the :class:`Transport` interface of the protocol.
 
-Flower's Grid (:class:`fedbicross_flwr.engines.grid_transport.GridTransport`, simulation or
-deployment) and plain function calls (:class:`fedbicross_flwr.engines.direct.DirectTransport`, one
+Flower's Grid (:class:`fedbicross_flwr.transports.grid_transport.GridTransport`, simulation or
+deployment) and plain function calls (:class:`fedbicross_flwr.transports.direct.DirectTransport`, one
 process, no Flower runtime) implement it. It lives below the server
 and the methods, so both can name it without importing each other.
 """
@@ -24,11 +24,12 @@ class Transport(Protocol):
         """How many sites a round reaches (every one of them trains each round)."""
 
     def train_round(self, cfg: RunConfig, strategy: Any, state: StateDict,
-                    server_round: int) -> PhaseResult:
+                    server_round: int, config: dict[str, Any]) -> PhaseResult:
         """Round ``server_round`` of a multi-round method (its phase 1 is R of them): Flower's
         ``strategy`` configures the round from the global model ``state`` (its floating-point
-        entries) and every client trains from it; replies are ``ClientReply`` (the arrays
-        the client was sent, trained).
+        entries) and the caller's round ``config`` (``local-epochs``, and the client-side DP
+        clipping key when the method asks for it), and every client trains from it; replies
+        are ``ClientReply`` (the arrays the client was sent, trained).
         """
 
     def personalize(self, cfg: RunConfig, models: dict[int, StateDict],

@@ -23,7 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedbicross_flwr.engines.resources import PeakMemory, processes_of
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.reports.results import default_output_dir
+from fedbicross_flwr.runners.resources import PeakMemory, processes_of
 from fedbicross_flwr.storage.atomic import write_text
 
 
@@ -37,7 +39,7 @@ class SimulationResult:
     run_dir: Path | None  # the run folder the ServerApp wrote
     wait_cpu_s: float = 0.0  # CPU seconds spent waiting: this process, `flwr log`, status calls
     machine_cpu_s: float = 0.0  # CPU seconds of the whole machine over the same interval
-    memory: dict[str, Any] | None = None  # peak memory per role (engines/resources.py)
+    memory: dict[str, Any] | None = None  # peak memory per role (runners/resources.py)
 
     @property
     def wait_share(self) -> float:
@@ -195,9 +197,6 @@ def simulate(project_dir: Path, run_config: dict[str, Any], num_supernodes: int,
     The run folder is ``<output-dir>/<run-name>`` (with ``methods``: the comparison folder
     ``<run-name>-comparison``, or ``<run-name>-<method>`` for one method); a ``run-name`` is set if missing so it can be found afterwards. All processes started under ``flwr_home`` are stopped at the end.
     """
-    from fedbicross_flwr.config.run_config import RunConfig
-    from fedbicross_flwr.reports.results import default_output_dir
-
     owns_home = flwr_home is None
     flwr_home = Path(flwr_home or tempfile.mkdtemp(prefix="fedbicross-flwr-home-")).resolve()
     flwr_home.mkdir(parents=True, exist_ok=True)

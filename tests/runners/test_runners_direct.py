@@ -7,7 +7,7 @@ import csv
 import pytest
 
 from fedbicross_flwr.config.run_config import RunConfig
-from fedbicross_flwr.engines.direct import run_direct_methods
+from fedbicross_flwr.runners.direct import run_direct_methods
 
 
 def _rows(path) -> dict[int, dict]:
@@ -33,7 +33,7 @@ def test_methods_share_the_same_client_models(tiny_run_config) -> None:
 
 def test_client_cache_is_reused_and_a_tampered_entry_is_rejected(tiny_run_config, tmp_path,
                                                                   monkeypatch) -> None:
-    import fedbicross_flwr.engines.direct as direct
+    import fedbicross_flwr.transports.direct as direct
     from fedbicross_flwr.storage import client_cache
 
     cfg = RunConfig.from_run_config({**tiny_run_config, "run-name": "cache"})
@@ -62,7 +62,7 @@ def test_client_cache_is_reused_and_a_tampered_entry_is_rejected(tiny_run_config
 
 def test_a_phase_1_stopped_half_way_resumes_with_the_clients_left(tiny_run_config, tmp_path,
                                                                    monkeypatch) -> None:
-    import fedbicross_flwr.engines.direct as direct
+    import fedbicross_flwr.transports.direct as direct
     from fedbicross_flwr.storage import client_cache
 
     cfg = RunConfig.from_run_config({**tiny_run_config, "run-name": "stopped"})
