@@ -10,7 +10,9 @@
 # One thread (num-threads=1): on 2 cores a second busy process makes a 2-thread run up to 20x
 # slower (its threads spin at every barrier), while one thread keeps its pace beside other work.
 # Each row appends to OUT/distill-check.csv and is listed in OUT/done.txt; rows listed there
-# are skipped, so the script resumes where it stopped. ROW names pick rows (default: all).
+# are skipped, and a row stopped half way resumes from its last finished server epoch (its run
+# folder is OUT/<row>, resume=true), so the script resumes where it stopped. ROW names pick
+# rows (default: all).
 set -euo pipefail
 out=$1 data=$2; shift 2
 fedbicross=${FEDBICROSS:-fedbicross}
@@ -40,6 +42,6 @@ for row in "${order[@]}"; do
   keys=$(for kv in ${rows[$row]}; do printf '%s\n' "${kv%%=*}"; done)
   config=$(for kv in $base; do grep -qx "${kv%%=*}" <<< "$keys" || printf '%s ' "$kv"; done)
   $fedbicross distill-check --dataset bloodmnist-pbc --synthesis fedbicross --teacher-epochs 5 \
-    --out "$out" --run-config "$config ${rows[$row]}"
+    --out "$out" --run-config "$config ${rows[$row]} run-name='$row' resume=true"
   echo "$row" >> "$out/done.txt"
 done

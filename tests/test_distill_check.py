@@ -101,3 +101,37 @@ def test_batch_bn_probe_mixes_the_classes_of_a_class_sorted_test_split() -> None
     bn_probes(Recorder(), DatasetArrays("t", 1, 3, big_train, split, split),
               torch.device("cpu"), 16)
     assert len(Recorder.batches) == 4 and min(Recorder.batches) >= 2, Recorder.batches
+
+
+def test_a_stopped_distill_check_resumes_from_its_last_server_epoch(tiny_archive, tmp_path,
+                                                                     monkeypatch) -> None:
+    from fedbicross_flwr.fedbicross.stages import StageRunner
+
+    out = tmp_path / "dc"
+    args = ["distill-check", "--dataset", "custom", "--synthesis", "fedbicross",
+            "--teacher-epochs", "1", "--out", str(out), "--run-config",
+            f"data-path='{tiny_archive}' in-channels=1 num-classes=3 synth-steps=2 "
+            "synth-batch=8 batch-size=16 progress=false server-epochs=3 "
+            "run-name='e3' resume=true"]
+    # Prepare: the first call stops after server epoch 2 of 3 was saved
+    real = StageRunner.finish_epoch
+
+    def stop_after_epoch_2(self, epoch, *rest):
+        real(self, epoch, *rest)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(StageRunner, "finish_epoch", stop_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    assert not (out / "distill-check.csv").exists()
+    assert (out / "e3" / "checkpoints" / "epoch1-bilevel.pt").exists()
+    # Execute: the same command again
+    monkeypatch.setattr(StageRunner, "finish_epoch", real)
+    assert main(args) == 0
+    # Assert: epochs 1-2 were restored, only the third computed, and the row written
+    log_text = (out / "e3" / "log.txt").read_text()
+    assert "server epochs 1..2 restored from checkpoint" in log_text
+    after = log_text.split("restored from checkpoint")[-1]
+    assert "epoch 3/3" in after and "epoch 2/3" not in after and "epoch 1/3" not in after
+    assert len(_rows(out)) == 1

@@ -14,6 +14,10 @@ The method runs through the registry exactly as in a federated run (same code, s
 one upload, ``num-clusters=1`` and a random student start (a student started from its only
 teacher would retain everything without distilling anything). Every row is appended to
 ``distill-check.csv`` in the output folder, so several calls build a retention-vs-budget table.
+
+A long check resumes: with ``resume=true run-name=NAME`` the run folder is ``OUT/NAME`` and the
+method restores its finished server epochs from ``OUT/NAME/checkpoints`` (the teacher is
+cached in ``OUT/teachers``); without them each call gets a new time-stamped folder.
 """
 
 from __future__ import annotations
@@ -122,6 +126,21 @@ def central_teacher(ds: DatasetArrays, cfg: RunConfig, epochs: int, device: torc
     return model.eval()
 
 
+def check_run_dir(cfg: RunConfig, out_dir: Path, dataset: str, synthesis: str) -> Path:
+    """The check's run folder: ``OUT/<run-name>`` when resuming (created or reused, its
+    checkpoints restored by the method), else a new ``OUT/<time>-<dataset>-<synthesis>``.
+    """
+    if cfg.resume:  # RunConfig has checked that run-name is set
+        run_dir = out_dir / cfg.run_name
+        if run_dir.exists():
+            log(logging.INFO, "distill-check: resuming %s from its checkpoints", run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    run_dir = out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{dataset}-{synthesis}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
 def method_config(cfg: RunConfig, synthesis: str, run_name: str, output_dir: Path) -> RunConfig:
     """The run config the method sees: one client, one cluster, a random student start."""
     if synthesis not in method_names(distils=True):  # the only ones the check applies to
@@ -142,8 +161,7 @@ def run_check(cfg: RunConfig, synthesis: str, teacher_epochs: int, out_dir: Path
     teacher_logits = predict_logits(teacher, x_test, device, precision=cfg.eval_precision).float().cpu()
     teacher_acc = float((teacher_logits.argmax(1) == y_test).float().mean())
 
-    run_dir = out_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{ds.name}-{synthesis}"
-    run_dir.mkdir(parents=True)
+    run_dir = check_run_dir(cfg, out_dir, ds.name, synthesis)
     mcfg = method_config(cfg, synthesis, run_dir.name, out_dir)
     upload = ClientUpload(partition_id=0, num_examples=len(ds.train.labels),
                           state={k: v.detach().cpu() for k, v in teacher.state_dict().items()})
