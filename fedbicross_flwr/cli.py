@@ -3,7 +3,7 @@
 Examples
 --------
 fedbicross run --preset conf/cpu.toml --run-config "dataset='digits' method='fedbicross'"
-fedbicross run --engine grid --run-config "local-epochs=2"      # through the real apps
+fedbicross run --engine apps --run-config "local-epochs=2"      # through the real apps
 fedbicross config-table [--write]                                 # README's key table
 fedbicross bench --clients 5 --clusters 2 --batch 64 --steps 4    # server-stage benchmark
 fedbicross bench --device-check --device cuda                     # GPU check, peak, epochs
@@ -71,9 +71,9 @@ def preflight(cfg: RunConfig, partitions: bool = True) -> None:
     PartitionError
         The dataset's training split cannot be partitioned among ``num-clients`` clients.
     """
+    from fedbicross_flwr.config.run_config import check_strategy_args
     from fedbicross_flwr.data.datasets import load_dataset
     from fedbicross_flwr.data.partition import make_client_splits
-    from fedbicross_flwr.methods.rounds import check_strategy_args
     from fedbicross_flwr.reports.results import default_output_dir
     from fedbicross_flwr.training import resolve_device
 
@@ -142,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run one experiment in this process", parents=[debug])
     run.add_argument("--preset", help="a TOML file of run-config keys (conf/*.toml)")
     run.add_argument("--run-config", default="", help="overrides, as for `flwr run`")
-    run.add_argument("--engine", choices=("direct", "grid"), default="direct",
-                     help="direct: library calls (no Flower runtime); grid: the real ServerApp "
-                          "and ClientApp over an in-process Flower Grid")
+    run.add_argument("--engine", choices=("direct", "apps", "grid"), default="direct",
+                     help="direct: library calls (no Flower runtime); apps: the real ServerApp "
+                          "and ClientApp over an in-process Flower Grid ('grid', the old "
+                          "name, is refused with the new one)")
     run.add_argument("--methods", default="",
                      help="comma-separated server methods run on the SAME trained clients, "
                           "e.g. fedavg1,local,fedbicross (as run-config methods)")
@@ -365,8 +366,12 @@ def run_command(args: argparse.Namespace) -> int:
         cfg = cfg.replace(dataset=args.dataset)
     if args.command == "run" and args.methods:  # as run-config methods, in both engines
         cfg = cfg.replace(methods=args.methods)  # validates every name before any training
-    if args.command == "run" and args.engine == "grid" and args.client_cache:
-        raise ConfigError("--client-cache is for the direct engine (the grid engine's "
+    if args.command == "run" and args.engine == "grid":
+        raise ConfigError("--engine grid is now --engine apps (the project's ServerApp and "
+                          "ClientApp in this process; not `fedbicross grid`, the experiment "
+                          "grids)")
+    if args.command == "run" and args.engine == "apps" and args.client_cache:
+        raise ConfigError("--client-cache is for the direct engine (the apps engine's "
                           "ClientApps train their own models)")
     preflight(cfg, partitions=args.command != "distill-check")  # one teacher, no clients
     if cfg.num_threads:

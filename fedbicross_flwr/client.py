@@ -24,8 +24,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.site import SiteData
+from fedbicross_flwr.keys.sections import SharedConfig
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import build_resnet18, with_counters
 from fedbicross_flwr.protocol import REPLY_METRICS
@@ -61,12 +61,12 @@ def checked_reply_metrics(message_type: str, metrics: Mapping[str, object]) -> d
     return {name: float(value) for name, value in metrics.items()}  # type: ignore[arg-type]
 
 
-def client_seed(cfg: RunConfig, partition_id: int) -> int:
+def client_seed(cfg: SharedConfig, partition_id: int) -> int:
     """Seed of everything random at one client (model init, batch order)."""
     return cfg.seed * 100_003 + partition_id
 
 
-def initial_state(cfg: RunConfig, in_channels: int, num_classes: int) -> dict[str, torch.Tensor]:
+def initial_state(cfg: SharedConfig, in_channels: int, num_classes: int) -> dict[str, torch.Tensor]:
     """The common initial model w^(0) the server sends with ``train`` (seeded by ``seed``).
 
     As in FedAvg, every client starts from the same initialisation; one-shot parameter
@@ -127,7 +127,7 @@ def evaluate_views(model: nn.Module, site: SiteData, device: torch.device,
                                           device, precision)}
 
 
-def received_state(received: dict[str, torch.Tensor], cfg: RunConfig,
+def received_state(received: dict[str, torch.Tensor], cfg: SharedConfig,
                    site: SiteData) -> dict[str, torch.Tensor]:
     """A received model as a full state dict: a round of Flower's strategies sends the
     floating-point arrays only (:func:`fedbicross_flwr.model.float_state`), so BatchNorm's step
@@ -139,7 +139,7 @@ def received_state(received: dict[str, torch.Tensor], cfg: RunConfig,
     return with_counters(received, fresh)
 
 
-def run_local_training(cfg: RunConfig, site: SiteData, device: torch.device,
+def run_local_training(cfg: SharedConfig, site: SiteData, device: torch.device,
                        init: dict[str, torch.Tensor] | None = None,
                        epochs: int | None = None, proximal_mu: float = 0.0,
                        server_round: int = 0) -> tuple[nn.Module, dict[str, float]]:
@@ -178,7 +178,7 @@ def run_local_training(cfg: RunConfig, site: SiteData, device: torch.device,
     return model, metrics
 
 
-def run_personalization(cfg: RunConfig, site: SiteData, own_model: nn.Module,
+def run_personalization(cfg: SharedConfig, site: SiteData, own_model: nn.Module,
                         received: nn.Module, device: torch.device
                         ) -> tuple[nn.Module, dict[str, float]]:
     """Phase 3: Eq. 9 from the received model; metrics before and after, both views."""

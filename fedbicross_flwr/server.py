@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from fedbicross_flwr.client import initial_state
-from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.config.run_config import RunConfig, check_strategy_args
 from fedbicross_flwr.data.datasets import DataError, load_dataset
 from fedbicross_flwr.data.site import example_bounds
 from fedbicross_flwr.logging_utils import (
@@ -33,9 +33,11 @@ from fedbicross_flwr.logging_utils import (
     remove_handler,
     run_position,
 )
-from fedbicross_flwr.methods import collect_uploads, get_method, method_names, method_spec
-from fedbicross_flwr.methods.base import MethodInput, MethodOutput, run_method
-from fedbicross_flwr.methods.rounds import check_strategy_args, reply_optional_metrics
+from fedbicross_flwr.methods import collect_uploads, method_names, method_spec
+from fedbicross_flwr.methods.base import MethodInput, MethodOutput, ServerMethod, run_method
+from fedbicross_flwr.methods.central import central
+from fedbicross_flwr.methods.local import local
+from fedbicross_flwr.methods.rounds import flower_r, reply_optional_metrics
 from fedbicross_flwr.model import probe_for
 
 # The protocol types live in fedbicross_flwr.protocol; importing them from here keeps working.
@@ -58,10 +60,10 @@ from fedbicross_flwr.reports.results import (
     percent,
     summarize,
     write_clients_csv,
-    write_json,
     write_summary_md,
 )
 from fedbicross_flwr.reports.scoring import server_scoring
+from fedbicross_flwr.storage.atomic import write_json
 from fedbicross_flwr.storage.checkpoint_io import discard_checkpoints
 from fedbicross_flwr.storage.uploads_checkpoint import checkpointed_uploads
 from fedbicross_flwr.strategies import BY_METHOD, strategy_for
@@ -242,8 +244,9 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     log(logging.INFO, "%sphase 2/3: server method %r on %d client models (device %s)",
         position_text(), cfg.method, len(uploads), device)
     with run_position(f"phase 2/3 {cfg.method}"):
-        out = server_method(MethodInput(uploads, cfg, in_channels, num_classes, device, run_dir,
-                                        round_model=phase1.global_state), probe)
+        inp = MethodInput(uploads, cfg, in_channels, num_classes, device, run_dir,
+                          round_model=phase1.global_state)
+        out = server_method(cfg, inp, probe)
     times["phase2-server-method"] = time.perf_counter() - t0
 
     # Phase 3: personalization ----------------------------------------------------------------
@@ -277,20 +280,29 @@ def _run(cfg: RunConfig, transport: Transport, run_dir: Path) -> Path:
     return run_dir
 
 
-def server_method(inp: MethodInput, probe: Callable[[StateDict], str | None]) -> MethodOutput:
-    """Phase 2 of ``inp.cfg.method``: every partition's model, checked before it is sent.
+# The references' server methods (a one-shot method's is its strategy's, a multi-round one's
+# flower_r): every client keeps its own model, or gets the pooled-data model.
+REFERENCES: dict[str, ServerMethod] = {"local": local, "central": central}
+
+
+def server_method(cfg: RunConfig, inp: MethodInput,
+                  probe: Callable[[StateDict], str | None]) -> MethodOutput:
+    """Phase 2 of ``cfg.method`` (``inp.cfg`` is ``cfg``): every partition's model, checked
+    before it is sent.
 
     A one-shot method runs through its Flower strategy, built from the run config
     (:func:`~fedbicross_flwr.strategies.strategy_for`,
     :meth:`~fedbicross_flwr.strategies.base.OneShotStrategy.aggregate_uploads`); a reference
-    (``local``, ``central``) or a multi-round method (w^(R) for every client), which has no
-    one-shot strategy, through its function (:func:`~fedbicross_flwr.methods.get_method`).
-    Both go through :func:`~fedbicross_flwr.methods.base.run_method`.
+    (``local``, ``central``: :data:`REFERENCES`) or a multi-round method (w^(R) for every
+    client: :func:`~fedbicross_flwr.methods.rounds.flower_r`), which has no one-shot
+    strategy, through its function. Both go through
+    :func:`~fedbicross_flwr.methods.base.run_method`.
     """
-    name = inp.cfg.method
+    name = cfg.method
     if name in BY_METHOD:
-        return strategy_for(inp.cfg).aggregate_uploads(inp, probe)
-    return run_method(name, get_method(name), inp, probe)
+        return strategy_for(cfg).aggregate_uploads(inp, probe)
+    function = flower_r if method_spec(name).multiround else REFERENCES[name]
+    return run_method(name, function, inp, probe)
 
 
 def personalize_and_score(cfg: RunConfig, transport: Transport, models: dict[int, StateDict],

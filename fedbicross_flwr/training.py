@@ -16,9 +16,9 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-from fedbicross_flwr.config.run_config import ConfigError
+from fedbicross_flwr.keys.errors import ConfigError
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import is_channels_last
 
@@ -222,6 +222,46 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.d
     return float((logits.argmax(1) == y).float().mean())
 
 
+def personalization_loss(
+    logits: Tensor,
+    labels: Tensor,
+    cluster_logits: Tensor,
+    own_logits: Tensor,
+    gamma: float,
+    delta: float,
+) -> Tensor:
+    """Personalized distillation loss of Eq. 9 (Stage 3, run by the client).
+
+    L_pers = CE(f_pers(x), y) + gamma * KL(G_k(x) || f_pers(x)) + delta * KL(f_i(x) || f_pers(x)),
+    all at temperature 1 (the paper gives no temperature for Eq. 9), KL batch-mean. G_k (the
+    cluster model) and f_i (the client's own uploaded model) are frozen teachers: their logits
+    are detached here.
+
+    Parameters
+    ----------
+    logits : Tensor
+        (B, C) logits of f_pers.
+    labels : Tensor
+        (B,) int64 class labels.
+    cluster_logits : Tensor
+        (B, C) logits of G_k^(T).
+    own_logits : Tensor
+        (B, C) logits of the client's own model f_i.
+    gamma, delta : float
+        Weights (paper: 0.5 and 0.3).
+
+    Returns
+    -------
+    Tensor
+        Scalar.
+    """
+    log_q = F.log_softmax(logits, dim=1)  # (B, C)
+    ce = F.nll_loss(log_q, labels)
+    kl_cluster = F.kl_div(log_q, F.softmax(cluster_logits.detach(), dim=1), reduction="batchmean")
+    kl_own = F.kl_div(log_q, F.softmax(own_logits.detach(), dim=1), reduction="batchmean")
+    return ce + gamma * kl_cluster + delta * kl_own
+
+
 def personalize(student: nn.Module, cluster_model: nn.Module, own_model: nn.Module,
                 x: torch.Tensor, y: torch.Tensor, opt: SGDSettings, gamma: float,
                 delta: float, device: torch.device, precision: str = "fp32",
@@ -232,8 +272,6 @@ def personalize(student: nn.Module, cluster_model: nn.Module, own_model: nn.Modu
     CE(f_pers(x), y) + gamma * KL(G_k(x) || f_pers(x)) + delta * KL(f_i(x) || f_pers(x)).
     The two teachers are frozen: their outputs on the whole local set are computed once.
     """
-    from fedbicross_flwr.fedbicross.losses import personalization_loss
-
     cluster_logits = predict_logits(cluster_model, x, device).to(device)  # (n, C)
     own_logits = predict_logits(own_model, x, device).to(device)  # (n, C)
     y_dev = y.to(device)

@@ -27,10 +27,9 @@ from fedbicross_flwr.reports.results import (
     create_run_dir,
     finished_run_dir,
     write_clients_csv,
-    write_json,
     write_summary_md,
 )
-from fedbicross_flwr.storage.atomic import WriteError, save_figure
+from fedbicross_flwr.storage.atomic import WriteError, save_figure, write_json
 
 OLD = "the earlier, complete file\n"
 SUMMARY = {"method": "fedavg1", "dataset": "digits", "alpha": 1.0, "seed": 0,
@@ -211,10 +210,8 @@ def test_a_grid_cell_whose_summary_is_empty_is_not_finished(tmp_path) -> None:
 
 def test_a_run_stopped_by_a_full_disk_at_summary_json_resumes(tiny_run_config, tmp_path,
                                                               monkeypatch, capsys) -> None:
-    from fedbicross_flwr.reports import results
-
     # Prepare: the disk is full when the run's summary.json is written
-    real_write = results.write_json
+    real_write = write_json
 
     def full_at_summary(path: Path, payload: Any) -> Path:
         if path.name == "summary.json":

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from fedbicross_flwr.config.run_config import ConfigError, RunConfig
-from fedbicross_flwr.methods import get_method
 from fedbicross_flwr.methods.catalog import (
     CATALOG,
     MethodSpec,
@@ -22,21 +21,40 @@ from fedbicross_flwr.methods.catalog import (
 METHODS = Path(__file__).resolve().parents[1] / "fedbicross_flwr" / "methods"
 
 
-def test_every_spec_names_a_function_of_its_module() -> None:
-    for name in CATALOG:
-        assert callable(get_method(name)), name
-    # phase 2 of every Flower strategy row sends the strategy's aggregate of round R
-    assert get_method("fedprox-r") is get_method("fedavg-r") is get_method("krum-r")
+def test_every_method_runs_through_exactly_one_imported_function() -> None:
+    from fedbicross_flwr.methods.flower_strategies import BY_METHOD as ROUNDS
+    from fedbicross_flwr.server import REFERENCES
+    from fedbicross_flwr.strategies import BY_METHOD as ONE_SHOT
+
+    # Assert: a one-shot method through its strategy, a multi-round one through flower_r, a
+    # reference through the server's table; every name in exactly one, and nothing else there
+    ways = {name: [table for table, names in (("one-shot", ONE_SHOT), ("multi-round", ROUNDS),
+                                               ("reference", REFERENCES)) if name in names]
+            for name in CATALOG}
+    assert ways == {name: [spec.kind] for name, spec in CATALOG.items()}
+    assert set(ONE_SHOT) | set(ROUNDS) | set(REFERENCES) == set(CATALOG)
+    assert all(callable(f) for f in REFERENCES.values())
 
 
-def test_every_method_module_is_in_the_catalog() -> None:
-    # every module of methods/ (and baselines/) that defines a method has a spec pointing to it
-    modules = {s.function.split(":")[0] for s in CATALOG.values()}
+def test_every_method_module_is_reached_by_an_import() -> None:
+    # every module of methods/ (and baselines/) that defines a method is imported by the
+    # strategy or the server that runs it (no module is found by its name)
+    import ast
+
+    root = METHODS.parents[1]
+    users = [root / "fedbicross_flwr" / "server.py",
+             *sorted((root / "fedbicross_flwr" / "strategies").glob("*.py"))]
+    imported = set()
+    for path in users:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                    "fedbicross_flwr.methods."):
+                imported.add(node.module.removeprefix("fedbicross_flwr.methods."))
     helpers = {"base", "catalog", "baselines.common", "baselines.config", "baselines.generator",
                "flower_strategies"}  # the table of Flower strategies; rounds.py drives them
     found = {p.relative_to(METHODS).with_suffix("").as_posix().replace("/", ".")
              for p in METHODS.rglob("*.py") if p.name != "__init__.py"}
-    assert found - helpers == modules
+    assert found - helpers <= imported, sorted(found - helpers - imported)
 
 
 def test_the_catalog_answers_what_the_project_asks() -> None:
@@ -60,7 +78,7 @@ def test_unknown_and_repeated_names_are_refused() -> None:
     with pytest.raises(KeyError, match="unknown method 'fedbicros'"):
         method_spec("fedbicros")
     with pytest.raises(ValueError, match="already registered"):
-        register(MethodSpec("local", "reference", "reference", 0, "local:local"))
+        register(MethodSpec("local", "reference", "reference", 0))
     with pytest.raises(ConfigError, match="unknown method 'fedbicros'"):
         RunConfig(methods="local,fedbicros")
 

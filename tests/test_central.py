@@ -12,8 +12,8 @@ from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import load_dataset
 from fedbicross_flwr.data.site import site_from_partition
-from fedbicross_flwr.methods import get_method
 from fedbicross_flwr.methods.base import ClientUpload, MethodInput
+from fedbicross_flwr.methods.central import central
 from fedbicross_flwr.runners.direct import run_direct_methods
 
 
@@ -54,4 +54,4 @@ def test_central_refuses_clients_that_are_not_the_simulated_partition(tiny_run_c
     inp = MethodInput(uploads, cfg, 1, 3, torch.device("cpu"), tmp_path)
     # Execute / Assert
     with pytest.raises(RuntimeError, match="simulation-only"):
-        get_method("central")(inp)
+        central(inp)

@@ -253,7 +253,7 @@ def test_a_preset_that_is_not_a_file_says_what_it_is(kind, make, fragment, comma
     assert code == 2 and f"{name} {path} {fragment}" in err, err
 
 
-@pytest.mark.parametrize("engine", ["direct", "grid"])
+@pytest.mark.parametrize("engine", ["direct", "apps"])
 def test_custom_data_without_data_path_says_that_it_is_not_set(engine, tmp_path, capsys,
                                                                no_training) -> None:
     run = {**BASE, "output-dir": str(tmp_path / "runs")}  # no data-path
@@ -272,7 +272,7 @@ def test_the_in_process_grid_engine_checks_the_data_first(tmp_path, capsys,
            "output-dir": str(tmp_path / "runs")}
     preset = tmp_path / "preset.toml"
     preset.write_text(tomli_w.dumps(run))
-    code, err = one_line_error(capsys, ["run", "--engine", "grid", "--preset", str(preset)])
+    code, err = one_line_error(capsys, ["run", "--engine", "apps", "--preset", str(preset)])
     assert code == 1 and "not an npz (zip) file" in err and no_training == []
     assert not (tmp_path / "runs" / "bad").exists()
 
@@ -290,7 +290,7 @@ def test_debug_prints_the_traceback(tmp_path, capsys) -> None:
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
-@pytest.mark.parametrize("engine", ["direct", "grid"])
+@pytest.mark.parametrize("engine", ["direct", "apps"])
 def test_cuda_without_a_gpu_is_one_line_in_both_engines(engine, tmp_path, capsys,
                                                         no_training) -> None:
     run = {**BASE, "data-path": str(make_archive(tmp_path / "site.npz", n_train=20)),
@@ -311,7 +311,7 @@ def test_a_run_name_never_leaves_output_dir(tmp_path, capsys) -> None:
     assert not (tmp_path / "a" / "escape").exists() and not (tmp_path / "a").exists()
 
 
-@pytest.mark.parametrize("engine", ["direct", "grid"])
+@pytest.mark.parametrize("engine", ["direct", "apps"])
 def test_run_checks_the_methods_option_in_both_engines(engine, tmp_path, capsys,
                                                        no_training) -> None:
     run = {**BASE, "data-path": str(make_archive(tmp_path / "site.npz", n_train=20)),
@@ -324,13 +324,13 @@ def test_run_checks_the_methods_option_in_both_engines(engine, tmp_path, capsys,
     assert no_training == [] and not (tmp_path / "runs" / "bad").exists()
 
 
-def test_the_grid_engine_refuses_the_client_cache_option(tmp_path, capsys,
+def test_the_apps_engine_refuses_the_client_cache_option(tmp_path, capsys,
                                                          no_training) -> None:
     run = {**BASE, "data-path": str(make_archive(tmp_path / "site.npz", n_train=20)),
            "output-dir": str(tmp_path / "runs")}
     preset = tmp_path / "preset.toml"
     preset.write_text(tomli_w.dumps(run))
-    code, err = one_line_error(capsys, ["run", "--engine", "grid", "--preset", str(preset),
+    code, err = one_line_error(capsys, ["run", "--engine", "apps", "--preset", str(preset),
                                         "--client-cache", str(tmp_path / "cache")])
     assert code == 2 and "--client-cache is for the direct engine" in err, err
     assert no_training == []
@@ -429,3 +429,13 @@ def test_privacy_audit_on_a_device_that_is_not_a_device_is_one_line(device, tmp_
     code, err = one_line_error(capsys, ["privacy-audit", str(tmp_path), "--client-cache",
                                         str(tmp_path), "--device", device])
     assert code == 2 and f"device {device!r} is not cpu, cuda or cuda:<index>" in err, err
+
+
+def test_the_old_engine_name_is_refused_with_the_new_one(tmp_path, capsys, no_training) -> None:
+    run = {**BASE, "data-path": str(make_archive(tmp_path / "site.npz", n_train=20)),
+           "output-dir": str(tmp_path / "runs")}
+    preset = tmp_path / "preset.toml"
+    preset.write_text(tomli_w.dumps(run))
+    code, err = one_line_error(capsys, ["run", "--engine", "grid", "--preset", str(preset)])
+    assert code == 2 and "--engine grid is now --engine apps" in err, err
+    assert no_training == []

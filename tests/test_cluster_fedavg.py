@@ -6,8 +6,9 @@ import numpy as np
 import torch
 
 from fedbicross_flwr.config.run_config import RunConfig
-from fedbicross_flwr.methods import get_method
 from fedbicross_flwr.methods.base import ClientUpload, MethodInput
+from fedbicross_flwr.methods.cluster_fedavg import cluster_fedavg
+from fedbicross_flwr.methods.fedbicross import fedbicross
 from fedbicross_flwr.model import build_resnet18
 
 
@@ -35,8 +36,8 @@ def _input(tmp_path, name: str, **overrides) -> MethodInput:
 
 
 def test_same_clusters_as_fedbicross_and_the_weighted_average_of_each(tmp_path) -> None:
-    null = get_method("cluster-fedavg")(_input(tmp_path, "cluster-fedavg"))
-    ours = get_method("fedbicross")(_input(tmp_path, "fedbicross"))
+    null = cluster_fedavg(_input(tmp_path, "cluster-fedavg"))
+    ours = fedbicross(_input(tmp_path, "fedbicross"))
     assert null.clusters == ours.clusters
     assert sorted(set(null.clusters.values())) == [0, 1]
     uploads = _uploads()
@@ -62,10 +63,10 @@ def test_it_is_fedbicross_cluster_average_start(tmp_path) -> None:
                       for s in students)
         return real(students, *args, **kwargs)
 
-    null = get_method("cluster-fedavg")(_input(tmp_path, "cluster-fedavg"))
+    null = cluster_fedavg(_input(tmp_path, "cluster-fedavg"))
     core.OnlineBilevelTrainer = spy
     try:
-        get_method("fedbicross")(_input(tmp_path, "fedbicross",
+        fedbicross(_input(tmp_path, "fedbicross",
                                         **{"student-init": "cluster-average"}))
     finally:
         core.OnlineBilevelTrainer = real

@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
-from fedbicross_flwr.config.errors import ConfigError
-from fedbicross_flwr.config.fields import Section, is_key, key, key_name
 from fedbicross_flwr.config.run_config import SECTIONS, RunConfig, markdown_table
+from fedbicross_flwr.keys.errors import ConfigError
+from fedbicross_flwr.keys.fields import Section, is_key, key, key_name
 
 
 def test_every_key_belongs_to_exactly_one_section_in_table_order():
@@ -69,3 +69,31 @@ def test_a_section_refuses_a_wrong_type_naming_the_key():
     with pytest.raises(ConfigError, match="'dafl-gen-lr' must be a number"):
         DAFLConfig(dafl_gen_lr="fast")
     assert DAFLConfig.of(RunConfig(dafl_epochs=7)).dafl_epochs == 7
+
+
+def test_a_section_is_never_read_from_a_config_without_its_keys():
+    from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
+    from fedbicross_flwr.keys.sections import SharedConfig
+    from fedbicross_flwr.methods.baselines.config import DAFLConfig
+
+    shared = SharedConfig(num_clients=3)
+    # Assert: the shared keys alone do not make a method's settings (no silent defaults)
+    with pytest.raises(TypeError, match=r"DAFLConfig.of: the config \(SharedConfig\) has no "
+                                        r"dafl_epochs, dafl_iterations, dafl_batch \.\.\."):
+        DAFLConfig.of(shared)
+    with pytest.raises(TypeError, match="FedBiCrossSettings.of"):
+        FedBiCrossSettings.of(shared)
+    # an override stands in for a missing key; an engineering constant is not a key to read
+    s = FedBiCrossSettings.of(RunConfig(), num_clusters=1)
+    assert (s.num_clusters, s.num_examples, s.label_chunk) == (1, 16, 8)
+
+
+def test_a_multi_round_method_refuses_a_config_without_its_keys():
+    from fedbicross_flwr.keys.sections import SharedConfig
+    from fedbicross_flwr.methods.rounds import multi_round
+
+    cfg = RunConfig(method="fedavg-r", rounds=3)
+    assert multi_round(cfg) is cfg
+    with pytest.raises(TypeError, match="fedavg-r is a multi-round method: its run needs the "
+                                        "multi-round keys"):
+        multi_round(SharedConfig(method="fedavg-r"))

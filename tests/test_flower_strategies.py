@@ -231,7 +231,7 @@ def test_a_qualified_strategy_arg_belongs_to_its_method_alone() -> None:
     assert (adam.eta, adam.tau, yogi.eta, yogi.tau) == (0.05, 1e-3, 0.02, 1e-3)
     # Assert: a pair unqualified that one of the methods does not take stops the run before
     # any training, naming the method and the way to qualify it
-    from fedbicross_flwr.methods.rounds import check_strategy_args
+    from fedbicross_flwr.config.run_config import check_strategy_args
 
     with pytest.raises(ConfigError, match=r"^fedavgm-r: strategy-args: FedAvgM takes no "
                                           r"argument 'eta'.*'fedadam-r:eta=0.05'"):

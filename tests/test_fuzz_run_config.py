@@ -22,13 +22,13 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fedbicross_flwr.client import client_seed
-from fedbicross_flwr.config.errors import ConfigError
-from fedbicross_flwr.config.fields import is_key, key_name
 from fedbicross_flwr.config.run_config import (
     RunConfig,
     load_preset,
     parse_overrides,
 )
+from fedbicross_flwr.keys.errors import ConfigError
+from fedbicross_flwr.keys.fields import is_key, key_name
 
 FIELDS = {key_name(f): f for f in dataclasses.fields(RunConfig) if is_key(f)}
 KEYS = sorted(FIELDS)

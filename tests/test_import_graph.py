@@ -109,8 +109,8 @@ def test_the_package_root_holds_few_modules_and_the_rest_by_concern() -> None:
                             "protocol.py", "server.py", "training.py"]
     subpackages = sorted(p.parent.name for p in (ROOT / "fedbicross_flwr").glob("*/__init__.py"))
     assert subpackages == ["config", "data", "deploy", "distill", "experiments", "fedbicross",
-                           "methods", "privacy", "reports", "runners", "storage", "strategies",
-                           "transports"]
+                           "keys", "methods", "privacy", "reports", "runners", "storage",
+                           "strategies", "transports"]
 
 
 ABOVE_THE_TRANSPORTS = ("fedbicross_flwr.server", "fedbicross_flwr.runners",
@@ -145,6 +145,27 @@ def test_the_transport_rule_fails_on_an_import_of_the_server(tmp_path: Path) -> 
     found = imports_above_the_transports(import_graph(tmp_path))
     # Assert
     assert found == {"fedbicross_flwr.transports.direct": {"fedbicross_flwr.server"}}
+
+
+BELOW_THE_RUN_CONFIG = ("fedbicross_flwr.keys", "fedbicross_flwr.methods", "fedbicross_flwr.fedbicross",
+                        "fedbicross_flwr.distill", "fedbicross_flwr.data", "fedbicross_flwr.storage",
+                        "fedbicross_flwr.transports", "fedbicross_flwr.training",
+                        "fedbicross_flwr.client", "fedbicross_flwr.model",
+                        "fedbicross_flwr.protocol")
+
+
+def test_what_the_run_config_composes_reads_the_shared_keys_not_the_run_config() -> None:
+    # config/ joins every method's section into RunConfig, so it stands above the methods;
+    # below it a module reads keys.sections.SharedConfig or its own section
+    graph = import_graph(ROOT)
+    below = [m for m in graph if m.startswith(BELOW_THE_RUN_CONFIG)]
+    assert len(below) >= 40
+    upward = {m: sorted(d for d in graph[m] if d.startswith("fedbicross_flwr.config"))
+              for m in below}
+    assert {m: d for m, d in upward.items() if d} == {}
+    # and the keys' foundation imports nothing of the package above it
+    assert all(d.startswith("fedbicross_flwr.keys") for m in graph
+               if m.startswith("fedbicross_flwr.keys") for d in graph[m])
 
 
 def test_the_baselines_and_the_toolkit_do_not_import_the_papers_method() -> None:

@@ -1,6 +1,6 @@
 """The one-shot strategies (fedbicross_flwr.strategies) on an in-process Flower Grid.
 
-FedBiCross's strategy and the project's ServerApp (``run_server`` over the grid engine) run on
+FedBiCross's strategy and the project's ServerApp (``run_server`` over the apps engine) run on
 the same real ClientApp, the same partition and the same settings (tiny archive, width 4,
 T = 2, B = 8): they must send the same instructions, get the same uploads, and give the same
 cluster assignment, cross-cluster weight history and received models. The other tests check
@@ -22,9 +22,9 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 
 from client_app.app import app as client_app
 from fedbicross_flwr.client import initial_state
-from fedbicross_flwr.config.errors import ConfigError
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
+from fedbicross_flwr.keys.errors import ConfigError
 from fedbicross_flwr.methods.catalog import method_names
 from fedbicross_flwr.model import weighted_average
 from fedbicross_flwr.protocol import RETURN_MODEL

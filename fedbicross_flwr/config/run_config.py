@@ -2,7 +2,7 @@
 
 The keys live in ``[tool.flwr.app.config]`` of ``pyproject.toml`` (Flower only accepts overrides
 of keys that exist there) and in the presets under ``conf/``. Each key is a field of a small
-section next to its user (:mod:`fedbicross_flwr.config.fields` says how a field names its key);
+section next to its user (:mod:`fedbicross_flwr.keys.fields` says how a field names its key);
 :class:`RunConfig` is every section together, the single typed view of the flat mapping. Each
 field's metadata holds its allowed range and a one-line doc, so docs/CONFIG.md's table and the
 pyproject defaults are checked against the sections by the tests.
@@ -19,17 +19,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from fedbicross_flwr.config.errors import ConfigError
-from fedbicross_flwr.config.fields import allowed, key_name
-from fedbicross_flwr.config.sections import (
+from fedbicross_flwr.distill.config import SynthesisConfig, kd_batch_problem
+from fedbicross_flwr.fedbicross.config import FedBiCrossConfig
+from fedbicross_flwr.keys.errors import ConfigError
+from fedbicross_flwr.keys.fields import allowed, key_name
+from fedbicross_flwr.keys.sections import (
     ExecutionConfig,
     FederationConfig,
     LocalTrainingConfig,
     PersonalizationConfig,
     TaskConfig,
 )
-from fedbicross_flwr.distill.config import SynthesisConfig, kd_batch_problem
-from fedbicross_flwr.fedbicross.config import FedBiCrossConfig
 from fedbicross_flwr.methods.baselines.config import (
     CoBoostingConfig,
     DAFLConfig,
@@ -39,67 +39,52 @@ from fedbicross_flwr.methods.baselines.config import (
 )
 from fedbicross_flwr.methods.catalog import method_names
 from fedbicross_flwr.methods.flower_strategies import (
+    BY_METHOD,
     MultiRoundConfig,
+    MultiRoundRunConfig,
     method_args,
     qualifying_methods,
+    strategy_kwargs,
 )
 from fedbicross_flwr.storage.paths import not_a_file
 
 # The sections in the order of docs/CONFIG.md's table. A dataclass takes its bases' fields
-# from the last base to the first, so RunConfig lists them reversed.
+# from the last base to the first, so RunConfig lists them reversed (SharedConfig: the first
+# five; MultiRoundRunConfig: those and MultiRoundConfig).
 SECTIONS: tuple[type, ...] = (
     TaskConfig, FederationConfig, LocalTrainingConfig, PersonalizationConfig, ExecutionConfig,
-    SynthesisConfig, FedBiCrossConfig, MultiRoundConfig, FedISCAConfig, GeneratorConfig, DenseConfig,
-    CoBoostingConfig, DAFLConfig,
+    MultiRoundConfig, SynthesisConfig, FedBiCrossConfig, FedISCAConfig, GeneratorConfig,
+    DenseConfig, CoBoostingConfig, DAFLConfig,
 )
 
 
 @dataclass(frozen=True)
 class RunConfig(DAFLConfig, CoBoostingConfig, DenseConfig, GeneratorConfig, FedISCAConfig,
-                MultiRoundConfig, FedBiCrossConfig, SynthesisConfig, ExecutionConfig,
-                PersonalizationConfig, LocalTrainingConfig, FederationConfig, TaskConfig):
-    """Typed, validated run configuration: every section's keys (one field per key).
+                FedBiCrossConfig, SynthesisConfig, MultiRoundRunConfig):
+    """Typed, validated run configuration: the shared keys and every method's section.
 
-    The sections, in :data:`SECTIONS` order: :class:`~.sections.TaskConfig`,
-    :class:`~.sections.FederationConfig`, :class:`~.sections.LocalTrainingConfig`,
-    :class:`~.sections.PersonalizationConfig`, :class:`~.sections.ExecutionConfig`,
+    The sections, in :data:`SECTIONS` order: the shared ones of
+    :class:`~fedbicross_flwr.keys.sections.SharedConfig` (task, federation, local training,
+    personalization, execution),
+    :class:`~fedbicross_flwr.methods.flower_strategies.MultiRoundConfig` (the two together:
+    :class:`~fedbicross_flwr.methods.flower_strategies.MultiRoundRunConfig`),
     :class:`~fedbicross_flwr.distill.config.SynthesisConfig`,
-    :class:`~fedbicross_flwr.fedbicross.config.FedBiCrossConfig`,
-    :class:`~fedbicross_flwr.methods.flower_strategies.MultiRoundConfig` and the baselines'
+    :class:`~fedbicross_flwr.fedbicross.config.FedBiCrossConfig` and the baselines'
     (:mod:`fedbicross_flwr.methods.baselines.config`). ``Section.of(cfg)`` reads one of them.
     """
 
     # ------------------------------------------------------------------------------------
     def __post_init__(self) -> None:
-        super().__post_init__()  # each key against its range
-        if self.min_clients > self.num_clients:
-            raise ConfigError(
-                f"min-clients={self.min_clients} exceeds num-clients={self.num_clients}"
-            )
+        super().__post_init__()  # each key against its range, the shared checks
         if self.num_clusters > self.num_clients:
             raise ConfigError(
                 f"num-clusters={self.num_clusters} must be <= num-clients={self.num_clients}"
             )
-        if self.dataset == "custom" and not self.data_path and not (self.in_channels
-                                                                  and self.num_classes):
-            raise ConfigError("dataset='custom' needs data-path (an npz archive), or "
-                              "in-channels and num-classes when every site sets data-path in "
-                              "its node config (deployment)")
-        try:
-            parse_site_nodes(self.site_nodes)
-        except ValueError as err:
-            raise ConfigError(f"site-nodes: {err}") from err
-        if self.output_dir and not Path(self.output_dir).is_absolute():
-            raise ConfigError(f"output-dir must be an absolute path, got {self.output_dir!r}")
+        if self.method not in method_names():
+            raise ConfigError(f"run-config key 'method' must be one of {method_names()}, "
+                              f"got {self.method!r}")
         if (problem := kd_batch_problem(self.kd_batch, self.synth_batch)) is not None:
             raise ConfigError(f"kd-batch {problem}")
-        if self.run_name and (self.run_name in (".", "..") or "/" in self.run_name
-                              or "\\" in self.run_name):
-            raise ConfigError(f"run-name must be one folder name inside output-dir (no '/', "
-                              f"'\\' or '..'), got {self.run_name!r}")
-        if any(ord(c) < 32 or ord(c) == 127 for c in self.run_name):
-            raise ConfigError(f"run-name must hold no control character (newline, tab, ...), "
-                              f"got {self.run_name!r}")
         methods = self.method_list  # validates the names of `methods`
         if self.strategy_args.strip() and not set(methods) & set(method_names(
                 kind="multi-round")):
@@ -114,15 +99,8 @@ class RunConfig(DAFLConfig, CoBoostingConfig, DenseConfig, GeneratorConfig, FedI
             raise ConfigError(f"strategy-args qualifies a pair with {stray[0]!r}, which is not "
                               f"a multi-round method of this run ({', '.join(rounds)}); got "
                               f"{self.strategy_args!r}")
-        if self.resume and not self.run_name:
-            raise ConfigError("resume=true needs run-name (the run folder to continue)")
 
     # ------------------------------------------------------------------------------------
-    @property
-    def effective_min_clients(self) -> int:
-        """Fewest answering clients phase 1 accepts."""
-        return self.min_clients or self.num_clients
-
     @property
     def method_list(self) -> list[str]:
         """The server methods of the run: ``methods`` split at commas, else ``[method]``.
@@ -145,11 +123,6 @@ class RunConfig(DAFLConfig, CoBoostingConfig, DenseConfig, GeneratorConfig, FedI
             raise ConfigError(f"run-config key 'methods' names a method twice: {self.methods!r}")
         return names
 
-    @property
-    def sites_bring_data(self) -> bool:
-        """Deployment: every site reads its own archive and the server holds no dataset."""
-        return self.dataset == "custom" and not self.data_path
-
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
         """Build from Flower's ``context.run_config`` (kebab-case keys).
@@ -161,14 +134,6 @@ class RunConfig(DAFLConfig, CoBoostingConfig, DenseConfig, GeneratorConfig, FedI
         """
         return cls.from_mapping(run_config)
 
-    def to_run_config(self) -> dict[str, Any]:
-        """The kebab-case mapping (inverse of :meth:`from_run_config`)."""
-        return {key_name(f): getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    def replace(self, **overrides: Any) -> "RunConfig":
-        """A copy with some fields (snake_case names) changed, validated again."""
-        return dataclasses.replace(self, **overrides)
-
     def for_method(self, method: str, run_name: str) -> "RunConfig":
         """The config of ``method`` alone, one of ``methods``, in the run folder ``run_name``:
         without ``methods``, and with only its own ``strategy-args`` (the plain pairs and those
@@ -179,39 +144,28 @@ class RunConfig(DAFLConfig, CoBoostingConfig, DenseConfig, GeneratorConfig, FedI
                             strategy_args=method_args(self.strategy_args, method) if uses
                             else "")
 
-    def summary(self) -> str:
-        """One line per key, for the log."""
-        return "\n".join(f"  {k} = {v!r}" for k, v in self.to_run_config().items())
 
-
-def parse_site_nodes(text: str) -> dict[int, int]:
-    """``"0=123, 1=456"`` -> ``{0: 123, 1: 456}`` (partition-id -> Flower node id).
+def check_strategy_args(cfg: RunConfig) -> None:
+    """Check the Flower strategy arguments of every multi-round method of the run (``method``
+    or ``methods``), before any training.
 
     Raises
     ------
-    ValueError
-        A pair that is not ``int=int``, a negative partition-id, or a partition or node named
-        twice.
+    ConfigError
+        A ``strategy-args`` pair a method's strategy does not take, or a value of the wrong
+        type (:func:`~.flower_strategies.strategy_kwargs`), naming the method when the run
+        has several.
     """
-    out: dict[int, int] = {}
-    for pair in (p.strip() for p in text.replace(";", ",").split(",")):
-        if not pair:
-            continue
-        pid_text, sep, node_text = pair.partition("=")
+    rounds = [m for m in cfg.method_list if m in BY_METHOD]
+    for name in rounds:
         try:
-            if not sep:
-                raise ValueError
-            pid, node = int(pid_text), int(node_text)
-        except ValueError:
-            raise ValueError(f"{pair!r} is not partition-id=node-id (two integers)") from None
-        if pid < 0:
-            raise ValueError(f"partition-id {pid} is negative")
-        if pid in out:
-            raise ValueError(f"partition-id {pid} is bound twice")
-        if node in out.values():
-            raise ValueError(f"node {node} is bound to two partitions")
-        out[pid] = node
-    return out
+            strategy_kwargs(cfg.replace(method=name), cfg.num_clients)
+        except ConfigError as err:
+            if len(rounds) == 1:
+                raise
+            raise ConfigError(f"{name}: {err} (a pair for one method alone is written "
+                              f"<method>:<name>=<value>, e.g. '{rounds[0]}:eta=0.05')"
+                              ) from None
 
 
 def load_preset(path: str | Path, what: str = "preset") -> dict[str, Any]:
@@ -250,5 +204,6 @@ def markdown_table() -> str:
     """docs/CONFIG.md's run-config table, generated from the dataclass."""
     rows = ["| key | default | allowed | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(RunConfig):
-        rows.append(f"| `{key_name(f)}` | `{f.default!r}` | {allowed(f)} | {f.metadata['doc']} |")
+        ok = ", ".join(method_names()) if f.name == "method" else allowed(f)  # the catalog's
+        rows.append(f"| `{key_name(f)}` | `{f.default!r}` | {ok} | {f.metadata['doc']} |")
     return "\n".join(rows)

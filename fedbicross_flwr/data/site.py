@@ -18,7 +18,6 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import (
     REBUILT,
     DataError,
@@ -29,6 +28,7 @@ from fedbicross_flwr.data.datasets import (
     md5sum,
 )
 from fedbicross_flwr.data.partition import make_client_splits, split_validation
+from fedbicross_flwr.keys.sections import SharedConfig
 from fedbicross_flwr.logging_utils import log
 
 
@@ -97,7 +97,7 @@ def assigned_node_config(node_config: Mapping[str, Any],
     return node_config
 
 
-def load_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
+def load_site(cfg: SharedConfig, node_config: Mapping[str, Any]) -> SiteData:
     """Build a client's :class:`SiteData` from the run config and its node config.
 
     Raises
@@ -118,7 +118,7 @@ def load_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
     return site_from_partition(ds, cfg, pid, n)
 
 
-def site_from_partition(ds: DatasetArrays, cfg: RunConfig, pid: int, n: int) -> SiteData:
+def site_from_partition(ds: DatasetArrays, cfg: SharedConfig, pid: int, n: int) -> SiteData:
     """Client ``pid`` of ``n`` under the run config's Dirichlet partition."""
     splits = make_client_splits(ds.train.labels, ds.test.labels, ds.num_classes, n, cfg.alpha,
                                 cfg.seed, cfg.val_fraction, cfg.min_partition_size)
@@ -132,7 +132,7 @@ def site_from_partition(ds: DatasetArrays, cfg: RunConfig, pid: int, n: int) -> 
                     x_pt, y_pt)
 
 
-def partition_sizes(cfg: RunConfig, n: int) -> dict[int, int]:
+def partition_sizes(cfg: SharedConfig, n: int) -> dict[int, int]:
     """Training-set size of each of the ``n`` simulation partitions (what clients report as
     num-examples), or {} when this process cannot read the dataset.
     """
@@ -147,7 +147,7 @@ def partition_sizes(cfg: RunConfig, n: int) -> dict[int, int]:
     return {pid: len(s.train_idx) for pid, s in enumerate(splits)}
 
 
-def example_bounds(cfg: RunConfig, num_partitions: int) -> dict[int, int]:
+def example_bounds(cfg: SharedConfig, num_partitions: int) -> dict[int, int]:
     """The most training examples each partition can have (bounds on num-examples).
 
     In simulation (``num_partitions`` > 0: the clients trained the server's partitions) the
@@ -174,7 +174,7 @@ def _official_test(ds: DatasetArrays) -> tuple[torch.Tensor, torch.Tensor]:
     return _TEST_CACHE[0][1]
 
 
-def _deployment_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData:
+def _deployment_site(cfg: SharedConfig, node_config: Mapping[str, Any]) -> SiteData:
     path = Path(str(node_config["data-path"])).expanduser()
     pid = site_partition_id(node_config)
     if pid is None:
@@ -197,7 +197,7 @@ def _deployment_site(cfg: RunConfig, node_config: Mapping[str, Any]) -> SiteData
                     x_te, y_te)
 
 
-def _load_site_archive(cfg: RunConfig, path: Path) -> DatasetArrays:
+def _load_site_archive(cfg: SharedConfig, path: Path) -> DatasetArrays:
     """An official MedMNIST file (recognised by md5) or a custom archive."""
     if not path.is_file():
         raise DataError(f"site data archive not found: {path} (node config data-path)")

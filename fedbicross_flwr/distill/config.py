@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedbicross_flwr.config.fields import Section, key, same_key
-from fedbicross_flwr.config.sections import ExecutionConfig, TaskConfig
+from fedbicross_flwr.keys.fields import Section, key, same_key
+from fedbicross_flwr.keys.sections import ExecutionConfig, TaskConfig
 
 
 def kd_batch_problem(kd_batch: int, synth_batch: int) -> str | None:
@@ -24,7 +24,9 @@ def kd_batch_problem(kd_batch: int, synth_batch: int) -> str | None:
 
 @dataclass(frozen=True)
 class SynthesisConfig(Section):
-    """The keys of the trajectory synthesis, the noise adaptation and the KD batches."""
+    """The keys every distilling method shares: the server epochs, the student's start, the
+    trajectory synthesis, the noise adaptation and the KD batches.
+    """
 
     # Synthetic images per KD step (0 = synth_batch: the paper's one step per trajectory step).
     # A large synthesis batch B (DeepInversion: 256, many distinct images) is then cut into
@@ -34,6 +36,19 @@ class SynthesisConfig(Section):
                         "Synthetic images per KD step: each trajectory step's B = synth-batch "
                         "images are cut into B / kd-batch KD steps (0 = B, paper: one KD step "
                         "per trajectory step). Used by fedbicross and fedisca.", low=0)
+    # Server epochs: synthesis + noise adaptation + bi-level KD repeated with fresh noise;
+    # cluster models, momentum buffers and weights carry over (FedISCA uses 100; paper: silent).
+    server_epochs: int = key(1,
+                             "Repeats of synthesis + bi-level with fresh noise.", low=1)
+    # The student's start (FedBiCross's G_k^(0), a baseline's global model): 'random'
+    # (Algorithm 1, line 11; the reference codes) or 'cluster-average', the data-size weighted
+    # parameter average of the cluster's members (a baseline: of all clients) (they share the initial model w^(0), as in
+    # FedAvg). A deviation for small server budgets: with a few hundred inner steps a randomly
+    # initialised ResNet-18 is still far from its teachers.
+    student_init: str = key("random",
+                            "G_k^(0): random (Algorithm 1) or cluster-average (data-size "
+                            "weighted average of the cluster's client models).",
+                            choices=("random", "cluster-average"))
     # T, synthesis iterations = length of the stored trajectory x^(1..T).
     synth_steps: int = key(500, "T, DeepInversion iterations.", low=1)
     # B, synthetic images per cluster and per step.
@@ -102,7 +117,7 @@ class SynthesisSettings(SynthesisConfig):
     compile_scope: str = same_key(ExecutionConfig, "compile_scope")
     # An engineering constant, not a run-config key (RunConfig does not include this class).
     label_chunk: int = key(8, "Trajectory steps forwarded together for soft labels (memory).",
-                           low=1)
+                           low=1, constant=True)
 
     @property
     def compile_all(self) -> bool:

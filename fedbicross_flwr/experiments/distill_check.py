@@ -10,9 +10,9 @@ client upload, and scores the model the method returns on the official test spli
 * ``retention`` = student-acc / teacher-acc;
 * ``agreement-real``: share of test images where student and teacher predict the same class.
 
-The method runs through the registry exactly as in a federated run (same code, same keys), with
-one upload, ``num-clusters=1`` and a random student start (a student started from its only
-teacher would retain everything without distilling anything). Every row is appended to
+The method runs through its Flower strategy's server method, as in a federated run (same code,
+same keys), with one upload, ``num-clusters=1`` and a random student start (a student started
+from its only teacher would retain everything without distilling anything). Every row is appended to
 ``distill-check.csv`` in the output folder, so several calls build a retention-vs-budget table.
 
 A long check resumes: with ``resume=true run-name=NAME`` the run folder is ``OUT/NAME`` and the
@@ -39,7 +39,7 @@ from fedbicross_flwr.config.run_config import ConfigError, RunConfig
 from fedbicross_flwr.data.datasets import DatasetArrays, load_dataset
 from fedbicross_flwr.data.site import to_tensors
 from fedbicross_flwr.logging_utils import add_file_handler, log, remove_handler
-from fedbicross_flwr.methods import get_method, method_names
+from fedbicross_flwr.methods import method_names
 from fedbicross_flwr.methods.base import ClientUpload, MethodInput
 from fedbicross_flwr.model import build_resnet18, load_resnet18
 from fedbicross_flwr.reports.knowledge import agreement, retention
@@ -50,6 +50,7 @@ from fedbicross_flwr.storage.checkpoint_io import (
     load_with_sidecar,
     save_with_sidecar,
 )
+from fedbicross_flwr.strategies import strategy_for
 from fedbicross_flwr.training import SGDSettings, predict_logits, resolve_device, train_local
 
 #: Run-config keys reported in each row (the budget and the synthesis settings).
@@ -172,7 +173,7 @@ def run_check(cfg: RunConfig, synthesis: str, teacher_epochs: int, out_dir: Path
     start = time.perf_counter()
     handler = add_file_handler(run_dir / "log.txt")
     try:
-        output = get_method(synthesis)(inp)
+        output = strategy_for(mcfg).server_method(inp)
     finally:
         remove_handler(handler)
     seconds = time.perf_counter() - start

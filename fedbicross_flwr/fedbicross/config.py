@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedbicross_flwr.config.errors import ConfigError
-from fedbicross_flwr.config.fields import Section, key
 from fedbicross_flwr.distill.config import SynthesisSettings
 from fedbicross_flwr.distill.schedule import step_schedule
+from fedbicross_flwr.keys.errors import ConfigError
+from fedbicross_flwr.keys.fields import Section, key
 
 # What FedBiCross clusters the clients on (fedbicross_flwr.fedbicross.clustering_alternatives).
 CLUSTER_ON = ("predictions", "parameters", "hierarchical")
@@ -24,8 +24,9 @@ CLUSTER_ON = ("predictions", "parameters", "hierarchical")
 
 @dataclass(frozen=True)
 class FedBiCrossConfig(Section):
-    """The keys of FedBiCross's own server stage: clustering (Stage 1a), server epochs and the
-    bi-level cross-cluster KD (Stage 2). The synthesis keys it shares with FedISCA are
+    """The keys of FedBiCross's own server stage: clustering (Stage 1a) and the bi-level
+    cross-cluster KD (Stage 2). The keys it shares with the baselines (the synthesis, the
+    server epochs, the student's start) are
     :class:`~fedbicross_flwr.distill.config.SynthesisConfig`.
     """
 
@@ -33,10 +34,6 @@ class FedBiCrossConfig(Section):
     num_clusters: int = key(2, "K, number of client clusters.", low=1)
     # M, number of N(0, 1) noise images whose softmax outputs form the M x C prediction matrix.
     noise_samples: int = key(256, "M, noise images for clustering.", low=1)
-    # Server epochs: synthesis + noise adaptation + bi-level KD repeated with fresh noise;
-    # cluster models, momentum buffers and weights carry over (FedISCA uses 100; paper: silent).
-    server_epochs: int = key(1,
-                             "Repeats of synthesis + bi-level with fresh noise.", low=1)
     # Passes of the online bi-level stage (Eq. 7-8, t = 1..T) over each server epoch's
     # trajectory and soft labels (paper: 1). Replaying the stored trajectory trains G_k longer
     # at the cost of KD steps only (no new synthesis): a deviation for small budgets.
@@ -102,14 +99,6 @@ class FedBiCrossConfig(Section):
                                     "Keep one noise-adapted teacher per cluster across server "
                                     "epochs, its statistics continued (true, FedISCA code) or "
                                     "adapt a fresh copy each epoch (false, Eq. 3).")
-    # G_k^(0): 'random' (Algorithm 1, line 11) or 'cluster-average', the data-size weighted
-    # parameter average of the cluster's members (they share the initial model w^(0), as in
-    # FedAvg). A deviation for small server budgets: with a few hundred inner steps a randomly
-    # initialised ResNet-18 is still far from its teachers.
-    student_init: str = key("random",
-                            "G_k^(0): random (Algorithm 1) or cluster-average (data-size "
-                            "weighted average of the cluster's client models).",
-                            choices=("random", "cluster-average"))
     # BatchNorm of G_k during server KD: 'train' normalises with the synthetic batch's
     # statistics and moves G_k's running statistics towards the synthetic images (FedISCA's
     # code; the paper is silent); 'eval' normalises with G_k's running statistics and never
@@ -135,12 +124,6 @@ class FedBiCrossConfig(Section):
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_milestones(self.student_lr_milestones)
-
-    def lr_at(self, epoch: int) -> float:
-        """eta_G in the 0-based server epoch ``epoch`` (step decay at the milestones)."""
-        return step_schedule(epoch, self.server_epochs, self.student_lr,
-                             parse_milestones(self.student_lr_milestones))
-
 
 def parse_milestones(text: str) -> tuple[float, ...]:
     """``"0.5,0.75"`` -> (0.5, 0.75): increasing fractions in (0, 1]; ``""`` -> ().
@@ -176,7 +159,12 @@ class FedBiCrossSettings(FedBiCrossConfig, SynthesisSettings):
 
     # An engineering constant, not a run-config key (RunConfig does not include this class).
     num_examples: int = key(16, "Final synthetic images per cluster kept for a picture grid.",
-                            low=0)
+                            low=0, constant=True)
+
+    def lr_at(self, epoch: int) -> float:
+        """eta_G in the 0-based server epoch ``epoch`` (step decay at the milestones)."""
+        return step_schedule(epoch, self.server_epochs, self.student_lr,
+                             parse_milestones(self.student_lr_milestones))
 
 
 __all__ = ["CLUSTER_ON", "FedBiCrossConfig", "FedBiCrossSettings", "parse_milestones"]

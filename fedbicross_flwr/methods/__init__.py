@@ -1,4 +1,4 @@
-"""The server methods, one module each, looked up by name through :mod:`.catalog`.
+"""The server methods, one module each, listed (torch-free) in :mod:`.catalog`.
 
 Every method receives the same client uploads and returns one model per client, which then
 goes through the same personalization round and the same evaluation (:mod:`.base` holds the
@@ -15,14 +15,14 @@ contract: :class:`~.base.MethodInput`, :class:`~.base.MethodOutput`).
 ``cluster-fedavg``                        :mod:`.cluster_fedavg` (FedBiCross's clusters, averaged:
                                           the null row of its server stage)
 
-This package's ``__init__`` imports no torch: a method's module is imported when the method is
-first looked up, so the heavy ones (the FedBiCross stack with sklearn and matplotlib, the
-baselines) are not needed by the others.
+This package's ``__init__`` imports no torch. A method's function is reached by import, never
+by its name: a one-shot method's through its Flower strategy (:mod:`fedbicross_flwr.strategies`),
+a multi-round method's (:func:`.rounds.flower_r`) and a reference's
+(:data:`fedbicross_flwr.server.REFERENCES`) by the server.
 """
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING
 
 from fedbicross_flwr.methods.catalog import CATALOG, MethodSpec, method_names, method_spec
@@ -30,32 +30,22 @@ from fedbicross_flwr.methods.catalog import CATALOG, MethodSpec, method_names, m
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from fedbicross_flwr.config.run_config import RunConfig
-    from fedbicross_flwr.methods.base import ServerMethod
+    from fedbicross_flwr.keys.sections import SharedConfig
     from fedbicross_flwr.protocol import PhaseResult, StateDict
     from fedbicross_flwr.transports.transport import Transport
 
 
-def get_method(name: str) -> "ServerMethod":
-    """The function of method ``name`` (its module imported now), with the known names in the
-    error.
-    """
-    module, function = method_spec(name).function.split(":")
-    method: ServerMethod = getattr(import_module(f"fedbicross_flwr.methods.{module}"), function)
-    return method
-
-
-def collect_uploads(cfg: "RunConfig", transport: "Transport", init: "StateDict",
+def collect_uploads(cfg: "SharedConfig", transport: "Transport", init: "StateDict",
                     run_dir: "Path | None" = None) -> "PhaseResult":
     """Phase 1 of ``cfg.method``: one upload per client (``transport.collect_models``), or, for
     a multi-round method, R rounds of ``transport.train_round`` (:func:`.rounds.run_rounds`).
     """
     if method_spec(cfg.method).multiround:
-        from fedbicross_flwr.methods.rounds import run_rounds
+        from fedbicross_flwr.methods.rounds import multi_round, run_rounds
 
-        return run_rounds(cfg, transport, init, run_dir)
+        return run_rounds(multi_round(cfg), transport, init, run_dir)
     return transport.collect_models(cfg, init)
 
 
-__all__ = ["CATALOG", "MethodSpec", "collect_uploads", "get_method", "method_names",
+__all__ = ["CATALOG", "MethodSpec", "collect_uploads", "method_names",
            "method_spec"]

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.keys.sections import SharedConfig
 from fedbicross_flwr.model import build_resnet18
 from fedbicross_flwr.protocol import ClientUpload, StateDict
 from fedbicross_flwr.storage.atomic import open_text
@@ -32,7 +32,7 @@ class MethodInput:
     """Everything a server method may use: models and public metadata, never client data."""
 
     uploads: list[ClientUpload]  # sorted by partition_id
-    cfg: RunConfig
+    cfg: SharedConfig
     in_channels: int
     num_classes: int
     device: torch.device  # where the server-side computation runs

@@ -1,14 +1,13 @@
 """The catalog of server methods: one torch-free spec per method, the only list of them.
 
 A spec says what the rest of the project needs to know about a method without importing it
-(and so without torch): its name, its kind, whether it distils from synthetic images, its
-group and row in the paper's tables, and where its function is defined. The configuration
-validates ``method`` / ``methods`` against it, the server looks a reference's or a
-multi-round method's function up through it (:func:`fedbicross_flwr.methods.get_method`
-imports the defining module on first use; a one-shot method's server stage runs through its
-Flower strategy, :mod:`fedbicross_flwr.strategies`, whose class names the function), and
-the knowledge flow, the distill-check, the privacy audit and the grid's tables read their
-method sets from it.
+(and so without torch): its name, its kind, whether it distils from synthetic images and its
+group and row in the paper's tables. The configuration validates ``method`` / ``methods``
+against it, and the knowledge flow, the distill-check, the privacy audit and the grid's tables
+read their method sets from it. Nothing is looked up by a string: a one-shot method runs
+through its Flower strategy (:data:`fedbicross_flwr.strategies.BY_METHOD`, whose class imports
+its function), a multi-round one through :func:`fedbicross_flwr.methods.rounds.flower_r`, and
+a reference through :data:`fedbicross_flwr.server.REFERENCES`.
 
 Adding a method: write ``fedbicross_flwr/methods/<name>.py`` with a function
 ``(MethodInput) -> MethodOutput`` and register its spec below; a one-shot method also gets its
@@ -43,8 +42,6 @@ class MethodSpec:
         Its group in the paper's tables (``harness.tables``).
     row : int
         Its row within that group (the paper's order).
-    function : str
-        ``"<module>:<function>"``, the module relative to ``fedbicross_flwr.methods``.
     distils : bool
         It synthesises images and distils the clients' knowledge from them (``synthetic.pt``,
         ``knowledge.json``, the distill-check).
@@ -60,7 +57,6 @@ class MethodSpec:
     kind: Kind
     group: Group
     row: int
-    function: str
     distils: bool = False
     teacher_ensemble: Literal["config", "logit"] = "config"
     strategy: str | None = None
@@ -104,27 +100,24 @@ def table_rows(group: Group) -> tuple[str, ...]:
 
 
 # The methods, in the order the configuration lists them.
-register(MethodSpec("fedavg1", "one-shot", "baseline", 0, "fedavg:fedavg1"))
-register(MethodSpec("local", "reference", "reference", 0, "local:local"))
-register(MethodSpec("fedbicross", "one-shot", "ours", 0, "fedbicross:fedbicross", distils=True))
-register(MethodSpec("central", "reference", "reference", 99, "central:central"))  # last
-register(MethodSpec("fedisca", "one-shot", "baseline", 3, "baselines.fedisca:fedisca",
-                    distils=True))
-register(MethodSpec("dense", "one-shot", "baseline", 2, "baselines.dense:dense", distils=True,
+register(MethodSpec("fedavg1", "one-shot", "baseline", 0))
+register(MethodSpec("local", "reference", "reference", 0))
+register(MethodSpec("fedbicross", "one-shot", "ours", 0, distils=True))
+register(MethodSpec("central", "reference", "reference", 99))  # last
+register(MethodSpec("fedisca", "one-shot", "baseline", 3, distils=True))
+register(MethodSpec("dense", "one-shot", "baseline", 2, distils=True,
                     teacher_ensemble="logit"))
-register(MethodSpec("coboosting", "one-shot", "baseline", 4, "baselines.coboosting:coboosting",
-                    distils=True, teacher_ensemble="logit"))
-register(MethodSpec("dafl", "one-shot", "baseline", 1, "baselines.dafl:dafl", distils=True,
+register(MethodSpec("coboosting", "one-shot", "baseline", 4, distils=True,
                     teacher_ensemble="logit"))
-register(MethodSpec("cluster-fedavg", "one-shot", "baseline", 5,
-                    "cluster_fedavg:cluster_fedavg"))
+register(MethodSpec("dafl", "one-shot", "baseline", 1, distils=True,
+                    teacher_ensemble="logit"))
+register(MethodSpec("cluster-fedavg", "one-shot", "baseline", 5))
 
 
 def _register_flower_strategies() -> None:
     """Flower's strategies, one multi-round reference row each (:mod:`.flower_strategies`)."""
     for row, entry in enumerate(FLOWER_STRATEGIES, start=1):
-        register(MethodSpec(entry.method, "multi-round", "reference", row, "rounds:flower_r",
-                            strategy=entry.cls))
+        register(MethodSpec(entry.method, "multi-round", "reference", row, strategy=entry.cls))
 
 
 _register_flower_strategies()

@@ -24,10 +24,10 @@ import time
 import numpy as np
 
 from fedbicross_flwr.client import client_seed, initial_state
-from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import DatasetArrays, load_dataset
 from fedbicross_flwr.data.partition import make_client_splits
 from fedbicross_flwr.data.site import to_tensors
+from fedbicross_flwr.keys.sections import SharedConfig
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput
 from fedbicross_flwr.training import SGDSettings, accuracy, train_local
@@ -37,7 +37,7 @@ DEPLOYMENT_HINT = ("`central` is a simulation-only reference: the server rebuild
                    "the server holds no client data")
 
 
-def pooled_indices(ds: DatasetArrays, cfg: RunConfig, partition_ids: list[int],
+def pooled_indices(ds: DatasetArrays, cfg: SharedConfig, partition_ids: list[int],
                    num_examples: dict[int, int] | None = None) -> np.ndarray:
     """Indices into the official train split: the union of the clients' training splits.
 

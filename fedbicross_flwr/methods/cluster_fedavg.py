@@ -24,7 +24,7 @@ from fedbicross_flwr.model import load_resnet18, weighted_average
 def cluster_fedavg(inp: MethodInput) -> MethodOutput:
     """Cluster as FedBiCross (Stage 1a); each client gets its cluster's FedAvg model."""
     cfg = inp.cfg
-    k = min(cfg.num_clusters, len(inp.uploads))
+    k = min(FedBiCrossSettings.of(cfg).num_clusters, len(inp.uploads))
     settings = FedBiCrossSettings.of(cfg, num_clusters=k)
     clients = [load_resnet18(u.state).to(inp.device).eval().requires_grad_(False)
                for u in inp.uploads]

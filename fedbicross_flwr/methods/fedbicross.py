@@ -24,16 +24,17 @@ from fedbicross_flwr.fedbicross.plots import plot_weight_history, save_weight_hi
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, write_clusters_csv
 from fedbicross_flwr.model import load_resnet18
-from fedbicross_flwr.reports.results import write_json
+from fedbicross_flwr.storage.atomic import write_json
 
 
 def fedbicross(inp: MethodInput) -> MethodOutput:
     """Cluster, synthesize, learn cross-cluster weights; each client gets its G_k."""
     cfg = inp.cfg
-    k = min(cfg.num_clusters, len(inp.uploads))
-    if k < cfg.num_clusters:
+    asked = FedBiCrossSettings.of(cfg).num_clusters
+    k = min(asked, len(inp.uploads))
+    if k < asked:
         log(logging.WARNING, "only %d client models for num-clusters=%d: using K=%d",
-            len(inp.uploads), cfg.num_clusters, k)
+            len(inp.uploads), asked, k)
     settings = FedBiCrossSettings.of(cfg, num_clusters=k)
     models = [load_resnet18(upload.state) for upload in inp.uploads]
     result = run_fedbicross(models, inp.in_channels, inp.num_classes, settings, inp.device,

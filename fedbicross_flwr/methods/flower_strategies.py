@@ -15,7 +15,7 @@ node; q-FedAvg's ``client_learning_rate`` is ``local-lr`` and its loss key ``tra
 FedProx's ``proximal_mu`` is the ``proximal-mu`` key. Everything else comes from the run-config
 key ``strategy-args``, written as Flower names them (``"eta=0.01 beta_1=0.9"``), checked
 against the strategy's signature: an unknown name, a reserved one or a value of the wrong type
-is a :class:`~fedbicross_flwr.config.errors.ConfigError` naming it. A run comparing several
+is a :class:`~fedbicross_flwr.keys.errors.ConfigError` naming it. A run comparing several
 multi-round methods (``methods``) gives every one of them the plain pairs, and one of them
 alone a pair qualified with its name (``"fedadam-r:eta=0.05 krum-r:num_malicious_nodes=1"``,
 :func:`method_args`).
@@ -34,10 +34,11 @@ from __future__ import annotations
 import inspect
 import tomllib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal
 
-from fedbicross_flwr.config.errors import ConfigError
-from fedbicross_flwr.config.fields import Section, key
+from fedbicross_flwr.keys.errors import ConfigError
+from fedbicross_flwr.keys.fields import Section, key
+from fedbicross_flwr.keys.sections import SharedConfig
 
 if TYPE_CHECKING:
     from flwr.serverapp.strategy import Strategy
@@ -69,26 +70,11 @@ class MultiRoundConfig(Section):
 
 
 
-class StrategyConfig(Protocol):
-    """The run-config values a strategy is built from (a ``RunConfig`` has them; the catalog,
-    which the configuration imports, reads this module, so it cannot import ``RunConfig``).
+@dataclass(frozen=True)
+class MultiRoundRunConfig(MultiRoundConfig, SharedConfig):
+    """What a multi-round method's run reads: the shared keys and :class:`MultiRoundConfig`
+    (a :class:`~fedbicross_flwr.config.run_config.RunConfig` is one).
     """
-
-    @property
-    def method(self) -> str:
-        """The method name (``fedadam-r``, ...)."""
-
-    @property
-    def strategy_args(self) -> str:
-        """The ``strategy-args`` key."""
-
-    @property
-    def proximal_mu(self) -> float:
-        """FedProx's mu (``proximal-mu``)."""
-
-    @property
-    def local_lr(self) -> float:
-        """The clients' SGD rate (``local-lr``): q-FedAvg's client learning rate."""
 
 
 @dataclass(frozen=True)
@@ -216,7 +202,7 @@ def _type_problem(value: Any, annotation: Any) -> str | None:
     return None if ok else f"{value!r} is a {type(value).__name__}, it takes {' or '.join(wanted)}"
 
 
-def strategy_kwargs(cfg: StrategyConfig, num_nodes: int) -> tuple[FlowerStrategy, dict[str, Any]]:
+def strategy_kwargs(cfg: MultiRoundRunConfig, num_nodes: int) -> tuple[FlowerStrategy, dict[str, Any]]:
     """The entry of ``cfg.method`` and the keyword arguments of its Flower class.
 
     Raises
@@ -258,7 +244,7 @@ def strategy_kwargs(cfg: StrategyConfig, num_nodes: int) -> tuple[FlowerStrategy
     return entry, kwargs
 
 
-def build_strategy(cfg: StrategyConfig, num_nodes: int) -> "Strategy":
+def build_strategy(cfg: MultiRoundRunConfig, num_nodes: int) -> "Strategy":
     """Flower's strategy object for ``cfg.method``, every one of ``num_nodes`` nodes trained
     each round.
 
@@ -282,5 +268,5 @@ def build_strategy(cfg: StrategyConfig, num_nodes: int) -> "Strategy":
 
 
 __all__ = ["BY_METHOD", "FLOWER_STRATEGIES", "FlowerStrategy", "MultiRoundConfig",
-           "StrategyConfig", "build_strategy", "method_args",
+           "MultiRoundRunConfig", "build_strategy", "method_args",
            "parse_strategy_args", "qualifying_methods", "strategy_kwargs"]

@@ -40,15 +40,14 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 
-from fedbicross_flwr.config.errors import ConfigError
-from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.site import example_bounds
+from fedbicross_flwr.keys.sections import SharedConfig
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, StateDict
 from fedbicross_flwr.methods.flower_strategies import (
     BY_METHOD,
+    MultiRoundRunConfig,
     build_strategy,
-    strategy_kwargs,
 )
 from fedbicross_flwr.model import float_state, probe_for, with_counters
 from fedbicross_flwr.protocol import (
@@ -70,12 +69,22 @@ class RoundError(RuntimeError):
     """A round that cannot go on: too few usable uploads, or an unusable aggregate."""
 
 
-def round_epochs(cfg: RunConfig) -> int:
+def multi_round(cfg: SharedConfig) -> MultiRoundRunConfig:
+    """``cfg`` as a multi-round run's config; a config without the multi-round keys is refused
+    (their defaults are never assumed).
+    """
+    if not isinstance(cfg, MultiRoundRunConfig):
+        raise TypeError(f"{cfg.method} is a multi-round method: its run needs the multi-round "
+                        f"keys (a RunConfig), got a {type(cfg).__name__}")
+    return cfg
+
+
+def round_epochs(cfg: MultiRoundRunConfig) -> int:
     """Local epochs per round: ``round-epochs``, or ceil(local-epochs / rounds) when 0."""
     return cfg.round_epochs or math.ceil(cfg.local_epochs / cfg.rounds)
 
 
-def reply_optional_metrics(cfg: RunConfig) -> frozenset[str]:
+def reply_optional_metrics(cfg: MultiRoundRunConfig) -> frozenset[str]:
     """The metrics a train reply of ``cfg.method`` may add to :data:`~fedbicross_flwr.protocol.
     REPLY_METRICS`: ``norm_bit`` in a client-side adaptive DP wrapper's rounds, else none.
     """
@@ -84,7 +93,7 @@ def reply_optional_metrics(cfg: RunConfig) -> frozenset[str]:
     return ADAPTIVE_CLIPPING_METRICS if adaptive else frozenset()
 
 
-def round_config(cfg: RunConfig) -> dict[str, Any]:
+def round_config(cfg: MultiRoundRunConfig) -> dict[str, Any]:
     """The config the server hands the strategy's ``configure_train`` each round (the
     strategy adds ``server-round``, and its own keys).
     """
@@ -95,30 +104,7 @@ def round_config(cfg: RunConfig) -> dict[str, Any]:
     return config
 
 
-def check_strategy_args(cfg: RunConfig) -> None:
-    """Check the Flower strategy arguments of every multi-round method of the run (``method``
-    or ``methods``), before any training.
-
-    Raises
-    ------
-    ConfigError
-        A ``strategy-args`` pair a method's strategy does not take, or a value of the wrong
-        type (:func:`~.flower_strategies.strategy_kwargs`), naming the method when the run
-        has several.
-    """
-    rounds = [m for m in cfg.method_list if m in BY_METHOD]
-    for name in rounds:
-        try:
-            strategy_kwargs(cfg.replace(method=name), cfg.num_clients)
-        except ConfigError as err:
-            if len(rounds) == 1:
-                raise
-            raise ConfigError(f"{name}: {err} (a pair for one method alone is written "
-                              f"<method>:<name>=<value>, e.g. '{rounds[0]}:eta=0.05')"
-                              ) from None
-
-
-def run_rounds(cfg: RunConfig, transport: Transport, init: StateDict,
+def run_rounds(cfg: MultiRoundRunConfig, transport: Transport, init: StateDict,
                run_dir: Path | None = None) -> PhaseResult:
     """Rounds 1..R; returns round R's replies, with w^(R) as ``global_state``.
 
@@ -166,7 +152,7 @@ def run_rounds(cfg: RunConfig, transport: Transport, init: StateDict,
     return phase
 
 
-def _valid_replies(cfg: RunConfig, phase: PhaseResult, init: StateDict, probe: Any,
+def _valid_replies(cfg: MultiRoundRunConfig, phase: PhaseResult, init: StateDict, probe: Any,
                    sizes: dict[int, int], rnd: int) -> dict[int, ClientReply]:
     """The round's replies that pass the one-shot upload checks (counters from w^(0))."""
     valid = {}
@@ -229,7 +215,7 @@ def flower_r(inp: MethodInput) -> MethodOutput:
     """Phase 2 of a multi-round method: every client receives w^(R), the strategy's
     aggregate of round R.
     """
-    cfg = inp.cfg
+    cfg = multi_round(inp.cfg)
     if inp.round_model is None:
         raise RuntimeError(f"{cfg.method}: phase 1 returned no global model")
     entry = BY_METHOD[cfg.method]

@@ -13,8 +13,7 @@ import csv
 from pathlib import Path
 from typing import Any
 
-from fedbicross_flwr.reports.results import write_json
-from fedbicross_flwr.storage.atomic import open_text, write_text
+from fedbicross_flwr.storage.atomic import open_text, write_json, write_text
 
 PAIRS_PICTURE = "privacy-audit-pairs.png"
 

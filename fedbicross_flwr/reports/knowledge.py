@@ -256,7 +256,7 @@ def write_knowledge(run_dir: Path, cfg: Any, uploads: Sequence[Any], out: Any,
     """
     from fedbicross_flwr.data.datasets import DataError, load_dataset
     from fedbicross_flwr.data.site import to_tensors
-    from fedbicross_flwr.reports.results import write_json
+    from fedbicross_flwr.storage.atomic import write_json
 
     if cfg.method not in method_names(distils=True):
         return None

@@ -26,7 +26,7 @@ from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import project_root
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.reports.headline import per_site_text
-from fedbicross_flwr.storage.atomic import open_text, write_text
+from fedbicross_flwr.storage.atomic import json_safe, open_text, write_text
 
 CLIENT_COLUMNS = [
     "partition-id", "cluster", "n-train", "n-test", "n-test-personal",
@@ -99,26 +99,6 @@ def create_run_dir(cfg: RunConfig) -> Path:
     return path
 
 
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN/inf become None (reported as missing, not as a number)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    if hasattr(value, "tolist"):
-        return _clean(value.tolist())
-    return value
-
-
-def write_json(path: Path, payload: Any) -> Path:
-    """Pretty JSON, NaN written as null; whole or not at all (:func:`~fedbicross_flwr.storage.
-    atomic.write_text`).
-    """
-    return write_text(path, json.dumps(_clean(payload), indent=2, sort_keys=False) + "\n")
-
-
 def write_clients_csv(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
     """One row per client; a missing value is an empty cell (written whole or not at all)."""
     rows = sorted(rows, key=lambda r: r["partition-id"])
@@ -126,7 +106,7 @@ def write_clients_csv(path: Path, rows: Iterable[dict[str, Any]]) -> Path:
         writer = csv.DictWriter(fh, fieldnames=CLIENT_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: ("" if _clean(row.get(k)) is None else row.get(k))
+            writer.writerow({k: ("" if json_safe(row.get(k)) is None else row.get(k))
                              for k in CLIENT_COLUMNS})
     return path
 

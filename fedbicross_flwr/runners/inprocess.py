@@ -3,7 +3,7 @@
 Every message is handed to the ClientApp of its destination node, one after the other; a
 ClientApp exception becomes an error reply (as the Flower runtime does), so the server code
 sees exactly what it would see in a simulation. Tests drive ``server_app.app.main`` with it;
-``fedbicross run --engine grid`` uses it for quick experiments.
+``fedbicross run --engine apps`` uses it for quick experiments.
 """
 
 from __future__ import annotations

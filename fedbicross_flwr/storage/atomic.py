@@ -13,6 +13,8 @@ This module imports nothing else from the package.
 
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -110,5 +112,27 @@ def save_figure(fig: Any, path: Path, **kwargs: Any) -> Path:
     return path
 
 
-__all__ = ["WriteError", "atomic_path", "open_text", "replacing", "save_figure",
-           "temporary_path", "write_problem", "write_text"]
+def json_safe(value: Any) -> Any:
+    """JSON-safe: NaN/inf become None (reported as missing, not as a number); arrays and
+    tensors become lists.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "tolist"):
+        return json_safe(value.tolist())
+    return value
+
+
+def write_json(path: Path, payload: Any) -> Path:
+    """Pretty JSON, NaN written as null (:func:`json_safe`); whole or not at all
+    (:func:`write_text`).
+    """
+    return write_text(path, json.dumps(json_safe(payload), indent=2, sort_keys=False) + "\n")
+
+
+__all__ = ["WriteError", "atomic_path", "json_safe", "open_text", "replacing", "save_figure",
+           "temporary_path", "write_json", "write_problem", "write_text"]

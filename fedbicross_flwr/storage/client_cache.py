@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from fedbicross_flwr import __version__
-from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.keys.sections import SharedConfig
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import build_resnet18, probe_for
 from fedbicross_flwr.protocol import validate_upload
@@ -57,20 +57,20 @@ PRODUCER_KEYS = ("dataset", "data-dir", "data-path", "in-channels", "num-classes
                  "eval-precision")
 
 
-def producer(cfg: RunConfig) -> dict[str, Any]:
+def producer(cfg: SharedConfig) -> dict[str, Any]:
     """What produced the client models (also written to meta.json)."""
     values = cfg.to_run_config()
     return {"version": __version__, "torch": torch.__version__,
             **{k: values[k] for k in PRODUCER_KEYS}}
 
 
-def cache_key(cfg: RunConfig) -> str:
+def cache_key(cfg: SharedConfig) -> str:
     """Short hash of :func:`producer`: the cache entry of a run config's clients."""
     blob = json.dumps(producer(cfg), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def load(cache_dir: Path, cfg: RunConfig) -> Any | None:
+def load(cache_dir: Path, cfg: SharedConfig) -> Any | None:
     """The cached payload (plain data, checked by :func:`check_clients`), or None when absent,
     stale (logged), or refused: altered, not plain tensor data, or not this run's clients
     (logged and set aside).
@@ -107,7 +107,7 @@ def _refuse(path: Path, reason: str) -> None:
         aside.name)
 
 
-def check_clients(payload: Any, cfg: RunConfig) -> None:
+def check_clients(payload: Any, cfg: SharedConfig) -> None:
     """A cached ``clients.pt`` of this run config (see the module docstring).
 
     Raises
@@ -155,7 +155,7 @@ def _metrics(value: Any, where: str) -> None:
             raise PayloadError(f"{where} holds {name!r}: {number!r}, not a name and a number")
 
 
-def _check_client(payload: Any, cfg: RunConfig, where: str) -> None:
+def _check_client(payload: Any, cfg: SharedConfig, where: str) -> None:
     """One kept client (:func:`save_client`): its reply's model as an upload of this run, its
     metrics names to numbers; else :class:`PayloadError`.
     """
@@ -166,7 +166,7 @@ def _check_client(payload: Any, cfg: RunConfig, where: str) -> None:
         raise PayloadError(f"{where}['state']: {problem}")
 
 
-def save(cache_dir: Path, cfg: RunConfig, payload: Any) -> Path:
+def save(cache_dir: Path, cfg: SharedConfig, payload: Any) -> Path:
     """Store ``payload`` (tensors, numpy arrays, plain containers) with its checksum; returns
     the entry folder.
     """
@@ -181,7 +181,7 @@ def save(cache_dir: Path, cfg: RunConfig, payload: Any) -> Path:
     return entry
 
 
-def save_client(cache_dir: Path, cfg: RunConfig, pid: int, payload: Any) -> None:
+def save_client(cache_dir: Path, cfg: SharedConfig, pid: int, payload: Any) -> None:
     """Keep one finished client (``payload``: its reply and model, plain data) until the whole
     phase 1 is stored by :func:`save`.
     """
@@ -191,7 +191,7 @@ def save_client(cache_dir: Path, cfg: RunConfig, pid: int, payload: Any) -> None
     save_with_sidecar(payload, entry / f"client-{pid}.pt", entry / f"client-{pid}.sha256")
 
 
-def load_clients(cache_dir: Path, cfg: RunConfig) -> dict[int, Any]:
+def load_clients(cache_dir: Path, cfg: SharedConfig) -> dict[int, Any]:
     """The clients kept by :func:`save_client` for this run config, by partition id; a file
     that is altered, not plain data or from other settings is logged and left out (retrained).
     """

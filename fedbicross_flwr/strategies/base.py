@@ -53,9 +53,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from fedbicross_flwr.config.fields import Section, is_key
-from fedbicross_flwr.config.run_config import RunConfig, parse_site_nodes
-from fedbicross_flwr.config.sections import ExecutionConfig, FederationConfig, TaskConfig
+from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.keys.fields import Section, is_key
+from fedbicross_flwr.keys.sections import (
+    ExecutionConfig,
+    FederationConfig,
+    TaskConfig,
+    parse_site_nodes,
+)
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, run_method
 from fedbicross_flwr.model import build_resnet18, probe_for, resnet18_shape, with_counters

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedbicross_flwr.fedbicross.config import FedBiCrossConfig
+from fedbicross_flwr.distill.config import SynthesisConfig
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput
 from fedbicross_flwr.methods.baselines.coboosting import coboosting
 from fedbicross_flwr.methods.baselines.config import CoBoostingConfig, GeneratorConfig
@@ -49,7 +49,7 @@ class CoBoosting(OneShotStrategy):
                  gen_batch: int = G.gen_batch, gen_kd_lr: float = G.gen_kd_lr,
                  coboosting_kd_temperature: float = C.coboosting_kd_temperature,
                  coboosting_weight_lr: float = C.coboosting_weight_lr,
-                 student_init: str = FedBiCrossConfig.student_init, **kwargs: Any) -> None:
+                 student_init: str = SynthesisConfig.student_init, **kwargs: Any) -> None:
         super().__init__(gen_epochs=gen_epochs, gen_steps=gen_steps, gen_batch=gen_batch,
                          gen_kd_lr=gen_kd_lr,
                          coboosting_kd_temperature=coboosting_kd_temperature,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedbicross_flwr.fedbicross.config import FedBiCrossConfig
+from fedbicross_flwr.distill.config import SynthesisConfig
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput
 from fedbicross_flwr.methods.baselines.config import DAFLConfig
 from fedbicross_flwr.methods.baselines.dafl import dafl
@@ -41,7 +41,7 @@ class DAFL(OneShotStrategy):
     def __init__(self, *, dafl_epochs: int = D.dafl_epochs,
                  dafl_iterations: int = D.dafl_iterations, dafl_batch: int = D.dafl_batch,
                  dafl_student_lr: float = D.dafl_student_lr,
-                 student_init: str = FedBiCrossConfig.student_init, **kwargs: Any) -> None:
+                 student_init: str = SynthesisConfig.student_init, **kwargs: Any) -> None:
         super().__init__(dafl_epochs=dafl_epochs, dafl_iterations=dafl_iterations,
                          dafl_batch=dafl_batch, dafl_student_lr=dafl_student_lr,
                          student_init=student_init, **kwargs)

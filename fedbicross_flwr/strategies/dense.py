@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedbicross_flwr.fedbicross.config import FedBiCrossConfig
+from fedbicross_flwr.distill.config import SynthesisConfig
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput
 from fedbicross_flwr.methods.baselines.config import DenseConfig, GeneratorConfig
 from fedbicross_flwr.methods.baselines.dense import dense
@@ -43,7 +43,7 @@ class DENSE(OneShotStrategy):
     def __init__(self, *, gen_epochs: int = G.gen_epochs, gen_steps: int = G.gen_steps,
                  gen_batch: int = G.gen_batch, gen_kd_lr: float = G.gen_kd_lr,
                  dense_kd_temperature: float = DenseConfig.dense_kd_temperature,
-                 student_init: str = FedBiCrossConfig.student_init, **kwargs: Any) -> None:
+                 student_init: str = SynthesisConfig.student_init, **kwargs: Any) -> None:
         super().__init__(gen_epochs=gen_epochs, gen_steps=gen_steps, gen_batch=gen_batch,
                          gen_kd_lr=gen_kd_lr, dense_kd_temperature=dense_kd_temperature,
                          student_init=student_init, **kwargs)

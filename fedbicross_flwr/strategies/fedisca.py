@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from fedbicross_flwr.distill.config import SynthesisConfig
-from fedbicross_flwr.fedbicross.config import FedBiCrossConfig
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput
 from fedbicross_flwr.methods.baselines.config import FedISCAConfig
 from fedbicross_flwr.methods.baselines.fedisca import fedisca
@@ -41,10 +40,10 @@ class FedISCA(OneShotStrategy):
 
     def __init__(self, *, fedisca_epochs: int = FedISCAConfig.fedisca_epochs,
                  fedisca_lr: float = FedISCAConfig.fedisca_lr,
-                 server_epochs: int = FedBiCrossConfig.server_epochs,
+                 server_epochs: int = SynthesisConfig.server_epochs,
                  synth_steps: int = SynthesisConfig.synth_steps,
                  synth_batch: int = SynthesisConfig.synth_batch,
-                 student_init: str = FedBiCrossConfig.student_init, **kwargs: Any) -> None:
+                 student_init: str = SynthesisConfig.student_init, **kwargs: Any) -> None:
         super().__init__(fedisca_epochs=fedisca_epochs, fedisca_lr=fedisca_lr,
                          server_epochs=server_epochs, synth_steps=synth_steps,
                          synth_batch=synth_batch, student_init=student_init, **kwargs)

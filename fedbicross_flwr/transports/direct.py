@@ -20,9 +20,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from torch import nn
 
 from fedbicross_flwr.client import received_state, run_local_training, run_personalization
-from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import load_dataset
 from fedbicross_flwr.data.site import SiteData, site_from_partition
+from fedbicross_flwr.keys.sections import SharedConfig
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import build_resnet18, load_resnet18
 from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
@@ -36,7 +36,7 @@ from fedbicross_flwr.transports.task_identity import ensure_task_identity
 class DirectTransport:
     """Clients as in-process function calls over the run config's partition."""
 
-    def __init__(self, cfg: RunConfig, cache_dir: Path | None = None) -> None:
+    def __init__(self, cfg: SharedConfig, cache_dir: Path | None = None) -> None:
         ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
                           cfg.in_channels, cfg.num_classes)
         self.sites: list[SiteData] = [site_from_partition(ds, cfg, pid, cfg.num_clients)
@@ -49,7 +49,7 @@ class DirectTransport:
         self._phase1: PhaseResult | None = None
         self.cache_dir = cache_dir
 
-    def collect_models(self, cfg: RunConfig, init: StateDict) -> PhaseResult:
+    def collect_models(self, cfg: SharedConfig, init: StateDict) -> PhaseResult:
         """Train every client once; later calls (other methods) reuse the same uploads."""
         self.active_own = self.own_models
         if self._phase1 is not None:
@@ -97,11 +97,11 @@ class DirectTransport:
                 "own": {pid: m.state_dict() for pid, m in self.own_models.items()}})
         return result
 
-    def num_sites(self, cfg: RunConfig) -> int:
+    def num_sites(self, cfg: SharedConfig) -> int:
         """Every site of the run's partition."""
         return len(self.sites)
 
-    def train_round(self, cfg: RunConfig, strategy: Any, state: StateDict,
+    def train_round(self, cfg: SharedConfig, strategy: Any, state: StateDict,
                     server_round: int, config: dict[str, Any]) -> PhaseResult:
         """One round of a multi-round method: Flower's ``strategy`` builds the round's
         messages (``configure_train`` with the caller's round ``config``, over this engine's
@@ -135,7 +135,7 @@ class DirectTransport:
         self.active_own = round_own
         return _formula_traffic(result, state_bytes(state))
 
-    def _train_site(self, cfg: RunConfig, site: SiteData, trained: dict[str, nn.Module],
+    def _train_site(self, cfg: SharedConfig, site: SiteData, trained: dict[str, nn.Module],
                     msg: Any, context: Any) -> Any:
         """What the ClientApp's ``train`` does with a round message, for one in-process site."""
         config = msg.content["config"]
@@ -156,7 +156,7 @@ class DirectTransport:
         return PhaseResult(partitions={s.partition_id: "local" for s in self.sites},
                            num_partitions=len(self.sites))
 
-    def personalize(self, cfg: RunConfig, models: dict[int, StateDict],
+    def personalize(self, cfg: SharedConfig, models: dict[int, StateDict],
                     return_models: bool = False) -> PhaseResult:
         """Phase 3 on every site: personalize from its model, return the metrics (and, with
         ``return_models``, the personalized models, for the server to score).

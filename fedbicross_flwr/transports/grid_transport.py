@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.serverapp import Grid
 
-from fedbicross_flwr.config.run_config import RunConfig, parse_site_nodes
+from fedbicross_flwr.keys.sections import SharedConfig, parse_site_nodes
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.protocol import RETURN_MODEL, PhaseResult, StateDict
 from fedbicross_flwr.transports.communication import message_bytes
@@ -71,7 +71,7 @@ class GridTransport:
         self.bytes_up: dict[int, int] = {}  # node -> bytes of its reply
         self.destinations: dict[str, int] = {}  # message id -> node, of the last _send
 
-    def _wait_for_nodes(self, cfg: RunConfig) -> list[int]:
+    def _wait_for_nodes(self, cfg: SharedConfig) -> list[int]:
         deadline = time.monotonic() + cfg.node_wait_timeout
         while True:
             nodes = sorted(self.grid.get_node_ids())
@@ -85,7 +85,7 @@ class GridTransport:
                                f"{cfg.effective_min_clients}")
         return nodes
 
-    def _bind(self, cfg: RunConfig) -> tuple[Binding, list[int]]:
+    def _bind(self, cfg: SharedConfig) -> tuple[Binding, list[int]]:
         """Bind partitions to nodes (once per run; in simulation the server assigns them);
         the binding and the connected nodes to instruct.
         """
@@ -102,7 +102,7 @@ class GridTransport:
         assert self.binding is not None
         return ConfigRecord({**values, **self.binding.instruction(pid)})
 
-    def _send(self, messages: list[Message], cfg: RunConfig) -> list[Message]:
+    def _send(self, messages: list[Message], cfg: SharedConfig) -> list[Message]:
         """Push ``messages`` and pull their replies until every one has answered, its node
         went offline (Flower stopped receiving its heartbeats), or ``round-timeout`` passed.
 
@@ -182,13 +182,13 @@ class GridTransport:
         result.bytes_down = {pid_of[n]: b for n, b in self.bytes_down.items() if n in pid_of}
         result.bytes_up = {pid_of[n]: b for n, b in self.bytes_up.items() if n in pid_of}
 
-    def _no_reply(self, nid: int, *, cfg: RunConfig) -> str:
+    def _no_reply(self, nid: int, *, cfg: SharedConfig) -> str:
         """Why node ``nid`` sent no reply in the last :meth:`_send`."""
         if nid in self.offline:
             return "no reply: the node went offline (Flower stopped receiving its heartbeats)"
         return f"no reply within round-timeout={cfg.round_timeout}s"
 
-    def collect_models(self, cfg: RunConfig, init: StateDict) -> PhaseResult:
+    def collect_models(self, cfg: SharedConfig, init: StateDict) -> PhaseResult:
         """Phase 1, once per run: later methods (``methods``) get the same replies; the nodes
         keep their f_i in node state for every method's ``train.personalize``.
         """
@@ -204,11 +204,11 @@ class GridTransport:
         self._phase1 = self._train_replies(messages, cfg)
         return self._phase1
 
-    def num_sites(self, cfg: RunConfig) -> int:
+    def num_sites(self, cfg: SharedConfig) -> int:
         """The nodes a round reaches (``site-nodes`` when set, else every connected node)."""
         return len(self._bind(cfg)[1])
 
-    def train_round(self, cfg: RunConfig, strategy: Any, state: StateDict,
+    def train_round(self, cfg: SharedConfig, strategy: Any, state: StateDict,
                     server_round: int, config: dict[str, Any]) -> PhaseResult:
         """One round of a multi-round method, configured by Flower's ``strategy``.
 
@@ -232,7 +232,7 @@ class GridTransport:
                                     message_type=m.metadata.message_type))
         return self._train_replies(messages, cfg)
 
-    def _train_replies(self, messages: list[Message], cfg: RunConfig) -> PhaseResult:
+    def _train_replies(self, messages: list[Message], cfg: SharedConfig) -> PhaseResult:
         """Send a ``train`` round; its replies keyed by partition-id (failures with reasons),
         read by :func:`~fedbicross_flwr.transports.replies.read_uploads`.
         """
@@ -243,7 +243,7 @@ class GridTransport:
         self._traffic(result)
         return result
 
-    def personalize(self, cfg: RunConfig, models: dict[int, StateDict],
+    def personalize(self, cfg: SharedConfig, models: dict[int, StateDict],
                     return_models: bool = False) -> PhaseResult:
         """Phase 3 over the Grid: each partition's model to its node, the metrics back
         (read by :func:`~fedbicross_flwr.transports.replies.read_personalized`).

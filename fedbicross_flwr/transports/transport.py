@@ -10,20 +10,20 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.keys.sections import SharedConfig
 from fedbicross_flwr.protocol import PhaseResult, StateDict
 
 
 class Transport(Protocol):
     """How the server reaches the clients."""
 
-    def collect_models(self, cfg: RunConfig, init: StateDict) -> PhaseResult:
+    def collect_models(self, cfg: SharedConfig, init: StateDict) -> PhaseResult:
         """Phase 1: every client trains once from ``init``; replies are ``ClientReply``."""
 
-    def num_sites(self, cfg: RunConfig) -> int:
+    def num_sites(self, cfg: SharedConfig) -> int:
         """How many sites a round reaches (every one of them trains each round)."""
 
-    def train_round(self, cfg: RunConfig, strategy: Any, state: StateDict,
+    def train_round(self, cfg: SharedConfig, strategy: Any, state: StateDict,
                     server_round: int, config: dict[str, Any]) -> PhaseResult:
         """Round ``server_round`` of a multi-round method (its phase 1 is R of them): Flower's
         ``strategy`` configures the round from the global model ``state`` (its floating-point
@@ -32,7 +32,7 @@ class Transport(Protocol):
         are ``ClientReply`` (the arrays the client was sent, trained).
         """
 
-    def personalize(self, cfg: RunConfig, models: dict[int, StateDict],
+    def personalize(self, cfg: SharedConfig, models: dict[int, StateDict],
                     return_models: bool = False) -> PhaseResult:
         """Phase 3: send each partition its model; replies are metric dicts. With
         ``return_models`` (a simulation: the server scores them) the result's ``models``

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from fedbicross_flwr.config.errors import ConfigError
 from fedbicross_flwr.distill.losses import kd_loss
 from fedbicross_flwr.fedbicross.bilevel import (
     OnlineBilevelTrainer,
@@ -16,6 +15,7 @@ from fedbicross_flwr.fedbicross.bilevel import (
     project_to_simplex,
 )
 from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
+from fedbicross_flwr.keys.errors import ConfigError
 from tests.tiny_models import make_tiny
 
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from fedbicross_flwr.distill.losses import BNStatsHook, channel_moments, kd_kl, kd_loss, tv_loss
-from fedbicross_flwr.fedbicross.losses import lambda_schedule, personalization_loss
+from fedbicross_flwr.fedbicross.losses import lambda_schedule
+from fedbicross_flwr.training import personalization_loss
 
 LN2 = math.log(2.0)
 

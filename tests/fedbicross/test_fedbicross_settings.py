@@ -5,11 +5,11 @@ import typing
 
 import pytest
 
-from fedbicross_flwr.config.fields import key_name
 from fedbicross_flwr.config.run_config import RunConfig
-from fedbicross_flwr.config.sections import ExecutionConfig, TaskConfig
 from fedbicross_flwr.distill.config import SynthesisConfig
 from fedbicross_flwr.fedbicross.config import CLUSTER_ON, FedBiCrossConfig, FedBiCrossSettings
+from fedbicross_flwr.keys.fields import key_name
+from fedbicross_flwr.keys.sections import ExecutionConfig, TaskConfig
 
 ENGINEERING = {"num_examples", "label_chunk"}  # not run-config keys
 

@@ -30,7 +30,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...config.sections import TaskConfig
 from ...distill.losses import BNStatsHook
 from ...distill.noise_adapt import effective_steps, noise_adapted_copy, teacher_soft_labels
 from ...distill.synthesis import (
@@ -44,6 +43,7 @@ from ...distill.utils import derive_seed, preserved_modes, to_channels_last
 from ...fedbicross.bilevel import OnlineBilevelTrainer, fixed_weights
 from ...fedbicross.config import FedBiCrossSettings
 from ...fedbicross.method import init_cluster_models
+from ...keys.sections import TaskConfig
 from ...model import build_resnet18
 from ...training import resolve_device
 from .hardware import count_flops, estimate_peak_flops, peak_memory_mib, reset_peak_memory, timed

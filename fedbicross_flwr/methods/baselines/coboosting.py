@@ -35,6 +35,7 @@ from ...logging_utils import log
 from ...training import autocast
 from ..base import MethodInput, MethodOutput
 from .common import finish
+from .config import CoBoostingConfig, GeneratorConfig
 from .generator import (
     SyntheticPool,
     ensemble_logits,
@@ -107,30 +108,31 @@ def ods_perturbation(teacher, x: Tensor, eta: float, tau: float, generator: torc
 def coboosting(inp: MethodInput) -> MethodOutput:
     """Co-Boosting server stage: one global model for every client."""
     cfg = inp.cfg
+    g, c = GeneratorConfig.of(cfg), CoBoostingConfig.of(cfg)
     start = time.perf_counter()
     members, student, generator, settings = generator_method_start(
-        inp, 301, bn_weight=0.0, bn_reduction="mean", hard_power=cfg.coboosting_hard_power,
+        inp, 301, bn_weight=0.0, bn_reduction="mean", hard_power=c.coboosting_hard_power,
         adv_masked=False, adv_tau=3.0, grad_clip=10.0)
-    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.gen_kd_lr, momentum=0.9,
+    optimizer = torch.optim.SGD(student.parameters(), lr=g.gen_kd_lr, momentum=0.9,
                                 weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.gen_epochs)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=g.gen_epochs)
     weights = torch.full((len(members),), 1.0 / len(members), device=inp.device)
-    tau = cfg.coboosting_kd_temperature
+    tau = c.coboosting_kd_temperature
     pool = SyntheticPool()
     history: list[dict] = []
     weight_history = [weights.cpu().tolist()]
-    log_every = max(1, cfg.gen_epochs // 10)
+    log_every = max(1, g.gen_epochs // 10)
 
     def _member_logits(x: Tensor) -> Tensor:
         with autocast(inp.device, cfg.precision):
             return member_logits(members, x)  # (N, B, C) float32
 
-    for epoch in range(cfg.gen_epochs):
+    for epoch in range(g.gen_epochs):
         images, targets, gen_diag = train_generator_round(
             generator, members, student, settings, derive_seed(cfg.seed, 302, epoch), weights)
         if epoch > 0:
-            step = cfg.coboosting_weight_lr * cfg.coboosting_weight_decay**epoch
-            batches = [(x, y) for x, y, _ in pool.batches(cfg.gen_batch,
+            step = c.coboosting_weight_lr * c.coboosting_weight_decay**epoch
+            batches = [(x, y) for x, y, _ in pool.batches(g.gen_batch,
                                                           derive_seed(cfg.seed, 303, epoch))]
             weights = update_ensemble_weights(members, batches, weights, step,
                                               logits_fn=_member_logits)
@@ -142,18 +144,18 @@ def coboosting(inp: MethodInput) -> MethodOutput:
             return ensemble_logits(_member_logits(x), w)
 
         ods_rng = cpu_generator(derive_seed(cfg.seed, 304, epoch))
-        kd_diag = kd_pass(student, optimizer, pool, cfg.gen_batch, tau,
+        kd_diag = kd_pass(student, optimizer, pool, g.gen_batch, tau,
                           derive_seed(cfg.seed, 305, epoch), teacher=teacher,
-                          perturb=lambda x: ods_perturbation(teacher, x, cfg.coboosting_ods_eta,
+                          perturb=lambda x: ods_perturbation(teacher, x, c.coboosting_ods_eta,
                                                              tau, ods_rng),
                           grad_clip=10.0, precision=cfg.precision)
         scheduler.step()
         history.append({"epoch": epoch + 1, "pool": len(pool), **gen_diag, **kd_diag,
                         "weights": weights.cpu().tolist()})
-        if cfg.progress and ((epoch + 1) % log_every == 0 or epoch + 1 == cfg.gen_epochs):
+        if cfg.progress and ((epoch + 1) % log_every == 0 or epoch + 1 == g.gen_epochs):
             log(INFO, "coboosting epoch %d/%d: pool %d, hard CE %.3f, adv %.3f, teacher acc "
                 "%.2f, KD loss %.4f, agreement %.2f, ensemble weights %s", epoch + 1,
-                cfg.gen_epochs, len(pool), gen_diag["ce"], gen_diag["adv"],
+                g.gen_epochs, len(pool), gen_diag["ce"], gen_diag["adv"],
                 gen_diag["teacher_accuracy"], kd_diag["kd_loss"], kd_diag["agreement"],
                 [round(v, 3) for v in weights.cpu().tolist()])
     diagnostics = {"epochs": history, "weight_history": weight_history,

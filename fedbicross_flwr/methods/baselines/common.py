@@ -8,11 +8,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...distill.config import SynthesisConfig
 from ...distill.plots import save_synthetic_grid
 from ...distill.utils import derive_seed
 from ...logging_utils import log
 from ...model import load_resnet18, weighted_average
-from ...reports.results import write_json
+from ...storage.atomic import write_json
 from ..base import MethodInput, MethodOutput, StateDict
 
 
@@ -34,7 +35,7 @@ def initial_student(inp: MethodInput, tag: int) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(inp.cfg.seed, tag))
         student = inp.new_model()
-    if inp.cfg.student_init == "cluster-average":
+    if SynthesisConfig.of(inp.cfg).student_init == "cluster-average":
         student.load_state_dict(weighted_average([u.state for u in inp.uploads],
                                                  [float(u.num_examples) for u in inp.uploads]))
     return student.to(inp.device).train()

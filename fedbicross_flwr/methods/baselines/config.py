@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedbicross_flwr.config.fields import Section, key
+from fedbicross_flwr.keys.fields import Section, key
 
 
 @dataclass(frozen=True)

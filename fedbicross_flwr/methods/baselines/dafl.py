@@ -31,6 +31,7 @@ from ...logging_utils import log
 from ...training import autocast
 from ..base import MethodInput, MethodOutput
 from .common import client_models, finish, initial_student
+from .config import DAFLConfig
 from .generator import (
     Generator,
     PenultimateHook,
@@ -43,27 +44,28 @@ from .generator import (
 def dafl(inp: MethodInput) -> MethodOutput:
     """DAFL server stage: one global model for every client."""
     cfg = inp.cfg
+    d = DAFLConfig.of(cfg)
     start = time.perf_counter()
     members = client_models(inp)
     student = initial_student(inp, tag=401)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(cfg.seed, 402))
-        generator = Generator(cfg.dafl_latent, inp.in_channels, style="dafl").to(inp.device)
-    gen_opt = torch.optim.Adam(generator.parameters(), lr=cfg.dafl_gen_lr)
-    stu_opt = torch.optim.SGD(student.parameters(), lr=cfg.dafl_student_lr, momentum=0.9,
+        generator = Generator(d.dafl_latent, inp.in_channels, style="dafl").to(inp.device)
+    gen_opt = torch.optim.Adam(generator.parameters(), lr=d.dafl_gen_lr)
+    stu_opt = torch.optim.SGD(student.parameters(), lr=d.dafl_student_lr, momentum=0.9,
                               weight_decay=5e-4)
     rng = cpu_generator(derive_seed(cfg.seed, 403))
     history: list[dict[str, float]] = []
-    log_every = max(1, cfg.dafl_epochs // 10)
+    log_every = max(1, d.dafl_epochs // 10)
     generator.train()
     student.train()
     with PenultimateHook(members) as features:
-        for epoch in range(cfg.dafl_epochs):
+        for epoch in range(d.dafl_epochs):
             for group in stu_opt.param_groups:
-                group["lr"] = step_schedule(epoch, cfg.dafl_epochs, cfg.dafl_student_lr, (0.4, 0.8))
+                group["lr"] = step_schedule(epoch, d.dafl_epochs, d.dafl_student_lr, (0.4, 0.8))
             sums = {"ce": 0.0, "ie": 0.0, "act": 0.0, "kd": 0.0, "agreement": 0.0}
-            for _ in range(cfg.dafl_iterations):
-                z = torch.randn((cfg.dafl_batch, cfg.dafl_latent), generator=rng).to(inp.device)
+            for _ in range(d.dafl_iterations):
+                z = torch.randn((d.dafl_batch, d.dafl_latent), generator=rng).to(inp.device)
                 with autocast(inp.device, cfg.precision):
                     x = generator(z)  # (B, C_in, H, W)
                     t_logits = ensemble_logits(member_logits(members, x))  # (B, C)
@@ -71,7 +73,7 @@ def dafl(inp: MethodInput) -> MethodOutput:
                 act = features.activation_loss()
                 ce = F.cross_entropy(t_logits, t_logits.argmax(dim=1))
                 ie = information_entropy_loss(t_logits)
-                loss_g = cfg.dafl_ce_weight * ce + cfg.dafl_ie_weight * ie + cfg.dafl_act_weight * act
+                loss_g = d.dafl_ce_weight * ce + d.dafl_ie_weight * ie + d.dafl_act_weight * act
                 kd = kd_kl(s_logits, F.softmax(t_logits.detach(), dim=1), 1.0)
                 gen_opt.zero_grad(set_to_none=True)
                 stu_opt.zero_grad(set_to_none=True)
@@ -82,15 +84,15 @@ def dafl(inp: MethodInput) -> MethodOutput:
                 for key, value in (("ce", ce), ("ie", ie), ("act", act), ("kd", kd)):
                     sums[key] += value.item()
                 sums["agreement"] += agreement
-            row = {"epoch": epoch + 1, **{k: v / cfg.dafl_iterations for k, v in sums.items()}}
+            row = {"epoch": epoch + 1, **{k: v / d.dafl_iterations for k, v in sums.items()}}
             history.append(row)
-            if cfg.progress and ((epoch + 1) % log_every == 0 or epoch + 1 == cfg.dafl_epochs):
+            if cfg.progress and ((epoch + 1) % log_every == 0 or epoch + 1 == d.dafl_epochs):
                 log(INFO, "dafl epoch %d/%d: one-hot %.3f, info-entropy %.3f, activation %.3f, "
-                    "KD %.4f, student-teacher agreement %.2f", epoch + 1, cfg.dafl_epochs,
+                    "KD %.4f, student-teacher agreement %.2f", epoch + 1, d.dafl_epochs,
                     row["ce"], row["ie"], row["act"], row["kd"], row["agreement"])
     generator.eval()
     with torch.no_grad():
-        z = torch.randn((16, cfg.dafl_latent), generator=rng).to(inp.device)
+        z = torch.randn((16, d.dafl_latent), generator=rng).to(inp.device)
         images = generator(z)
         labels = ensemble_logits(member_logits(members, images)).argmax(dim=1)
     counts = torch.bincount(labels, minlength=inp.num_classes).tolist()

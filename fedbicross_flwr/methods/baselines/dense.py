@@ -30,6 +30,7 @@ from ...distill.utils import derive_seed
 from ...logging_utils import log
 from ..base import MethodInput, MethodOutput
 from .common import finish
+from .config import DenseConfig, GeneratorConfig
 from .generator import (
     SyntheticPool,
     ensemble_logits,
@@ -43,25 +44,26 @@ from .generator import (
 def dense(inp: MethodInput) -> MethodOutput:
     """DENSE server stage: one global model for every client."""
     cfg = inp.cfg
+    g, d = GeneratorConfig.of(cfg), DenseConfig.of(cfg)
     start = time.perf_counter()
     members, student, generator, settings = generator_method_start(
-        inp, 201, bn_weight=cfg.gen_bn_weight, bn_reduction="sum", hard_power=None,
+        inp, 201, bn_weight=g.gen_bn_weight, bn_reduction="sum", hard_power=None,
         adv_masked=True, adv_tau=1.0, grad_clip=None)
-    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.gen_kd_lr, momentum=0.9)
+    optimizer = torch.optim.SGD(student.parameters(), lr=g.gen_kd_lr, momentum=0.9)
     pool = SyntheticPool()
     history: list[dict[str, float]] = []
-    log_every = max(1, cfg.gen_epochs // 10)
-    for epoch in range(cfg.gen_epochs):
+    log_every = max(1, g.gen_epochs // 10)
+    for epoch in range(g.gen_epochs):
         images, targets, gen_diag = train_generator_round(
             generator, members, student, settings, derive_seed(cfg.seed, 202, epoch))
         with torch.no_grad():  # the ensemble is fixed: its logits are computed once per image
             pool.add(images, targets, ensemble_logits(member_logits(members, images)))
-        kd_diag = kd_pass(student, optimizer, pool, cfg.gen_batch, cfg.dense_kd_temperature,
+        kd_diag = kd_pass(student, optimizer, pool, g.gen_batch, d.dense_kd_temperature,
                           derive_seed(cfg.seed, 203, epoch), precision=cfg.precision)
         history.append({"epoch": epoch + 1, "pool": len(pool), **gen_diag, **kd_diag})
-        if cfg.progress and ((epoch + 1) % log_every == 0 or epoch + 1 == cfg.gen_epochs):
+        if cfg.progress and ((epoch + 1) % log_every == 0 or epoch + 1 == g.gen_epochs):
             log(INFO, "dense epoch %d/%d: pool %d, CE %.3f, R_BN %.3f, adv %.3f, teacher acc "
-                "%.2f, KD loss %.4f, student-teacher agreement %.2f", epoch + 1, cfg.gen_epochs,
+                "%.2f, KD loss %.4f, student-teacher agreement %.2f", epoch + 1, g.gen_epochs,
                 len(pool), gen_diag["ce"], gen_diag["bn"], gen_diag["adv"],
                 gen_diag["teacher_accuracy"], kd_diag["kd_loss"], kd_diag["agreement"])
     diagnostics = {"epochs": history, "wall_time_s": time.perf_counter() - start,

@@ -42,24 +42,25 @@ from ...logging_utils import log
 from ...training import autocast
 from ..base import MethodInput, MethodOutput
 from .common import client_models, finish, initial_student
+from .config import FedISCAConfig
 
 
 def fedisca(inp: MethodInput) -> MethodOutput:
     """FedISCA server stage: one global model for every client."""
     cfg = inp.cfg
     start = time.perf_counter()
-    s = SynthesisSettings.of(cfg)
+    s, f = SynthesisSettings.of(cfg), FedISCAConfig.of(cfg)
     members = client_models(inp)
     student = initial_student(inp, tag=101)
-    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.fedisca_lr, momentum=0.9,
+    optimizer = torch.optim.SGD(student.parameters(), lr=f.fedisca_lr, momentum=0.9,
                                 weight_decay=5e-4)
     adapted = members  # the noise-adapted copy starts from the clients' statistics
     history: list[dict] = []
     times = {"synthesis": 0.0, "noise_adaptation": 0.0, "soft_labels": 0.0, "kd": 0.0}
     images = labels = None
-    epochs = cfg.fedisca_epochs or cfg.server_epochs  # 0: FedBiCross's budget
+    epochs = f.fedisca_epochs or s.server_epochs  # 0: FedBiCross's budget
     for epoch in range(epochs):
-        lr = step_schedule(epoch, epochs, cfg.fedisca_lr, (0.5, 0.75))
+        lr = step_schedule(epoch, epochs, f.fedisca_lr, (0.5, 0.75))
         for group in optimizer.param_groups:
             group["lr"] = lr
         tag = f"fedisca epoch {epoch + 1}/{epochs}"

@@ -3,7 +3,7 @@
 * :class:`Generator`: the DCGAN-style generator of DAFL / DENSE / Co-Boosting (linear -> BN ->
   2 x (upsample, 3x3 conv, BN, LeakyReLU) -> 3x3 conv), for 28x28 images (7 -> 14 -> 28). Its
   output is always in the models' normalised input space (mean 0.5, std 0.5).
-* losses: BN-statistics prior (DeepInversion hooks, :class:`~..fedbicross.losses.BNStatsHook`),
+* losses: BN-statistics prior (DeepInversion hooks, :class:`~fedbicross_flwr.distill.losses.BNStatsHook`),
   plain or hard-sample CE, the adversarial student-ensemble KL with DENSE's disagreement mask,
   DAFL's information-entropy and activation losses.
 * :func:`train_generator_round`: one generator round of DENSE / Co-Boosting (re-initialised
@@ -30,6 +30,7 @@ from ...distill.utils import cpu_generator, full_precision
 from ...training import autocast
 from ..base import MethodInput
 from .common import client_models, initial_student
+from .config import GeneratorConfig
 
 
 class Generator(nn.Module):
@@ -221,13 +222,13 @@ def generator_method_start(inp: MethodInput, tag: int, **variant: Any
     ``variant`` holds the method's own :class:`RoundSettings` fields (``bn_weight``,
     ``bn_reduction``, ``hard_power``, ``adv_masked``, ``adv_tau``, ``grad_clip``).
     """
-    cfg = inp.cfg
+    cfg, g = inp.cfg, GeneratorConfig.of(inp.cfg)
     members = client_models(inp)
     student = initial_student(inp, tag=tag)
-    generator = Generator(cfg.gen_latent, inp.in_channels).to(inp.device)
-    settings = RoundSettings(steps=cfg.gen_steps, batch=cfg.gen_batch, lr=cfg.gen_lr,
-                             latent=cfg.gen_latent, ce_weight=cfg.gen_ce_weight,
-                             adv_weight=cfg.gen_adv_weight, precision=cfg.precision, **variant)
+    generator = Generator(g.gen_latent, inp.in_channels).to(inp.device)
+    settings = RoundSettings(steps=g.gen_steps, batch=g.gen_batch, lr=g.gen_lr,
+                             latent=g.gen_latent, ce_weight=g.gen_ce_weight,
+                             adv_weight=g.gen_adv_weight, precision=cfg.precision, **variant)
     return members, student, generator, settings
 
 

@@ -1,28 +1,35 @@
 """The run-config keys every method shares: what to run, the federation, the clients' local
-training, the personalization (Stage 3) and the execution.
+training, the personalization (Stage 3) and the execution, and :class:`SharedConfig`, all five
+with the checks across them.
 
-Each group is a small frozen :class:`~fedbicross_flwr.config.fields.Section`; a key's name is
+Each group is a small frozen :class:`~fedbicross_flwr.keys.fields.Section`; a key's name is
 its field's name in kebab case. The keys that belong to one method live next to that method
 (:mod:`fedbicross_flwr.distill.config`, :mod:`fedbicross_flwr.fedbicross.config`,
 :mod:`fedbicross_flwr.methods.baselines.config`,
-:mod:`fedbicross_flwr.methods.flower_strategies`); :class:`~fedbicross_flwr.config.run_config.
-RunConfig` is all of them together. This module imports no torch.
+:mod:`fedbicross_flwr.methods.flower_strategies`). What the clients, the data, the transports
+and the storage read of a run is a :class:`SharedConfig`; the run configuration
+(:class:`fedbicross_flwr.config.run_config.RunConfig`, above the methods) is a SharedConfig
+with every method's section added. This module imports nothing of the package above it and
+no torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
-from fedbicross_flwr.config.fields import Section, key
-from fedbicross_flwr.methods.catalog import method_names
+from fedbicross_flwr.keys.errors import ConfigError
+from fedbicross_flwr.keys.fields import Section, key, key_name
 
 
 @dataclass(frozen=True)
 class TaskConfig(Section):
     """What to run: the method(s), the dataset, the model and the master seed."""
 
-    method: str = key("fedavg1", "Server method (registry name).",
-                      choices=method_names())
+    method: str = key("fedavg1", "Server method: a name of the methods catalog (README, "
+                      "Methods), checked by the run config.")
     methods: str = key("",
                        "Comma-separated server methods run in ONE run on the same client "
                        "uploads (phase 1 once; then per method: server method and "
@@ -183,5 +190,97 @@ class ExecutionConfig(Section):
                                  "after a successful run (default: deleted to save disk).")
 
 
+
+C = TypeVar("C", bound="SharedConfig")
+
+
+@dataclass(frozen=True)
+class SharedConfig(ExecutionConfig, PersonalizationConfig, LocalTrainingConfig, FederationConfig,
+                   TaskConfig):
+    """The five shared sections together, checked across keys: what a client, the data, a
+    transport and the storage read of a run (a :class:`~fedbicross_flwr.config.run_config.
+    RunConfig` is one, with the methods' sections added).
+    """
+
+    def __post_init__(self) -> None:
+        super().__post_init__()  # each key against its range
+        if self.min_clients > self.num_clients:
+            raise ConfigError(
+                f"min-clients={self.min_clients} exceeds num-clients={self.num_clients}"
+            )
+        if self.dataset == "custom" and not self.data_path and not (self.in_channels
+                                                                  and self.num_classes):
+            raise ConfigError("dataset='custom' needs data-path (an npz archive), or "
+                              "in-channels and num-classes when every site sets data-path in "
+                              "its node config (deployment)")
+        try:
+            parse_site_nodes(self.site_nodes)
+        except ValueError as err:
+            raise ConfigError(f"site-nodes: {err}") from err
+        if self.output_dir and not Path(self.output_dir).is_absolute():
+            raise ConfigError(f"output-dir must be an absolute path, got {self.output_dir!r}")
+        if self.run_name and (self.run_name in (".", "..") or "/" in self.run_name
+                              or "\\" in self.run_name):
+            raise ConfigError(f"run-name must be one folder name inside output-dir (no '/', "
+                              f"'\\' or '..'), got {self.run_name!r}")
+        if any(ord(c) < 32 or ord(c) == 127 for c in self.run_name):
+            raise ConfigError(f"run-name must hold no control character (newline, tab, ...), "
+                              f"got {self.run_name!r}")
+        if self.resume and not self.run_name:
+            raise ConfigError("resume=true needs run-name (the run folder to continue)")
+
+    @property
+    def effective_min_clients(self) -> int:
+        """Fewest answering clients phase 1 accepts."""
+        return self.min_clients or self.num_clients
+
+    @property
+    def sites_bring_data(self) -> bool:
+        """Deployment: every site reads its own archive and the server holds no dataset."""
+        return self.dataset == "custom" and not self.data_path
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The kebab-case mapping (inverse of :meth:`from_mapping`)."""
+        return {key_name(f): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self: C, **overrides: Any) -> C:
+        """A copy with some fields (snake_case names) changed, validated again."""
+        return dataclasses.replace(self, **overrides)
+
+    def summary(self) -> str:
+        """One line per key, for the log."""
+        return "\n".join(f"  {k} = {v!r}" for k, v in self.to_run_config().items())
+
+
+def parse_site_nodes(text: str) -> dict[int, int]:
+    """``"0=123, 1=456"`` -> ``{0: 123, 1: 456}`` (partition-id -> Flower node id).
+
+    Raises
+    ------
+    ValueError
+        A pair that is not ``int=int``, a negative partition-id, or a partition or node named
+        twice.
+    """
+    out: dict[int, int] = {}
+    for pair in (p.strip() for p in text.replace(";", ",").split(",")):
+        if not pair:
+            continue
+        pid_text, sep, node_text = pair.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            pid, node = int(pid_text), int(node_text)
+        except ValueError:
+            raise ValueError(f"{pair!r} is not partition-id=node-id (two integers)") from None
+        if pid < 0:
+            raise ValueError(f"partition-id {pid} is negative")
+        if pid in out:
+            raise ValueError(f"partition-id {pid} is bound twice")
+        if node in out.values():
+            raise ValueError(f"node {node} is bound to two partitions")
+        out[pid] = node
+    return out
+
+
 __all__ = ["ExecutionConfig", "FederationConfig", "LocalTrainingConfig", "PersonalizationConfig",
-           "TaskConfig"]
+           "SharedConfig", "TaskConfig", "parse_site_nodes"]

@@ -21,7 +21,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping, TypeVar
 
-from fedbicross_flwr.config.errors import ConfigError
+from fedbicross_flwr.keys.errors import ConfigError
 
 S = TypeVar("S", bound="Section")
 
@@ -34,6 +34,7 @@ def key(
     high: float | None = None,
     low_open: bool = False,
     choices: tuple[str, ...] | None = None,
+    constant: bool = False,
 ) -> Any:
     """A dataclass field that is a run-config key: its default, doc and allowed values.
 
@@ -47,8 +48,12 @@ def key(
         The allowed range, ``[low, high]`` (``(low, high]`` with ``low_open``).
     choices : tuple of str, optional
         The allowed strings.
+    constant : bool
+        An engineering constant of a settings class, checked like a key but not a run-config
+        key: :meth:`Section.of` leaves it at its default unless it is overridden.
     """
-    meta = {"doc": doc, "low": low, "high": high, "low_open": low_open, "choices": choices}
+    meta = {"doc": doc, "low": low, "high": high, "low_open": low_open, "choices": choices,
+            "constant": constant}
     return field(default=default, metadata=meta)
 
 
@@ -152,9 +157,20 @@ class Section:
 
     @classmethod
     def of(cls: type[S], config: Any, **overrides: Any) -> S:
-        """The section of ``config`` (a RunConfig): its keys, some replaced by ``overrides``."""
-        values = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls)
-                  if is_key(f) and hasattr(config, f.name)}
+        """The section of ``config`` (a RunConfig): its keys, some replaced by ``overrides``.
+
+        Raises
+        ------
+        TypeError
+            ``config`` lacks one of the section's keys (a default is never assumed).
+        """
+        keys = [f.name for f in dataclasses.fields(cls)
+                if is_key(f) and not f.metadata.get("constant")]
+        if missing := [name for name in keys if name not in overrides
+                       and not hasattr(config, name)]:
+            raise TypeError(f"{cls.__name__}.of: the config ({type(config).__name__}) has no "
+                            f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+        values = {name: getattr(config, name) for name in keys if name not in overrides}
         return cls(**{**values, **overrides})
 
     def with_overrides(self: S, **overrides: Any) -> S:
