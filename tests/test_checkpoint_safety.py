@@ -146,14 +146,14 @@ def test_a_client_cache_entry_holding_a_pickle_is_refused(tmp_path, tiny_run_con
 
     cfg = RunConfig.from_run_config(tiny_run_config)
     entry = client_cache.save(tmp_path, cfg, {"replies": {}, "failures": [], "own": {}})
-    assert client_cache.load(tmp_path, cfg) == {"replies": {}, "failures": [], "own": {}}
+    assert client_cache.load(tmp_path, cfg, (cfg.in_channels, cfg.num_classes)) == {"replies": {}, "failures": [], "own": {}}
     marker = tmp_path / "pwned"
     torch.save({"replies": _Payload(marker)}, entry / "clients.pt")
     meta = json.loads((entry / "meta.json").read_text())
     (entry / "meta.json").write_text(json.dumps({**meta,
                                                  "sha256": sha256_file(entry / "clients.pt")}))
     # Execute / Assert: a cache miss (retrain), and the payload never ran
-    assert client_cache.load(tmp_path, cfg) is None
+    assert client_cache.load(tmp_path, cfg, (cfg.in_channels, cfg.num_classes)) is None
     assert not marker.exists()
 
 
@@ -287,4 +287,4 @@ def test_a_client_cache_entry_that_does_not_fit_the_run_is_set_aside_and_retrain
     assert sorted(again.replies) == sorted(first.replies) == [0, 1, 2]
     assert all(torch.equal(again.replies[p].state[k], first.replies[p].state[k])
                for p in first.replies for k in init)
-    assert client_cache.load(tmp_path, cfg) is not None  # the retrained entry is used again
+    assert client_cache.load(tmp_path, cfg, (cfg.in_channels, cfg.num_classes)) is not None  # the retrained entry is used again

@@ -423,14 +423,14 @@ def test_any_tampered_client_cache_payload_is_usable_or_refused(reference) -> No
                   "failures": [{"partition_id": 1, "node": "local", "phase": "train",
                                 "reason": "out of memory"}],
                   "own": {2: dict(reference)}}
-    check_clients(real_cache, cfg)
+    check_clients(real_cache, cfg, (1, C))
     probe = probe_for(reference)
 
     @FEWER
     @given(payload=tampered(real_cache))
     def run(payload) -> None:
         try:
-            check_clients(copy.copy(payload), cfg)
+            check_clients(copy.copy(payload), cfg, (1, C))
         except PayloadError:
             return
         for pid, reply in payload["replies"].items():  # what the direct engine does with it

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedbicross_flwr.config.run_config import RunConfig
+from fedbicross_flwr.data.datasets import DatasetArrays, load_dataset
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.reports.results import finite_mean
 
@@ -140,9 +141,10 @@ def audit_models(sites: dict[int, SiteData], states: dict[int, dict[str, torch.T
     return audits
 
 
-def stored_run(run_dir: Path, cache_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
-    """The run's config and its clients' cache entry (``replies``: the uploads, ``own``: the
-    phase-1 models f_i).
+def stored_run(run_dir: Path, cache_dir: Path
+               ) -> tuple[RunConfig, dict[str, Any], DatasetArrays]:
+    """The run's config, its clients' cache entry (``replies``: the uploads, ``own``: the
+    phase-1 models f_i) and its dataset.
 
     Raises
     ------
@@ -158,12 +160,14 @@ def stored_run(run_dir: Path, cache_dir: Path) -> tuple[RunConfig, dict[str, Any
     if cfg.dataset == "custom" and not cfg.data_path:
         raise AuditError(f"run {run_dir} read its data at the sites (deployment); the audit "
                          "needs the clients' data at hand (a one-process run)")
-    cached = client_cache.load(cache_dir, cfg)
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
+                      cfg.in_channels, cfg.num_classes)
+    cached = client_cache.load(cache_dir, cfg, (ds.in_channels, ds.num_classes))
     if cached is None:
         raise AuditError(f"no trained clients of run {run_dir} in the client cache {cache_dir} "
                          f"(entry {client_cache.cache_key(cfg)}); make the run with "
                          "`fedbicross run --client-cache DIR`")
-    return cfg, cached
+    return cfg, cached, ds
 
 
 def run_audit(run_dir: Path, cache_dir: Path, device: torch.device,
@@ -175,15 +179,12 @@ def run_audit(run_dir: Path, cache_dir: Path, device: torch.device,
     """
     import time
 
-    from fedbicross_flwr.data.datasets import load_dataset
     from fedbicross_flwr.data.site import site_from_partition, to_tensors
     from fedbicross_flwr.privacy.report import write_report
 
     start = time.perf_counter()
-    cfg, cached = stored_run(run_dir, cache_dir)
+    cfg, cached, ds = stored_run(run_dir, cache_dir)
     uploads = {int(pid): reply["state"] for pid, reply in cached["replies"].items()}
-    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.data_path, cfg.allow_download,
-                      cfg.in_channels, cfg.num_classes)
     sites = {pid: site_from_partition(ds, cfg, pid, cfg.num_clients) for pid in uploads}
     log(INFO, "privacy audit of %s: (a) membership inference on %d uploads", run_dir.name,
         len(uploads))

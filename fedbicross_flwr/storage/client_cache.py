@@ -70,7 +70,7 @@ def cache_key(cfg: SharedConfig) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def load(cache_dir: Path, cfg: SharedConfig) -> Any | None:
+def load(cache_dir: Path, cfg: SharedConfig, shape: tuple[int, int]) -> Any | None:
     """The cached payload (plain data, checked by :func:`check_clients`), or None when absent,
     stale (logged), or refused: altered, not plain tensor data, or not this run's clients
     (logged and set aside).
@@ -89,7 +89,7 @@ def load(cache_dir: Path, cfg: SharedConfig) -> Any | None:
         return None
     try:  # sha256 checked, then read with torch.load(weights_only=True): data, never code
         payload = load_plain(data, meta["sha256"] if isinstance(meta["sha256"], str) else None)
-        check_clients(payload, cfg)
+        check_clients(payload, cfg, shape)
     except CheckpointRefused as err:
         _refuse(data, f"client cache {entry}: {err}")
         return None
@@ -107,15 +107,16 @@ def _refuse(path: Path, reason: str) -> None:
         aside.name)
 
 
-def check_clients(payload: Any, cfg: SharedConfig) -> None:
-    """A cached ``clients.pt`` of this run config (see the module docstring).
+def check_clients(payload: Any, cfg: SharedConfig, shape: tuple[int, int]) -> None:
+    """A cached ``clients.pt`` of this run config (see the module docstring); ``shape`` is the
+    dataset's ``(in_channels, num_classes)`` (the run config may leave them 0: from the data).
 
     Raises
     ------
     PayloadError
         Naming the first thing that is not what phase 1 of this run would have produced.
     """
-    reference = build_resnet18(cfg.in_channels, cfg.num_classes, cfg.model_width).state_dict()
+    reference = build_resnet18(*shape, cfg.model_width).state_dict()
     probe = probe_for(reference)
     last = cfg.num_clients - 1
     record(payload, "", ("replies", "failures", "own"))
@@ -155,11 +156,11 @@ def _metrics(value: Any, where: str) -> None:
             raise PayloadError(f"{where} holds {name!r}: {number!r}, not a name and a number")
 
 
-def _check_client(payload: Any, cfg: SharedConfig, where: str) -> None:
-    """One kept client (:func:`save_client`): its reply's model as an upload of this run, its
-    metrics names to numbers; else :class:`PayloadError`.
+def _check_client(payload: Any, cfg: SharedConfig, shape: tuple[int, int], where: str) -> None:
+    """One kept client (:func:`save_client`): its reply's model as an upload of this run (of
+    the dataset's ``shape``), its metrics names to numbers; else :class:`PayloadError`.
     """
-    reference = build_resnet18(cfg.in_channels, cfg.num_classes, cfg.model_width).state_dict()
+    reference = build_resnet18(*shape, cfg.model_width).state_dict()
     record(payload, where, ("state", "metrics"))
     _metrics(payload["metrics"], f"{where}['metrics']")
     if (problem := validate_upload(payload["state"], reference, probe_for(reference))) is not None:
@@ -191,7 +192,7 @@ def save_client(cache_dir: Path, cfg: SharedConfig, pid: int, payload: Any) -> N
     save_with_sidecar(payload, entry / f"client-{pid}.pt", entry / f"client-{pid}.sha256")
 
 
-def load_clients(cache_dir: Path, cfg: SharedConfig) -> dict[int, Any]:
+def load_clients(cache_dir: Path, cfg: SharedConfig, shape: tuple[int, int]) -> dict[int, Any]:
     """The clients kept by :func:`save_client` for this run config, by partition id; a file
     that is altered, not plain data or from other settings is logged and left out (retrained).
     """
@@ -210,7 +211,7 @@ def load_clients(cache_dir: Path, cfg: SharedConfig) -> dict[int, Any]:
             continue
         try:
             payload = load_with_sidecar(path, path.with_suffix(".sha256"))
-            _check_client(payload, cfg, path.name)
+            _check_client(payload, cfg, shape, path.name)
         except (CheckpointRefused, PayloadError) as err:
             _refuse(path, f"client cache {path}: {err}")
             continue

@@ -41,6 +41,7 @@ class DirectTransport:
                           cfg.in_channels, cfg.num_classes)
         self.sites: list[SiteData] = [site_from_partition(ds, cfg, pid, cfg.num_clients)
                                       for pid in range(cfg.num_clients)]
+        self.shape = (ds.in_channels, ds.num_classes)  # the config may leave them 0
         self.own_models: dict[int, nn.Module] = {}
         # f_i used by personalization: the phase-1 models, or the last round's models of a
         # multi-round method (kept apart, so a later one-shot method still gets phase 1's)
@@ -57,7 +58,7 @@ class DirectTransport:
                 "method", len(self._phase1.replies))
             return self._phase1
         if self.cache_dir is not None:
-            cached = client_cache.load(self.cache_dir, cfg)
+            cached = client_cache.load(self.cache_dir, cfg, self.shape)
             if cached is not None:
                 self._phase1 = self._phase_result()
                 for pid, reply in cached["replies"].items():
@@ -68,7 +69,8 @@ class DirectTransport:
                     self.own_models[pid] = load_resnet18(state)
                 return _formula_traffic(self._phase1, state_bytes(init))
         result = self._phase_result()
-        kept = (client_cache.load_clients(self.cache_dir, cfg) if self.cache_dir is not None
+        kept = (client_cache.load_clients(self.cache_dir, cfg, self.shape)
+                if self.cache_dir is not None
                 else {})
         for site in self.sites:
             if site.partition_id in kept:

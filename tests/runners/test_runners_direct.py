@@ -31,12 +31,15 @@ def test_methods_share_the_same_client_models(tiny_run_config) -> None:
             float(local[pid]["local-test-acc"]))
 
 
+@pytest.mark.parametrize("shape", [{}, {"dataset": "digits", "data-path": "", "in-channels": 0,
+                                     "num-classes": 0}],
+                         ids=["declared", "read-from-the-data"])  # 0: the dataset says
 def test_client_cache_is_reused_and_a_tampered_entry_is_rejected(tiny_run_config, tmp_path,
-                                                                  monkeypatch) -> None:
+                                                                  monkeypatch, shape) -> None:
     import fedbicross_flwr.transports.direct as direct
     from fedbicross_flwr.storage import client_cache
 
-    cfg = RunConfig.from_run_config({**tiny_run_config, "run-name": "cache"})
+    cfg = RunConfig.from_run_config({**tiny_run_config, **shape, "run-name": "cache"})
     cache = tmp_path / "cache"
     calls = []
     real = direct.run_local_training
@@ -91,4 +94,4 @@ def test_a_phase_1_stopped_half_way_resumes_with_the_clients_left(tiny_run_confi
     # An altered kept client is retrained, not used
     with (entry / "client-0.pt").open("ab") as fh:
         fh.write(b"tamper")
-    assert 0 not in client_cache.load_clients(cache, cfg)
+    assert 0 not in client_cache.load_clients(cache, cfg, (cfg.in_channels, cfg.num_classes))
