@@ -10,6 +10,18 @@ import pytest
 from fedbicross_flwr.data.datasets import ArraySplit, DatasetArrays, write_npz
 
 
+def inprocess_config(tmp: Path, name: str, **extra) -> dict:
+    """The run config of a tiny fedavg1 run over the in-process Grid in ``tmp``/runs/``name``
+    (``extra`` adds the data path and overrides).
+    """
+    return {
+        "dataset": "custom", "in-channels": 1, "num-classes": 3, "alpha": 1.0,
+        "min-partition-size": 5, "local-epochs": 1, "pers-epochs": 1, "batch-size": 16,
+        "local-lr": 0.01, "output-dir": str(tmp / "runs"), "run-name": name,
+        "progress": False, "node-wait-timeout": 0.0, "device": "cpu", "min-clients": 2,
+        "method": "fedavg1", **extra}
+
+
 def make_archive(path: Path, in_channels: int = 1, num_classes: int = 3,
                  n_train: int = 60, n_val: int = 12, n_test: int = 30, seed: int = 0) -> Path:
     """A small archive in exactly the MedMNIST npz format, with learnable class patterns."""

@@ -10,6 +10,14 @@ import pytest
 from fedbicross_flwr.cli import main
 
 
+def _args(out, archive, teacher_epochs: int, keys: str) -> list[str]:
+    """``fedbicross distill-check`` of fedbicross on the tiny archive, with run-config ``keys``."""
+    return ["distill-check", "--dataset", "custom", "--synthesis", "fedbicross",
+            "--teacher-epochs", str(teacher_epochs), "--out", str(out), "--run-config",
+            f"data-path='{archive}' in-channels=1 num-classes=3 synth-steps=2 synth-batch=8 "
+            f"batch-size=16 progress=false {keys}"]
+
+
 def _rows(out):
     with (out / "distill-check.csv").open() as fh:
         return list(csv.DictReader(fh))
@@ -18,10 +26,7 @@ def _rows(out):
 def test_distill_check_appends_a_retention_row_and_reuses_the_teacher(tiny_archive, tmp_path,
                                                                       capsys) -> None:
     out = tmp_path / "dc"
-    args = ["distill-check", "--dataset", "custom", "--synthesis", "fedbicross",
-            "--teacher-epochs", "2", "--out", str(out), "--run-config",
-            f"data-path='{tiny_archive}' in-channels=1 num-classes=3 synth-steps=2 "
-            "synth-batch=8 kd-batch=4 batch-size=16 progress=false"]
+    args = _args(out, tiny_archive, 2, "kd-batch=4")
     # Execute: twice, the second time with the cached teacher
     assert main(args) == 0
     assert main(args) == 0
@@ -108,11 +113,7 @@ def test_a_stopped_distill_check_resumes_from_its_last_server_epoch(tiny_archive
     from fedbicross_flwr.fedbicross.stages import StageRunner
 
     out = tmp_path / "dc"
-    args = ["distill-check", "--dataset", "custom", "--synthesis", "fedbicross",
-            "--teacher-epochs", "1", "--out", str(out), "--run-config",
-            f"data-path='{tiny_archive}' in-channels=1 num-classes=3 synth-steps=2 "
-            "synth-batch=8 batch-size=16 progress=false server-epochs=3 "
-            "run-name='e3' resume=true"]
+    args = _args(out, tiny_archive, 1, "server-epochs=3 run-name='e3' resume=true")
     # Prepare: the first call stops after server epoch 2 of 3 was saved
     real = StageRunner.finish_epoch
 

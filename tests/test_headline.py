@@ -21,16 +21,11 @@ from fedbicross_flwr.reports.headline import SELF_REPORTED, outlier_sites
 from fedbicross_flwr.reports.scoring import differs, tolerance
 from fedbicross_flwr.runners.inprocess import run_in_process
 from fedbicross_flwr.transports.replies import ReplyError, read_reply
-from tests.conftest import make_archive
+from tests.conftest import inprocess_config, make_archive
 
 
 def _config(tmp, name: str, **extra) -> dict:
-    return {
-        "dataset": "custom", "in-channels": 1, "num-classes": 3, "alpha": 1.0,
-        "min-partition-size": 5, "local-epochs": 1, "pers-epochs": 1, "batch-size": 16,
-        "local-lr": 0.01, "output-dir": str(tmp / "runs"), "run-name": name,
-        "progress": False, "node-wait-timeout": 0.0, "device": "cpu", "min-clients": 2,
-        "method": "fedavg1", "num-clients": 3, "model-width": 8, **extra}
+    return inprocess_config(tmp, name, **{"num-clients": 3, "model-width": 8, **extra})
 
 
 def reports_perfect_accuracy(msg, ctx, call):

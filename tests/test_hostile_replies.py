@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 
 from fedbicross_flwr.model import probe_for, weighted_average
 from fedbicross_flwr.runners.inprocess import run_in_process
-from tests.conftest import make_archive
+from tests.conftest import inprocess_config, make_archive
 
 
 def _forged(msg: Message, pid: int, state=None, **metrics: float) -> Message:
@@ -66,12 +66,7 @@ def _rows(run_dir) -> dict[int, dict]:
 
 
 def _config(tmp, name: str, **extra) -> dict:
-    return {
-        "dataset": "custom", "in-channels": 1, "num-classes": 3, "alpha": 1.0,
-        "min-partition-size": 5, "local-epochs": 1, "pers-epochs": 1, "batch-size": 16,
-        "local-lr": 0.01, "output-dir": str(tmp / "runs"), "run-name": name,
-        "progress": False, "node-wait-timeout": 0.0, "device": "cpu", "min-clients": 2,
-        "method": "fedavg1", **extra}
+    return inprocess_config(tmp, name, **extra)
 
 
 @pytest.fixture(scope="module")
