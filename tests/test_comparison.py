@@ -71,13 +71,13 @@ def test_methods_key_is_validated() -> None:
         "fedavg-r", "krum-r", "fedavg1"]
 
 
-def test_quickstart_preset_is_the_cpu_preset_on_digits_with_three_methods() -> None:
+def test_quickstart_preset_is_the_cpu_preset_on_digits_with_the_null_row() -> None:
     quick, cpu = load_preset(ROOT / "conf/quickstart.toml"), load_preset(ROOT / "conf/cpu.toml")
     assert quick.pop("dataset") == "digits"
-    assert quick.pop("methods") == "local,fedavg1,fedbicross"
+    assert quick.pop("methods") == "local,fedavg1,cluster-fedavg,fedbicross"
     # the three deviations its header names (the 5-minute budget), and no other value drifts
     assert (quick.pop("model-width"), quick.pop("synth-steps"), quick.pop("eval-precision")) \
-        == (32, 100, "auto")
+        == (16, 100, "auto")
     assert cpu["synth-steps"] == 200 and "model-width" not in cpu
     assert quick == {k: v for k, v in cpu.items() if k in quick}
     RunConfig.from_run_config(load_preset(ROOT / "conf/quickstart.toml"))
