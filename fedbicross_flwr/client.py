@@ -14,11 +14,9 @@ ClientApp before a reply is built.
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import numbers
 import time
-from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
@@ -27,9 +25,15 @@ from torch import nn
 from fedbicross_flwr.data.site import SiteData
 from fedbicross_flwr.keys.sections import SharedConfig
 from fedbicross_flwr.logging_utils import log
-from fedbicross_flwr.model import build_resnet18, with_counters
+from fedbicross_flwr.model import build_resnet18, initial_state, with_counters
 from fedbicross_flwr.protocol import REPLY_METRICS
-from fedbicross_flwr.training import SGDSettings, accuracy, personalize, train_local
+from fedbicross_flwr.training import (
+    SGDSettings,
+    accuracy,
+    evaluate_views,
+    personalize,
+    train_local,
+)
 
 
 class ReplyMetricsError(ValueError):
@@ -64,67 +68,6 @@ def checked_reply_metrics(message_type: str, metrics: Mapping[str, object]) -> d
 def client_seed(cfg: SharedConfig, partition_id: int) -> int:
     """Seed of everything random at one client (model init, batch order)."""
     return cfg.seed * 100_003 + partition_id
-
-
-def initial_state(cfg: SharedConfig, in_channels: int, num_classes: int) -> dict[str, torch.Tensor]:
-    """The common initial model w^(0) the server sends with ``train`` (seeded by ``seed``).
-
-    As in FedAvg, every client starts from the same initialisation; one-shot parameter
-    averaging of independently initialised networks would be meaningless.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
-        return build_resnet18(in_channels, num_classes, cfg.model_width).state_dict()
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """BLAKE2b digest of a model's state (names, dtypes, shapes and values)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in model.state_dict().items():
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-# Official-test accuracies of received models, by model fingerprint. Clients of one process
-# that receive the same model (FedAvg-1, central, the multi-round references: every client;
-# FedBiCross: each cluster's) evaluate it once. The split tensors are kept in the entry, so the
-# data pointers in the key cannot be reused by other tensors while the entry exists.
-_SHARED_EVAL: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = OrderedDict()
-_SHARED_EVAL_SIZE = 16
-
-
-def shared_split_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                          device: torch.device, precision: str = "fp32") -> float:
-    """:func:`accuracy` on a split shared by the clients (the official test), remembered.
-
-    Same value as ``accuracy(model, x, y, device, precision)``; a model with the same state on
-    the same split tensors is not forwarded again.
-    """
-    key = (model_fingerprint(model), x.data_ptr(), tuple(x.shape), y.data_ptr(),
-           tuple(y.shape), device.type, precision)
-    if key in _SHARED_EVAL:
-        _SHARED_EVAL.move_to_end(key)
-        return _SHARED_EVAL[key][2]
-    acc = accuracy(model, x, y, device, precision)
-    _SHARED_EVAL[key] = (x, y, acc)
-    while len(_SHARED_EVAL) > _SHARED_EVAL_SIZE:
-        _SHARED_EVAL.popitem(last=False)
-    return acc
-
-
-def evaluate_views(model: nn.Module, site: SiteData, device: torch.device,
-                   precision: str = "fp32", shared: bool = False) -> dict[str, float]:
-    """Accuracy on the official test split and on the label-following personal split.
-
-    ``shared=True`` remembers the official-test accuracy by model fingerprint (for models that
-    several clients receive); ``precision`` is the run config's ``eval-precision``.
-    """
-    official = shared_split_accuracy if shared else accuracy
-    return {"test-acc": official(model, site.x_test, site.y_test, device, precision),
-            "test-acc-personal": accuracy(model, site.x_test_personal, site.y_test_personal,
-                                          device, precision)}
 
 
 def received_state(received: dict[str, torch.Tensor], cfg: SharedConfig,

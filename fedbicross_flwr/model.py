@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -70,6 +71,28 @@ def build_resnet18(in_channels: int, num_classes: int, width: int = PAPER_WIDTH)
         model.bn1 = nn.BatchNorm2d(width)
         model.fc = nn.Linear(8 * width, num_classes)
     return model
+
+
+
+class SeedAndWidth(Protocol):
+    """What w^(0) depends on: a run config's ``seed`` and ``model-width``."""
+
+    @property
+    def seed(self) -> int: ...  # noqa: D102
+
+    @property
+    def model_width(self) -> int: ...  # noqa: D102
+
+
+def initial_state(cfg: SeedAndWidth, in_channels: int, num_classes: int) -> dict[str, torch.Tensor]:
+    """The common initial model w^(0) the server sends with ``train`` (seeded by ``seed``).
+
+    As in FedAvg, every client starts from the same initialisation; one-shot parameter
+    averaging of independently initialised networks would be meaningless.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build_resnet18(in_channels, num_classes, cfg.model_width).state_dict()
 
 
 def resnet18_shape(state: dict[str, torch.Tensor]) -> tuple[int, int, int]:

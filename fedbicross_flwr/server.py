@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config.run_config import RunConfig, check_strategy_args
 from fedbicross_flwr.data.datasets import DataError, load_dataset
 from fedbicross_flwr.data.site import example_bounds
@@ -38,7 +37,7 @@ from fedbicross_flwr.methods.base import MethodInput, MethodOutput, ServerMethod
 from fedbicross_flwr.methods.central import central
 from fedbicross_flwr.methods.local import local
 from fedbicross_flwr.methods.rounds import flower_r, reply_optional_metrics
-from fedbicross_flwr.model import probe_for
+from fedbicross_flwr.model import initial_state, probe_for
 
 # The protocol types live in fedbicross_flwr.protocol; importing them from here keeps working.
 from fedbicross_flwr.protocol import (  # noqa: F401

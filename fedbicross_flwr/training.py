@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -220,6 +222,78 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.d
         return float("nan")
     logits = predict_logits(model, x, device, precision=precision)
     return float((logits.argmax(1) == y).float().mean())
+
+
+class EvaluationSplits(Protocol):
+    """A site's two evaluation views (``fedbicross_flwr.data.site.SiteData`` has them):
+    the official test split (``x_test``, ``y_test``) and the label-following personal split
+    (``x_test_personal``, ``y_test_personal``).
+    """
+
+    @property
+    def x_test(self) -> Tensor: ...  # noqa: D102
+
+    @property
+    def y_test(self) -> Tensor: ...  # noqa: D102
+
+    @property
+    def x_test_personal(self) -> Tensor: ...  # noqa: D102
+
+    @property
+    def y_test_personal(self) -> Tensor: ...  # noqa: D102
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """BLAKE2b digest of a model's state (names, dtypes, shapes and values)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# Official-test accuracies of received models, by model fingerprint. Clients of one process
+# that receive the same model (FedAvg-1, central, the multi-round references: every client;
+# FedBiCross: each cluster's) evaluate it once. The split tensors are kept in the entry, so the
+# data pointers in the key cannot be reused by other tensors while the entry exists.
+_SHARED_EVAL: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor, float]] = OrderedDict()
+_SHARED_EVAL_SIZE = 16
+
+
+def shared_split_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                          device: torch.device, precision: str = "fp32") -> float:
+    """:func:`accuracy` on a split shared by the clients (the official test), remembered.
+
+    Same value as ``accuracy(model, x, y, device, precision)``; a model with the same state on
+    the same split tensors is not forwarded again.
+    """
+    key = (model_fingerprint(model), x.data_ptr(), tuple(x.shape), y.data_ptr(),
+           tuple(y.shape), device.type, precision)
+    if key in _SHARED_EVAL:
+        _SHARED_EVAL.move_to_end(key)
+        return _SHARED_EVAL[key][2]
+    acc = accuracy(model, x, y, device, precision)
+    _SHARED_EVAL[key] = (x, y, acc)
+    while len(_SHARED_EVAL) > _SHARED_EVAL_SIZE:
+        _SHARED_EVAL.popitem(last=False)
+    return acc
+
+
+def evaluate_views(model: nn.Module, site: EvaluationSplits, device: torch.device,
+                   precision: str = "fp32", shared: bool = False) -> dict[str, float]:
+    """Accuracy on the official test split and on the label-following personal split.
+
+    The client reports these in phase 3, and the server computes the same on the model a site
+    returns (``fedbicross_flwr.reports.scoring``), so both sides call this one function.
+
+    ``shared=True`` remembers the official-test accuracy by model fingerprint (for models that
+    several clients receive); ``precision`` is the run config's ``eval-precision``.
+    """
+    official = shared_split_accuracy if shared else accuracy
+    return {"test-acc": official(model, site.x_test, site.y_test, device, precision),
+            "test-acc-personal": accuracy(model, site.x_test_personal, site.y_test_personal,
+                                          device, precision)}
 
 
 def personalization_loss(

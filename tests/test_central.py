@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import fedbicross_flwr.methods.central as central_module
-from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import load_dataset
 from fedbicross_flwr.data.site import site_from_partition
 from fedbicross_flwr.methods.base import ClientUpload, MethodInput
 from fedbicross_flwr.methods.central import central
+from fedbicross_flwr.model import initial_state
 from fedbicross_flwr.runners.direct import run_direct_methods
 
 

@@ -266,8 +266,8 @@ CACHE_TAMPERING = {  # what the cached entry read on main raised
 def test_a_client_cache_entry_that_does_not_fit_the_run_is_set_aside_and_retrained(
         kind, tmp_path, tiny_run_config, caplog) -> None:
     # Prepare: phase 1 trained once (the cache filled), then one cache file altered
-    from fedbicross_flwr.client import initial_state
     from fedbicross_flwr.config.run_config import RunConfig
+    from fedbicross_flwr.model import initial_state
     from fedbicross_flwr.storage import client_cache
     from fedbicross_flwr.transports.direct import DirectTransport
 

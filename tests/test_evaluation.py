@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedbicross_flwr import client
+from fedbicross_flwr import training
 from fedbicross_flwr.config.run_config import ConfigError, RunConfig
 from fedbicross_flwr.model import build_resnet18
 from fedbicross_flwr.training import accuracy, predict_logits
@@ -43,16 +43,16 @@ def test_bf16_logits_are_close_to_fp32_and_the_model_layout_is_restored() -> Non
 
 def test_shared_split_accuracy_forwards_each_distinct_model_once() -> None:
     # Prepare: two clients receive the same model (equal state, distinct objects), one another
-    client._SHARED_EVAL.clear()
+    training._SHARED_EVAL.clear()
     x, y = _split()
     same_a, same_b, other = _model(0), _model(0), _model(1)
     forwards = []
     for m in (same_a, same_b, other):
         m.register_forward_hook(lambda mod, inp, out: forwards.append(mod))
     # Execute
-    acc_a = client.shared_split_accuracy(same_a, x, y, CPU)
-    acc_b = client.shared_split_accuracy(same_b, x, y, CPU)
-    acc_other = client.shared_split_accuracy(other, x, y, CPU)
+    acc_a = training.shared_split_accuracy(same_a, x, y, CPU)
+    acc_b = training.shared_split_accuracy(same_b, x, y, CPU)
+    acc_other = training.shared_split_accuracy(other, x, y, CPU)
     # Assert: the value is accuracy()'s, and the twin was not forwarded
     assert acc_a == acc_b == accuracy(_model(0), x, y, CPU)
     assert acc_other == accuracy(_model(1), x, y, CPU)
@@ -62,18 +62,18 @@ def test_shared_split_accuracy_forwards_each_distinct_model_once() -> None:
 
 def test_shared_split_accuracy_does_not_mix_splits_or_precisions() -> None:
     # Prepare
-    client._SHARED_EVAL.clear()
+    training._SHARED_EVAL.clear()
     model = _model(0)
     x, y = _split()
     x2, y2 = x[:10].clone(), (y[:10] + 1) % 4  # another split: other labels
     # Execute
-    acc = client.shared_split_accuracy(model, x, y, CPU)
-    acc2 = client.shared_split_accuracy(model, x2, y2, CPU)
-    client.shared_split_accuracy(model, x, y, CPU, "bf16")
+    acc = training.shared_split_accuracy(model, x, y, CPU)
+    acc2 = training.shared_split_accuracy(model, x2, y2, CPU)
+    training.shared_split_accuracy(model, x, y, CPU, "bf16")
     # Assert
     assert acc2 == accuracy(model, x2, y2, CPU)
     assert acc == accuracy(model, x, y, CPU)
-    assert len(client._SHARED_EVAL) == 3
+    assert len(training._SHARED_EVAL) == 3
 
 
 def test_model_fingerprint_changes_with_one_value() -> None:
@@ -83,8 +83,8 @@ def test_model_fingerprint_changes_with_one_value() -> None:
     with torch.no_grad():
         b.fc.bias[0] += 1e-6
     # Assert
-    assert client.model_fingerprint(a) == client.model_fingerprint(_model(0))
-    assert client.model_fingerprint(a) != client.model_fingerprint(b)
+    assert training.model_fingerprint(a) == training.model_fingerprint(_model(0))
+    assert training.model_fingerprint(a) != training.model_fingerprint(b)
 
 
 def test_eval_precision_is_validated() -> None:

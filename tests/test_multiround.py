@@ -16,11 +16,10 @@ import torch
 from flwr.serverapp.strategy import FedAvg
 
 import client_app.app as client_module
-from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config.run_config import ConfigError, RunConfig
 from fedbicross_flwr.methods.flower_strategies import build_strategy
 from fedbicross_flwr.methods.rounds import round_config, round_epochs
-from fedbicross_flwr.model import float_state
+from fedbicross_flwr.model import float_state, initial_state
 from fedbicross_flwr.runners.direct import run_direct_methods
 from fedbicross_flwr.runners.inprocess import run_in_process
 from fedbicross_flwr.training import proximal_term

@@ -100,7 +100,7 @@ def phase1_reply(run_config: dict):
     """The real ClientApp's reply to the server's ``train`` message, for partition 0 of 3."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-    from fedbicross_flwr.client import initial_state
+    from fedbicross_flwr.model import initial_state
 
     init = initial_state(RunConfig.from_run_config(run_config), 1, 3)
     msg = Message(RecordDict({"arrays": ArrayRecord(init),
@@ -157,9 +157,9 @@ def test_an_upload_is_exactly_an_independent_retraining_of_the_model(grid_and_co
     # Prepare: partition 0's phase-1 upload from the run above
     import torch
 
-    from fedbicross_flwr.client import initial_state
     from fedbicross_flwr.data.datasets import load_dataset
     from fedbicross_flwr.data.site import site_from_partition
+    from fedbicross_flwr.model import initial_state
 
     grid, run_config = grid_and_config
     (upload,) = [r for r in grid.replies if r.metadata.message_type == "train"

@@ -21,12 +21,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.common.constant import SUPERLINK_NODE_ID
 
 from client_app.app import app as client_app
-from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
 from fedbicross_flwr.keys.errors import ConfigError
 from fedbicross_flwr.methods.catalog import method_names
-from fedbicross_flwr.model import weighted_average
+from fedbicross_flwr.model import initial_state, weighted_average
 from fedbicross_flwr.protocol import RETURN_MODEL
 from fedbicross_flwr.runners.inprocess import InProcessGrid, run_in_process
 from fedbicross_flwr.strategies import (

@@ -113,7 +113,7 @@ def synthesis_start(
     """Seeded start of a synthesis run, drawn on CPU so it is the same on every device.
 
     The labels, x^(0) and the jitter offsets; not the initial model state w^(0), which is
-    :func:`fedbicross_flwr.client.initial_state`.
+    :func:`fedbicross_flwr.model.initial_state`.
 
     Returns
     -------

@@ -35,7 +35,7 @@ from .config import CLUSTER_ON
 def initial_model_state(factory: Callable[[], nn.Module], seed: int) -> dict[str, Tensor]:
     """w^(0): the model ``factory()`` builds right after ``torch.manual_seed(seed)``.
 
-    This is how :func:`fedbicross_flwr.client.initial_state` makes the common initial model the
+    This is how :func:`fedbicross_flwr.model.initial_state` makes the common initial model the
     server sends with ``train`` (there with ``build_resnet18`` and the run's ``seed``), so the
     server can rebuild it without storing it. The caller's global RNG is left untouched.
     """

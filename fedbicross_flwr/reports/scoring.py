@@ -29,13 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
-from fedbicross_flwr.client import evaluate_views
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import DataError, DatasetArrays, load_dataset
 from fedbicross_flwr.data.site import site_from_partition
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import load_resnet18
 from fedbicross_flwr.protocol import ClientFailure, PhaseResult, StateDict, validate_upload
+from fedbicross_flwr.training import evaluate_views
 
 MIN_TOLERANCE = 0.01  # a reported figure within this of the server's is never a mismatch
 # phase-3 metric -> (which model: before = sent, after = returned; which evaluation view)

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedbicross_flwr.client import initial_state
 from fedbicross_flwr.config.run_config import ConfigError, RunConfig
 from fedbicross_flwr.fedbicross.clustering_alternatives import (
     assign_clusters,
@@ -17,7 +16,7 @@ from fedbicross_flwr.fedbicross.clustering_alternatives import (
 )
 from fedbicross_flwr.fedbicross.config import FedBiCrossSettings
 from fedbicross_flwr.fedbicross.method import run_fedbicross
-from fedbicross_flwr.model import build_resnet18
+from fedbicross_flwr.model import build_resnet18, initial_state
 from tests.tiny_models import TinyCNN
 
 SEED = 7
