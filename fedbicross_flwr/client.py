@@ -30,6 +30,7 @@ from fedbicross_flwr.protocol import REPLY_METRICS
 from fedbicross_flwr.training import (
     SGDSettings,
     accuracy,
+    client_seed,
     evaluate_views,
     personalize,
     train_local,
@@ -63,11 +64,6 @@ def checked_reply_metrics(message_type: str, metrics: Mapping[str, object]) -> d
             raise ReplyMetricsError(f"{message_type} reply metric {name!r} must be one real "
                                     f"number, got {type(value).__name__}")
     return {name: float(value) for name, value in metrics.items()}  # type: ignore[arg-type]
-
-
-def client_seed(cfg: SharedConfig, partition_id: int) -> int:
-    """Seed of everything random at one client (model init, batch order)."""
-    return cfg.seed * 100_003 + partition_id
 
 
 def received_state(received: dict[str, torch.Tensor], cfg: SharedConfig,

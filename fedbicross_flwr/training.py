@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fedbicross_flwr.keys.errors import ConfigError
+from fedbicross_flwr.keys.sections import SharedConfig
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import is_channels_last
 
@@ -112,6 +113,11 @@ class SGDSettings:
     weight_decay: float  # L2 penalty
     batch_size: int  # mini-batch size
     seed: int  # seeds the batch order
+
+
+def client_seed(cfg: SharedConfig, partition_id: int) -> int:
+    """Seed of everything random at one client (model init, batch order)."""
+    return cfg.seed * 100_003 + partition_id
 
 
 def _batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:

@@ -21,7 +21,6 @@ import torch
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from fedbicross_flwr.client import client_seed
 from fedbicross_flwr.config.run_config import (
     RunConfig,
     load_preset,
@@ -29,6 +28,7 @@ from fedbicross_flwr.config.run_config import (
 )
 from fedbicross_flwr.keys.errors import ConfigError
 from fedbicross_flwr.keys.fields import is_key, key_name
+from fedbicross_flwr.training import client_seed
 
 FIELDS = {key_name(f): f for f in dataclasses.fields(RunConfig) if is_key(f)}
 KEYS = sorted(FIELDS)

@@ -168,6 +168,23 @@ def test_what_the_run_config_composes_reads_the_shared_keys_not_the_run_config()
                if m.startswith("fedbicross_flwr.keys") for d in graph[m])
 
 
+SERVER_SIDE = ("fedbicross_flwr.server", "fedbicross_flwr.runners", "fedbicross_flwr.strategies",
+               "fedbicross_flwr.methods", "fedbicross_flwr.reports", "fedbicross_flwr.config",
+               "fedbicross_flwr.fedbicross", "fedbicross_flwr.distill", "server_app")
+
+
+def test_the_server_side_does_not_import_the_client_module() -> None:
+    # what a client does lives in client.py; w^(0), the seeds and the evaluation views that both
+    # sides use live in model.py and training.py, so nothing on the server side imports it
+    graph = import_graph(ROOT)
+    assert len([m for m in graph if m.startswith(SERVER_SIDE)]) >= 60
+    importers = sorted(m for m, deps in graph.items() if "fedbicross_flwr.client" in deps)
+    assert [m for m in importers if m.startswith(SERVER_SIDE)] == []
+    # the ClientApp and the two places that play the clients in one process
+    assert importers == ["client_app.app", "fedbicross_flwr.privacy.personalized",
+                         "fedbicross_flwr.transports.direct"]
+
+
 def test_the_baselines_and_the_toolkit_do_not_import_the_papers_method() -> None:
     # fedbicross/ holds the paper's method alone: what the baselines share with it is in distill/
     graph = import_graph(ROOT)

@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 
-from fedbicross_flwr.client import client_seed
 from fedbicross_flwr.data.datasets import DatasetArrays, load_dataset
 from fedbicross_flwr.data.partition import make_client_splits
 from fedbicross_flwr.data.site import to_tensors
@@ -31,7 +30,7 @@ from fedbicross_flwr.keys.sections import SharedConfig
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput
 from fedbicross_flwr.model import initial_state
-from fedbicross_flwr.training import SGDSettings, accuracy, train_local
+from fedbicross_flwr.training import SGDSettings, accuracy, client_seed, train_local
 
 DEPLOYMENT_HINT = ("`central` is a simulation-only reference: the server rebuilds the clients' "
                    "partitions from the run config, which is impossible in a deployment, where "
