@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Protocol
 
 import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
+
+from fedbicross_flwr.keys.sections import SharedConfig
 
 PAPER_WIDTH = 64  # base channel count of ResNet-18 (paper); run-config key `model-width`
 
@@ -73,18 +74,7 @@ def build_resnet18(in_channels: int, num_classes: int, width: int = PAPER_WIDTH)
     return model
 
 
-
-class SeedAndWidth(Protocol):
-    """What w^(0) depends on: a run config's ``seed`` and ``model-width``."""
-
-    @property
-    def seed(self) -> int: ...  # noqa: D102
-
-    @property
-    def model_width(self) -> int: ...  # noqa: D102
-
-
-def initial_state(cfg: SeedAndWidth, in_channels: int, num_classes: int) -> dict[str, torch.Tensor]:
+def initial_state(cfg: SharedConfig, in_channels: int, num_classes: int) -> dict[str, torch.Tensor]:
     """The common initial model w^(0) the server sends with ``train`` (seeded by ``seed``).
 
     As in FedAvg, every client starts from the same initialisation; one-shot parameter
