@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -30,20 +29,6 @@ except ImportError:  # pragma: no cover - exercised only on machines without flw
 def log(level: int, msg: str, *args: object) -> None:
     """Log ``msg % args`` at ``level`` (``logging.INFO``, ``logging.WARNING`` ...)."""
     LOGGER.log(level, msg, *args)
-
-
-def add_file_handler(path: Path) -> logging.Handler:
-    """Also write the log to ``path`` (the run folder's ``log.txt``); returns the handler."""
-    handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s | %(message)s"))
-    LOGGER.addHandler(handler)
-    return handler
-
-
-def remove_handler(handler: logging.Handler) -> None:
-    """Detach and close a handler added by :func:`add_file_handler`."""
-    LOGGER.removeHandler(handler)
-    handler.close()
 
 
 def progress_text(done: int, total: int, elapsed_s: float) -> str:

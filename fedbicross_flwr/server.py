@@ -25,13 +25,7 @@ import torch
 from fedbicross_flwr.config.run_config import RunConfig, check_strategy_args
 from fedbicross_flwr.data.datasets import DataError, load_dataset
 from fedbicross_flwr.data.site import example_bounds
-from fedbicross_flwr.logging_utils import (
-    add_file_handler,
-    log,
-    position_text,
-    remove_handler,
-    run_position,
-)
+from fedbicross_flwr.logging_utils import log, position_text, run_position
 from fedbicross_flwr.methods import collect_uploads, method_names, method_spec
 from fedbicross_flwr.methods.base import MethodInput, MethodOutput, ServerMethod, run_method
 from fedbicross_flwr.methods.central import central
@@ -56,6 +50,7 @@ from fedbicross_flwr.reports.knowledge import knowledge_markdown, write_knowledg
 from fedbicross_flwr.reports.results import (
     create_run_dir,
     finished_run_dir,
+    logging_to,
     percent,
     summarize,
     write_clients_csv,
@@ -99,18 +94,17 @@ def run_server(cfg: RunConfig, transport: Transport, rerun_name: str | None = No
     ``rerun_name`` is the ``run-name`` a user reruns with to resume (default: the folder's).
     """
     run_dir = create_run_dir(cfg)
-    handler = add_file_handler(run_dir / "log.txt")
     entry = (run_dir, rerun_name or run_dir.name)
     _ACTIVE_RUNS.append(entry)
-    try:
-        return _run(cfg, transport, run_dir)
-    except (SystemExit, KeyboardInterrupt):  # SIGTERM/SIGINT: `flwr stop`, a SuperLink gone
-        log_stopped_runs()
-        raise
-    finally:
-        if entry in _ACTIVE_RUNS:
-            _ACTIVE_RUNS.remove(entry)
-        remove_handler(handler)
+    with logging_to(run_dir / "log.txt"):  # the stop's own lines go to log.txt too
+        try:
+            return _run(cfg, transport, run_dir)
+        except (SystemExit, KeyboardInterrupt):  # SIGTERM/SIGINT: `flwr stop`, a SuperLink gone
+            log_stopped_runs()
+            raise
+        finally:
+            if entry in _ACTIVE_RUNS:
+                _ACTIVE_RUNS.remove(entry)
 
 
 # Run folders being written (folder, run-name to resume with), for a stop from outside.

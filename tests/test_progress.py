@@ -10,3 +10,22 @@ def test_progress_text_hand_computed() -> None:
     assert progress_text(1, 1000, 2.0).endswith("ETA 33.3 min")
     # nothing done yet: no rate to extrapolate from
     assert progress_text(0, 10, 0.0).endswith("ETA n/a")
+
+
+def test_logging_to_writes_the_block_and_detaches_even_on_error(tmp_path) -> None:
+    import logging
+
+    import pytest
+
+    from fedbicross_flwr.logging_utils import LOGGER, log
+    from fedbicross_flwr.reports.results import logging_to
+
+    before = list(LOGGER.handlers)
+    path = tmp_path / "log.txt"
+    with pytest.raises(RuntimeError), logging_to(path):
+        log(logging.WARNING, "inside %d", 1)
+        raise RuntimeError("stage failed")
+    log(logging.WARNING, "outside")
+    text = path.read_text()
+    assert "inside 1" in text and "outside" not in text
+    assert LOGGER.handlers == before

@@ -38,11 +38,12 @@ from torch import nn
 from fedbicross_flwr.config.run_config import ConfigError, RunConfig
 from fedbicross_flwr.data.datasets import DatasetArrays, load_dataset
 from fedbicross_flwr.data.site import to_tensors
-from fedbicross_flwr.logging_utils import add_file_handler, log, remove_handler
+from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.methods import method_names
 from fedbicross_flwr.methods.base import ClientUpload, MethodInput
 from fedbicross_flwr.model import build_resnet18, load_resnet18
 from fedbicross_flwr.reports.knowledge import agreement, retention
+from fedbicross_flwr.reports.results import logging_to
 from fedbicross_flwr.storage.atomic import open_text, save_figure, write_text
 from fedbicross_flwr.storage.checkpoint_io import (
     CheckpointRefused,
@@ -171,11 +172,8 @@ def run_check(cfg: RunConfig, synthesis: str, teacher_epochs: int, out_dir: Path
     log(logging.INFO, "distill-check: %s on %s, teacher %.2f %% on the official test split",
         synthesis, ds.name, 100 * teacher_acc)
     start = time.perf_counter()
-    handler = add_file_handler(run_dir / "log.txt")
-    try:
+    with logging_to(run_dir / "log.txt"):
         output = strategy_for(mcfg).server_method(inp)
-    finally:
-        remove_handler(handler)
     seconds = time.perf_counter() - start
     if not cfg.keep_checkpoints:
         discard_checkpoints(run_dir / "checkpoints")

@@ -19,12 +19,14 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable
 
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import project_root
-from fedbicross_flwr.logging_utils import log
+from fedbicross_flwr.logging_utils import LOGGER, log
 from fedbicross_flwr.reports.headline import per_site_text
 from fedbicross_flwr.storage.atomic import json_safe, open_text, write_text
 
@@ -97,6 +99,19 @@ def create_run_dir(cfg: RunConfig) -> Path:
         suffix += 1
     path.mkdir(parents=True)
     return path
+
+
+@contextmanager
+def logging_to(path: Path) -> Iterator[None]:
+    """Also write the log to ``path`` (a run folder's ``log.txt``) until the block ends."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s | %(message)s"))
+    LOGGER.addHandler(handler)
+    try:
+        yield
+    finally:
+        LOGGER.removeHandler(handler)
+        handler.close()
 
 
 def write_clients_csv(path: Path, rows: Iterable[dict[str, Any]]) -> Path:

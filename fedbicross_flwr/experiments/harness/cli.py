@@ -143,14 +143,11 @@ def run_command(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(int(spec.base["num-threads"]))
     if not args.report_only:
-        from fedbicross_flwr.logging_utils import add_file_handler, remove_handler
+        from fedbicross_flwr.reports.results import logging_to
 
         cache = Path(args.client_cache).resolve() if args.client_cache else out / "client-cache"
-        handler = add_file_handler(out / "grid-log.txt")
-        try:
+        with logging_to(out / "grid-log.txt"):
             progress = run_grid(spec, out, direct_transports(cache))
-        finally:
-            remove_handler(handler)
         print(f"ran {len(progress.ran)} cells, {len(progress.failed)} failed, "
               f"{progress.skipped} finished before")
     report = write_report(spec, out)
