@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fedbicross_flwr.data.site import SiteData
@@ -32,7 +33,8 @@ from fedbicross_flwr.training import (
     accuracy,
     client_seed,
     evaluate_views,
-    personalize,
+    predict_logits,
+    sgd_epochs,
     train_local,
 )
 
@@ -115,6 +117,68 @@ def run_local_training(cfg: SharedConfig, site: SiteData, device: torch.device,
         metrics["val-acc"], metrics["test-acc"], metrics["test-acc-personal"])
     model.cpu()
     return model, metrics
+
+
+def personalization_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    cluster_logits: torch.Tensor,
+    own_logits: torch.Tensor,
+    gamma: float,
+    delta: float,
+) -> torch.Tensor:
+    """Personalized distillation loss of Eq. 9 (Stage 3, run by the client).
+
+    L_pers = CE(f_pers(x), y) + gamma * KL(G_k(x) || f_pers(x)) + delta * KL(f_i(x) || f_pers(x)),
+    all at temperature 1 (the paper gives no temperature for Eq. 9), KL batch-mean. G_k (the
+    cluster model) and f_i (the client's own uploaded model) are frozen teachers: their logits
+    are detached here.
+
+    Parameters
+    ----------
+    logits : torch.Tensor
+        (B, C) logits of f_pers.
+    labels : torch.Tensor
+        (B,) int64 class labels.
+    cluster_logits : torch.Tensor
+        (B, C) logits of G_k^(T).
+    own_logits : torch.Tensor
+        (B, C) logits of the client's own model f_i.
+    gamma, delta : float
+        Weights (paper: 0.5 and 0.3).
+
+    Returns
+    -------
+    torch.Tensor
+        Scalar.
+    """
+    log_q = F.log_softmax(logits, dim=1)  # (B, C)
+    ce = F.nll_loss(log_q, labels)
+    kl_cluster = F.kl_div(log_q, F.softmax(cluster_logits.detach(), dim=1), reduction="batchmean")
+    kl_own = F.kl_div(log_q, F.softmax(own_logits.detach(), dim=1), reduction="batchmean")
+    return ce + gamma * kl_cluster + delta * kl_own
+
+
+def personalize(student: nn.Module, cluster_model: nn.Module, own_model: nn.Module,
+                x: torch.Tensor, y: torch.Tensor, opt: SGDSettings, gamma: float,
+                delta: float, device: torch.device, precision: str = "fp32",
+                desc: str = "", progress: bool = True) -> list[float]:
+    """Personalized distillation, Eq. 9, on the client's own data.
+
+    ``student`` starts as a copy of the received model G_k (the caller copies it); the loss is
+    CE(f_pers(x), y) + gamma * KL(G_k(x) || f_pers(x)) + delta * KL(f_i(x) || f_pers(x)).
+    The two teachers are frozen: their outputs on the whole local set are computed once.
+    """
+    cluster_logits = predict_logits(cluster_model, x, device).to(device)  # (n, C)
+    own_logits = predict_logits(own_model, x, device).to(device)  # (n, C)
+    y_dev = y.to(device)
+
+    def loss_fn(logits: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return personalization_loss(logits, y_dev[idx], cluster_logits[idx], own_logits[idx],
+                                    gamma, delta)
+
+    return sgd_epochs(student, x, y, opt, loss_fn, device, precision,
+                      f"{desc} personalize", progress)
 
 
 def run_personalization(cfg: SharedConfig, site: SiteData, own_model: nn.Module,

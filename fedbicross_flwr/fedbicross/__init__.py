@@ -3,9 +3,9 @@
 Stage 1: :mod:`.clustering` (K-means on noise predictions); the trajectory DeepInversion
 (Eq. 1-2) and the noise-adapted teachers (Eq. 3) it shares with the baselines are in
 :mod:`fedbicross_flwr.distill`. Stage 2: :mod:`.bilevel` (online bi-level cross-cluster KD,
-Eq. 4-8). :mod:`.losses` holds the teacher schedule (Eq. 5) and the Stage-3 loss (Eq. 9) used
-by the clients. :func:`run_fedbicross` runs Stages 1-2 end to end (:mod:`.method`, with
-:mod:`.stages` and :mod:`.checkpoint` for resumable stages). :mod:`.config` holds the
+Eq. 4-8). :mod:`.losses` holds the teacher schedule (Eq. 5); Stage 3 (Eq. 9) runs on the
+client (:mod:`fedbicross_flwr.client`). :func:`run_fedbicross` runs Stages 1-2 end to end
+(:mod:`.method`, with :mod:`.stages` and :mod:`.checkpoint` for resumable stages). :mod:`.config` holds the
 run-config keys of Stages 1-2 and imports no torch, so this ``__init__`` imports its names
 lazily.
 """
@@ -20,7 +20,7 @@ _HOMES = {
     "inner_step_and_hypergradient": "bilevel", "outer_update": "bilevel",
     "project_to_simplex": "bilevel", "kmeans_labels": "clustering",
     "noise_predictions": "clustering", "lambda_schedule": "losses",
-    "personalization_loss": "losses", "FedBiCrossResult": "method", "run_fedbicross": "method",
+    "FedBiCrossResult": "method", "run_fedbicross": "method",
 }
 
 

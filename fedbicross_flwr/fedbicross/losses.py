@@ -2,7 +2,7 @@
 
 The KD and DeepInversion losses it shares with the baselines are in
 :mod:`fedbicross_flwr.distill.losses`; the personalization loss of Eq. 9, which the client
-runs, is :func:`fedbicross_flwr.training.personalization_loss`.
+runs, is :func:`fedbicross_flwr.client.personalization_loss`.
 """
 
 from __future__ import annotations

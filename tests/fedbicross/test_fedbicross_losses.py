@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from fedbicross_flwr.client import personalization_loss
 from fedbicross_flwr.distill.losses import BNStatsHook, channel_moments, kd_kl, kd_loss, tv_loss
 from fedbicross_flwr.fedbicross.losses import lambda_schedule
-from fedbicross_flwr.training import personalization_loss
 
 LN2 = math.log(2.0)
 
@@ -186,3 +186,13 @@ def test_personalization_loss_does_not_backprop_into_teachers():
     teacher = torch.zeros(1, 2, requires_grad=True)
     personalization_loss(logits, torch.tensor([1]), teacher, teacher, 0.5, 0.3).backward()
     assert teacher.grad is None and logits.grad is not None
+
+
+def test_every_public_name_of_the_fedbicross_package_resolves() -> None:
+    # The package imports its names lazily (no torch at import); a stale entry would only
+    # fail when a user first touches the name.
+    import fedbicross_flwr.fedbicross as package
+
+    for name in package.__all__:
+        assert getattr(package, name) is not None, name
+    assert "personalization_loss" not in package.__all__  # Eq. 9 is the client's
