@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 
 from fedbicross_flwr.client import (
     checked_reply_metrics,
+    dp_clipping_mod,
     received_state,
     run_local_training,
     run_personalization,
@@ -35,7 +36,6 @@ from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import build_resnet18, load_resnet18
 from fedbicross_flwr.protocol import RETURN_MODEL
 from fedbicross_flwr.training import resolve_device
-from fedbicross_flwr.transports.client_mods import dp_clipping_mod
 
 # Flower's client-side DP clipping, when a DP wrapper's round asks for it
 app = ClientApp(mods=[dp_clipping_mod])

@@ -1,4 +1,4 @@
-"""What a client does in each phase, free of Flower (the ClientApp and the direct runner call it).
+"""What a client does in each phase (the ClientApp and the direct runner call it).
 
 Phase 1 (``train``): train the local ResNet-18 f_i on the client's partition.
 Phase 3 (``train.personalize``): start from the model the server chose for this client
@@ -8,7 +8,9 @@ which the server scores itself); data and labels never do.
 
 :data:`REPLY_METRICS` is the one list of metric names a client may send in each phase;
 :func:`checked_reply_metrics` enforces it (names, count, scalar number values) in the
-ClientApp before a reply is built.
+ClientApp before a reply is built. :func:`dp_clipping_mod` is the ClientApp's one mod (Flower's
+client-side DP clipping when a round asks for it). Flower is imported only inside that mod:
+the phases themselves run without it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import numbers
 import time
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +30,7 @@ from fedbicross_flwr.data.site import SiteData
 from fedbicross_flwr.keys.sections import SharedConfig
 from fedbicross_flwr.logging_utils import log
 from fedbicross_flwr.model import build_resnet18, initial_state, with_counters
-from fedbicross_flwr.protocol import REPLY_METRICS
+from fedbicross_flwr.protocol import CLIPPING_KEY, REPLY_METRICS
 from fedbicross_flwr.training import (
     SGDSettings,
     accuracy,
@@ -37,6 +40,10 @@ from fedbicross_flwr.training import (
     sgd_epochs,
     train_local,
 )
+
+if TYPE_CHECKING:
+    from flwr.app import Context, Message
+    from flwr.clientapp.typing import ClientAppCallable
 
 
 class ReplyMetricsError(ValueError):
@@ -209,3 +216,20 @@ def run_personalization(cfg: SharedConfig, site: SiteData, own_model: nn.Module,
         metrics["acc-personal-before"], metrics["acc-personal-after"])
     student.cpu()
     return student, metrics
+
+
+def dp_clipping_mod(msg: "Message", context: "Context",
+                    call_next: "ClientAppCallable") -> "Message":
+    """ClientApp mod: Flower's client-side DP clipping when the round asks for it.
+
+    A ``train`` message whose config carries ``dp-clipping`` goes through Flower's
+    ``fixedclipping_mod`` or ``adaptiveclipping_mod``; every other message passes unchanged.
+    """
+    config = msg.content["config"] if "config" in msg.content else None
+    mode = config.get(CLIPPING_KEY) if config is not None else None  # type: ignore[union-attr]
+    if msg.metadata.message_type != "train" or mode is None:
+        return call_next(msg, context)
+    from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+
+    mod = fixedclipping_mod if mode == "fixed" else adaptiveclipping_mod
+    return mod(msg, context, call_next)

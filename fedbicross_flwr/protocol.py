@@ -77,6 +77,10 @@ REPLY_CONFIG_KEYS = frozenset({"partition-id", "error"})
 RETURN_MODEL = "return-personalized-model"
 SCORING_RECORDS = frozenset({"arrays"})
 
+# The key of a round's config that tells a site which Flower client-side DP clipping mod to
+# apply ("fixed" or "adaptive"; fedbicross_flwr.client.dp_clipping_mod).
+CLIPPING_KEY = "dp-clipping"
+
 
 @dataclass(frozen=True)
 class ClientUpload:

@@ -22,7 +22,7 @@ alone a pair qualified with its name (``"fedadam-r:eta=0.05 krum-r:num_malicious
 
 Client-side DP: the server's wrapper sends ``clipping_norm``; the site clips its update with
 Flower's ``fixedclipping_mod`` / ``adaptiveclipping_mod``
-(:func:`~fedbicross_flwr.transports.client_mods.dp_clipping_mod` picks the one the round asks for;
+(:func:`~fedbicross_flwr.client.dp_clipping_mod` picks the one the round asks for;
 the adaptive one adds the metric ``norm_bit``, whether the update was clipped, which the
 server's wrapper reads to adapt the norm).
 

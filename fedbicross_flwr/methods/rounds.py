@@ -52,6 +52,7 @@ from fedbicross_flwr.methods.flower_strategies import (
 from fedbicross_flwr.model import float_state, probe_for, with_counters
 from fedbicross_flwr.protocol import (
     ADAPTIVE_CLIPPING_METRICS,
+    CLIPPING_KEY,
     ClientFailure,
     ClientReply,
     PhaseResult,
@@ -59,7 +60,6 @@ from fedbicross_flwr.protocol import (
     validate_upload,
 )
 from fedbicross_flwr.storage.atomic import open_text
-from fedbicross_flwr.transports.client_mods import CLIPPING_KEY
 from fedbicross_flwr.transports.communication import add_traffic
 from fedbicross_flwr.transports.task_identity import ensure_task_identity
 from fedbicross_flwr.transports.transport import Transport

@@ -19,7 +19,12 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
-from fedbicross_flwr.client import received_state, run_local_training, run_personalization
+from fedbicross_flwr.client import (
+    dp_clipping_mod,
+    received_state,
+    run_local_training,
+    run_personalization,
+)
 from fedbicross_flwr.data.datasets import load_dataset
 from fedbicross_flwr.data.site import SiteData, site_from_partition
 from fedbicross_flwr.keys.sections import SharedConfig
@@ -28,7 +33,6 @@ from fedbicross_flwr.model import build_resnet18, load_resnet18
 from fedbicross_flwr.protocol import ClientFailure, ClientReply, PhaseResult, StateDict
 from fedbicross_flwr.storage import client_cache
 from fedbicross_flwr.training import resolve_device
-from fedbicross_flwr.transports.client_mods import dp_clipping_mod
 from fedbicross_flwr.transports.communication import state_bytes
 from fedbicross_flwr.transports.task_identity import ensure_task_identity
 
@@ -109,7 +113,7 @@ class DirectTransport:
         messages (``configure_train`` with the caller's round ``config``, over this engine's
         sites as nodes ``pid + 1``); each site trains from the message's arrays with its
         config, through the ClientApp's client-side DP mod
-        (:func:`fedbicross_flwr.transports.client_mods.dp_clipping_mod`), and replies with the
+        (:func:`fedbicross_flwr.client.dp_clipping_mod`), and replies with the
         arrays it was sent, trained.
         """
         ensure_task_identity()
