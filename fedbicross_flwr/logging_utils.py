@@ -15,13 +15,16 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+# A line of a run folder's log.txt (and of the terminal where Flower is absent).
+LOG_FORMAT = "%(levelname)s %(asctime)s | %(message)s"
+
 try:  # Flower present: share its logger, so `flwr run` shows our lines in the run log.
     from flwr.common.logger import FLOWER_LOGGER as LOGGER
 except ImportError:  # pragma: no cover - exercised only on machines without flwr
     LOGGER = logging.getLogger("fedbicross")
     if not LOGGER.handlers:
         _handler = logging.StreamHandler()
-        _handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s | %(message)s"))
+        _handler.setFormatter(logging.Formatter(LOG_FORMAT))
         LOGGER.addHandler(_handler)
         LOGGER.setLevel(logging.INFO)
 

@@ -5,9 +5,9 @@ Stage 1: :mod:`.clustering` (K-means on noise predictions); the trajectory DeepI
 :mod:`fedbicross_flwr.distill`. Stage 2: :mod:`.bilevel` (online bi-level cross-cluster KD,
 Eq. 4-8). :mod:`.losses` holds the teacher schedule (Eq. 5); Stage 3 (Eq. 9) runs on the
 client (:mod:`fedbicross_flwr.client`). :func:`run_fedbicross` runs Stages 1-2 end to end
-(:mod:`.method`, with :mod:`.stages` and :mod:`.checkpoint` for resumable stages). :mod:`.config` holds the
-run-config keys of Stages 1-2 and imports no torch, so this ``__init__`` imports its names
-lazily.
+(:mod:`.method`, with :mod:`.stages` and :mod:`.checkpoint` for resumable stages).
+:mod:`.config` holds the run-config keys of Stages 1-2 and imports no torch, so this
+``__init__`` imports its names lazily.
 """
 
 from __future__ import annotations

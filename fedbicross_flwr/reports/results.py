@@ -26,7 +26,7 @@ from typing import Any, Iterable
 
 from fedbicross_flwr.config.run_config import RunConfig
 from fedbicross_flwr.data.datasets import project_root
-from fedbicross_flwr.logging_utils import LOGGER, log
+from fedbicross_flwr.logging_utils import LOG_FORMAT, LOGGER, log
 from fedbicross_flwr.reports.headline import per_site_text
 from fedbicross_flwr.storage.atomic import json_safe, open_text, write_text
 
@@ -105,7 +105,7 @@ def create_run_dir(cfg: RunConfig) -> Path:
 def logging_to(path: Path) -> Iterator[None]:
     """Also write the log to ``path`` (a run folder's ``log.txt``) until the block ends."""
     handler = logging.FileHandler(path, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s | %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     LOGGER.addHandler(handler)
     try:
         yield
